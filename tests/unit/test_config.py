@@ -1,0 +1,82 @@
+"""Config loading: every shipped YAML validates; bad configs and overrides are reported all at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.config import DEMO_CONFIG, load_config
+from tasks.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "flows" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    config = load_config(path)
+    assert config.data.train_file.is_file()
+
+
+def test_overrides_apply_with_yaml_types() -> None:
+    config = load_config(DEMO_CONFIG, ["train.r=8", "train.learning_rate=1e-4", "eval.gate=[accuracy >= 0.5]"])
+    assert config.train.r == 8
+    assert config.train.learning_rate == pytest.approx(1e-4)
+    assert config.eval.gate == ["accuracy >= 0.5"]
+
+
+def test_all_problems_reported_at_once_with_lines(tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_text("")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: x\n"
+        "data:\n"
+        "  train_file: rows.jsonl\n"
+        "  max_lenght: 100\n"  # line 4: typo
+        "train:\n"
+        "  r: -1\n"  # line 6
+        "  scheduler: exponential\n"  # line 7
+        "eval:\n"
+        "  gate: ['accuracy >> 1']\n"  # line 9
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, ["merge.dtype=int8"])
+    message = str(info.value)
+    assert "5 problems" in message
+    assert f"{bad}:4: data.max_lenght: unknown key; did you mean 'max_length'?" in message
+    assert f"{bad}:6: train.r: Input should be greater than or equal to 1 (given: -1)" in message
+    assert f"{bad}:7: train.scheduler:" in message and "'exponential'" in message
+    assert f"{bad}:9: eval.gate" in message and "not 'METRIC OP NUMBER'" in message
+    assert "override 'merge.dtype=int8': merge.dtype" in message
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n")
+    with pytest.raises(ConfigError, match="data: required field is missing"):
+        load_config(bad)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata:\n  train_file: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"{bad}:\d+: not valid YAML"):
+        load_config(bad)
+
+
+def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(DEMO_CONFIG, ["=3"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_gate_metric_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match="unknown metric 'acc'; known: accuracy"):
+        load_config(DEMO_CONFIG, ["eval.gate=[acc >= 1]"])
+
+
+def test_configs_are_frozen() -> None:
+    config = load_config(DEMO_CONFIG)
+    with pytest.raises(Exception, match="frozen"):
+        config.train.r = 3  # type: ignore[misc]

@@ -1,0 +1,162 @@
+"""The whole pipeline on a tiny locally built model, under Prefect, with a real push to the project's
+Hub-compatible server on loopback and a download back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasks.config import DEMO_CONFIG, PipelineConfig, load_config
+from tasks.errors import GateFailed
+
+pytestmark = pytest.mark.integration
+TOKEN = "hf_test_token_0123456789"
+REPO = "loraforge/tiny-ticket-router"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from hub import hub_server
+
+    with hub_server(tmp_path_factory.mktemp("hub") / "repos", TOKEN) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+def _config(tiny_model: Path, workdir: Path, hub: str, *extra: str) -> PipelineConfig:
+    return load_config(DEMO_CONFIG, [
+        f"base_model={tiny_model}", f"store={workdir / 'store'}", "name=tiny-router",
+        "eval.gate=[loss_delta < 0]", "eval.max_rows=32", "quantize.probe_rows=4", "merge.probe_rows=4",
+        f"publish.endpoint={hub}", f"publish.repo_id={REPO}", "publish.push=always", *extra,
+    ])  # fmt: skip
+
+
+def _run(config: PipelineConfig) -> dict:
+    from flows.pipeline import pipeline
+
+    return pipeline(config)
+
+
+def _ran(record: dict) -> set[str]:
+    return {stage for stage, info in record["stages"].items() if not info["cached"]}
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model: Path, workdir: Path, hub: str) -> dict:
+    os.environ["HF_TOKEN"] = TOKEN
+    return _run(_config(tiny_model, workdir, hub))
+
+
+def test_every_stage_runs_and_publishes(first_run: dict, hub: str, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    assert _ran(first_run) == {"base", "data", "train", "eval", "merge", "quantize", "publish"}
+    assert first_run["gate"]["passed"]
+    assert first_run["eval"]["loss_delta"] < 0
+    assert set(first_run["gguf"]) == {"f16", "q8_0", "q4_k_m"}
+    publish = first_run["publish"]
+    assert publish["mode"] == "push" and publish["endpoint"] == hub and len(publish["commit"]) == 40
+
+    api = HfApi(endpoint=hub, token=TOKEN)
+    assert publish["tag"] in {t.name for t in api.list_repo_refs(REPO).tags}
+    files = set(api.list_repo_files(REPO, revision=publish["tag"]))
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loraforge/lineage.json"} <= files
+    assert "gguf/tiny-router-Q4_K_M.gguf" in files
+
+    train = Path(first_run["stages"]["train"]["path"])
+    manifest = json.loads((train / "manifest.json").read_text())
+    downloaded = hf_hub_download(REPO, "adapter_model.safetensors", revision=publish["tag"], endpoint=hub,
+                                 token=TOKEN, cache_dir=tmp_path)  # fmt: skip
+    from tasks.artifacts import sha256_file
+
+    assert sha256_file(Path(downloaded)) == manifest["files"]["adapter/adapter_model.safetensors"]["sha256"]
+    card = Path(hf_hub_download(REPO, "README.md", revision=publish["tag"], endpoint=hub, token=TOKEN,
+                                cache_dir=tmp_path)).read_text()  # fmt: skip
+    assert "library_name: peft" in card and "base_model:" in card
+    assert manifest["files"]["adapter/adapter_model.safetensors"]["sha256"] in card
+    assert TOKEN not in card
+
+
+def test_downloaded_adapter_loads_with_plain_peft(first_run: dict, hub: str, tiny_model: Path, tmp_path: Path) -> None:
+    import torch
+    from huggingface_hub import snapshot_download
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = snapshot_download(REPO, revision=first_run["publish"]["tag"], endpoint=hub, token=TOKEN,
+                               cache_dir=tmp_path, allow_patterns=["adapter_*"])  # fmt: skip
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), folder)
+    merged_dir = Path(first_run["stages"]["merge"]["path"]) / "model"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert (model(ids).logits.argmax(-1) == merged(ids).logits.argmax(-1)).all()
+
+
+def test_gguf_files_load_and_answer(first_run: dict) -> None:
+    from llama_cpp import Llama
+
+    for qtype, info in first_run["gguf"].items():
+        path = Path(first_run["stages"]["quantize"]["path"]) / info["file"]
+        llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
+        out = llm("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", max_tokens=4, temperature=0)
+        assert out["choices"][0]["text"] is not None, qtype  # type: ignore[index]
+        assert info["size_mb"] > 0
+
+
+def test_second_run_is_all_cache_hits(first_run: dict, tiny_model: Path, workdir: Path, hub: str) -> None:
+    again = _run(_config(tiny_model, workdir, hub))
+    assert _ran(again) == set()
+    assert {s: i["key"] for s, i in again["stages"].items()} == {s: i["key"] for s, i in first_run["stages"].items()}
+
+
+def test_changing_one_stage_reruns_it_and_its_dependents_only(
+    first_run: dict, tiny_model: Path, workdir: Path, hub: str
+) -> None:
+    changed = _run(_config(tiny_model, workdir, hub, "merge.dtype=float16"))
+    assert _ran(changed) == {"merge", "quantize", "publish"}
+
+
+def test_failed_gate_publishes_nothing(first_run: dict, tiny_model: Path, workdir: Path, hub: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub, token=TOKEN)
+    commits_before = len(api.list_repo_commits(REPO))
+    config = _config(tiny_model, workdir, hub, "eval.gate=[accuracy >= 0.99]", "publish.repo_id=loraforge/never")
+    with pytest.raises(GateFailed, match=r"eval gate failed: accuracy >= 0.99 \(got [0-9.]+\)"):
+        _run(config)
+    assert len(api.list_repo_commits(REPO)) == commits_before
+    assert not api.repo_exists("loraforge/never")
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(DEMO_CONFIG), "train.rr=1", "data.max_length=2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "2 problems" in result.stderr and "did you mean 'r'?" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "stage", "data", str(DEMO_CONFIG), f"base_model={tiny_model}",
+         f"data.train_file={bad}", "data.validation_file=null", "data.test_file=null", f"store={tmp_path / 's'}"],
+        capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"{bad}:1: the last message must have role 'assistant'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -26,7 +26,8 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
 echo "[setup] torch 2.13.0 (CPU) first"
-pip install -q "torch==2.13.0"
+# TORCH_INDEX_URL lets a machine without the local CPU wheel (e.g. a GitHub runner) name the CPU wheel index.
+pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
 if [ ! -f "$sdist" ]; then

@@ -1,0 +1,72 @@
+"""The pipeline against a real `prefect server start` (not the temporary in-process one): the flow run and the
+eval report artifacts are recorded on that server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasks.config import DEMO_CONFIG
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from hub import free_port
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}  # fmt: skip
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"prefect server did not start; see {log.name}") from None
+                time.sleep(0.5)
+        yield api
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_pipeline_runs_against_a_prefect_server(prefect_api: str, tiny_model: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(DEMO_CONFIG), f"base_model={tiny_model}",
+           f"store={tmp_path / 'store'}", "eval.gate=[loss_delta < 0]", "eval.max_rows=8", "data.max_rows=48",
+           "quantize.types=[q8_0]", "quantize.probe_rows=2", "merge.probe_rows=2", "publish.include_gguf=[q8_0]",
+           "publish.push=never"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "gate: PASSED" in result.stdout
+
+    from prefect.client.orchestration import get_client
+
+    os.environ["PREFECT_API_URL"] = prefect_api
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs()
+            assert [r.state_name for r in runs] == ["Completed"]
+            keys = {a.key for a in client.read_artifacts()}
+    finally:
+        del os.environ["PREFECT_API_URL"]
+    assert {"eval-report", "eval-metrics"} <= keys

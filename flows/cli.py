@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -82,14 +83,16 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args.items)
     _quiet_user_errors()
     from flows.pipeline import pipeline
+    from tasks.artifacts import ArtifactStore
 
     started = time.perf_counter()
-    record: dict[str, Any] = {}
+    run_id = uuid.uuid4().hex[:12]
     failure: LoraforgeError | None = None
     try:
-        record = pipeline(config, only=getattr(args, "name", None))
+        record = pipeline(config, only=getattr(args, "name", None), run_id=run_id)
     except LoraforgeError as exc:
         failure = exc
+        record = ArtifactStore(config.store).load_run(run_id)  # what ran before the failure
     _summary(config, record, time.perf_counter() - started, failure)
     if failure is not None:
         raise failure

@@ -36,7 +36,7 @@ publish_task = task(name="publish", cache_policy=NO_CACHE)(publish_model)
 
 
 @flow(name="loraforge-pipeline", log_prints=True)
-def pipeline(config: PipelineConfig, only: str | None = None) -> dict[str, Any]:
+def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Run every stage in order (or, with `only`, that stage alone on existing upstream artifacts).
 
     Returns:
@@ -49,7 +49,12 @@ def pipeline(config: PipelineConfig, only: str | None = None) -> dict[str, Any]:
     store = ArtifactStore(config.store)
     if only is not None:
         store = store.restricted_to("base", only)
-    run: dict[str, Any] = {"run_id": uuid.uuid4().hex[:12], "name": config.name, "store": store.url, "stages": {}}
+    run: dict[str, Any] = {
+        "run_id": run_id or uuid.uuid4().hex[:12],
+        "name": config.name,
+        "store": store.url,
+        "stages": {},
+    }
     run["config"] = config.model_dump(mode="json")
 
     def step(name: str, produce: Any, *args: Any) -> Artifact:

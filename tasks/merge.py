@@ -25,7 +25,9 @@ class MergeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="dtype of the saved merged weights (the merge itself is always fp32)."
+        "float16",
+        description="dtype of the saved merged weights (the merge itself is always fp32). float16 keeps ~98% "
+        "top-1 agreement on SmolLM2 where bfloat16 keeps ~93%; lower min_top1_agreement for bfloat16.",
     )
     probe_rows: int = Field(16, ge=1, description="Validation rows used to compare adapter and merged logits.")
     max_abs_logit_diff: float = Field(
@@ -60,7 +62,10 @@ def merge_adapter(
     model_path = Path(base.manifest["model_path"])
     tokenizer = load_tokenizer(model_path)
     probes = read_split(data.file("validation.jsonl"))[: config.probe_rows]
-    ids, _, mask = collate(probes, tokenizer.pad_token_id)
+    ids, labels, mask = collate(probes, tokenizer.pad_token_id)
+    # Positions whose next token is a labelled (completion) token: where the task's answer is decided.
+    answer = torch.zeros_like(mask)
+    answer[:, :-1] = (labels[:, 1:] != -100).long()
     model = PeftModel.from_pretrained(load_causal_lm(model_path, "float32"), train.file("adapter"))
     model.eval()
     with torch.no_grad():
@@ -78,6 +83,7 @@ def merge_adapter(
         "fp32_max_abs_logit_diff": _max_diff(reference, fp32, mask),
         "cast_max_abs_logit_diff": _max_diff(reference, cast, mask),
         "cast_top1_agreement": _agreement(reference, cast, mask),
+        "cast_top1_agreement_answer": _agreement(reference, cast, answer),
         "probe_tokens": int(mask.sum()),
     }
     problems = []

@@ -71,7 +71,14 @@ def _download_from_hub(spec: str) -> Path:
 
     repo_id, _, revision = spec.partition("@")
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None))
+        # HF_ENDPOINT / HF_HUB_CACHE are read now, not when huggingface_hub was imported.
+        folder = snapshot_download(
+            repo_id,
+            revision=revision or None,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+        )
+        return Path(folder)
     except Exception as exc:  # the client raises many kinds; all mean "could not get it"
         raise StageError(
             f"base_model: could not download {spec!r} from the Hub ({type(exc).__name__}: {exc}). "
@@ -191,11 +198,17 @@ def provision_base(spec: str, store: ArtifactStore) -> Artifact:
 def _describe_model(folder: Path, spec: str, fingerprint: str) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
     provisioned = folder / "loraforge-provisioned.json"
+    source = json.loads(provisioned.read_text()) if provisioned.is_file() else {"folder": str(folder)}
     return {
+        "hub_id": source.get("hub_id") or (spec.partition("@")[0] if _looks_like_hub_id(spec) else None),
         "base_model": spec,
         "model_path": str(folder),
         "fingerprint": fingerprint,
         "architecture": (config.get("architectures") or ["unknown"])[0],
         "model_type": config.get("model_type"),
-        "source": json.loads(provisioned.read_text()) if provisioned.is_file() else {"folder": str(folder)},
+        "source": source,
     }
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return not spec.startswith((BUNDLED_PREFIX, ".", "/", "~")) and spec.count("/") == 1 and not Path(spec).exists()

@@ -86,7 +86,7 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
             status = llama_cpp.llama_model_quantize(str(files["f16"]).encode(), str(files[qtype]).encode(), params)
             if status != 0:
                 raise StageError(f"llama_model_quantize to {qtype} failed with status {status}.")
-        if "f16" not in config.types:
+        if "f16" in files and "f16" not in config.types:  # only an intermediate for llama_model_quantize
             files.pop("f16").unlink()
         n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
         checks = {qtype: _check(path, probes, config, n_ctx) for qtype, path in files.items()}

@@ -146,11 +146,13 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     print(f"[train] validation loss {val_loss_before:.4f} -> {val_loss_after:.4f} in {train_seconds:.0f} s")
 
     with store.create("train", key, config, inputs, code) as draft:
-        # Record the base by its public name, not this machine's path, so the adapter folder is portable.
-        model.peft_config["default"].base_model_name_or_path = (
-            base.manifest.get("hub_id") or base.manifest["base_model"]
-        )
         model.save_pretrained(draft.path / "adapter", safe_serialization=True)
+        # Record the base by its public name, not this machine's path, so the adapter folder is portable
+        # (patched after saving: peft would otherwise try to reach the Hub to inspect that name).
+        adapter_config = draft.path / "adapter" / "adapter_config.json"
+        settings = json.loads(adapter_config.read_text())
+        settings["base_model_name_or_path"] = base.manifest.get("hub_id") or base.manifest["base_model"]
+        adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True))
         with (draft.path / "history.jsonl").open("w") as out:
             out.writelines(json.dumps(h) + "\n" for h in history)
         draft.metrics.update({

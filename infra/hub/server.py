@@ -65,7 +65,9 @@ class Storage:
     def load(self, kind: str, repo_id: str) -> dict[str, Any]:
         path = self.repo_dir(kind, repo_id) / "repo.json"
         if not path.is_file():
-            raise HTTPException(404, detail=f"Repository not found: {kind} {repo_id}")
+            raise HTTPException(
+                404, detail=f"Repository not found: {kind} {repo_id}", headers={"X-Error-Code": "RepoNotFound"}
+            )
         return json.loads(path.read_text())
 
     def save(self, kind: str, repo_id: str, repo: dict[str, Any]) -> None:
@@ -74,7 +76,9 @@ class Storage:
     def commit(self, kind: str, repo_id: str, commit_id: str) -> dict[str, Any]:
         path = self.repo_dir(kind, repo_id) / "commits" / f"{commit_id}.json"
         if not path.is_file():
-            raise HTTPException(404, detail=f"Revision not found: {commit_id}")
+            raise HTTPException(
+                404, detail=f"Revision not found: {commit_id}", headers={"X-Error-Code": "RevisionNotFound"}
+            )
         return json.loads(path.read_text())
 
     def resolve(self, kind: str, repo_id: str, revision: str) -> dict[str, Any]:
@@ -129,8 +133,8 @@ def create_app(root: Path, token: str | None = None) -> FastAPI:
     def whoami(request: Request) -> dict[str, Any]:
         if token is None or not authorized(request):
             raise HTTPException(401, detail="Invalid credentials in Authorization header")
-        return {"type": "user", "name": USER, "fullname": USER, "orgs": [],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "loraforge", "role": "write"}}}  # fmt: skip
+        access = {"type": "access_token", "accessToken": {"displayName": "loraforge", "role": "write"}}
+        return {"type": "user", "name": USER, "fullname": USER, "orgs": [], "auth": access}
 
     @app.post("/api/validate-yaml")
     async def validate_yaml(request: Request) -> JSONResponse:

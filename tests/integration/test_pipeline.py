@@ -123,7 +123,7 @@ def test_second_run_is_all_cache_hits(first_run: dict, tiny_model: Path, workdir
 def test_changing_one_stage_reruns_it_and_its_dependents_only(
     first_run: dict, tiny_model: Path, workdir: Path, hub: str
 ) -> None:
-    changed = _run(_config(tiny_model, workdir, hub, "merge.dtype=float16"))
+    changed = _run(_config(tiny_model, workdir, hub, "merge.dtype=bfloat16"))
     assert _ran(changed) == {"merge", "quantize", "publish"}
 
 

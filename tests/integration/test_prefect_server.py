@@ -60,13 +60,11 @@ def test_pipeline_runs_against_a_prefect_server(prefect_api: str, tiny_model: Pa
     assert "gate: PASSED" in result.stdout
 
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    os.environ["PREFECT_API_URL"] = prefect_api
-    try:
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs()
-            assert [r.state_name for r in runs] == ["Completed"]
-            keys = {a.key for a in client.read_artifacts()}
-    finally:
-        del os.environ["PREFECT_API_URL"]
+    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        assert [(r.flow_name if hasattr(r, "flow_name") else None, r.state_name) for r in runs][0][1] == "Completed"
+        assert len(runs) == 1
+        keys = {a.key for a in client.read_artifacts()}
     assert {"eval-report", "eval-metrics"} <= keys

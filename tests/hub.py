@@ -1,12 +1,15 @@
-"""Start and stop the project's Hub-compatible server (infra/hub/server.py) on a free loopback port."""
+"""Start and stop real servers for tests: the project's Hub-compatible server and `prefect server start`,
+each as a subprocess on a free loopback port, stopped afterwards."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,28 +24,49 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def serve(
+    cmd: list[str], probe_url: str, log_path: Path, timeout: float, env: dict[str, str] | None = None
+) -> Iterator[None]:
+    """Run `cmd` until the block ends; returns once `probe_url` answers (any HTTP status means it is up)."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    urllib.request.urlopen(probe_url, timeout=2)
+                    break
+                except urllib.error.HTTPError:
+                    break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"{cmd[1:4]} did not start; see {log_path}") from None
+                    time.sleep(0.2)
+            yield
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@contextlib.contextmanager
 def hub_server(root: Path, token: str) -> Iterator[str]:
-    """Run the server as a real subprocess; yields its URL; terminates it afterwards."""
+    """The Hub-compatible server (infra/hub/server.py) on repos under `root`; yields its URL."""
     port = free_port()
-    log = (root.parent / f"hub-{port}.log").open("w")
+    url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, str(ROOT / "infra" / "hub" / "server.py"), "--root", str(root), "--host", "127.0.0.1",
            "--port", str(port), "--token", token]  # fmt: skip
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/whoami-v2", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # it answers (401 without a token): it is up
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"hub server did not start; see {log.name}") from None
-                time.sleep(0.2)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with serve(cmd, f"{url}/api/whoami-v2", root.parent / f"hub-{port}.log", timeout=60):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """`prefect server start` with its own home and SQLite database; yields its API URL."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}  # fmt: skip
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    api = f"http://127.0.0.1:{port}/api"
+    with serve(cmd, f"{api}/health", home / "server.log", timeout=180, env=env):
+        yield api

@@ -160,3 +160,20 @@ def test_cli_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"{bad}:1: the last message must have role 'assistant'" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_token_never_written_to_the_store(first_run: dict, workdir: Path) -> None:
+    leaks = [p for p in (workdir / "store").rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_show_prints_run_and_lineage(first_run: dict, workdir: Path) -> None:
+    store = str(workdir / "store")
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "show", first_run["run_id"], "--store", store],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(run.stdout)["stages"]["train"]["key"] == first_run["stages"]["train"]["key"]
+    publish_key = first_run["stages"]["publish"]["key"]
+    lineage = subprocess.run([sys.executable, "-m", "flows.cli", "show", f"publish/{publish_key}", "--store", store],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    for stage in ("publish", "quantize", "merge", "eval", "train", "data", "base"):
+        assert f"{stage}/{first_run['stages'][stage]['key']}" in lineage

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Library deprecation chatter (transformers 5 renames) says nothing to a user running the pipeline.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return int(args.handler(args))
     except GateFailed as exc:

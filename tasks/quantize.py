@@ -24,8 +24,9 @@ from tasks.errors import StageError
 
 QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
 DEFAULT_TYPES: tuple[QuantType, ...] = ("f16", "q8_0", "q4_k_m")
-CONVERTER_TYPES = ("f16", "bf16", "q8_0")  # written directly by convert_hf_to_gguf.py
-LLAMA_FTYPES = {  # the rest: llama_model_quantize from the f16 file
+CONVERTER_TYPES = ("f16", "bf16")  # written directly by convert_hf_to_gguf.py
+LLAMA_FTYPES = {  # the rest: llama_model_quantize from the f16 file, as llama-quantize does
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
     "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
     "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -66,7 +67,6 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
 
     import llama_cpp
 
-    # llama.cpp reports every tensor it quantizes; keep warnings and errors only.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     converter = _converter_dir(llama_cpp.__version__)
     model_dir = merge.file("model")
@@ -78,14 +78,11 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
         for qtype in [t for t in CONVERTER_TYPES if t in config.types or (t == "f16" and needs_f16)]:
             files[qtype] = draft.path / f"{slug}-{qtype.upper()}.gguf"
             _convert(converter, model_dir, files[qtype], qtype, name)
+        fallbacks: dict[str, str] = {}
         for qtype in [t for t in config.types if t in LLAMA_FTYPES]:
             files[qtype] = draft.path / f"{slug}-{qtype.upper()}.gguf"
-            print(f"[quantize] {qtype} from f16")
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, LLAMA_FTYPES[qtype])
-            status = llama_cpp.llama_model_quantize(str(files["f16"]).encode(), str(files[qtype]).encode(), params)
-            if status != 0:
-                raise StageError(f"llama_model_quantize to {qtype} failed with status {status}.")
+            fallbacks[qtype] = _quantize(files["f16"], files[qtype], qtype)
+            print(f"[quantize] {qtype} from f16 ({fallbacks[qtype]} tensors needed a fallback type)")
         if "f16" in files and "f16" not in config.types:  # only an intermediate for llama_model_quantize
             files.pop("f16").unlink()
         n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
@@ -96,9 +93,42 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
                 f"sample answer {check['sample_answer']!r}"
             )
         draft.metrics.update({f"{q}_{k}": v for q, c in checks.items() for k, v in c.items() if k != "sample_answer"})
-        draft.extra["gguf"] = {q: {"file": p.name, **checks[q]} for q, p in files.items()}
+        draft.extra["gguf"] = {
+            q: {"file": p.name, **checks[q], "fallback_tensors": fallbacks.get(q, "0")} for q, p in files.items()
+        }
         draft.extra["llama_cpp_version"] = llama_cpp.__version__
     return store.get("quantize", key, fresh=True)
+
+
+def _quantize(source: Path, target: Path, qtype: str) -> str:
+    """Re-quantize with llama.cpp; returns its 'N of M' count of tensors that needed a fallback type.
+
+    llama.cpp logs one line per tensor while quantizing, at a level llama-cpp-python always prints; the lines
+    are captured here instead and only the summary is kept (rows not divisible by 256 fall back from k-quants).
+    """
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp._logger
+
+    captured: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        captured.append(text.decode("utf-8", errors="replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[qtype])
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    finally:
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+    if status != 0:
+        tail = "".join(captured[-5:]).strip()
+        raise StageError(f"llama_model_quantize to {qtype} failed with status {status}: {tail}")
+    found = re.search(r"(\d+ of \d+) tensor\(s\) required fallback", "".join(captured))
+    return found.group(1) if found else "0"
 
 
 def _converter_dir(version: str) -> Path:

@@ -177,3 +177,14 @@ def test_show_prints_run_and_lineage(first_run: dict, workdir: Path) -> None:
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
     for stage in ("publish", "quantize", "merge", "eval", "train", "data", "base"):
         assert f"{stage}/{first_run['stages'][stage]['key']}" in lineage
+
+
+def test_cli_stage_needs_its_inputs(tmp_path: Path, tiny_model: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "stage", "train", str(DEMO_CONFIG), f"base_model={tiny_model}",
+         f"store={tmp_path / 's'}"],
+        capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no data artifact with key" in result.stderr and "run the data stage" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -48,3 +48,56 @@ def mean_loss(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: i
             count += int((target != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
+
+
+def greedy_answers(
+    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy answers to each conversation (rendered with the tokenizer's chat template and a generation prompt),
+    batched with left padding, stopping at EOS."""
+    import torch
+    from tqdm import tqdm
+
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(conversations), batch_size), desc="generate", unit="batch", leave=False):
+            prompts = [
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                for messages in conversations[start : start + batch_size]
+            ]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = "right"
+    return answers
+
+
+def row_losses(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[float]:
+    """Mean loss over each row's labelled tokens (the answer), in eval mode; NaN for a row with no labels."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    losses: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            ids, labels, mask = collate(rows[start : start + batch_size], pad_id)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = labels[:, 1:]
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
+            )
+            counts = (target != -100).sum(1)
+            losses.extend((token_loss.sum(1) / counts).tolist())
+    model.train(was_training)
+    return losses

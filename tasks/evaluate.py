@@ -1,35 +1,48 @@
-"""Eval stage: score base and tuned models on the test split and decide the quality gate.
+"""Eval stage: score base and tuned models (and the currently published adapter) on the test split and decide
+the quality gate.
 
-Metrics: loss and perplexity on the reference answers (teacher-forced), and, on greedy generations,
-exact match plus classification accuracy and macro-F1 (the label set is the set of test answers).
-Metrics are computed by `evaluate` from metric modules shipped in tasks/metrics (hub names do not load offline).
+Metrics (`eval.metrics` picks them): loss and perplexity on the reference answers (teacher-forced), and, on
+greedy generations, exact match, classification accuracy and macro-F1 (the label set is the set of test
+answers, with per-class precision/recall/F1) and ROUGE-L for free-text answers. Metrics are computed by
+`evaluate` from metric modules shipped in tasks/metrics (hub names do not load offline).
+
+The gate takes checks 'METRIC OP NUMBER' on the tuned metrics, their `_delta` over base, `base_` values, and,
+with `eval.compare_published`, `published_` values and `_vs_published` differences: the published adapter is
+downloaded and scored on the same test rows, so "no regression beyond 0.01" reads `accuracy_vs_published >= -0.01`.
+Checks on published figures pass as "not applicable" while nothing is published yet.
 Run alone: `loraforge stage eval CONFIG [key=value ...]`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import operator
+import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.batching import mean_loss, read_split
-from tasks.errors import GateFailed
+from tasks.batching import greedy_answers, read_split, row_losses
+from tasks.errors import GateFailed, StageError
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics"
-METRICS = ("accuracy", "macro_f1", "exact_match", "loss", "perplexity")
+Metric = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity"]
+METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity")
+DEFAULT_METRICS: list[Metric] = ["accuracy", "macro_f1", "exact_match", "perplexity"]
 GATE_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
-def _gate_names() -> list[str]:
-    return [*METRICS, *(f"{m}_delta" for m in METRICS), *(f"base_{m}" for m in METRICS)]
+def _gate_names(metrics: Sequence[str] = METRICS) -> list[str]:
+    names = [*metrics, "loss"]
+    return [*names, *(f"{m}_delta" for m in names), *(f"base_{m}" for m in names),
+            *(f"published_{m}" for m in names), *(f"{m}_vs_published" for m in names)]  # fmt: skip
 
 
 class EvalConfig(BaseModel):
@@ -37,14 +50,29 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_new_tokens: int = Field(16, ge=1, le=2048, description="Most tokens generated per answer (greedy).")
+    metrics: list[Metric] = Field(
+        default_factory=lambda: list(DEFAULT_METRICS),
+        min_length=1,
+        description="Task metrics to compute: accuracy, macro_f1 (classification answers), exact_match, "
+        "rouge_l (free text), perplexity (of the reference answers). Loss is always computed.",
+    )
+    max_new_tokens: int = Field(
+        16, ge=1, le=2048, description="Most tokens generated per answer (greedy, stops at EOS)."
+    )
     batch_size: int = Field(16, ge=1, description="Rows per generation / loss batch.")
     max_rows: int | None = Field(None, ge=1, description="Evaluate only the first N test rows (smoke runs).")
     compare_base: bool = Field(True, description="Also evaluate the base model, for deltas and the report.")
+    compare_published: str | None = Field(
+        None,
+        description="Hub repo 'org/name[@revision]' of the currently published adapter: it is scored on the same "
+        "test rows for `published_*` and `*_vs_published` gate checks. Endpoint: eval.endpoint, else HF_ENDPOINT.",
+    )
+    endpoint: str | None = Field(None, description="Hub endpoint URL for compare_published (default: HF_ENDPOINT).")
+    worst_errors: int = Field(10, ge=0, description="Wrong tuned answers shown in the report, highest loss first.")
     gate: list[str] = Field(
         default_factory=lambda: ["accuracy >= 0.6", "accuracy_delta >= 0.2"],
-        description="Checks 'METRIC OP NUMBER' that must all hold; METRIC is a tuned metric (accuracy, macro_f1, "
-        "exact_match, loss, perplexity), its _delta over base, or base_METRIC.",
+        description="Checks 'METRIC OP NUMBER' that must all hold; METRIC is a tuned metric or loss, its _delta "
+        "over base, base_METRIC, published_METRIC or METRIC_vs_published (tuned minus published).",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
 
@@ -62,64 +90,152 @@ class EvalConfig(BaseModel):
             raise ValueError("; ".join(problems))
         return checks
 
+    @model_validator(mode="after")
+    def _gate_uses_computed_metrics(self) -> EvalConfig:
+        problems = []
+        for check in self.gate:
+            name = GATE_PATTERN.match(check).group(1)  # type: ignore[union-attr]
+            if name not in _gate_names(self.metrics):
+                problems.append(f"{check!r} needs a metric that eval.metrics does not compute ({self.metrics})")
+            elif (name.startswith("base_") or name.endswith("_delta")) and not self.compare_base:
+                problems.append(f"{check!r} needs the base model's figures; set eval.compare_base=true")
+            elif ("published" in name) and not self.compare_published:
+                problems.append(f"{check!r} needs eval.compare_published=ORG/NAME (the published adapter's repo)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 def evaluate_adapter(
     config: EvalConfig, base: Artifact, data: Artifact, train: Artifact, store: ArtifactStore
 ) -> Artifact:
-    """Evaluate base vs tuned on the test split and record the gate verdict; skipped when cached.
+    """Evaluate base vs tuned (vs published) on the test split and record the gate verdict; skipped when cached.
 
     The artifact is written whatever the verdict; call `check_gate` to turn a failed verdict into an error.
+    With compare_published, the published revision is resolved first and its commit is part of the key, so a
+    new publish makes the next run evaluate again.
 
     Returns:
-        The eval artifact: `metrics.json`, `predictions.jsonl` (every test row), `report.md`.
+        The eval artifact: `metrics.json` (figures, per-class results, gate), `predictions.jsonl` (every
+        test row), `report.md`.
     """
     inputs = {"base": base, "data": data, "train": train}
-    key, code = store.stage_key("eval", __file__, config, inputs)
+    published = _resolve_published(config) if config.compare_published else None
+    settings = {**config.model_dump(), "published_commit": (published or {}).get("commit")}
+    key, code = store.stage_key("eval", __file__, settings, inputs)
     if (hit := store.find("eval", key)) is not None:
         return hit
 
     import torch
     from peft import PeftModel
 
-    from tasks.models import load_causal_lm, load_tokenizer
+    from tasks.models import load_base_as_trained, load_tokenizer
 
     if config.threads:
         torch.set_num_threads(config.threads)
     model_path = Path(base.manifest["model_path"])
     tokenizer = load_tokenizer(model_path)
     rows = read_split(data.file("test.jsonl"))[: config.max_rows]
-    model = PeftModel.from_pretrained(load_causal_lm(model_path), train.file("adapter"))
+    base_model = load_base_as_trained(model_path, train.manifest["config"])  # QLoRA: the 4-bit base it trained on
+    model = PeftModel.from_pretrained(base_model, train.file("adapter"), adapter_name="tuned")
+    if published and published.get("commit"):
+        model.load_adapter(_download_adapter(published, base), adapter_name="published")
     model.eval()
 
     references = [r["messages"][-1]["content"] for r in rows]
     results: dict[str, dict[str, float]] = {}
+    per_class: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[str]] = {}
-    variants = [("base", True), ("tuned", False)] if config.compare_base else [("tuned", False)]
-    for name, disable in variants:
-        with model.disable_adapter() if disable else contextlib.nullcontext():
-            print(f"[eval] {name} model on {len(rows)} test rows")
-            predictions[name] = _generate(model, tokenizer, rows, config)
-            loss = mean_loss(model, rows, config.batch_size, tokenizer.pad_token_id)
-        results[name] = {**_score(predictions[name], references), "loss": loss, "perplexity": math.exp(loss)}
+    losses: dict[str, list[float]] = {}
+    variants = ["base"] if config.compare_base else []
+    variants += ["tuned"] + (["published"] if "published" in getattr(model, "peft_config", {}) else [])
+    for name in variants:
+        print(f"[eval] {name} model on {len(rows)} test rows")
+        if name == "base":
+            with model.disable_adapter():
+                predictions[name], losses[name] = _answer(model, tokenizer, rows, config)
+        else:
+            model.set_adapter(name)
+            predictions[name], losses[name] = _answer(model, tokenizer, rows, config)
+        results[name], per_class[name] = _score(config.metrics, predictions[name], references, losses[name], rows)
 
     flat = {**results["tuned"]}
     if "base" in results:
         flat.update({f"base_{k}": v for k, v in results["base"].items()})
         flat.update({f"{k}_delta": results["tuned"][k] - results["base"][k] for k in results["tuned"]})
+    if "published" in results:
+        flat.update({f"published_{k}": v for k, v in results["published"].items()})
+        flat.update({f"{k}_vs_published": results["tuned"][k] - results["published"][k] for k in results["tuned"]})
     flat = {k: round(v, 5) for k, v in flat.items()}
-    verdict = _judge(config.gate, flat)
+    verdict = _judge(config.gate, flat, published)
 
-    with store.create("eval", key, config, inputs, code) as draft:
-        (draft.path / "metrics.json").write_text(json.dumps({"metrics": flat, "gate": verdict}, indent=2))
+    with store.create("eval", key, settings, inputs, code) as draft:
+        (draft.path / "metrics.json").write_text(
+            json.dumps({"metrics": flat, "per_class": per_class, "gate": verdict, "published": published}, indent=2)
+        )
         with (draft.path / "predictions.jsonl").open("w") as out:
             for i, row in enumerate(rows):
-                record = {"prompt": row["messages"][-2]["content"], "reference": references[i]}
+                record: dict[str, Any] = {"prompt": row["messages"][-2]["content"], "reference": references[i]}
                 record.update({f"{n}_prediction": predictions[n][i] for n in predictions})
+                record.update({f"{n}_loss": round(losses[n][i], 5) for n in losses})
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        (draft.path / "report.md").write_text(_report(results, verdict, rows, references, predictions))
+        report = _report(results, per_class, verdict, rows, references, predictions, losses["tuned"], config)
+        (draft.path / "report.md").write_text(report)
         draft.metrics.update(flat)
         draft.extra["gate"] = verdict
+        draft.extra["published"] = published
     return store.get("eval", key, fresh=True)
+
+
+def _resolve_published(config: EvalConfig) -> dict[str, Any]:
+    """Resolve compare_published to a commit; {'commit': None} when the repo or revision does not exist yet."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, _, revision = (config.compare_published or "").partition("@")
+    endpoint = (config.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    token = os.environ.get("HF_TOKEN") or None
+    found: dict[str, Any] = {"repo_id": repo, "revision": revision or "main", "endpoint": endpoint, "commit": None}
+    try:
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision or None)
+        found["commit"] = info.sha
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        print(f"[eval] nothing published at {endpoint}/{repo}@{found['revision']} yet: published checks pass as n/a")
+    except Exception as exc:  # unreachable endpoint and other HTTP failures: the user asked for this comparison
+        message = str(exc).replace(token, "***") if token else str(exc)
+        raise StageError(
+            f"eval.compare_published: cannot reach {endpoint} for {repo} ({type(exc).__name__}: {message}); "
+            "check eval.endpoint / HF_ENDPOINT and HF_TOKEN, or drop compare_published."
+        ) from None
+    return found
+
+
+def _download_adapter(published: dict[str, Any], base: Artifact) -> str:
+    """Download the published adapter at its resolved commit; it must be an adapter for the same base model."""
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(
+        published["repo_id"], revision=published["commit"], endpoint=published["endpoint"],
+        token=os.environ.get("HF_TOKEN") or None, allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
+    )  # fmt: skip
+    adapter_config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    names = {base.manifest.get("hub_id"), base.manifest.get("base_model"), base.manifest.get("model_path")}
+    if adapter_config.get("base_model_name_or_path") not in names:
+        raise StageError(
+            f"eval.compare_published: {published['repo_id']}@{published['commit'][:12]} is an adapter for "
+            f"{adapter_config.get('base_model_name_or_path')!r}, not for this base model "
+            f"({sorted(filter(None, names))}); "
+            "compare against a repo trained on the same base."
+        )
+    return folder
+
+
+def _answer(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], config: EvalConfig
+) -> tuple[list[str], list[float]]:
+    answers = greedy_answers(model, tokenizer, [r["messages"][:-1] for r in rows], config.max_new_tokens,
+                             config.batch_size)  # fmt: skip
+    return answers, row_losses(model, rows, config.batch_size, tokenizer.pad_token_id)
 
 
 def check_gate(artifact: Artifact) -> None:
@@ -131,45 +247,42 @@ def check_gate(artifact: Artifact) -> None:
         raise GateFailed(f"eval gate failed: {reason}")
 
 
-def _generate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], config: EvalConfig) -> list[str]:
-    """Greedy answers for each row's prompt (all messages but the last), batched with left padding."""
-    import torch
-    from tqdm import tqdm
-
-    tokenizer.padding_side = "left"
-    answers: list[str] = []
-    for start in tqdm(range(0, len(rows), config.batch_size), desc="generate", unit="batch", leave=False):
-        prompts = [
-            tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-            for r in rows[start : start + config.batch_size]
-        ]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(
-                **batch,
-                max_new_tokens=config.max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    tokenizer.padding_side = "right"
-    return answers
-
-
-def _score(predictions: list[str], references: list[str]) -> dict[str, float]:
+def _score(
+    metrics: Sequence[str],
+    predictions: list[str],
+    references: list[str],
+    losses: list[float],
+    rows: list[dict[str, Any]],
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The configured metrics for one model, and per-class results when accuracy or macro-F1 is asked for."""
     import evaluate
 
-    exact = evaluate.load(str(METRIC_DIR / "exact_match"))
-    classes = evaluate.load(str(METRIC_DIR / "accuracy"))
-    normalize = _normalizer()
-    labels = {label: i for i, label in enumerate(sorted({normalize(r) for r in references}))}
-    pred_ids = [labels.get(normalize(p), -1) for p in predictions]
-    ref_ids = [labels[normalize(r)] for r in references]
-    scores = exact.compute(predictions=predictions, references=references) or {}
-    scores.update(classes.compute(predictions=pred_ids, references=ref_ids) or {})
-    return {k: float(v) for k, v in scores.items()}
+    tokens = [sum(label != -100 for label in r["labels"]) for r in rows]
+    loss = sum(x * n for x, n in zip(losses, tokens, strict=True) if n) / max(sum(tokens), 1)
+    scores: dict[str, float] = {"loss": loss}
+    per_class: dict[str, Any] = {}
+    if "perplexity" in metrics:
+        scores["perplexity"] = math.exp(loss)
+    if "exact_match" in metrics:
+        result = evaluate.load(str(METRIC_DIR / "exact_match")).compute(predictions=predictions, references=references)
+        scores["exact_match"] = float((result or {})["exact_match"])
+    if "rouge_l" in metrics:
+        result = evaluate.load(str(METRIC_DIR / "rouge_l")).compute(predictions=predictions, references=references)
+        scores["rouge_l"] = float((result or {})["rouge_l"])
+    if {"accuracy", "macro_f1"} & set(metrics):
+        normalize = _normalizer()
+        names = sorted({normalize(r) for r in references})
+        ids = {label: i for i, label in enumerate(names)}
+        result = (
+            evaluate.load(str(METRIC_DIR / "accuracy")).compute(
+                predictions=[ids.get(normalize(p), -1) for p in predictions],
+                references=[ids[normalize(r)] for r in references],
+            )
+            or {}
+        )
+        scores.update({m: float(result[m]) for m in ("accuracy", "macro_f1") if m in metrics})
+        per_class = {names[int(i)]: {k: round(v, 4) for k, v in c.items()} for i, c in result["per_class"].items()}
+    return scores, per_class
 
 
 def _normalizer() -> Any:
@@ -182,53 +295,66 @@ def _normalizer() -> Any:
     return module.normalize
 
 
-def _judge(checks: list[str], metrics: dict[str, float]) -> dict[str, Any]:
+def _judge(checks: list[str], metrics: dict[str, float], published: dict[str, Any] | None) -> dict[str, Any]:
+    nothing_published = published is not None and not published.get("commit")
     results = []
     for check in checks:
         match = GATE_PATTERN.match(check)
         assert match  # validated with the config
         name, op, threshold = match.group(1), match.group(2), float(match.group(3))
+        if "published" in name and nothing_published:
+            results.append(
+                {"check": check, "metric": name, "value": None, "passed": True, "note": "nothing published yet"}
+            )
+            continue
         value = metrics.get(name)
-        passed = value is not None and COMPARE[op](value, threshold)
+        passed = value is not None and not math.isnan(value) and COMPARE[op](value, threshold)
         results.append({"check": check, "metric": name, "value": value, "passed": passed})
     return {"passed": all(r["passed"] for r in results), "checks": results}
 
 
 def _report(
     results: dict[str, dict[str, float]],
+    per_class: dict[str, dict[str, Any]],
     verdict: dict[str, Any],
     rows: list[dict[str, Any]],
     references: list[str],
     predictions: dict[str, list[str]],
+    tuned_losses: list[float],
+    config: EvalConfig,
 ) -> str:
     names = list(results)
-    lines = [
-        "## Eval: base vs tuned",
-        "",
-        "| metric | " + " | ".join(names) + (" | delta |" if len(names) > 1 else " |"),
-    ]
-    lines.append("|---" * (len(names) + 1 + (len(names) > 1)) + "|")
+    deltas = [n for n in ("base", "published") if n in results]
+    header = "| metric | " + " | ".join(names) + "".join(f" | tuned - {n}" for n in deltas) + " |"
+    lines = ["## Eval: " + " vs ".join(names), "", header, "|---" * (1 + len(names) + len(deltas)) + "|"]
     for metric in results["tuned"]:
         values = [f"{results[n][metric]:.4f}" for n in names]
-        delta = f" | {results['tuned'][metric] - results['base'][metric]:+.4f}" if len(names) > 1 else ""
-        lines.append(f"| {metric} | " + " | ".join(values) + delta + " |")
-    lines += [
-        "",
-        f"## Gate: {'PASSED' if verdict['passed'] else 'FAILED'}",
-        "",
-        "| check | value | result |",
-        "|---|---|---|",
-    ]
-    lines += [f"| `{c['check']}` | {c['value']} | {'pass' if c['passed'] else 'FAIL'} |" for c in verdict["checks"]]
+        values += [f"{results['tuned'][metric] - results[n][metric]:+.4f}" for n in deltas]
+        lines.append(f"| {metric} | " + " | ".join(values) + " |")
+    lines += ["", f"## Gate: {'PASSED' if verdict['passed'] else 'FAILED'}", "", "| check | value | result |",
+              "|---|---|---|"]  # fmt: skip
+    for c in verdict["checks"]:
+        result = "pass" if c["passed"] else "FAIL"
+        lines.append(f"| `{c['check']}` | {c['value']} | {result}{' (' + c['note'] + ')' if c.get('note') else ''} |")
+    if per_class.get("tuned"):
+        lines += [
+            "",
+            "## Per class (tuned)",
+            "",
+            "| class | precision | recall | F1 | support |" + (" base F1 |" if "base" in per_class else ""),
+            "|---|---|---|---|---|" + ("---|" if "base" in per_class else ""),
+        ]
+        for label, c in per_class["tuned"].items():
+            base_f1 = f" {per_class['base'][label]['f1']:.3f} |" if "base" in per_class else ""
+            lines.append(
+                f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |{base_f1}"
+            )
     wrong = [i for i, p in enumerate(predictions["tuned"]) if p.strip().lower() != references[i].strip().lower()]
-    lines += [
-        "",
-        f"## Tuned errors ({len(wrong)} of {len(rows)}; first 10)",
-        "",
-        "| prompt | reference | tuned |",
-        "|---|---|---|",
-    ]
-    for i in wrong[:10]:
-        prompt = rows[i]["messages"][-2]["content"].replace("|", "/")[:100]
-        lines.append(f"| {prompt} | {references[i]} | {predictions['tuned'][i].replace('|', '/')[:40]} |")
+    wrong.sort(key=lambda i: -tuned_losses[i])
+    lines += ["", f"## Worst tuned errors ({len(wrong)} of {len(rows)} wrong; {min(len(wrong), config.worst_errors)} "
+              "with the highest loss)", "", "| prompt | reference | tuned | loss |", "|---|---|---|---|"]  # fmt: skip
+    for i in wrong[: config.worst_errors]:
+        prompt = rows[i]["messages"][-2]["content"].replace("|", "/").replace("\n", " ")[:100]
+        answer = predictions["tuned"][i].replace("|", "/").replace("\n", " ")[:40]
+        lines.append(f"| {prompt} | {references[i]} | {answer} | {tuned_losses[i]:.3f} |")
     return "\n".join(lines) + "\n"

@@ -79,6 +79,10 @@ def publish_model(
             f"publish.include_gguf asks for {', '.join(missing)} but the quantize stage produced "
             f"{', '.join(quantize.manifest.get('gguf', {}))}; add them to quantize.types."
         )
+    gguf = quantize.manifest.get("gguf", {})
+    withheld = {q: gguf[q]["reason"] for q in config.include_gguf if not gguf[q].get("passed", True)}
+    for qtype, reason in withheld.items():
+        print(f"[publish] not publishing {qtype} GGUF: it failed its fidelity check ({reason})")
     tag = config.tag or f"loraforge-{eval_.key[:12]}"
     with store.create("publish", key, settings, inputs, code) as draft:
         bundle = draft.path / "bundle"
@@ -89,14 +93,15 @@ def publish_model(
                 shutil.copy2(source, bundle / name)
         if config.include_merged:
             shutil.copytree(merge.file("model"), bundle / "merged")
-        for qtype in config.include_gguf:
+        for qtype in [q for q in config.include_gguf if q not in withheld]:
             (bundle / "gguf").mkdir(exist_ok=True)
             shutil.copy2(quantize.file(quantize.manifest["gguf"][qtype]["file"]), bundle / "gguf")
         lineage = _lineage(pipeline_name, inputs, tag)
         (bundle / "loraforge").mkdir()
         (bundle / "loraforge" / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
         (bundle / "README.md").write_text(_model_card(config, lineage, base, eval_, quantize))
-        draft.extra.update({"repo_id": config.repo_id, "endpoint": endpoint, "mode": mode, "tag": tag})
+        draft.extra.update({"repo_id": config.repo_id, "endpoint": endpoint, "mode": mode, "tag": tag,
+                            "withheld_gguf": withheld})  # fmt: skip
         if mode == "push":
             draft.extra["commit"] = _push(bundle, config, endpoint, token or "", tag)
             print(f"[publish] pushed {config.repo_id}@{tag} to {endpoint} (commit {draft.extra['commit'][:12]})")
@@ -178,7 +183,9 @@ def _model_card(
         if m in metrics
     )
     gguf = "\n".join(
-        f"| {q} | `{g['file']}` | {g['size_mb']} MB | {g['accuracy']:.3f} |"
+        f"| {q} | `{g['file']}` | {g['size_mb']} MB | {g.get('mean_kl', float('nan')):.4f} | "
+        f"{g.get('top1_agreement', float('nan')):.3f} | {g.get('ppl_ratio', float('nan')):.4f} | {g['accuracy']:.3f} | "
+        f"{'pass' if g.get('passed', True) else 'failed: ' + g['reason']} |"
         for q, g in (quantize.manifest.get("gguf") or {}).items()
     )
     return f"""---
@@ -212,8 +219,12 @@ Gate: {"passed" if (lineage["eval"]["gate"] or {}).get("passed") else "failed"}
 
 ## GGUF (llama.cpp {lineage["quantize"]["llama_cpp_version"]})
 
-| type | file | size | probe accuracy |
-|---|---|---|---|
+Each file checked against the merged model in llama-cpp-python: mean KL and top-1 agreement of next-token
+distributions and the perplexity ratio on validation rows, task accuracy on test rows. Only files that
+passed are published (under `gguf/`).
+
+| type | file | size | mean KL | top-1 | ppl ratio | probe accuracy | fidelity |
+|---|---|---|---|---|---|---|---|
 {gguf}
 
 ## Lineage

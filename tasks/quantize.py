@@ -1,5 +1,14 @@
 """Quantize stage: convert the merged model to GGUF with llama.cpp's own converter, re-quantize, and check that
-every file loads in llama-cpp-python and still answers the task.
+every file still behaves like the merged model it came from.
+
+Checks per GGUF file, run in llama-cpp-python on the file itself:
+- template parity: the chat template and BOS/EOS carried in the GGUF turn conversations into exactly the token
+  ids training used (the data artifact's template); a mismatch fails the stage, since every type shares it;
+- fidelity against the merged HF model on validation probe rows: mean KL(HF || GGUF) of the next-token
+  distributions, top-1 agreement and the perplexity ratio, all over every position;
+- the task: greedy answers to test rows, accuracy compared with the merged HF model on the same rows.
+A type past its limits (`quantize.max_*`/`min_*`, per type) is marked failed with the reason and is not
+published; `on_failure: fail` stops the stage instead.
 
 The converter (convert_hf_to_gguf.py with its gguf-py) comes from the sdist of the pinned llama-cpp-python, so
 the converter and the runtime are the same llama.cpp version; `make setup` extracts it into the cache.
@@ -9,14 +18,15 @@ Run alone: `loraforge stage quantize CONFIG [key=value ...]`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.batching import read_split
@@ -34,6 +44,21 @@ LLAMA_FTYPES = {  # the rest: llama_model_quantize from the f16 file, as llama-q
 }
 
 
+# Default limits per type. Measured on the demo (SmolLM2-135M fine-tuned, 8 validation rows, all positions;
+# docs/demo.md): f16 KL 0.0000 / top-1 1.000 / ppl ratio 1.0005; q8_0 0.0067 / 0.934 / 1.025; q4_k_m 0.078 /
+# 0.857 / 0.969 (the ratio on 8 rows is noisy by a few %). Limits leave headroom above those; override one type
+# with e.g. `quantize.max_mean_kl.q4_k_m=0.2`. Larger models quantize with less loss: tighten for them.
+DEFAULT_MAX_MEAN_KL: dict[QuantType, float] = {
+    "f16": 0.002, "bf16": 0.01, "q8_0": 0.02, "q6_k": 0.04, "q5_k_m": 0.06, "q4_k_m": 0.15, "q4_0": 0.25,
+}  # fmt: skip
+DEFAULT_MIN_TOP1: dict[QuantType, float] = {
+    "f16": 0.99, "bf16": 0.95, "q8_0": 0.90, "q6_k": 0.88, "q5_k_m": 0.86, "q4_k_m": 0.80, "q4_0": 0.75,
+}  # fmt: skip
+DEFAULT_MAX_PPL_RATIO: dict[QuantType, float] = {
+    "f16": 1.01, "bf16": 1.03, "q8_0": 1.05, "q6_k": 1.07, "q5_k_m": 1.10, "q4_k_m": 1.15, "q4_0": 1.25,
+}  # fmt: skip
+
+
 class QuantizeConfig(BaseModel):
     """Which GGUF files to produce and how to check them."""
 
@@ -45,6 +70,34 @@ class QuantizeConfig(BaseModel):
     probe_rows: int = Field(16, ge=1, description="Test rows answered by each GGUF file (task accuracy).")
     max_new_tokens: int = Field(16, ge=1, description="Most tokens generated per probe answer.")
     n_threads: int = Field(1, ge=1, description="llama.cpp threads for the checks (1 is robust on busy machines).")
+    fidelity_rows: int = Field(8, ge=1, description="Validation rows on which each GGUF's logits are compared.")
+    max_mean_kl: dict[QuantType, float] = Field(
+        default_factory=lambda: dict(DEFAULT_MAX_MEAN_KL),
+        description="Per type: largest mean KL(merged HF || GGUF) of next-token distributions (nats/token). "
+        "Types not given keep their defaults.",
+    )
+    min_top1_agreement: dict[QuantType, float] = Field(
+        default_factory=lambda: dict(DEFAULT_MIN_TOP1),
+        description="Per type: least share of positions where the GGUF's argmax equals the merged model's.",
+    )
+    max_ppl_ratio: dict[QuantType, float] = Field(
+        default_factory=lambda: dict(DEFAULT_MAX_PPL_RATIO),
+        description="Per type: largest perplexity(GGUF) / perplexity(merged HF) on the validation probe rows.",
+    )
+    max_accuracy_drop: float = Field(
+        0.1, ge=0, le=1, description="Largest drop of probe-row task accuracy from the merged HF model, any type."
+    )
+    on_failure: Literal["drop", "fail"] = Field(
+        "drop",
+        description="A type past its limits: 'drop' keeps it out of publishing (reason recorded), 'fail' stops.",
+    )
+
+    @field_validator("max_mean_kl", "min_top1_agreement", "max_ppl_ratio", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        defaults = {"max_mean_kl": DEFAULT_MAX_MEAN_KL, "min_top1_agreement": DEFAULT_MIN_TOP1,
+                    "max_ppl_ratio": DEFAULT_MAX_PPL_RATIO}[info.field_name or ""]  # fmt: skip
+        return {**defaults, **value} if isinstance(value, dict) else value
 
 
 def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Artifact, store: ArtifactStore) -> Artifact:
@@ -72,6 +125,7 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
     model_dir = merge.file("model")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
     probes = read_split(data.file("test.jsonl"))[: config.probe_rows]
+    fidelity_rows = read_split(data.file("validation.jsonl"))[: config.fidelity_rows]
     with store.create("quantize", key, {**config.model_dump(), "name": name}, inputs, code) as draft:
         files: dict[str, Path] = {}
         needs_f16 = "f16" in config.types or any(t in LLAMA_FTYPES for t in config.types)
@@ -86,13 +140,25 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
         if "f16" in files and "f16" not in config.types:  # only an intermediate for llama_model_quantize
             files.pop("f16").unlink()
         n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
-        checks = {qtype: _check(path, probes, config, n_ctx) for qtype, path in files.items()}
-        for qtype, check in checks.items():
+        tokenizer, reference = _hf_reference(model_dir, data, fidelity_rows, probes, config)
+        checks = {}
+        for qtype, path in files.items():
+            checks[qtype] = _check(path, qtype, probes, fidelity_rows, tokenizer, reference, config, n_ctx)
+            c = checks[qtype]
             print(
-                f"[quantize] {qtype}: {check['size_mb']} MB, probe accuracy {check['accuracy']:.3f}, "
-                f"sample answer {check['sample_answer']!r}"
+                f"[quantize] {qtype}: {c['size_mb']} MB, KL {c['mean_kl']:.4f}, top-1 {c['top1_agreement']:.3f}, "
+                f"ppl ratio {c['ppl_ratio']:.4f}, probe accuracy {c['accuracy']:.3f} "
+                f"(HF {reference['accuracy']:.3f}): {'pass' if c['passed'] else 'FAIL: ' + c['reason']}"
             )
-        draft.metrics.update({f"{q}_{k}": v for q, c in checks.items() for k, v in c.items() if k != "sample_answer"})
+        failed = {q: c["reason"] for q, c in checks.items() if not c["passed"]}
+        if failed and config.on_failure == "fail":
+            raise StageError(
+                "GGUF fidelity check failed (quantize.on_failure=fail):\n  - "
+                + "\n  - ".join(f"{q}: {r}" for q, r in failed.items())
+            )
+        numeric = ("size_mb", "mean_kl", "top1_agreement", "ppl_ratio", "accuracy")
+        draft.metrics.update({f"{q}_{k}": c[k] for q, c in checks.items() for k in numeric})
+        draft.metrics["hf_accuracy"] = reference["accuracy"]
         draft.extra["gguf"] = {
             q: {"file": p.name, **checks[q], "fallback_tensors": fallbacks.get(q, "0")} for q, p in files.items()
         }
@@ -154,22 +220,152 @@ def _convert(converter: Path, model_dir: Path, out: Path, qtype: str, name: str)
         raise StageError(f"convert_hf_to_gguf.py failed for {model_dir} ({qtype}):\n{tail}")
 
 
-def _check(path: Path, probes: list[dict[str, Any]], config: QuantizeConfig, n_ctx: int) -> dict[str, Any]:
-    """Load a GGUF in llama-cpp-python and answer probe rows greedily with the GGUF's own chat template."""
+def _hf_reference(
+    model_dir: Path,
+    data: Artifact,
+    fidelity_rows: list[dict[str, Any]],
+    probes: list[dict[str, Any]],
+    config: QuantizeConfig,
+) -> tuple[Any, dict[str, Any]]:
+    """The merged HF model's side of every check: its log-probs on the fidelity rows, its greedy answers to the
+    probe rows, and the tokenizer with the chat template training used (from the data artifact)."""
+    import torch
+
+    from tasks.batching import greedy_answers
+    from tasks.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)  # then made to prompt exactly as training did (the data artifact)
+    tokenizer.chat_template = data.file("chat_template.jinja").read_text()
+    for name, token in data.manifest["special_tokens"].items():
+        setattr(tokenizer, f"{name}_token", token["text"])
+    model = load_causal_lm(model_dir, "float32")
+    model.eval()
+    logprobs = []
+    with torch.no_grad():
+        for row in fidelity_rows:
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].float()
+            logprobs.append(torch.log_softmax(logits, dim=-1))
+    answers = greedy_answers(model, tokenizer, [r["messages"][:-1] for r in probes], config.max_new_tokens, 8)
+    del model
+    return tokenizer, {"logprobs": logprobs, "accuracy": _accuracy(answers, probes)}
+
+
+def _accuracy(answers: list[str], rows: list[dict[str, Any]]) -> float:
+    expected = [r["messages"][-1]["content"].strip().lower() for r in rows]
+    hits = sum(a.strip().lower() == e for a, e in zip(answers, expected, strict=True))
+    return round(hits / max(len(rows), 1), 4)
+
+
+def _check(
+    path: Path,
+    qtype: str,
+    probes: list[dict[str, Any]],
+    fidelity_rows: list[dict[str, Any]],
+    tokenizer: Any,
+    reference: dict[str, Any],
+    config: QuantizeConfig,
+    n_ctx: int,
+) -> dict[str, Any]:
+    """Load a GGUF in llama-cpp-python and check it: template parity (fails the stage), logits against the
+    merged HF model, and greedy answers to the probe rows with the prompt as the GGUF's own template renders it.
+
+    Returns:
+        Figures and the verdict: passed, and the reason when not.
+    """
+    import numpy as np
+    import torch
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=config.n_threads, verbose=False, seed=0)
-    hits, answers = 0, []
-    for row in probes:
-        reply = llm.create_chat_completion(
-            messages=row["messages"][:-1], max_tokens=config.max_new_tokens, temperature=0.0, top_k=1
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=config.n_threads, verbose=False, seed=0,
+                logits_all=True)  # fmt: skip
+    problems, prompts = _template_parity(llm, tokenizer, [row["messages"][:-1] for row in probes])
+    if problems:
+        raise StageError(
+            f"{path.name}: the GGUF does not prompt the model the way training did:\n  - " + "\n  - ".join(problems)
         )
-        answer = (reply["choices"][0]["message"]["content"] or "").strip()  # type: ignore[index]
-        answers.append(answer)
-        hits += answer.lower() == row["messages"][-1]["content"].strip().lower()
+    kl_sum, agree, positions, nll_hf, nll_q, targets = 0.0, 0, 0, 0.0, 0.0, 0
+    for row, ref in zip(fidelity_rows, reference["logprobs"], strict=True):
+        ids = row["input_ids"]
+        llm.reset()
+        llm.eval(ids)
+        scores = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        if not torch.isfinite(scores).all():
+            raise StageError(f"{path.name}: llama.cpp produced NaN/inf logits; the file is corrupt.")
+        logq = torch.log_softmax(scores, dim=-1)
+        kl_sum += float((ref.exp() * (ref - logq)).sum())
+        agree += int((ref.argmax(-1) == logq.argmax(-1)).sum())
+        positions += len(ids)
+        nxt = torch.tensor(ids[1:])
+        nll_hf -= float(ref[:-1].gather(1, nxt[:, None]).sum())
+        nll_q -= float(logq[:-1].gather(1, nxt[:, None]).sum())
+        targets += len(ids) - 1
+    answers = []
+    for prompt in prompts:
+        llm.reset()
+        reply = llm.create_completion(prompt, max_tokens=config.max_new_tokens, temperature=0.0, top_k=1)
+        answers.append(reply["choices"][0]["text"].strip())  # type: ignore[index]
     del llm
-    return {
+    figures = {
         "size_mb": round(path.stat().st_size / 2**20, 1),
-        "accuracy": round(hits / max(len(probes), 1), 4),
+        "mean_kl": float(f"{kl_sum / max(positions, 1):.4g}"),  # 4 significant digits: tiny values stay > 0
+        "top1_agreement": round(agree / max(positions, 1), 4),
+        "ppl_ratio": round(math.exp((nll_q - nll_hf) / max(targets, 1)), 5),
+        "accuracy": _accuracy(answers, probes),
+        "hf_accuracy": reference["accuracy"],
         "sample_answer": answers[0] if answers else "",
+        "template_parity": f"{len(prompts)} prompts identical",
+        "fidelity_positions": positions,
     }
+    qt = cast(QuantType, qtype)
+    limits = [
+        ("mean_kl", figures["mean_kl"] <= config.max_mean_kl[qt], f"<= {config.max_mean_kl[qt]}"),
+        ("top1_agreement", figures["top1_agreement"] >= config.min_top1_agreement[qt],
+         f">= {config.min_top1_agreement[qt]}"),
+        ("ppl_ratio", figures["ppl_ratio"] <= config.max_ppl_ratio[qt], f"<= {config.max_ppl_ratio[qt]}"),
+        ("accuracy_drop", reference["accuracy"] - figures["accuracy"] <= config.max_accuracy_drop + 1e-9,
+         f"<= {config.max_accuracy_drop}"),
+    ]  # fmt: skip
+    shown = {**figures, "accuracy_drop": round(reference["accuracy"] - figures["accuracy"], 4)}
+    reasons = [f"{name} {shown[name]} (limit {limit})" for name, ok, limit in limits if not ok]
+    return {**figures, "passed": not reasons, "reason": "; ".join(reasons)}
+
+
+def _template_parity(
+    llm: Any, tokenizer: Any, conversations: list[list[dict[str, str]]]
+) -> tuple[list[str], list[list[int]]]:
+    """Compare how llama.cpp (the template stored in the GGUF) and the HF tokenizer (what training used) turn
+    each conversation into token ids, and their BOS/EOS tokens.
+
+    Returns:
+        (problems, the GGUF-side prompt token ids per conversation).
+    """
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    problems = []
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return ["the GGUF carries no tokenizer.chat_template (llama.cpp would guess a format)"], []
+    eos, bos = llm.token_eos(), llm.token_bos()
+    if eos != tokenizer.eos_token_id:
+        problems.append(f"EOS differs: GGUF {eos} vs HF {tokenizer.eos_token_id} ({tokenizer.eos_token!r})")
+    if tokenizer.bos_token_id is not None and bos != tokenizer.bos_token_id:
+        problems.append(f"BOS differs: GGUF {bos} vs HF {tokenizer.bos_token_id} ({tokenizer.bos_token!r})")
+    token_text = llm._model.token_get_text  # the special tokens' text, as llama-cpp-python passes them
+    formatter = Jinja2ChatFormatter(template=template, eos_token=token_text(eos), bos_token=token_text(bos))
+    prompts = []
+    for index, messages in enumerate(conversations):
+        rendered = formatter(messages=messages)  # type: ignore[arg-type]
+        ids = llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+        hf_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        hf_ids = tokenizer(hf_text, add_special_tokens=False)["input_ids"]
+        if ids != hf_ids:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(ids, hf_ids, strict=False)) if a != b), min(len(ids), len(hf_ids))
+            )
+            gguf_text = llm.detokenize(ids[at : at + 8], special=True).decode(errors="replace")
+            problems.append(
+                f"conversation {index}: prompt tokens differ from position {at}: GGUF {gguf_text!r} "
+                f"vs HF {tokenizer.decode(hf_ids[at : at + 8])!r}"
+            )
+        prompts.append(ids)
+    return problems, prompts

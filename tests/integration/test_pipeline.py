@@ -7,54 +7,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pipeline_fixtures import REPO, TOKEN, _config, _ran, _run
 
-from tasks.config import DEMO_CONFIG, PipelineConfig, load_config
+from tasks.config import DEMO_CONFIG
 from tasks.errors import GateFailed
 
 pytestmark = pytest.mark.integration
-TOKEN = "hf_test_token_0123456789"
-REPO = "loraforge/tiny-ticket-router"
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from hub import hub_server
-
-    with hub_server(tmp_path_factory.mktemp("hub") / "repos", TOKEN) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("pipeline")
-
-
-def _config(tiny_model: Path, workdir: Path, hub: str, *extra: str) -> PipelineConfig:
-    return load_config(DEMO_CONFIG, [
-        f"base_model={tiny_model}", f"store={workdir / 'store'}", "name=tiny-router",
-        "eval.gate=[loss_delta < 0]", "eval.max_rows=32", "quantize.probe_rows=4", "merge.probe_rows=4",
-        f"publish.endpoint={hub}", f"publish.repo_id={REPO}", "publish.push=always", *extra,
-    ])  # fmt: skip
-
-
-def _run(config: PipelineConfig) -> dict:
-    from flows.pipeline import pipeline
-
-    return pipeline(config)
-
-
-def _ran(record: dict) -> set[str]:
-    return {stage for stage, info in record["stages"].items() if not info["cached"]}
-
-
-@pytest.fixture(scope="module")
-def first_run(tiny_model: Path, workdir: Path, hub: str) -> dict:
-    os.environ["HF_TOKEN"] = TOKEN
-    return _run(_config(tiny_model, workdir, hub))
 
 
 def test_every_stage_runs_and_publishes(first_run: dict, hub: str, tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Shipped with loraforge because hub metric names cannot be loaded offline; load with
 `evaluate.load("<path to this folder>")`. Predictions outside the label set should be given as -1: they count
-as wrong for accuracy and as a false negative of their reference class for F1.
+as wrong for accuracy and as a false negative of their reference class for F1. `per_class` gives
+precision, recall, F1 and support for every reference class id.
 """
 
 import datasets
@@ -20,13 +21,19 @@ class Accuracy(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
-    def _compute(self, predictions: list[int], references: list[int]) -> dict[str, float]:
+    def _compute(self, predictions: list[int], references: list[int]) -> dict[str, object]:
         pairs = list(zip(predictions, references, strict=True))
         accuracy = sum(p == r for p, r in pairs) / max(len(pairs), 1)
-        f1s = []
+        per_class = {}
         for label in sorted(set(references)):
             tp = sum(p == label and r == label for p, r in pairs)
             fp = sum(p == label and r != label for p, r in pairs)
             fn = sum(p != label and r == label for p, r in pairs)
-            f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-        return {"accuracy": accuracy, "macro_f1": sum(f1s) / max(len(f1s), 1)}
+            per_class[label] = {
+                "precision": tp / (tp + fp) if tp + fp else 0.0,
+                "recall": tp / (tp + fn) if tp + fn else 0.0,
+                "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+                "support": tp + fn,
+            }
+        macro_f1 = sum(c["f1"] for c in per_class.values()) / max(len(per_class), 1)
+        return {"accuracy": accuracy, "macro_f1": macro_f1, "per_class": per_class}

@@ -1,0 +1,159 @@
+"""Every hand-off is gated: a corrupt adapter, impossible limits, a GGUF with a swapped chat template or the wrong
+EOS, and a GGUF past its fidelity limits each stop (or withhold) with a message that says what and why.
+
+Each test copies the artifacts it needs from the shared first run into its own store (same keys) and tampers
+with the copy, so the shared store stays intact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from pipeline_fixtures import REPO, _config, _run
+
+from tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from tasks.errors import StageError
+
+pytestmark = pytest.mark.integration
+
+
+def _copy(first_run: dict, target: Path, *stages: str) -> tuple[ArtifactStore, dict[str, Artifact]]:
+    for stage in stages:
+        source = Path(first_run["stages"][stage]["path"])
+        shutil.copytree(source, target / stage / source.name)
+    store = ArtifactStore(target)
+    return store, {stage: store.get(stage, first_run["stages"][stage]["key"]) for stage in stages}
+
+
+def test_corrupt_adapter_stops_the_merge_and_writes_nothing(first_run: dict, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tasks.merge import MergeConfig, merge_adapter
+
+    store, a = _copy(first_run, tmp_path / "store", "base", "data", "train")
+    weights_file = a["train"].file("adapter") / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    name = next(n for n in weights if "lora_B" in n)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, weights_file)
+    with pytest.raises(StageError, match=r"merged weights contain NaN/inf in 1 tensors .*the adapter is corrupt"):
+        merge_adapter(MergeConfig(probe_rows=4), a["base"], a["data"], a["train"], store)
+    assert not (tmp_path / "store" / "merge").exists() or not any((tmp_path / "store" / "merge").iterdir())
+    assert not (tmp_path / "store" / ".tmp").exists() or not any((tmp_path / "store" / ".tmp").iterdir())
+
+
+def test_merge_fidelity_limits_and_repeatable_bytes(
+    first_run: dict, tiny_model: Path, workdir: Path, hub: str, tmp_path: Path
+) -> None:
+    from tasks.merge import merge_adapter
+
+    store, a = _copy(first_run, tmp_path / "store", "base", "data", "train")
+    config = _config(tiny_model, workdir, hub).merge
+    impossible = config.model_copy(update={"max_mean_kl": 1e-30, "min_top1_agreement": 1.0})
+    with pytest.raises(StageError) as error:
+        merge_adapter(impossible, a["base"], a["data"], a["train"], store)
+    assert str(error.value).startswith("merge fidelity check failed: float16")
+    assert "mean KL" in str(error.value) and "> merge.max_mean_kl=1e-30" in str(error.value)
+
+    again = merge_adapter(config, a["base"], a["data"], a["train"], store)
+    assert again.key == first_run["stages"]["merge"]["key"] and not again.cached
+    first = Path(first_run["stages"]["merge"]["path"]) / "model" / "model.safetensors"
+    assert sha256_file(again.file("model") / "model.safetensors") == sha256_file(first)
+    assert again.metrics["cast_mean_kl"] < config.max_mean_kl
+
+
+def _tamper_tokenizer(model_dir: Path, template: str | None = None, eos: str | None = None) -> None:
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    if template is not None:
+        tokenizer_config["chat_template"] = template
+        if (model_dir / "chat_template.jinja").is_file():
+            (model_dir / "chat_template.jinja").write_text(template)
+    if eos is not None:
+        tokenizer_config["eos_token"] = eos
+        for name in ("config.json", "generation_config.json"):
+            if (model_dir / name).is_file():
+                content = json.loads((model_dir / name).read_text())
+                content["eos_token_id"] = 0
+                (model_dir / name).write_text(json.dumps(content))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+
+def test_gguf_with_a_swapped_chat_template_fails_quantize(first_run: dict, tmp_path: Path) -> None:
+    from tasks.models import load_tokenizer
+    from tasks.quantize import QuantizeConfig, quantize_gguf
+
+    store, a = _copy(first_run, tmp_path / "store", "data", "merge")
+    template = load_tokenizer(a["merge"].file("model")).chat_template
+    _tamper_tokenizer(a["merge"].file("model"), template=template.replace("<|im_start|>", "<|im_start|> "))
+    with pytest.raises(StageError) as error:
+        quantize_gguf(QuantizeConfig(types=["q8_0"], probe_rows=2, fidelity_rows=2), "t", a["data"], a["merge"], store)
+    message = str(error.value)
+    assert message.startswith("t-Q8_0.gguf: the GGUF does not prompt the model the way training did:")
+    assert "conversation 0: prompt tokens differ from position 1" in message
+    assert not (tmp_path / "store" / "quantize").exists() or not any((tmp_path / "store" / "quantize").iterdir())
+
+
+def test_gguf_with_the_wrong_eos_fails_quantize(first_run: dict, tmp_path: Path) -> None:
+    from tasks.quantize import QuantizeConfig, quantize_gguf
+
+    store, a = _copy(first_run, tmp_path / "store", "data", "merge")
+    _tamper_tokenizer(a["merge"].file("model"), eos="<|endoftext|>")
+    with pytest.raises(StageError, match=r"EOS differs: GGUF 0 vs HF 2 \('<\|im_end\|>'\)"):
+        quantize_gguf(QuantizeConfig(types=["f16"], probe_rows=2, fidelity_rows=2), "t", a["data"], a["merge"], store)
+
+
+def test_template_parity_passes_on_the_real_files(first_run: dict) -> None:
+    for qtype, info in first_run["gguf"].items():
+        assert info["template_parity"] == "4 prompts identical", qtype
+        assert info["passed"], (qtype, info["reason"])
+        assert info["mean_kl"] >= 0 and 0 < info["top1_agreement"] <= 1 and info["ppl_ratio"] > 0
+
+
+def test_gguf_past_its_limits_is_withheld_from_publishing(
+    first_run: dict, tiny_model: Path, workdir: Path, hub: str
+) -> None:
+    record = _run(_config(tiny_model, workdir, hub, "quantize.max_mean_kl.q4_k_m=0", "publish.push=never"))
+    assert record["gguf"]["q4_k_m"]["passed"] is False
+    assert (
+        record["gguf"]["q4_k_m"]["reason"].startswith("mean_kl ")
+        and "(limit <= 0.0)" in record["gguf"]["q4_k_m"]["reason"]
+    )
+    assert record["gguf"]["q8_0"]["passed"] and record["gguf"]["f16"]["passed"]
+    publish = json.loads((Path(record["stages"]["publish"]["path"]) / "manifest.json").read_text())
+    assert set(publish["withheld_gguf"]) == {"q4_k_m"}
+    bundle = Path(record["stages"]["publish"]["path"]) / "bundle"
+    assert not (bundle / "gguf").exists()
+    assert "failed: mean_kl" in (bundle / "README.md").read_text()
+
+
+def test_gguf_past_its_limits_fails_the_stage_when_asked(first_run: dict, tmp_path: Path) -> None:
+    from tasks.quantize import QuantizeConfig, quantize_gguf
+
+    store, a = _copy(first_run, tmp_path / "store", "data", "merge")
+    config = QuantizeConfig(types=["q4_k_m"], probe_rows=2, fidelity_rows=2, on_failure="fail",
+                            min_top1_agreement={"q4_k_m": 1.0}, max_ppl_ratio={"q4_k_m": 1.0})  # fmt: skip
+    assert config.max_mean_kl["q8_0"] == 0.02  # other types keep their defaults
+    with pytest.raises(StageError, match=r"GGUF fidelity check failed \(quantize.on_failure=fail\):\n  - q4_k_m: "):
+        quantize_gguf(config, "t", a["data"], a["merge"], store)
+
+
+def test_eval_compares_with_the_published_adapter(first_run: dict, hub: str) -> None:
+    from tasks.evaluate import EvalConfig, evaluate_adapter
+
+    store = ArtifactStore(first_run["store"])
+    a = {s: store.get(s, first_run["stages"][s]["key"]) for s in ("base", "data", "train")}
+    gate = ["loss_vs_published <= 1e-6", "accuracy_vs_published >= 0", "published_loss > 0"]
+    config = EvalConfig(max_rows=8, compare_base=False, compare_published=REPO, endpoint=hub, gate=gate)
+    result = evaluate_adapter(config, a["base"], a["data"], a["train"], store)
+    assert result.manifest["gate"]["passed"], result.manifest["gate"]
+    assert len(result.manifest["published"]["commit"]) == 40
+    assert result.metrics["published_loss"] == result.metrics["loss"]  # the same adapter, the same rows
+    assert "| metric | tuned | published | tuned - published |" in result.file("report.md").read_text()
+
+    nothing = config.model_copy(update={"compare_published": "loraforge/not-yet-published"})
+    fresh = evaluate_adapter(nothing, a["base"], a["data"], a["train"], store)
+    assert fresh.manifest["gate"]["passed"]
+    assert {c["note"] for c in fresh.manifest["gate"]["checks"] if "note" in c} == {"nothing published yet"}

@@ -1,0 +1,29 @@
+"""The pipeline config and helpers the integration tests share (fixtures are in tests/integration/conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.config import DEMO_CONFIG, PipelineConfig, load_config
+
+TOKEN = "hf_test_token_0123456789"
+REPO = "loraforge/tiny-ticket-router"
+
+
+def _config(tiny_model: Path, workdir: Path, hub: str, *extra: str) -> PipelineConfig:
+    return load_config(DEMO_CONFIG, [
+        f"base_model={tiny_model}", f"store={workdir / 'store'}", "name=tiny-router",
+        "eval.gate=[loss_delta < 0]", "eval.max_rows=32", "quantize.probe_rows=4", "merge.probe_rows=4",
+        "quantize.fidelity_rows=4", f"publish.endpoint={hub}", f"publish.repo_id={REPO}", "publish.push=always",
+        *extra,
+    ])  # fmt: skip
+
+
+def _run(config: PipelineConfig) -> dict:
+    from flows.pipeline import pipeline
+
+    return pipeline(config)
+
+
+def _ran(record: dict) -> set[str]:
+    return {stage for stage, info in record["stages"].items() if not info["cached"]}

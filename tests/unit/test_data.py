@@ -56,7 +56,7 @@ def test_every_bad_row_is_reported_with_file_and_line(tmp_path: Path, tiny_model
 
 def test_missing_file_names_the_field(tmp_path: Path, tiny_model: Path, store: ArtifactStore) -> None:
     base = provision_base(str(tiny_model), store)
-    with pytest.raises(DataError, match=r"data.train_file: file not found: .*nope.jsonl"):
+    with pytest.raises(DataError, match=r"data.train_file: not found: .*nope.jsonl"):
         prepare_data(DataConfig(train_file=tmp_path / "nope.jsonl"), base, store)
 
 
@@ -101,7 +101,7 @@ def test_overlength_rows_are_dropped_truncated_or_refused(
     truncated = prepare_data(DataConfig(train_file=path, max_length=64, overlength="truncate", seed=0), base, store)
     report = json.loads(truncated.file("report.json").read_text())
     assert sum(s["truncated"] for s in report["splits"].values()) == 1
-    with pytest.raises(DataError, match=r"line 1: \d+ tokens > data.max_length=64"):
+    with pytest.raises(DataError, match=r"\.jsonl:1: \d+ tokens > data.max_length=64"):
         prepare_data(DataConfig(train_file=path, max_length=64, overlength="error", seed=0), base, store)
 
 
@@ -109,5 +109,9 @@ def test_prompt_completion_format(tmp_path: Path, tiny_model: Path, store: Artif
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)] + [{"prompt": "q", "completion": 3}]
     path = _write(tmp_path / "pc.jsonl", rows)
     base = provision_base(str(tiny_model), store)
-    with pytest.raises(DataError, match=r"pc.jsonl:21: field 'completion' must be a non-empty string \(given: 3\)"):
+    with pytest.raises(
+        DataError,
+        match=r"pc.jsonl:21: field 'completion' must be a non-empty string \(given: 3; fields found: completion, "
+        r"prompt\)",
+    ):
         prepare_data(DataConfig(train_file=path, format="prompt_completion"), base, store)

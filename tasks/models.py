@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -212,3 +213,37 @@ def _describe_model(folder: Path, spec: str, fingerprint: str) -> dict[str, Any]
 
 def _looks_like_hub_id(spec: str) -> bool:
     return not spec.startswith((BUNDLED_PREFIX, ".", "/", "~")) and spec.count("/") == 1 and not Path(spec).exists()
+
+
+def load_base_as_trained(folder: Path, train_settings: Mapping[str, Any]) -> PreTrainedModel:
+    """Load the base model the way the train stage did: fp32, or through bitsandbytes in 4-bit/8-bit (QLoRA).
+
+    Raises:
+        StageError: the requested quantization cannot run here (never a silent fallback to full precision).
+    """
+    quantization = train_settings.get("quantization", "none")
+    if quantization == "none":
+        return load_causal_lm(folder)
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=train_settings.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=train_settings.get("double_quant", True),
+            bnb_4bit_compute_dtype=getattr(torch, train_settings.get("compute_dtype", "float32")),
+        )
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import bitsandbytes  # noqa: F401
+
+        return load_causal_lm(folder, quantization_config=bnb, device_map=device)
+    except Exception as exc:  # bitsandbytes missing, no backend for this device, unsupported layer
+        raise StageError(
+            f"train.quantization={quantization} cannot run on this machine ({device}): {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. Install bitsandbytes with a backend "
+            "for this device or set train.quantization=none; loraforge does not fall back to full precision."
+        ) from None

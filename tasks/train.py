@@ -1,4 +1,10 @@
-"""Train stage: fit a LoRA adapter on the data artifact with a lean, seeded PyTorch loop.
+"""Train stage: fit a LoRA or QLoRA adapter on the data artifact with a lean, seeded PyTorch loop.
+
+LoRA variants (peft): rank, alpha, dropout, target modules by name or preset (attention, attention+mlp,
+all-linear; checked against the model's real linear layers), DoRA, rsLoRA, init, bias, modules_to_save and
+LoRA+ (a larger learning rate for the B matrices). QLoRA: the base is loaded through bitsandbytes in 4-bit
+(NF4/FP4, optional double quantization, a compute dtype) or 8-bit; if that cannot run here the stage stops,
+it never trains in full precision instead.
 
 The loop pads each batch only to its longest row and groups rows of similar length, so little compute goes to
 padding; loss is computed only where labels are set (the completion, unless data.train_on_prompt).
@@ -22,6 +28,9 @@ from tasks.batching import collate, mean_loss, read_split
 from tasks.errors import StageError
 
 LENGTH_GROUP_BATCHES = 16  # rows are sorted by length inside windows of this many batches
+Preset = Literal["attention", "attention+mlp", "all-linear"]
+ATTENTION_PARENTS = ("attn", "attention")
+MLP_PARENTS = ("mlp", "ffn", "feed_forward")
 
 
 class TrainConfig(BaseModel):
@@ -32,11 +41,32 @@ class TrainConfig(BaseModel):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1,
-        description="Names of the linear layers that get adapters; checked against the model's own names.",
+    target_modules: list[str] | Preset = Field(
+        "attention+mlp",
+        description="Linear layers that get adapters: a list of names (checked against the model's own) or a "
+        "preset: attention, attention+mlp, all-linear (every linear layer but the output head).",
     )
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude vector besides the low-rank direction.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
+    init: Literal["default", "gaussian"] = Field(
+        "default", description="Adapter init: default (A Kaiming-uniform, B zero) or gaussian (A ~ N(0, 1/r))."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained too.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained fully and saved with the adapter (e.g. lm_head)."
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: learning rate of the B matrices = learning_rate x this ratio (e.g. 16)."
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="QLoRA: load the frozen base through bitsandbytes in 4-bit or 8-bit."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (quantization=4bit).")
+    double_quant: bool = Field(True, description="4-bit: also quantize the quantization constants.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the 4-bit layers compute in (bfloat16 on recent GPUs, float32 on CPU)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
@@ -73,26 +103,42 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
 
-    from tasks.models import load_causal_lm, load_tokenizer
+    from tasks.models import load_base_as_trained, load_tokenizer
 
     if config.threads:
         torch.set_num_threads(config.threads)
     _seed_everything(config.seed)
     model_path = Path(base.manifest["model_path"])
     tokenizer = load_tokenizer(model_path)
-    model: Any = load_causal_lm(model_path)
-    _check_target_modules(model, config.target_modules)
+    model: Any = load_base_as_trained(model_path, config.model_dump())
+    targets = resolve_target_modules(model, config.target_modules)
+    if config.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     lora = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=list(config.target_modules),
+        target_modules=targets,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        init_lora_weights=True if config.init == "default" else config.init,
+        bias=config.bias,
+        modules_to_save=list(config.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
+    variant = "+".join(
+        [{"none": "LoRA", "4bit": f"QLoRA {config.quant_type}", "8bit": "QLoRA int8"}[config.quantization]]
+        + ["DoRA"] * config.use_dora + ["rsLoRA"] * config.use_rslora + ["LoRA+"] * bool(config.loraplus_lr_ratio)
+    )  # fmt: skip
     print(
-        f"[train] LoRA r={config.r} on {', '.join(config.target_modules)}: "
+        f"[train] {variant} r={config.r} on {', '.join(targets)}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
 
@@ -101,7 +147,7 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     steps_per_epoch = math.ceil(len(train_rows) / (config.batch_size * config.grad_accum))
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
+        _param_groups(model, config), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     scheduler = _scheduler(optimizer, config, total_steps)
     pad_id = tokenizer.pad_token_id
@@ -147,6 +193,7 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
 
     with store.create("train", key, config, inputs, code) as draft:
         model.save_pretrained(draft.path / "adapter", safe_serialization=True)
+        draft.extra["target_modules"] = targets
         # Record the base by its public name, not this machine's path, so the adapter folder is portable
         # (patched after saving: peft would otherwise try to reach the Hub to inspect that name).
         adapter_config = draft.path / "adapter" / "adapter_config.json"
@@ -172,17 +219,54 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_target_modules(model: Any, wanted: list[str]) -> None:
-    """Fail early, listing the valid names, when a target module does not exist in the model."""
-    import torch
+def resolve_target_modules(model: Any, wanted: list[str] | str) -> list[str]:
+    """The linear-layer names that get adapters: a preset resolved on this model, or the given names checked.
 
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    unknown = [name for name in wanted if name not in linear]
+    Raises:
+        StageError: an unknown name (the valid ones are listed), or a preset that matches nothing here.
+    """
+    linear = _linear_layers(model)
+    names = sorted({path.rsplit(".", 1)[-1] for path in linear})
+    if isinstance(wanted, str):
+        head = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
+        parents = {"attention": ATTENTION_PARENTS, "attention+mlp": ATTENTION_PARENTS + MLP_PARENTS}.get(wanted)
+        chosen = sorted({
+            path.rsplit(".", 1)[-1] for path in linear
+            if path not in head and (parents is None or any(p in path.lower() for p in parents))
+        })  # fmt: skip
+        if not chosen:
+            raise StageError(f"train.target_modules={wanted!r} matches no linear layer here; name them from: {names}")
+        return chosen
+    unknown = [name for name in wanted if name not in names]
     if unknown:
         raise StageError(
             f"train.target_modules: {', '.join(map(repr, unknown))} not found in the model's linear layers; "
-            f"valid names: {', '.join(linear)}"
+            f"valid names: {', '.join(names)}"
         )
+    return list(wanted)
+
+
+def _linear_layers(model: Any) -> list[str]:
+    import torch
+
+    kinds: tuple[type, ...] = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        kinds += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:
+        pass
+    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
+def _param_groups(model: Any, config: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters; with LoRA+ the B matrices (and DoRA magnitudes stay with A) get lr x ratio."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not config.loraplus_lr_ratio:
+        return [{"params": [p for _, p in params]}]
+    fast = [p for n, p in params if "lora_B" in n]
+    slow = [p for n, p in params if "lora_B" not in n]
+    return [{"params": slow}, {"params": fast, "lr": config.learning_rate * config.loraplus_lr_ratio}]
 
 
 def _batches(rows: list[dict[str, Any]], config: TrainConfig, rng: random.Random) -> Any:

@@ -80,3 +80,29 @@ def test_configs_are_frozen() -> None:
     config = load_config(DEMO_CONFIG)
     with pytest.raises(Exception, match="frozen"):
         config.train.r = 3  # type: ignore[misc]
+
+
+def test_per_type_gguf_limits_override_one_type_and_keep_the_rest() -> None:
+    config = load_config(DEMO_CONFIG, ["quantize.max_mean_kl.q4_k_m=0.2", "quantize.min_top1_agreement.q8_0=0.99"])
+    assert config.quantize.max_mean_kl["q4_k_m"] == 0.2
+    assert config.quantize.max_mean_kl["q8_0"] == 0.02  # default kept
+    assert config.quantize.min_top1_agreement["q8_0"] == 0.99
+    assert config.quantize.min_top1_agreement["q4_k_m"] == 0.80
+
+
+def test_unknown_gguf_type_in_limits_is_reported() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(DEMO_CONFIG, ["quantize.max_mean_kl.q9_k=0.2", "train.quantization=3bit", "eval.metrics=[bleu]"])
+    message = str(error.value)
+    assert "3 problems" in message
+    assert "override 'quantize.max_mean_kl.q9_k=0.2': quantize.max_mean_kl.q9_k" in message
+    assert "override 'train.quantization=3bit': train.quantization: Input should be 'none', '4bit' or '8bit'" in message
+    assert "eval.metrics.0" in message and "'rouge_l'" in message
+
+
+def test_target_modules_take_a_preset_or_names() -> None:
+    assert load_config(DEMO_CONFIG, ["train.target_modules=all-linear"]).train.target_modules == "all-linear"
+    assert load_config(DEMO_CONFIG, ["train.target_modules=[q_proj, v_proj]"]).train.target_modules == [
+        "q_proj",
+        "v_proj",
+    ]

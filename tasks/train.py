@@ -8,6 +8,13 @@ it never trains in full precision instead.
 
 The loop pads each batch only to its longest row and groups rows of similar length, so little compute goes to
 padding; loss is computed only where labels are set (the completion, unless data.train_on_prompt).
+
+Checkpoints (`train.save_every`) go to `<store>/.checkpoints/train-<key>/step-N/`, each written to a temporary
+folder and renamed into place; they hold the trainable weights, optimizer, scheduler and RNG states, the
+position in the data order and the history. A re-run of the same config resumes from the last complete one
+and produces the same adapter bytes as an uninterrupted run. With `eval_every`, validation loss is measured
+during training; `early_stopping_patience` stops when it stops improving, and the best weights are kept.
+Fault injection for tests: LORAFORGE_CRASH_AFTER_STEP=N kills the process (exit 137) right after step N.
 Run alone: `loraforge stage train CONFIG [key=value ...]`.
 """
 
@@ -15,18 +22,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.batching import collate, mean_loss, read_split
 from tasks.errors import StageError
 
+RUNTIME_ONLY = {"save_every", "keep_checkpoints", "resume"}  # do not change the result: not part of the key
 LENGTH_GROUP_BATCHES = 16  # rows are sorted by length inside windows of this many batches
 Preset = Literal["attention", "attention+mlp", "all-linear"]
 ATTENTION_PARENTS = ("attn", "attention")
@@ -67,6 +77,24 @@ class TrainConfig(BaseModel):
         "float32", description="dtype the 4-bit layers compute in (bfloat16 on recent GPUs, float32 on CPU)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
+    save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    resume: bool = Field(True, description="Resume from the last checkpoint of the same config when one exists.")
+    eval_every: int | None = Field(None, ge=1, description="Measure validation loss every N optimizer steps.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validation measurements without improvement (needs eval_every)."
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="A validation loss must drop by more than this to count as an improvement."
+    )
+    keep_best: bool = Field(True, description="With eval_every: save the weights of the best validation loss.")
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evals(self) -> TrainConfig:
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("early_stopping_patience needs eval_every (how often validation loss is measured)")
+        return self
+
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
@@ -95,7 +123,7 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
         The train artifact: `adapter/` (peft safetensors + adapter_config.json) and `history.jsonl`.
     """
     inputs = {"base": base, "data": data}
-    key, code = store.stage_key("train", __file__, config, inputs)
+    key, code = store.stage_key("train", __file__, config.model_dump(exclude=RUNTIME_ONLY), inputs)
     if (hit := store.find("train", key)) is not None:
         return hit
 
@@ -153,13 +181,22 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     pad_id = tokenizer.pad_token_id
 
     val_loss_before = mean_loss(model, val_rows, config.batch_size, pad_id)
-    history: list[dict[str, Any]] = []
+    checkpoints = store.root / ".checkpoints" / f"train-{key}"
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0, "history": [], "best": None, "bad_evals": 0}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if config.resume and (last := _last_checkpoint(checkpoints)) is not None:
+        state = _load_checkpoint(last, params, optimizer, scheduler)
+        print(f"[train] resuming from {last.name} ({state['step']} of {total_steps} steps done)")
+    history: list[dict[str, Any]] = state["history"]
     model.train()
-    generator = random.Random(config.seed)
-    batches = _batches(train_rows, config, generator)
-    tokens_seen = 0
-    started = time.perf_counter()
-    progress = tqdm(range(1, total_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    batches = _batches(train_rows, config, random.Random(config.seed))
+    for _ in range(state["step"] * config.grad_accum):  # the same data order as an uninterrupted run
+        next(batches)
+    tokens_seen = state["tokens"]
+    started = time.perf_counter() - state["seconds"]
+    crash_after = int(os.environ.get("LORAFORGE_CRASH_AFTER_STEP", "0"))
+    progress = tqdm(range(state["step"] + 1, total_steps + 1), desc="train", unit="step", dynamic_ncols=True,
+                    initial=state["step"], total=total_steps)  # fmt: skip
     for step in progress:
         step_loss = 0.0
         for _ in range(config.grad_accum):
@@ -180,14 +217,45 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
         progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-        if step % config.log_every == 0 or step == total_steps:
-            history.append({
+        evaluate_now = config.eval_every is not None and (step % config.eval_every == 0 or step == total_steps)
+        record: dict[str, Any] = {}
+        if step % config.log_every == 0 or step == total_steps or evaluate_now:
+            record = {
                 "step": step, "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
                 "grad_norm": round(grad_norm, 5), "tokens": tokens_seen,
                 "tokens_per_s": round(tokens_seen / elapsed, 1), "rss_mb": _peak_rss_mb(),
-            })  # fmt: skip
+            }  # fmt: skip
+        stop = False
+        if evaluate_now:
+            val = mean_loss(model, val_rows, config.batch_size, pad_id)
+            record["val_loss"] = round(val, 5)
+            if state["best"] is None or val < state["best"]["val_loss"] - config.early_stopping_min_delta:
+                state["best"] = {"step": step, "val_loss": val}
+                state["bad_evals"] = 0
+                if config.keep_best:
+                    state["best_weights"] = {n: p.detach().clone() for n, p in params.items()}
+            else:
+                state["bad_evals"] += 1
+                stop = bool(config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience)
+        if record:
+            history.append(record)
+        state.update(step=step, tokens=tokens_seen, seconds=elapsed)
+        if config.save_every and (step % config.save_every == 0) and step < total_steps and not stop:
+            _save_checkpoint(checkpoints, state, params, optimizer, scheduler, config.keep_checkpoints)
+        if step == crash_after:
+            os._exit(137)  # simulated kill (tests): no cleanup, like SIGKILL
+        if stop:
+            print(f"[train] early stop at step {step}: no validation improvement in {state['bad_evals']} checks")
+            break
     progress.close()
     train_seconds = time.perf_counter() - started
+    if state.get("best_weights") is not None and state["best"]["step"] != state["step"]:
+        with torch.no_grad():
+            for name, weights in state["best_weights"].items():
+                params[name].copy_(weights)
+        print(
+            f"[train] keeping the best weights: step {state['best']['step']} (val loss {state['best']['val_loss']:.4f})"
+        )
     val_loss_after = mean_loss(model, val_rows, config.batch_size, pad_id)
     print(f"[train] validation loss {val_loss_before:.4f} -> {val_loss_after:.4f} in {train_seconds:.0f} s")
 
@@ -207,9 +275,61 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
             "train_loss": history[-1]["loss"], "val_loss_before": round(val_loss_before, 5),
             "val_loss": round(val_loss_after, 5), "tokens": tokens_seen,
             "tokens_per_s": round(tokens_seen / train_seconds, 1), "train_seconds": round(train_seconds, 1),
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": _peak_rss_mb(), "steps_done": state["step"],
         })  # fmt: skip
+        if state["best"] is not None:
+            draft.metrics.update(
+                {"best_step": state["best"]["step"], "best_val_loss": round(state["best"]["val_loss"], 5)}
+            )
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact exists now; checkpoints are no longer needed
     return store.get("train", key, fresh=True)
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file()) if folder.is_dir() else []
+    return done[-1] if done else None
+
+
+def _save_checkpoint(
+    folder: Path, state: dict[str, Any], trainable: dict[str, Any], optimizer: Any, scheduler: Any, keep: int
+) -> None:
+    """Write step-N atomically (temporary folder, meta.json last, rename); keep the newest `keep`."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = folder / f"step-{state['step']:07d}"
+    tmp = folder / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().contiguous() for n, p in trainable.items()}, tmp / "trainable.safetensors")
+    if state.get("best_weights") is not None:
+        save_file({n: w.contiguous() for n, w in state["best_weights"].items()}, tmp / "best.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")  # fmt: skip
+    meta = {k: v for k, v in state.items() if k != "best_weights"}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for old in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, trainable: dict[str, Any], optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "trainable.safetensors")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(weights[name])
+    saved = torch.load(folder / "state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    state: dict[str, Any] = json.loads((folder / "meta.json").read_text())
+    if (folder / "best.safetensors").is_file():
+        state["best_weights"] = load_file(folder / "best.safetensors")
+    return state
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,186 @@
+"""Train-stage variants on the tiny model: QLoRA 4-bit/8-bit on CPU (trained, evaluated and merged as trained),
+DoRA, rsLoRA, LoRA+, target-module presets, seed determinism, and no silent fallback when quantization
+cannot run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_train_variants_helper import SMALL
+from test_train_variants_helper import train as _train
+
+from tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from tasks.config import DEMO_CONFIG, load_config
+from tasks.errors import StageError
+
+pytestmark = pytest.mark.integration
+
+
+def _inputs(tiny_model: Path, store: ArtifactStore) -> tuple[Artifact, Artifact]:
+    from tasks.data import prepare_data
+    from tasks.models import provision_base
+
+    config = load_config(DEMO_CONFIG, [f"base_model={tiny_model}", *SMALL])
+    base = provision_base(str(tiny_model), store)
+    return base, prepare_data(config.data, base, store)
+
+
+def _adapter_config(train: Artifact) -> dict:
+    return json.loads((train.file("adapter") / "adapter_config.json").read_text())
+
+
+def test_same_config_and_seed_give_the_same_adapter_bytes(tiny_model: Path, tmp_path: Path) -> None:
+    one = _train(tiny_model, ArtifactStore(tmp_path / "one"))
+    two = _train(tiny_model, ArtifactStore(tmp_path / "two"))
+    assert one.key == two.key
+    weights = "adapter_model.safetensors"
+    assert sha256_file(one.file("adapter") / weights) == sha256_file(two.file("adapter") / weights)
+    other_seed = _train(tiny_model, ArtifactStore(tmp_path / "three"), "train.seed=7")
+    assert sha256_file(other_seed.file("adapter") / weights) != sha256_file(one.file("adapter") / weights)
+
+
+def test_qlora_4bit_trains_evaluates_and_merges_as_trained(tiny_model: Path, store: ArtifactStore) -> None:
+    from tasks.evaluate import EvalConfig, evaluate_adapter
+    from tasks.merge import MergeConfig, merge_adapter
+
+    train = _train(tiny_model, store, "train.quantization=4bit", "train.compute_dtype=bfloat16")
+    assert train.manifest["config"]["quantization"] == "4bit"
+    assert train.metrics["trainable_params"] > 0
+    base, data = _inputs(tiny_model, store)
+    evaluated = evaluate_adapter(EvalConfig(max_rows=4, gate=["loss > 0"]), base, data, train, store)
+    assert evaluated.metrics["loss"] > 0
+
+    merged = merge_adapter(MergeConfig(probe_rows=4), base, data, train, store)
+    assert merged.manifest["merge_policy"].startswith("fp32 merge onto dequant(quant(W)) with the train stage's 4bit")
+    # merged onto the weights training saw: close to the bitsandbytes model (bf16 compute is the only gap)
+    assert merged.metrics["vs_trained_top1_agreement"] >= 0.9
+    original = merge_adapter(MergeConfig(probe_rows=4, qlora_base="original"), base, data, train, store)
+    assert original.manifest["merge_policy"].startswith("fp32 merge onto the original base weights")
+    assert original.metrics["vs_trained_mean_kl"] > merged.metrics["vs_trained_mean_kl"]
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantization_roundtrip_equals_what_bitsandbytes_loads(tiny_model: Path, bits: str) -> None:
+    import torch
+
+    from tasks.merge import quantization_roundtrip
+    from tasks.models import load_base_as_trained, load_causal_lm
+
+    settings = {"quantization": bits, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    loaded = load_base_as_trained(tiny_model, settings)
+    model = load_causal_lm(tiny_model)
+    quantization_roundtrip(model, settings)
+    ours = dict(model.named_modules())
+    checked = 0
+    for name, module in loaded.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            import bitsandbytes.functional as bnbf
+
+            theirs = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        elif type(module).__name__ == "Linear8bitLt":
+            theirs = module.weight.CB.float() * module.weight.SCB.float()[:, None] / 127
+        else:
+            continue
+        assert torch.equal(theirs, ours[name].weight.data.float()), name
+        checked += 1
+    assert checked == 14  # 2 layers x (4 attention + 3 mlp); the tied output head stays unquantized
+
+
+def test_dora_rslora_and_loraplus(tiny_model: Path, store: ArtifactStore) -> None:
+    plain = _train(tiny_model, store)
+    dora = _train(tiny_model, store, "train.use_dora=true", "train.use_rslora=true", "train.loraplus_lr_ratio=16")
+    settings = _adapter_config(dora)
+    assert settings["use_dora"] is True and settings["use_rslora"] is True
+    # DoRA adds one magnitude vector per adapted layer: out_features values each
+    assert dora.metrics["trainable_params"] > plain.metrics["trainable_params"]
+    assert dora.key != plain.key
+
+
+def test_target_module_presets_resolve_on_the_model(tiny_model: Path) -> None:
+    from tasks.models import load_causal_lm
+    from tasks.train import resolve_target_modules
+
+    model = load_causal_lm(tiny_model)
+    assert resolve_target_modules(model, "attention") == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    everything = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert resolve_target_modules(model, "attention+mlp") == everything
+    assert resolve_target_modules(model, "all-linear") == everything  # lm_head excluded
+    with pytest.raises(StageError, match=r"'qkv' not found in the model's linear layers; valid names: down_proj, "):
+        resolve_target_modules(model, ["q_proj", "qkv"])
+
+
+def test_preset_is_recorded_resolved(tiny_model: Path, store: ArtifactStore) -> None:
+    train = _train(tiny_model, store, "train.target_modules=attention")
+    assert train.manifest["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert sorted(_adapter_config(train)["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_quantization_that_cannot_run_stops_instead_of_falling_back(
+    tiny_model: Path, store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without bitsandbytes
+    with pytest.raises(StageError) as error:
+        _train(tiny_model, store, "train.quantization=4bit")
+    message = str(error.value)
+    assert message.startswith("train.quantization=4bit cannot run on this machine (cpu): ")
+    assert "loraforge does not fall back to full precision" in message
+    assert not (Path(store.root) / "train").exists() or not any((Path(store.root) / "train").iterdir())
+
+
+def _train_in_subprocess(tiny_model: Path, store_dir: Path, crash_after: int | None, *overrides: str) -> int:
+    import os
+    import subprocess
+
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from pathlib import Path;"
+        "from tasks.artifacts import ArtifactStore; from test_train_variants_helper import train;"
+        f"train(Path({str(tiny_model)!r}), ArtifactStore({str(store_dir)!r}), *sys.argv[1:])"
+    )
+    env = {**os.environ, "LORAFORGE_CRASH_AFTER_STEP": str(crash_after or 0)}
+    return subprocess.run([sys.executable, "-c", code, *overrides], env=env, cwd=Path(__file__).parents[2]).returncode
+
+
+def test_resume_after_a_kill_gives_the_same_adapter(tiny_model: Path, tmp_path: Path) -> None:
+    settings = ["train.max_steps=8", "train.save_every=2", "train.eval_every=4"]
+    assert _train_in_subprocess(tiny_model, tmp_path / "killed", 5, *settings) == 137
+    checkpoints = sorted(p.name for p in (tmp_path / "killed" / ".checkpoints").glob("train-*/step-*"))
+    assert checkpoints == ["step-0000002", "step-0000004"]  # the newest two; step 5 was never saved
+    assert not (tmp_path / "killed" / "train").exists()
+
+    resumed = _train(tiny_model, ArtifactStore(tmp_path / "killed"), *settings)
+    straight = _train(tiny_model, ArtifactStore(tmp_path / "straight"), *settings)
+    weights = "adapter_model.safetensors"
+    assert sha256_file(resumed.file("adapter") / weights) == sha256_file(straight.file("adapter") / weights)
+
+    def learning(train: Artifact) -> list[dict]:  # the history without wall-clock figures
+        rows = [json.loads(line) for line in train.file("history.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "rss_mb")} for r in rows]
+
+    assert learning(resumed) == learning(straight)
+    assert [r["step"] for r in learning(resumed)] == [4, 5, 8]  # eval at 4 and 8, a log line every 5
+    assert not any((tmp_path / "killed" / ".checkpoints").glob("train-*"))  # cleaned up once the artifact exists
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_model: Path, store: ArtifactStore) -> None:
+    settings = ["train.max_steps=30", "train.eval_every=2", "train.early_stopping_patience=2",
+                "train.early_stopping_min_delta=0.01", "train.learning_rate=1.0", "train.scheduler=constant"]  # fmt: skip
+    train = _train(tiny_model, store, *settings)
+    history = [json.loads(line) for line in train.file("history.jsonl").read_text().splitlines()]
+    losses = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    best_step, best_loss = losses[0]
+    for step, loss in losses[1:]:  # the last improvement by more than min_delta
+        if loss < best_loss - 0.01:
+            best_step, best_loss = step, loss
+    assert train.metrics["best_step"] == best_step < losses[-1][0]
+    assert train.metrics["steps_done"] == losses[-1][0] == losses.index((best_step, best_loss)) * 2 + 2 + 4 < 30
+    assert train.metrics["val_loss"] == pytest.approx(best_loss, abs=1e-4)  # the best weights were kept
+
+
+def test_early_stopping_needs_eval_every() -> None:
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="early_stopping_patience needs eval_every"):
+        load_config(DEMO_CONFIG, ["train.early_stopping_patience=2"])

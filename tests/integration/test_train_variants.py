@@ -165,8 +165,10 @@ def test_resume_after_a_kill_gives_the_same_adapter(tiny_model: Path, tmp_path: 
 
 
 def test_early_stopping_keeps_the_best_weights(tiny_model: Path, store: ArtifactStore) -> None:
-    settings = ["train.max_steps=30", "train.eval_every=2", "train.early_stopping_patience=2",
-                "train.early_stopping_min_delta=0.01", "train.learning_rate=1.0", "train.scheduler=constant"]  # fmt: skip
+    settings = [
+        "train.max_steps=30", "train.eval_every=2", "train.early_stopping_patience=2",
+        "train.early_stopping_min_delta=0.01", "train.learning_rate=1.0", "train.scheduler=constant",
+    ]  # fmt: skip
     train = _train(tiny_model, store, *settings)
     history = [json.loads(line) for line in train.file("history.jsonl").read_text().splitlines()]
     losses = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]

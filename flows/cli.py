@@ -4,6 +4,9 @@
     loraforge stage NAME [CONFIG] [key=value ...] run one stage on existing upstream artifacts
     loraforge show RUN|ARTIFACT [--store URL]     a run record or an artifact's lineage
     loraforge validate [CONFIG] [key=value ...]   check a config and print it resolved
+    loraforge pull REPO[@REV] [REPO ...] --prompt TEXT [--gguf TYPE]
+                                                  download published adapters (or a GGUF), verify them
+                                                  against their lineage and answer the prompt with each
 
 User errors (bad config, bad data, a failed gate) print one clear message and exit 1, never a traceback.
 """
@@ -63,7 +66,28 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="validate a config and print it resolved")
     validate.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     validate.set_defaults(handler=_validate)
+    pull = sub.add_parser("pull", help="download, verify and try published adapters (or a GGUF)")
+    pull.add_argument("repos", nargs="+", metavar="ORG/NAME[@REVISION]", help="one or more published repos")
+    pull.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    pull.add_argument("--system", help="a system message before each prompt")
+    pull.add_argument("--gguf", help="answer with this published GGUF type (e.g. q4_k_m) in llama-cpp-python")
+    pull.add_argument("--base", help="base model to load the adapters on (default: the one in the lineage)")
+    pull.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, then huggingface.co)")
+    pull.add_argument("--max-new-tokens", type=int, default=32)
+    pull.set_defaults(handler=_pull)
     return parser
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from tasks.pull import pull
+
+    pulled = pull(args.repos, args.prompt, gguf=args.gguf, base_model=args.base, endpoint=args.endpoint,
+                  max_new_tokens=args.max_new_tokens, system=args.system)  # fmt: skip
+    for item in pulled:
+        print(f"== {item.repo_id}@{item.commit[:12]} ({'gguf ' + args.gguf if args.gguf else 'adapter'})")
+        for prompt, answer in zip(args.prompt, item.answers, strict=True):
+            print(f"> {prompt}\n{answer}")
+    return 0
 
 
 def _load(items: list[str]) -> Any:

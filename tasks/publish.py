@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.artifacts import Artifact, ArtifactStore
+from tasks.artifacts import Artifact, ArtifactStore, hash_files
 from tasks.errors import StageError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -97,6 +97,8 @@ def publish_model(
             (bundle / "gguf").mkdir(exist_ok=True)
             shutil.copy2(quantize.file(quantize.manifest["gguf"][qtype]["file"]), bundle / "gguf")
         lineage = _lineage(pipeline_name, inputs, tag)
+        # Every published file's sha256, so `loraforge pull` can verify what it downloads against the lineage.
+        lineage["files"] = {name: info["sha256"] for name, info in hash_files(bundle).items()}
         (bundle / "loraforge").mkdir()
         (bundle / "loraforge" / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
         (bundle / "README.md").write_text(_model_card(config, lineage, base, eval_, quantize))

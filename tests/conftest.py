@@ -18,6 +18,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+# Downloads from the test Hub server go to a per-session cache, never the user's ~/.cache/huggingface.
+os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="loraforge-hf-cache-"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -1,0 +1,174 @@
+"""Pull: the consumer side of publish. Download published adapters (or a GGUF) from a Hub repo, verify every file
+against the sha256 recorded in the repo's loraforge lineage, and answer prompts with them.
+
+Several adapters can be pulled at once: they are loaded onto one base model under their own names and made
+active one after another (peft's load_adapter / set_adapter), which is how a library of adapters is served.
+Run: `loraforge pull ORG/NAME[@REVISION] [ORG/NAME2 ...] --prompt TEXT [--gguf q4_k_m]`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.artifacts import sha256_file
+from tasks.errors import StageError
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "loraforge/lineage.json",
+                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]  # fmt: skip
+
+
+@dataclass
+class Pulled:
+    """One pulled repo: where its files are, the commit they came from, and its lineage."""
+
+    spec: str
+    repo_id: str
+    commit: str
+    folder: Path
+    lineage: dict[str, Any]
+    verified: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+
+
+def pull(
+    specs: list[str],
+    prompts: list[str],
+    gguf: str | None = None,
+    base_model: str | None = None,
+    endpoint: str | None = None,
+    max_new_tokens: int = 32,
+    system: str | None = None,
+) -> list[Pulled]:
+    """Download and verify each repo, then answer `prompts` with each adapter (or with the GGUF file).
+
+    Args:
+        specs: Hub repos `org/name[@revision]` (a revision is a tag, branch or commit).
+        prompts: user messages to answer, each rendered with the adapter's chat template.
+        gguf: a GGUF type published under gguf/ (e.g. q4_k_m): answer with llama-cpp-python instead of peft.
+        base_model: the base to load the adapters on (default: the one the lineage names; the bundled
+            SmolLM2 conversion when that is the base the adapter was trained on).
+        endpoint: Hub URL (default HF_ENDPOINT, then huggingface.co).
+        max_new_tokens: most tokens per answer (greedy).
+        system: an optional system message put before each prompt.
+
+    Raises:
+        StageError: unreachable repo, a file whose sha256 differs from the lineage, adapters for different bases.
+    """
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    pulled = [_download(spec, endpoint, gguf) for spec in specs]
+    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+                     for p in prompts]  # fmt: skip
+    if gguf:
+        for item in pulled:
+            item.answers = _answer_gguf(item, gguf, conversations, max_new_tokens)
+        return pulled
+    _answer_adapters(pulled, conversations, base_model, max_new_tokens)
+    return pulled
+
+
+def _download(spec: str, endpoint: str, gguf: str | None) -> Pulled:
+    from huggingface_hub import HfApi, snapshot_download
+
+    repo_id, _, revision = spec.partition("@")
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        commit = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision or None).sha or ""
+        patterns = ["README.md", "loraforge/lineage.json"] + (["gguf/*.gguf"] if gguf else ADAPTER_FILES)
+        folder = Path(snapshot_download(repo_id, revision=commit, endpoint=endpoint, token=token,
+                                        allow_patterns=patterns))  # fmt: skip
+    except Exception as exc:  # HTTP and network errors of every kind
+        message = str(exc).replace(token, "***") if token else str(exc)
+        raise StageError(
+            f"pull {spec}: cannot download from {endpoint} ({type(exc).__name__}: {message.splitlines()[0]}); "
+            "check the repo id and revision, HF_ENDPOINT and HF_TOKEN (private repos)."
+        ) from None
+    lineage_file = folder / "loraforge" / "lineage.json"
+    if not lineage_file.is_file():
+        raise StageError(f"pull {spec}: no loraforge/lineage.json in {repo_id}@{commit[:12]}; not a loraforge repo.")
+    lineage = json.loads(lineage_file.read_text())
+    item = Pulled(spec, repo_id, commit, folder, lineage)
+    expected: dict[str, str] = lineage.get("files", {})
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    problems = []
+    for name in present:
+        if name in ("README.md", "loraforge/lineage.json") or name.startswith("."):
+            continue
+        if name not in expected:
+            problems.append(f"{name}: not in the lineage's file list")
+        elif sha256_file(folder / name) != expected[name]:
+            problems.append(f"{name}: sha256 {sha256_file(folder / name)[:16]}… differs from the lineage's "
+                            f"{expected[name][:16]}…")  # fmt: skip
+        else:
+            item.verified.append(name)
+    adapter_sha = lineage.get("train", {}).get("adapter_sha256")
+    if not gguf and adapter_sha and adapter_sha not in (folder / "README.md").read_text():
+        problems.append("README.md: the model card does not carry the adapter sha256 of the lineage")
+    if gguf and not any(n.startswith("gguf/") and n.lower().endswith(f"-{gguf.lower()}.gguf") for n in present):
+        published = sorted(n for n in expected if n.startswith("gguf/"))
+        problems.append(f"no {gguf} GGUF published; the repo has {published or 'none'}")
+    if problems:
+        raise StageError(f"pull {spec} ({repo_id}@{commit[:12]}): verification failed:\n  - " + "\n  - ".join(problems))
+    print(f"[pull] {repo_id}@{commit[:12]}: {len(item.verified)} files verified against the lineage")
+    return item
+
+
+def _resolve_base(pulled: list[Pulled], base_model: str | None) -> Path:
+    from tasks.models import BUNDLED_MODELS, BUNDLED_PREFIX, resolve_base_model
+
+    if base_model:
+        return resolve_base_model(base_model)
+    bases = {json.loads((p.folder / "adapter_config.json").read_text())["base_model_name_or_path"] for p in pulled}
+    if len(bases) > 1:
+        raise StageError(f"the adapters were trained on different bases ({sorted(bases)}); pull them separately.")
+    base = bases.pop()
+    fingerprints = {p.lineage.get("base_model", {}).get("fingerprint") for p in pulled}
+    for name, (*_, hub_id) in BUNDLED_MODELS.items():
+        if base == hub_id and any(p.lineage.get("base_model", {}).get("base_model", "").startswith(BUNDLED_PREFIX)
+                                  for p in pulled):  # fmt: skip
+            print(f"[pull] base {base}: the bundled conversion it was trained on ({BUNDLED_PREFIX}{name})")
+            folder = resolve_base_model(BUNDLED_PREFIX + name)
+            break
+    else:
+        folder = resolve_base_model(base)
+    from tasks.models import fingerprint_model
+
+    if None not in fingerprints and fingerprint_model(folder) not in fingerprints:
+        print(f"[pull] note: the base at {folder} is not byte-identical to the one the adapter was trained on")
+    return folder
+
+
+def _answer_adapters(
+    pulled: list[Pulled], conversations: list[list[dict[str, str]]], base_model: str | None, max_new_tokens: int
+) -> None:
+    from peft import PeftModel
+
+    from tasks.batching import greedy_answers
+    from tasks.models import load_causal_lm, load_tokenizer
+
+    base = _resolve_base(pulled, base_model)
+    tokenizer = load_tokenizer(pulled[0].folder if (pulled[0].folder / "tokenizer.json").is_file() else base)
+    names = [f"adapter_{i}" for i in range(len(pulled))]
+    model: Any = PeftModel.from_pretrained(load_causal_lm(base), pulled[0].folder, adapter_name=names[0])
+    for name, item in zip(names[1:], pulled[1:], strict=True):
+        model.load_adapter(item.folder, adapter_name=name)  # one base in memory, one adapter active at a time
+    model.eval()
+    for name, item in zip(names, pulled, strict=True):
+        model.set_adapter(name)
+        item.answers = greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size=8)
+
+
+def _answer_gguf(item: Pulled, gguf: str, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+    from llama_cpp import Llama
+
+    path = next(p for p in (item.folder / "gguf").glob("*.gguf") if p.name.lower().endswith(f"-{gguf.lower()}.gguf"))
+    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=max(1, (os.cpu_count() or 2) // 2), verbose=False)
+    answers = []
+    for messages in conversations:
+        reply = llm.create_chat_completion(messages=messages, max_tokens=max_new_tokens, temperature=0.0)  # type: ignore[arg-type]
+        answers.append((reply["choices"][0]["message"]["content"] or "").strip())  # type: ignore[index]
+    return answers

@@ -74,9 +74,11 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
     try:
         base = step("base", base_task, config.base_model)
         data = step("data", data_task, config.data, base)
+        _report_data(data)
         if only == "data":
             return run
         train = step("train", train_task, config.train, base, data)
+        _report_train(train)
         if only == "train":
             return run
         eval_ = step("eval", eval_task, config.eval, base, data, train)
@@ -91,6 +93,7 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
             return run
         quantize = step("quantize", quantize_task, config.quantize, config.name, data, merge)
         run["gguf"] = quantize.manifest.get("gguf", {})
+        _report_gguf(quantize)
         if only == "quantize":
             return run
         publish = step("publish", publish_task, config.publish, config.name, base, data, train, eval_, merge, quantize)
@@ -106,3 +109,42 @@ def _report_eval(eval_: Artifact) -> None:
                              description=f"eval {eval_.key}")  # fmt: skip
     rows = [{"metric": k, "value": v} for k, v in sorted(eval_.metrics.items())]
     create_table_artifact(table=rows, key="eval-metrics", description=f"eval {eval_.key}")
+
+
+def _report_data(data: Artifact) -> None:
+    """Rows, tokens, lengths, drops and truncations per split, and prompt leakage, as a Prefect table."""
+    import json
+
+    report = json.loads(data.file("report.json").read_text())
+    rows = [{"split": split, **stats} for split, stats in report["splits"].items()]
+    create_table_artifact(table=rows, key="data-report",
+                          description=f"data {data.key}; leakage {report.get('leakage')}")  # fmt: skip
+
+
+def _report_train(train: Artifact) -> None:
+    """The training curve (loss, lr, grad norm, tokens/s, memory, validation loss) as a Prefect table."""
+    import json
+
+    history = [json.loads(line) for line in train.file("history.jsonl").read_text().splitlines()]
+    m = train.metrics
+    summary = (
+        f"{m.get('trainable_params')} trainable params, val loss {m.get('val_loss_before')} -> {m.get('val_loss')}"
+    )
+    create_table_artifact(table=history, key="train-history", description=f"train {train.key}: {summary}")
+
+
+def _report_gguf(quantize: Artifact) -> None:
+    """Each GGUF file's fidelity against the merged model and its verdict, as a Prefect table."""
+    columns = (
+        "file",
+        "size_mb",
+        "mean_kl",
+        "top1_agreement",
+        "ppl_ratio",
+        "accuracy",
+        "hf_accuracy",
+        "passed",
+        "reason",
+    )
+    rows = [{"type": q, **{c: g.get(c) for c in columns}} for q, g in quantize.manifest.get("gguf", {}).items()]
+    create_table_artifact(table=rows, key="gguf-fidelity", description=f"quantize {quantize.key}")

@@ -42,4 +42,4 @@ def test_pipeline_runs_against_a_prefect_server(prefect_api: str, tiny_model: Pa
         assert [(r.flow_name if hasattr(r, "flow_name") else None, r.state_name) for r in runs][0][1] == "Completed"
         assert len(runs) == 1
         keys = {a.key for a in client.read_artifacts()}
-    assert {"eval-report", "eval-metrics"} <= keys
+    assert {"data-report", "train-history", "eval-report", "eval-metrics", "gguf-fidelity"} <= keys

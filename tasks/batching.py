@@ -50,11 +50,18 @@ def mean_loss(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: i
     return total / max(count, 1)
 
 
-def greedy_answers(
-    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy answers to each conversation (rendered with the tokenizer's chat template and a generation prompt),
-    batched with left padding, stopping at EOS."""
+    """Answers to each conversation (rendered with the tokenizer's chat template and a generation prompt),
+    batched with left padding, stopping at EOS: greedy when temperature is 0, else seeded sampling."""
     import torch
     from tqdm import tqdm
 
@@ -67,11 +74,14 @@ def greedy_answers(
                 for messages in conversations[start : start + batch_size]
             ]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+            if sampling:
+                torch.manual_seed(seed + start)
             with torch.no_grad():
                 out = model.generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
+                    **(sampling or {"do_sample": False}),
                     eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id,
                 )

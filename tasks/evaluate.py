@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.batching import greedy_answers, read_split, row_losses
+from tasks.batching import generate_answers, read_split, row_losses
 from tasks.errors import GateFailed, StageError
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics"
@@ -56,6 +56,9 @@ class EvalConfig(BaseModel):
         description="Task metrics to compute: accuracy, macro_f1 (classification answers), exact_match, "
         "rouge_l (free text), perplexity (of the reference answers). Loss is always computed.",
     )
+    temperature: float = Field(0.0, ge=0, le=5, description="0 = greedy decoding (default); above 0, seeded sampling.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass when temperature > 0.")
+    seed: int = Field(0, description="Sampling seed when temperature > 0 (the same seed gives the same answers).")
     max_new_tokens: int = Field(
         16, ge=1, le=2048, description="Most tokens generated per answer (greedy, stops at EOS)."
     )
@@ -233,8 +236,8 @@ def _download_adapter(published: dict[str, Any], base: Artifact) -> str:
 def _answer(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], config: EvalConfig
 ) -> tuple[list[str], list[float]]:
-    answers = greedy_answers(model, tokenizer, [r["messages"][:-1] for r in rows], config.max_new_tokens,
-                             config.batch_size)  # fmt: skip
+    answers = generate_answers(model, tokenizer, [r["messages"][:-1] for r in rows], config.max_new_tokens,
+                               config.batch_size, config.temperature, config.top_p, config.seed)  # fmt: skip
     return answers, row_losses(model, rows, config.batch_size, tokenizer.pad_token_id)
 
 

@@ -147,7 +147,7 @@ def _answer_adapters(
 ) -> None:
     from peft import PeftModel
 
-    from tasks.batching import greedy_answers
+    from tasks.batching import generate_answers
     from tasks.models import load_causal_lm, load_tokenizer
 
     base = _resolve_base(pulled, base_model)
@@ -159,7 +159,7 @@ def _answer_adapters(
     model.eval()
     for name, item in zip(names, pulled, strict=True):
         model.set_adapter(name)
-        item.answers = greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size=8)
+        item.answers = generate_answers(model, tokenizer, conversations, max_new_tokens, batch_size=8)
 
 
 def _answer_gguf(item: Pulled, gguf: str, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:

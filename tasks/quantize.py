@@ -17,6 +17,7 @@ Run alone: `loraforge stage quantize CONFIG [key=value ...]`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -231,13 +232,16 @@ def _hf_reference(
     probe rows, and the tokenizer with the chat template training used (from the data artifact)."""
     import torch
 
-    from tasks.batching import greedy_answers
+    from tasks.batching import generate_answers
     from tasks.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)  # then made to prompt exactly as training did (the data artifact)
     tokenizer.chat_template = data.file("chat_template.jinja").read_text()
     for name, token in data.manifest["special_tokens"].items():
         setattr(tokenizer, f"{name}_token", token["text"])
+    generation = model_dir / "generation_config.json"  # HF generation stops at these; llama.cpp must too
+    eos_ids = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    tokenizer.stop_token_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
     model = load_causal_lm(model_dir, "float32")
     model.eval()
     logprobs = []
@@ -245,7 +249,7 @@ def _hf_reference(
         for row in fidelity_rows:
             logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].float()
             logprobs.append(torch.log_softmax(logits, dim=-1))
-    answers = greedy_answers(model, tokenizer, [r["messages"][:-1] for r in probes], config.max_new_tokens, 8)
+    answers = generate_answers(model, tokenizer, [r["messages"][:-1] for r in probes], config.max_new_tokens, 8)
     del model
     return tokenizer, {"logprobs": logprobs, "accuracy": _accuracy(answers, probes)}
 
@@ -334,7 +338,8 @@ def _template_parity(
     llm: Any, tokenizer: Any, conversations: list[list[dict[str, str]]]
 ) -> tuple[list[str], list[list[int]]]:
     """Compare how llama.cpp (the template stored in the GGUF) and the HF tokenizer (what training used) turn
-    each conversation into token ids, and their BOS/EOS tokens.
+    each conversation into token ids, their BOS/EOS tokens, and whether every HF stop token (EOS and the
+    generation config's eos_token_id) ends generation in llama.cpp.
 
     Returns:
         (problems, the GGUF-side prompt token ids per conversation).
@@ -350,6 +355,12 @@ def _template_parity(
         problems.append(f"EOS differs: GGUF {eos} vs HF {tokenizer.eos_token_id} ({tokenizer.eos_token!r})")
     if tokenizer.bos_token_id is not None and bos != tokenizer.bos_token_id:
         problems.append(f"BOS differs: GGUF {bos} vs HF {tokenizer.bos_token_id} ({tokenizer.bos_token!r})")
+    import llama_cpp
+
+    for stop in sorted(set(getattr(tokenizer, "stop_token_ids", [])) | {tokenizer.eos_token_id}):
+        if not llama_cpp.llama_vocab_is_eog(llm._model.vocab, stop):
+            problems.append(f"stop token {stop} ({tokenizer.convert_ids_to_tokens(stop)!r}) does not end generation "
+                            "in llama.cpp: answers would run on past it")  # fmt: skip
     token_text = llm._model.token_get_text  # the special tokens' text, as llama-cpp-python passes them
     formatter = Jinja2ChatFormatter(template=template, eos_token=token_text(eos), bos_token=token_text(bos))
     prompts = []

@@ -157,3 +157,14 @@ def test_eval_compares_with_the_published_adapter(first_run: dict, hub: str) -> 
     fresh = evaluate_adapter(nothing, a["base"], a["data"], a["train"], store)
     assert fresh.manifest["gate"]["passed"]
     assert {c["note"] for c in fresh.manifest["gate"]["checks"] if "note" in c} == {"nothing published yet"}
+
+
+def test_a_stop_token_llama_cpp_would_not_stop_at_fails_quantize(first_run: dict, tmp_path: Path) -> None:
+    from tasks.quantize import QuantizeConfig, quantize_gguf
+
+    store, a = _copy(first_run, tmp_path / "store", "data", "merge")
+    generation = a["merge"].file("model") / "generation_config.json"
+    settings = json.loads(generation.read_text()) if generation.is_file() else {}
+    generation.write_text(json.dumps({**settings, "eos_token_id": [2, 1000]}))  # 1000 is an ordinary token
+    with pytest.raises(StageError, match=r"stop token 1000 \('.*'\) does not end generation in llama.cpp"):
+        quantize_gguf(QuantizeConfig(types=["f16"], probe_rows=2, fidelity_rows=2), "t", a["data"], a["merge"], store)

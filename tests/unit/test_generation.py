@@ -1,0 +1,20 @@
+"""Answer generation for eval, quantize and pull: greedy by default, seeded sampling when asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.batching import generate_answers
+from tasks.models import load_causal_lm, load_tokenizer
+
+CONVERSATIONS = [[{"role": "user", "content": f"ticket {i}: my parcel is late"}] for i in range(3)]
+
+
+def test_greedy_is_the_default_and_sampling_is_seeded(tiny_model: Path) -> None:
+    model, tokenizer = load_causal_lm(tiny_model), load_tokenizer(tiny_model)
+    greedy = generate_answers(model, tokenizer, CONVERSATIONS, max_new_tokens=6, batch_size=2)
+    assert greedy == generate_answers(model, tokenizer, CONVERSATIONS, max_new_tokens=6, batch_size=3)
+    sampled = [generate_answers(model, tokenizer, CONVERSATIONS, 6, 2, temperature=1.5, seed=s) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # the same seed, the same answers
+    assert sampled[0] != sampled[2] or sampled[0] != greedy  # sampling really samples
+    assert tokenizer.padding_side == "right"  # restored for training-style batching

@@ -31,23 +31,33 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> tuple[Any, Any, Any]:
 
 def mean_loss(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> float:
     """Token-weighted mean loss over rows (labelled tokens only), in eval mode."""
+    sums = _loss_sums(model, rows, batch_size, pad_id)
+    return sum(total for total, _ in sums) / max(sum(count for _, count in sums), 1)
+
+
+def row_losses(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[float]:
+    """Mean loss over each row's labelled tokens (the answer), in eval mode; NaN for a row with no labels."""
+    return [total / count if count else float("nan") for total, count in _loss_sums(model, rows, batch_size, pad_id)]
+
+
+def _loss_sums(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
+    """Per row: the summed next-token loss over its labelled tokens and how many there are."""
     import torch
 
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums: list[tuple[float, int]] = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             ids, labels, mask = collate(rows[start : start + batch_size], pad_id)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             target = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
             )
-            total += float(loss)
-            count += int((target != -100).sum())
+            sums.extend(zip(token_loss.sum(1).tolist(), (target != -100).sum(1).tolist(), strict=True))
     model.train(was_training)
-    return total / max(count, 1)
+    return sums
 
 
 def generate_answers(
@@ -90,24 +100,3 @@ def generate_answers(
     finally:
         tokenizer.padding_side = "right"
     return answers
-
-
-def row_losses(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[float]:
-    """Mean loss over each row's labelled tokens (the answer), in eval mode; NaN for a row with no labels."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    losses: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            ids, labels, mask = collate(rows[start : start + batch_size], pad_id)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
-            token_loss = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
-            )
-            counts = (target != -100).sum(1)
-            losses.extend((token_loss.sum(1) / counts).tolist())
-    model.train(was_training)
-    return losses

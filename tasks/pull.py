@@ -118,7 +118,7 @@ def _download(spec: str, endpoint: str, gguf: str | None) -> Pulled:
 
 
 def _resolve_base(pulled: list[Pulled], base_model: str | None) -> Path:
-    from tasks.models import BUNDLED_MODELS, BUNDLED_PREFIX, resolve_base_model
+    from tasks.models import BUNDLED_PREFIX, fingerprint_model, resolve_base_model
 
     if base_model:
         return resolve_base_model(base_model)
@@ -127,16 +127,11 @@ def _resolve_base(pulled: list[Pulled], base_model: str | None) -> Path:
         raise StageError(f"the adapters were trained on different bases ({sorted(bases)}); pull them separately.")
     base = bases.pop()
     fingerprints = {p.lineage.get("base_model", {}).get("fingerprint") for p in pulled}
-    for name, (*_, hub_id) in BUNDLED_MODELS.items():
-        if base == hub_id and any(p.lineage.get("base_model", {}).get("base_model", "").startswith(BUNDLED_PREFIX)
-                                  for p in pulled):  # fmt: skip
-            print(f"[pull] base {base}: the bundled conversion it was trained on ({BUNDLED_PREFIX}{name})")
-            folder = resolve_base_model(BUNDLED_PREFIX + name)
-            break
-    else:
-        folder = resolve_base_model(base)
-    from tasks.models import fingerprint_model
-
+    trained_on = {p.lineage.get("base_model", {}).get("base_model") or "" for p in pulled}
+    bundled = sorted(spec for spec in trained_on if spec.startswith(BUNDLED_PREFIX))
+    if bundled:  # the adapter names the public repo, but it was trained on the bundled conversion of it
+        print(f"[pull] base {base}: the bundled conversion it was trained on ({bundled[0]})")
+    folder = resolve_base_model(bundled[0] if bundled else base)
     if None not in fingerprints and fingerprint_model(folder) not in fingerprints:
         print(f"[pull] note: the base at {folder} is not byte-identical to the one the adapter was trained on")
     return folder

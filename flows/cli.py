@@ -174,8 +174,10 @@ def _summary(config: Any, record: dict[str, Any], seconds: float, failure: Excep
         checks = ", ".join(f"{c['check']} [{c['value']}]" for c in record["gate"]["checks"])
         console.print(f"gate: {'PASSED' if record['gate']['passed'] else 'FAILED'} ({checks})")
     for qtype, info in record.get("gguf", {}).items():
-        console.print(f"gguf {qtype}: {info['file']} {info['size_mb']} MB, probe accuracy {info['accuracy']:.3f}, "
-                      f"answer {info['sample_answer']!r}")  # fmt: skip
+        verdict = "passed" if info.get("passed", True) else f"[red]withheld[/red]: {info.get('reason')}"
+        console.print(f"gguf {qtype}: {info['file']} {info['size_mb']} MB, KL {info.get('mean_kl', float('nan')):.4f}, "
+                      f"top-1 {info.get('top1_agreement', float('nan')):.3f}, probe accuracy {info['accuracy']:.3f}, "
+                      f"answer {info['sample_answer']!r}; {verdict}")  # fmt: skip
     if "publish" in record:
         pub = record["publish"]
         where = f"{pub['endpoint']}/{pub['repo_id']}@{pub['tag']}"

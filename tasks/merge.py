@@ -160,7 +160,7 @@ def _mean_kl(a: Any, b: Any, mask: Any) -> float:
 
     keep = mask.bool()
     log_a, log_b = torch.log_softmax(a[keep].float(), -1), torch.log_softmax(b[keep].float(), -1)
-    return float((log_a.exp() * (log_a - log_b)).sum(-1).mean())
+    return max(float((log_a.exp() * (log_a - log_b)).sum(-1).mean()), 0.0)  # >= 0 up to float noise
 
 
 def quantization_roundtrip(model: Any, trained: dict[str, Any]) -> None:

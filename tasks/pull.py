@@ -60,6 +60,12 @@ def pull(
         StageError: unreachable repo, a file whose sha256 differs from the lineage, adapters for different bases.
     """
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    if gguf and gguf.lower().startswith("lora"):
+        raise StageError(
+            f"--gguf {gguf}: a GGUF LoRA runs on top of a GGUF of its base model, e.g. llama-cpp-python "
+            "Llama(model_path=BASE.gguf, lora_path=NAME-LoRA-F16.gguf); pull the adapter itself (no --gguf) "
+            "or a merged type such as q4_k_m."
+        )
     pulled = [_download(spec, endpoint, gguf) for spec in specs]
     conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
                      for p in prompts]  # fmt: skip

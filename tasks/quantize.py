@@ -33,9 +33,10 @@ from tasks.artifacts import Artifact, ArtifactStore
 from tasks.batching import read_split
 from tasks.errors import StageError
 
-QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "lora_f16"]
 DEFAULT_TYPES: tuple[QuantType, ...] = ("f16", "q8_0", "q4_k_m")
 CONVERTER_TYPES = ("f16", "bf16")  # written directly by convert_hf_to_gguf.py
+LORA_TYPES = {"lora_f16": "f16"}  # the adapter alone, by convert_lora_to_gguf.py: applied at load time in llama.cpp
 LLAMA_FTYPES = {  # the rest: llama_model_quantize from the f16 file, as llama-quantize does
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
     "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
@@ -51,12 +52,15 @@ LLAMA_FTYPES = {  # the rest: llama_model_quantize from the f16 file, as llama-q
 # with e.g. `quantize.max_mean_kl.q4_k_m=0.2`. Larger models quantize with less loss: tighten for them.
 DEFAULT_MAX_MEAN_KL: dict[QuantType, float] = {
     "f16": 0.002, "bf16": 0.01, "q8_0": 0.02, "q6_k": 0.04, "q5_k_m": 0.06, "q4_k_m": 0.15, "q4_0": 0.25,
+    "lora_f16": 0.01,
 }  # fmt: skip
 DEFAULT_MIN_TOP1: dict[QuantType, float] = {
     "f16": 0.99, "bf16": 0.95, "q8_0": 0.90, "q6_k": 0.88, "q5_k_m": 0.86, "q4_k_m": 0.80, "q4_0": 0.75,
+    "lora_f16": 0.95,
 }  # fmt: skip
 DEFAULT_MAX_PPL_RATIO: dict[QuantType, float] = {
     "f16": 1.01, "bf16": 1.03, "q8_0": 1.05, "q6_k": 1.07, "q5_k_m": 1.10, "q4_k_m": 1.15, "q4_0": 1.25,
+    "lora_f16": 1.03,
 }  # fmt: skip
 
 
@@ -140,17 +144,26 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
             print(f"[quantize] {qtype} from f16 ({fallbacks[qtype]} tensors needed a fallback type)")
         if "f16" in files and "f16" not in config.types:  # only an intermediate for llama_model_quantize
             files.pop("f16").unlink()
+        base_gguf: Path | None = None
+        for qtype in [t for t in config.types if t in LORA_TYPES]:
+            files[qtype] = draft.path / f"{slug}-LoRA-{LORA_TYPES[qtype].upper()}.gguf"
+            base_gguf = draft.path / ".base-F16.gguf"  # only to check the adapter on; not part of the artifact
+            _convert_lora(converter, store, merge, files[qtype], base_gguf, qtype, name)
         n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
         tokenizer, reference = _hf_reference(model_dir, data, fidelity_rows, probes, config)
         checks = {}
         for qtype, path in files.items():
-            checks[qtype] = _check(path, qtype, probes, fidelity_rows, tokenizer, reference, config, n_ctx)
+            model_file, lora_file = (base_gguf, path) if qtype in LORA_TYPES and base_gguf else (path, None)
+            checks[qtype] = _check(model_file, lora_file, qtype, probes, fidelity_rows, tokenizer, reference, config,
+                                   n_ctx)  # fmt: skip
             c = checks[qtype]
             print(
                 f"[quantize] {qtype}: {c['size_mb']} MB, KL {c['mean_kl']:.4f}, top-1 {c['top1_agreement']:.3f}, "
                 f"ppl ratio {c['ppl_ratio']:.4f}, probe accuracy {c['accuracy']:.3f} "
                 f"(HF {reference['accuracy']:.3f}): {'pass' if c['passed'] else 'FAIL: ' + c['reason']}"
             )
+        if base_gguf is not None:
+            base_gguf.unlink()
         failed = {q: c["reason"] for q, c in checks.items() if not c["passed"]}
         if failed and config.on_failure == "fail":
             raise StageError(
@@ -198,6 +211,37 @@ def _quantize(source: Path, target: Path, qtype: str) -> str:
     return found.group(1) if found else "0"
 
 
+def _convert_lora(
+    converter: Path, store: ArtifactStore, merge: Artifact, out: Path, base_gguf: Path, qtype: str, name: str
+) -> None:
+    """The adapter as a GGUF LoRA (llama.cpp applies it at load time), and an f16 GGUF of the base to check it on.
+
+    The train and base artifacts are the merge artifact's own inputs, so the quantize key already covers them.
+    """
+    inputs = merge.manifest["inputs"]
+    train = store.get("train", inputs["train"]["key"])
+    base_dir = Path(store.get("base", inputs["base"]["key"]).manifest["model_path"])
+    if train.manifest["config"].get("use_dora"):
+        raise StageError(
+            f"quantize.types has {qtype}, but llama.cpp's LoRA GGUF cannot hold DoRA magnitudes; drop {qtype} "
+            "(the merged GGUF types carry DoRA fine) or train with train.use_dora=false."
+        )
+    print(f"[quantize] converting the adapter to a {LORA_TYPES[qtype]} GGUF LoRA")
+    cmd = [sys.executable, str(converter / "convert_lora_to_gguf.py"), "--base", str(base_dir), "--outfile", str(out),
+           "--outtype", LORA_TYPES[qtype], str(train.file("adapter"))]  # fmt: skip
+    _run_converter(cmd, converter, out, f"convert_lora_to_gguf.py failed for {train.file('adapter')}")
+    if not base_gguf.is_file():
+        _convert(converter, base_dir, base_gguf, "f16", f"{name}-base")
+
+
+def _run_converter(cmd: list[str], converter: Path, out: Path, failure: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(converter / "gguf-py") + os.pathsep + str(converter), "NO_LOCAL_GGUF": ""}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0 or not out.is_file():
+        tail = "\n".join(result.stderr.strip().splitlines()[-8:])
+        raise StageError(f"{failure}:\n{tail}")
+
+
 def _converter_dir(version: str) -> Path:
     from tasks.models import cache_dir
 
@@ -212,13 +256,9 @@ def _converter_dir(version: str) -> Path:
 
 def _convert(converter: Path, model_dir: Path, out: Path, qtype: str, name: str) -> None:
     print(f"[quantize] converting to {qtype} GGUF")
-    env = {**os.environ, "PYTHONPATH": str(converter / "gguf-py") + os.pathsep + str(converter), "NO_LOCAL_GGUF": ""}
     cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
            "--outtype", qtype, "--model-name", name]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0 or not out.is_file():
-        tail = "\n".join(result.stderr.strip().splitlines()[-8:])
-        raise StageError(f"convert_hf_to_gguf.py failed for {model_dir} ({qtype}):\n{tail}")
+    _run_converter(cmd, converter, out, f"convert_hf_to_gguf.py failed for {model_dir} ({qtype})")
 
 
 def _hf_reference(
@@ -262,6 +302,7 @@ def _accuracy(answers: list[str], rows: list[dict[str, Any]]) -> float:
 
 def _check(
     path: Path,
+    lora: Path | None,
     qtype: str,
     probes: list[dict[str, Any]],
     fidelity_rows: list[dict[str, Any]],
@@ -280,8 +321,9 @@ def _check(
     import torch
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=config.n_threads, verbose=False, seed=0,
-                logits_all=True)  # fmt: skip
+    llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_threads=config.n_threads,
+                verbose=False, seed=0, logits_all=True)  # fmt: skip
+    path = lora or path  # the file this check is about
     problems, prompts = _template_parity(llm, tokenizer, [row["messages"][:-1] for row in probes])
     if problems:
         raise StageError(
@@ -309,9 +351,10 @@ def _check(
         reply = llm.create_completion(prompt, max_tokens=config.max_new_tokens, temperature=0.0, top_k=1)
         answers.append(reply["choices"][0]["text"].strip())  # type: ignore[index]
     del llm
+    mean_kl = max(kl_sum, 0.0) / max(positions, 1)  # KL >= 0; float noise can dip below for identical files
     figures = {
         "size_mb": round(path.stat().st_size / 2**20, 1),
-        "mean_kl": float(f"{kl_sum / max(positions, 1):.4g}"),  # 4 significant digits: tiny values stay > 0
+        "mean_kl": float(f"{max(kl_sum, 0.0) / max(positions, 1):.4g}"),  # KL >= 0 (float noise aside); 4 digits
         "top1_agreement": round(agree / max(positions, 1), 4),
         "ppl_ratio": round(math.exp((nll_q - nll_hf) / max(targets, 1)), 5),
         "accuracy": _accuracy(answers, probes),

@@ -74,7 +74,7 @@ def test_model_card_fields(first_run: dict, hub: str, tmp_path: Path) -> None:
     assert lineage["merge"]["policy"].startswith("fp32 merge onto the original base weights")
     assert lineage["merge"]["policy"] in text and lineage["merge"]["fidelity"]["cast_mean_kl"] >= 0
     assert lineage["quantize"]["llama_cpp_version"] in text
-    for qtype in ("f16", "q8_0", "q4_k_m"):
+    for qtype in ("f16", "q8_0", "q4_k_m", "lora_f16"):
         assert {"mean_kl", "top1_agreement", "ppl_ratio", "passed"} <= set(lineage["quantize"]["gguf"][qtype])
     assert lineage["eval"]["gate"]["passed"] is True
     assert set(lineage["code_versions"]) == {"base", "data", "train", "eval", "merge", "quantize"}
@@ -96,8 +96,11 @@ def test_pull_by_tag_verifies_and_answers(first_run: dict, hub: str, capsys: pyt
 
     [gguf] = pull([f"{REPO}@{tag}"], [PROMPT], gguf="q4_k_m", endpoint=hub, max_new_tokens=4)
     assert "gguf/tiny-router-Q4_K_M.gguf" in gguf.verified and len(gguf.answers) == 1
-    with pytest.raises(StageError, match=r"no q6_k GGUF published; the repo has \['gguf/tiny-router-Q4_K_M.gguf'\]"):
+    with pytest.raises(StageError, match=r"no q6_k GGUF published; the repo has \['gguf/tiny-router-LoRA-F16.gguf', "
+                       r"'gguf/tiny-router-Q4_K_M.gguf'\]"):  # fmt: skip
         pull([f"{REPO}@{tag}"], [PROMPT], gguf="q6_k", endpoint=hub)
+    with pytest.raises(StageError, match=r"--gguf lora_f16: a GGUF LoRA runs on top of a GGUF of its base model"):
+        pull([f"{REPO}@{tag}"], [PROMPT], gguf="lora_f16", endpoint=hub)
 
 
 def test_switching_adapters_on_one_base(first_run: dict, tiny_model: Path, workdir: Path, hub: str) -> None:

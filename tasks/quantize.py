@@ -354,7 +354,7 @@ def _check(
     mean_kl = max(kl_sum, 0.0) / max(positions, 1)  # KL >= 0; float noise can dip below for identical files
     figures = {
         "size_mb": round(path.stat().st_size / 2**20, 1),
-        "mean_kl": float(f"{max(kl_sum, 0.0) / max(positions, 1):.4g}"),  # KL >= 0 (float noise aside); 4 digits
+        "mean_kl": float(f"{mean_kl:.4g}"),  # 4 significant digits: tiny values stay > 0
         "top1_agreement": round(agree / max(positions, 1), 4),
         "ppl_ratio": round(math.exp((nll_q - nll_hf) / max(targets, 1)), 5),
         "accuracy": _accuracy(answers, probes),

@@ -138,3 +138,18 @@ def test_pull_refuses_a_tampered_repo(first_run: dict, hub: str, tmp_path: Path)
     assert "adapter_config.json: sha256 " in message and "differs from the lineage's" in message
     with pytest.raises(StageError, match=r"pull loraforge/absent: cannot download from http://127\.0\.0\.1"):
         pull(["loraforge/absent"], [PROMPT], endpoint=hub)
+
+
+def test_private_repo_needs_the_token_to_pull(
+    first_run: dict, tiny_model: Path, workdir: Path, hub: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.pull import pull
+
+    repo = "loraforge/tiny-private"
+    record = _run(_config(tiny_model, workdir, hub, f"publish.repo_id={repo}", "publish.private=true"))
+    assert record["publish"]["mode"] == "push"
+    [pulled] = pull([f"{repo}@{record['publish']['tag']}"], [PROMPT], endpoint=hub, max_new_tokens=2)
+    assert pulled.verified and len(pulled.answers) == 1
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(StageError, match=rf"pull {repo}: cannot download .*HF_TOKEN \(private repos\)"):
+        pull([repo], [PROMPT], endpoint=hub)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import operator
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.batching import generate_answers, read_split, row_losses
 from tasks.errors import GateFailed, StageError
+from tasks.hubclient import hub_endpoint, hub_token, scrub
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics"
 Metric = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity"]
@@ -36,7 +36,6 @@ METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "exact_match", "rouge_l", "p
 DEFAULT_METRICS: list[Metric] = ["accuracy", "macro_f1", "exact_match", "perplexity"]
 GATE_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
-DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 def _gate_names(metrics: Sequence[str] = METRICS) -> list[str]:
@@ -151,7 +150,7 @@ def evaluate_adapter(
     predictions: dict[str, list[str]] = {}
     losses: dict[str, list[float]] = {}
     variants = ["base"] if config.compare_base else []
-    variants += ["tuned"] + (["published"] if "published" in getattr(model, "peft_config", {}) else [])
+    variants += ["tuned"] + (["published"] if published and published.get("commit") else [])
     for name in variants:
         print(f"[eval] {name} model on {len(rows)} test rows")
         if name == "base":
@@ -196,8 +195,7 @@ def _resolve_published(config: EvalConfig) -> dict[str, Any]:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     repo, _, revision = (config.compare_published or "").partition("@")
-    endpoint = (config.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    token = os.environ.get("HF_TOKEN") or None
+    endpoint, token = hub_endpoint(config.endpoint), hub_token()
     found: dict[str, Any] = {"repo_id": repo, "revision": revision or "main", "endpoint": endpoint, "commit": None}
     try:
         info = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision or None)
@@ -205,9 +203,9 @@ def _resolve_published(config: EvalConfig) -> dict[str, Any]:
     except (RepositoryNotFoundError, RevisionNotFoundError):
         print(f"[eval] nothing published at {endpoint}/{repo}@{found['revision']} yet: published checks pass as n/a")
     except Exception as exc:  # unreachable endpoint and other HTTP failures: the user asked for this comparison
-        message = str(exc).replace(token, "***") if token else str(exc)
         raise StageError(
-            f"eval.compare_published: cannot reach {endpoint} for {repo} ({type(exc).__name__}: {message}); "
+            f"eval.compare_published: cannot reach {endpoint} for {repo} ({type(exc).__name__}: "
+            f"{scrub(str(exc), token)}); "
             "check eval.endpoint / HF_ENDPOINT and HF_TOKEN, or drop compare_published."
         ) from None
     return found
@@ -219,7 +217,7 @@ def _download_adapter(published: dict[str, Any], base: Artifact) -> str:
 
     folder = snapshot_download(
         published["repo_id"], revision=published["commit"], endpoint=published["endpoint"],
-        token=os.environ.get("HF_TOKEN") or None, allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
+        token=hub_token(), allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
     )  # fmt: skip
     adapter_config = json.loads((Path(folder) / "adapter_config.json").read_text())
     names = {base.manifest.get("hub_id"), base.manifest.get("base_model"), base.manifest.get("model_path")}

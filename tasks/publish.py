@@ -8,7 +8,6 @@ Run alone: `loraforge stage publish CONFIG [key=value ...]`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -17,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.artifacts import Artifact, ArtifactStore, hash_files
 from tasks.errors import StageError
-
-DEFAULT_ENDPOINT = "https://huggingface.co"
+from tasks.hubclient import hub_endpoint, hub_token, scrub
 
 
 class PublishConfig(BaseModel):
@@ -62,11 +60,11 @@ def publish_model(
         The publish artifact: `bundle/` (exactly what is or would be pushed) and, after a push, the commit and
         tag in the manifest.
     """
-    token = os.environ.get("HF_TOKEN") or None
+    token = hub_token()
     mode = "push" if config.push == "always" or (config.push == "auto" and token) else "bundle"
     if mode == "push" and not token:
         raise StageError("publish.push is 'always' but HF_TOKEN is not set; export HF_TOKEN or set publish.push=auto.")
-    endpoint = (config.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    endpoint = hub_endpoint(config.endpoint)
     inputs = {"base": base, "data": data, "train": train, "eval": eval_, "merge": merge, "quantize": quantize}
     settings = {**config.model_dump(), "endpoint": endpoint, "mode": mode, "name": pipeline_name}
     key, code = store.stage_key("publish", __file__, settings, inputs)
@@ -127,7 +125,7 @@ def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: s
         if tag not in existing:
             api.create_tag(config.repo_id, tag=tag, revision=commit)
     except Exception as exc:  # network and HTTP errors of every kind: report, never leak the token
-        message = str(exc).replace(token, "***") if token else str(exc)
+        message = scrub(str(exc), token)
         raise StageError(f"push to {endpoint}/{config.repo_id} failed ({type(exc).__name__}): {message}") from None
     return commit
 

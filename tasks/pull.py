@@ -16,8 +16,8 @@ from typing import Any
 
 from tasks.artifacts import sha256_file
 from tasks.errors import StageError
+from tasks.hubclient import hub_endpoint, hub_token, scrub
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "loraforge/lineage.json",
                  "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]  # fmt: skip
 
@@ -59,7 +59,7 @@ def pull(
     Raises:
         StageError: unreachable repo, a file whose sha256 differs from the lineage, adapters for different bases.
     """
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    endpoint = hub_endpoint(endpoint)
     if gguf and gguf.lower().startswith("lora"):
         raise StageError(
             f"--gguf {gguf}: a GGUF LoRA runs on top of a GGUF of its base model, e.g. llama-cpp-python "
@@ -81,14 +81,14 @@ def _download(spec: str, endpoint: str, gguf: str | None) -> Pulled:
     from huggingface_hub import HfApi, snapshot_download
 
     repo_id, _, revision = spec.partition("@")
-    token = os.environ.get("HF_TOKEN") or None
+    token = hub_token()
     try:
         commit = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision or None).sha or ""
         patterns = ["README.md", "loraforge/lineage.json"] + (["gguf/*.gguf"] if gguf else ADAPTER_FILES)
         folder = Path(snapshot_download(repo_id, revision=commit, endpoint=endpoint, token=token,
                                         allow_patterns=patterns))  # fmt: skip
     except Exception as exc:  # HTTP and network errors of every kind
-        message = str(exc).replace(token, "***") if token else str(exc)
+        message = scrub(str(exc), token)
         raise StageError(
             f"pull {spec}: cannot download from {endpoint} ({type(exc).__name__}: {message.splitlines()[0]}); "
             "check the repo id and revision, HF_ENDPOINT and HF_TOKEN (private repos)."
@@ -106,9 +106,8 @@ def _download(spec: str, endpoint: str, gguf: str | None) -> Pulled:
             continue
         if name not in expected:
             problems.append(f"{name}: not in the lineage's file list")
-        elif sha256_file(folder / name) != expected[name]:
-            problems.append(f"{name}: sha256 {sha256_file(folder / name)[:16]}… differs from the lineage's "
-                            f"{expected[name][:16]}…")  # fmt: skip
+        elif (actual := sha256_file(folder / name)) != expected[name]:
+            problems.append(f"{name}: sha256 {actual[:16]}… differs from the lineage's {expected[name][:16]}…")
         else:
             item.verified.append(name)
     adapter_sha = lineage.get("train", {}).get("adapter_sha256")

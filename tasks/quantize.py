@@ -387,6 +387,7 @@ def _template_parity(
     Returns:
         (problems, the GGUF-side prompt token ids per conversation).
     """
+    import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     problems = []
@@ -398,8 +399,6 @@ def _template_parity(
         problems.append(f"EOS differs: GGUF {eos} vs HF {tokenizer.eos_token_id} ({tokenizer.eos_token!r})")
     if tokenizer.bos_token_id is not None and bos != tokenizer.bos_token_id:
         problems.append(f"BOS differs: GGUF {bos} vs HF {tokenizer.bos_token_id} ({tokenizer.bos_token!r})")
-    import llama_cpp
-
     for stop in sorted(set(getattr(tokenizer, "stop_token_ids", [])) | {tokenizer.eos_token_id}):
         if not llama_cpp.llama_vocab_is_eog(llm._model.vocab, stop):
             problems.append(f"stop token {stop} ({tokenizer.convert_ids_to_tokens(stop)!r}) does not end generation "

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration lint typecheck constraints dataset hub clean
+.PHONY: setup demo test test-unit test-integration lint typecheck constraints dataset hub clean images test-containers
 
 setup:                       ## virtualenv, torch 2.13.0 CPU first, llama-cpp-python wheel built once, pinned deps
 	bash infra/bootstrap.sh
@@ -32,6 +32,12 @@ typecheck: setup
 
 dataset:                     ## regenerate the bundled demo dataset (deterministic; --check verifies it)
 	$(PY) flows/data/make_demo_dataset.py
+
+images: setup                ## podman images per stage from a debootstrapped Debian (containers/build.sh; tag: git sha + latest)
+	bash containers/build.sh $(IMAGES)
+
+test-containers: images      ## every stage in its own container through a Prefect Docker worker on podman's socket
+	$(PY) -m pytest -m containers tests/containers $(PYTEST_ARGS)
 
 hub: setup                   ## a local Hub-compatible server on 127.0.0.1:8765 (repos under .hub/)
 	$(PY) infra/hub/server.py --root .hub --port 8765

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Builds loraforge's images with podman from a locally debootstrapped Debian: no registry is needed.
+#
+#   containers/build.sh                  the base and every stage image (data train eval merge quantize publish)
+#   containers/build.sh train publish    only these (and the base they start from)
+#   make images                          the same as the first line
+#
+# Images: localhost/loraforge-{base-deps,base,data,train,eval,merge,quantize,publish}, each tagged with the git
+# sha (12 hex; "-dirty" appended when the tree has uncommitted changes under flows/ tasks/ containers/ or the
+# pins) and `latest`. Idempotent: when every image already carries this build's context hash (a label over the
+# source, the Containerfiles, the wheels and the build arguments) nothing is built (~2 s); otherwise podman's
+# layer cache rebuilds only what changed (a source edit: the last two layers of each image).
+#
+# Needs (as root on a clean Debian/Ubuntu: `apt-get install podman runc debootstrap`, done here when missing):
+#   podman (4.3.1 tested) with runc; debootstrap the first time; `make setup` done (the llama-cpp-python wheel
+#   and the GGUF converter in $LORAFORGE_CACHE); the torch 2.13.0 CPU wheel (found through pip's config, or
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu); PyPI reachable for the other wheels.
+#
+# Environment:
+#   LORAFORGE_CACHE   cache folder (default ~/.cache/loraforge): the Debian rootfs tarball and the build context
+#   DEBIAN_MIRROR     for debootstrap (default http://deb.debian.org/debian)
+#   TRAIN_TORCH_SPEC  torch for the train image (default torch==2.13.0+cpu from the wheel on disk). The GPU image:
+#                     TRAIN_TORCH_SPEC=torch==2.13.0 (PyPI's CUDA 12 build), tagged <sha>-cuda and latest-cuda
+#   TORCH_INDEX_URL   an extra index for torch (e.g. https://download.pytorch.org/whl/cu128 with torch==2.13.0+cu128)
+#   IMAGE_TAG         tag instead of the git sha
+#   CA_BUNDLE         CA bundle pip trusts inside builds (default: the host's /etc/ssl/certs/ca-certificates.crt)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE="${LORAFORGE_CACHE:-$HOME/.cache/loraforge}"
+WORK="$CACHE/containers"
+LLAMA_CPP_VERSION=0.3.36
+TORCH_VERSION=2.13.0
+DEBIAN_IMAGE=localhost/loraforge-debian:bookworm
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+ALL_STAGES=(data train eval merge quantize publish)
+PODMAN=(containers/podman.sh)
+VENV_PY="${LORAFORGE_VENV:-.venv}/bin/python"
+log() { echo "[images] $*"; }
+die() { echo "[images] error: $*" >&2; exit 1; }
+
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=("${ALL_STAGES[@]}")
+for s in "${stages[@]}"; do
+  [[ " ${ALL_STAGES[*]} " == *" $s "* ]] || die "unknown image '$s'; images: ${ALL_STAGES[*]}"
+done
+
+# --- tools ---------------------------------------------------------------------------------------------------
+need=()
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing ${need[*]} (apt-get)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null; }
+  else
+    die "missing ${need[*]}: as root, apt-get install podman runc debootstrap"
+  fi
+fi
+mkdir -p "$WORK"
+exec 9>"$WORK/build.lock"
+flock 9 # one build at a time per cache (CI jobs, tests and people share it)
+
+# --- the Debian base: debootstrap once, podman import ---------------------------------------------------------
+if ! "${PODMAN[@]}" image exists "$DEBIAN_IMAGE"; then
+  tarball="$WORK/debian-bookworm.tar"
+  if [ ! -f "$tarball" ]; then
+    if ! command -v debootstrap >/dev/null; then
+      [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || die "missing debootstrap: as root, apt-get install debootstrap"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
+    fi
+    [ "$(id -u)" = 0 ] || die "debootstrap needs root"
+    rootfs="$WORK/debian-bookworm.rootfs"
+    if [ ! -x "$rootfs/usr/bin/python3" ]; then
+      log "debootstrap bookworm (minbase + python3) from $DEBIAN_MIRROR into $rootfs (~2-3 min, once)"
+      rm -rf "$rootfs"
+      debootstrap --variant=minbase \
+        --include=python3,python3-venv,python3-pip,ca-certificates,libgomp1,libstdc++6 \
+        bookworm "$rootfs" "$DEBIAN_MIRROR" >"$WORK/debootstrap.log" 2>&1 \
+        || { tail -20 "$WORK/debootstrap.log"; die "debootstrap failed (log: $WORK/debootstrap.log)"; }
+    fi
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar --numeric-owner -C "$rootfs" -cf "$tarball.part" . && mv "$tarball.part" "$tarball"
+    rm -rf "$rootfs"
+  fi
+  log "podman import $tarball -> $DEBIAN_IMAGE"
+  "${PODMAN[@]}" import -q --change 'CMD ["/bin/bash"]' --change 'ENV LANG=C.UTF-8' "$tarball" "$DEBIAN_IMAGE" >/dev/null
+fi
+
+# --- the build context: source, wheels, converter -------------------------------------------------------------
+ctx="$WORK/context"
+mkdir -p "$ctx/wheels" "$ctx/llama.cpp"
+# Only what the images run: the package, its metadata and the pins (no tests, docs, .venv or artifacts).
+new_src="$ctx/src.new"
+rm -rf "$new_src" && mkdir -p "$new_src"
+git ls-files -co --exclude-standard -- pyproject.toml constraints.txt README.md LICENSE flows tasks \
+  | while IFS= read -r f; do [ -f "$f" ] && printf '%s\n' "$f"; done \
+  | tar -cf - -T - | tar -xf - -C "$new_src"
+rm -rf "$ctx/src" && mv "$new_src" "$ctx/src"
+cp containers/entrypoint.sh "$ctx/entrypoint.sh"
+
+torch_wheel=$(ls "$ctx/wheels"/torch-"$TORCH_VERSION"+cpu-*.whl 2>/dev/null | head -1 || true)
+if [ -z "$torch_wheel" ]; then
+  log "fetching the torch $TORCH_VERSION CPU wheel into the build context (pip's config finds it on disk)"
+  [ -x "$VENV_PY" ] || VENV_PY=python3
+  "$VENV_PY" -m pip download -q --no-deps -d "$ctx/wheels" "torch==$TORCH_VERSION+cpu" \
+    ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+    || die "no torch $TORCH_VERSION CPU wheel: set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+fi
+llama_wheel=$(ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -1 || true)
+[ -n "$llama_wheel" ] || die "no llama-cpp-python $LLAMA_CPP_VERSION wheel in $CACHE/wheels: run make setup first"
+[ -f "$ctx/wheels/$(basename "$llama_wheel")" ] || cp -p "$llama_wheel" "$ctx/wheels/"
+converter="$CACHE/llama.cpp-$LLAMA_CPP_VERSION"
+[ -f "$converter/convert_hf_to_gguf.py" ] || die "no GGUF converter in $converter: run make setup first"
+rm -rf "$ctx/llama.cpp" && mkdir -p "$ctx/llama.cpp"
+cp -a "$converter" "$ctx/llama.cpp/"
+[ -d "$converter-tools" ] && cp -a "$converter-tools" "$ctx/llama.cpp/"
+
+# --- tags, build arguments, the context hash ------------------------------------------------------------------
+sha=$(git rev-parse --short=12 HEAD 2>/dev/null || echo nogit)
+if [ -n "$(git status --porcelain -- flows tasks containers pyproject.toml constraints.txt 2>/dev/null)" ]; then
+  sha="$sha-dirty"
+fi
+TAG="${IMAGE_TAG:-$sha}"
+CA_BUNDLE="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+TRAIN_TORCH_SPEC="${TRAIN_TORCH_SPEC:-torch==$TORCH_VERSION+cpu}"
+common=(--network host --pull=never --layers)
+if [ -f "$CA_BUNDLE" ]; then
+  common+=(-v "$CA_BUNDLE:/etc/ssl/certs/loraforge-host-ca.crt:ro" --build-arg PIP_CERT=/etc/ssl/certs/loraforge-host-ca.crt)
+fi
+[ -n "${TORCH_INDEX_URL:-}" ] && common+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+hash=$({
+  (cd "$ctx" && find src llama.cpp entrypoint.sh -type f -print0 | sort -z | xargs -0 sha256sum)
+  (cd "$ctx/wheels" && ls -l --time-style=+ -- *.whl | awk '{print $5, $NF}')
+  sha256sum containers/*.Containerfile
+  echo "$TRAIN_TORCH_SPEC ${TORCH_INDEX_URL:-} $TAG"
+} | sha256sum | cut -c1-16)
+
+current() { # the image is there with this build's context hash
+  [ "$("${PODMAN[@]}" image inspect --format '{{ index .Labels "loraforge.context" }}' "$1" 2>/dev/null)" = "$hash" ]
+}
+
+build() { # NAME FILE TAGS... -- EXTRA ARGS...
+  local name=$1 file=$2; shift 2
+  local tags=() extra=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do tags+=(-t "localhost/loraforge-$name:$1"); shift; done
+  [ $# -gt 0 ] && shift
+  extra=("$@")
+  if current "localhost/loraforge-$name:${tags[1]##*:}"; then
+    log "loraforge-$name:${tags[1]##*:} is up to date"
+    return
+  fi
+  log "building loraforge-$name (containers/$file)"
+  local started=$SECONDS
+  "${PODMAN[@]}" build "${common[@]}" "${extra[@]}" \
+    --label "loraforge.context=$hash" --label "org.opencontainers.image.revision=$sha" \
+    --label "org.opencontainers.image.source=loraforge" \
+    -f "containers/$file" "${tags[@]}" "$ctx" >"$WORK/build-$name.log" 2>&1 \
+    || { tail -30 "$WORK/build-$name.log"; die "building loraforge-$name failed (log: $WORK/build-$name.log)"; }
+  log "loraforge-$name:${tags[1]##*:} built in $((SECONDS - started)) s"
+}
+
+started=$SECONDS
+build base-deps base.Containerfile "$TAG" latest -- --target deps --build-arg "BASE_IMAGE=$DEBIAN_IMAGE"
+build base base.Containerfile "$TAG" latest -- --build-arg "BASE_IMAGE=$DEBIAN_IMAGE"
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    publish) build publish publish.Containerfile "$TAG" latest -- --build-arg "BASE=localhost/loraforge-base:$TAG" ;;
+    train)
+      if [[ "$TRAIN_TORCH_SPEC" == *+cpu ]]; then
+        build train train.Containerfile "$TAG" latest -- --build-arg "BASE=localhost/loraforge-base-deps:$TAG"
+      else
+        build train train.Containerfile "$TAG-cuda" latest-cuda -- \
+          --build-arg "BASE=localhost/loraforge-base-deps:$TAG" --build-arg "TORCH_SPEC=$TRAIN_TORCH_SPEC"
+      fi
+      ;;
+    *) build "$stage" "$stage.Containerfile" "$TAG" latest -- --build-arg "BASE=localhost/loraforge-base-deps:$TAG" ;;
+  esac
+done
+log "done in $((SECONDS - started)) s (tag $TAG):"
+"${PODMAN[@]}" images --filter "reference=localhost/loraforge-*:$TAG*" --format '  {{.Repository}}:{{.Tag}}  {{.Size}}'

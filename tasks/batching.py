@@ -29,6 +29,68 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> tuple[Any, Any, Any]:
     return ids, labels, mask
 
 
+def pack_rows(rows: list[dict[str, Any]], capacity: int) -> list[dict[str, Any]]:
+    """Pack rows into sequences of at most `capacity` tokens, best-fit decreasing (deterministic).
+
+    Each packed row holds the rows' input_ids and labels back to back and `doc_lens`; the first label of
+    every row is ignored, so no row learns to predict the start of the next one. `collate_packed` turns
+    `doc_lens` into restarting positions and a block-diagonal causal mask: each row sees only itself, exactly
+    as if it were alone in the batch.
+    """
+    import bisect
+
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted: the tightest bin that fits wins
+    for i in order:
+        size = len(rows[i]["input_ids"])
+        if size > capacity:
+            raise ValueError(f"a row of {size} tokens does not fit a packed sequence of {capacity}")
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            room, b = free.pop(at)
+            bins[b].append(i)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([i])
+        bisect.insort(free, (room - size, b))
+    packed = []
+    for members in bins:
+        members.sort()  # keep the data's own order inside a sequence
+        ids: list[int] = []
+        labels: list[int] = []
+        for i in members:
+            ids += rows[i]["input_ids"]
+            labels += [-100] + rows[i]["labels"][1:]
+        packed.append({"input_ids": ids, "labels": labels, "doc_lens": [len(rows[i]["input_ids"]) for i in members]})
+    return packed
+
+
+def collate_packed(batch: list[dict[str, Any]], pad_id: int) -> tuple[Any, Any, Any, Any]:
+    """Right-pad packed rows; returns ids, labels, a (B, 1, L, L) boolean block-diagonal causal mask and
+    position ids restarting at every row. Padding positions attend only to themselves (no NaN rows)."""
+    import torch
+
+    ids, labels, _ = collate(batch, pad_id)
+    width = ids.shape[1]
+    doc = torch.arange(width).repeat(len(batch), 1).neg_().sub_(1)  # padding: a one-token block of its own
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        start = 0
+        for number, length in enumerate(row["doc_lens"]):
+            doc[i, start : start + length] = number
+            positions[i, start : start + length] = torch.arange(length)
+            start += length
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return ids, labels, mask[:, None], positions
+
+
+def model_device(model: Any) -> Any:
+    """The device of the model's first parameter (where inputs must go)."""
+    return next(model.parameters()).device
+
+
 def mean_loss(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> float:
     """Token-weighted mean loss over rows (labelled tokens only), in eval mode."""
     sums = _loss_sums(model, rows, batch_size, pad_id)
@@ -50,7 +112,8 @@ def _loss_sums(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: 
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             ids, labels, mask = collate(rows[start : start + batch_size], pad_id)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            device = model_device(model)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float().cpu()
             target = labels[:, 1:]
             token_loss = torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
@@ -84,6 +147,7 @@ def generate_answers(
                 for messages in conversations[start : start + batch_size]
             ]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = batch.to(model_device(model))
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
             if sampling:
                 torch.manual_seed(seed + start)

@@ -193,4 +193,5 @@ def _as_trained_logits(model_path: Path, trained: dict[str, Any], train: Artifac
 
     model = PeftModel.from_pretrained(load_base_as_trained(model_path, trained), train.file("adapter"))
     model.eval()
-    return model(input_ids=ids, attention_mask=mask).logits.float()
+    device = next(model.parameters()).device  # bitsandbytes places a QLoRA base on CUDA when there is one
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()

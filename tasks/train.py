@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.batching import collate, mean_loss, read_split
+from tasks.batching import collate, collate_packed, mean_loss, pack_rows, read_split
 from tasks.errors import StageError
 
 RUNTIME_ONLY = {"save_every", "keep_checkpoints", "resume"}  # do not change the result: not part of the key
@@ -105,6 +105,19 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     group_by_length: bool = Field(True, description="Batch rows of similar length together (less padding).")
+    packing: bool = Field(
+        False,
+        description="Pack several rows into each sequence of data.max_length tokens (first-fit decreasing): no "
+        "padding; attention is block-diagonal and positions restart per row, so rows never see each other.",
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="AdamW in fp32 (torch), or bitsandbytes' 8-bit states (adamw_8bit, CPU and CUDA) or paged "
+        "states (paged_*, CUDA only: on CPU the stage stops rather than quietly running unpaged).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train: cuda when available (auto), or force cpu / cuda (an error if absent)."
+    )
     seed: int = Field(42, description="Seed for adapter init, dropout and data order.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     log_every: int = Field(5, ge=1, description="Record metrics every N optimizer steps.")
@@ -122,12 +135,16 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     Returns:
         The train artifact: `adapter/` (peft safetensors + adapter_config.json) and `history.jsonl`.
     """
+    import torch
+
     inputs = {"base": base, "data": data}
-    key, code = store.stage_key("train", __file__, config.model_dump(exclude=RUNTIME_ONLY), inputs)
+    device = _resolve_device(config, torch.cuda.is_available())
+    # The device is part of the key: CPU and CUDA kernels give different bytes for the same config.
+    settings = {**config.model_dump(exclude=RUNTIME_ONLY), "device": device}
+    key, code = store.stage_key("train", __file__, settings, inputs)
     if (hit := store.find("train", key)) is not None:
         return hit
 
-    import torch
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
 
@@ -139,6 +156,8 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     model_path = Path(base.manifest["model_path"])
     tokenizer = load_tokenizer(model_path)
     model: Any = load_base_as_trained(model_path, config.model_dump())
+    if config.quantization == "none":
+        model.to(device)  # bitsandbytes models are placed by their loader
     targets = resolve_target_modules(model, config.target_modules)
     if config.quantization != "none":
         from peft import prepare_model_for_kbit_training
@@ -172,11 +191,15 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
 
     train_rows = read_split(data.file("train.jsonl"))
     val_rows = read_split(data.file("validation.jsonl"))
-    steps_per_epoch = math.ceil(len(train_rows) / (config.batch_size * config.grad_accum))
+    if config.packing:
+        capacity = int(data.manifest["config"]["max_length"])
+        units = pack_rows(train_rows, capacity)
+        print(f"[train] packed {len(train_rows)} rows into {len(units)} sequences of up to {capacity} tokens")
+    else:
+        units = train_rows
+    steps_per_epoch = math.ceil(len(units) / (config.batch_size * config.grad_accum))
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, config), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = _optimizer(_param_groups(model, config), config)
     scheduler = _scheduler(optimizer, config, total_steps)
     pad_id = tokenizer.pad_token_id
 
@@ -189,11 +212,13 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
         print(f"[train] resuming from {last.name} ({state['step']} of {total_steps} steps done)")
     history: list[dict[str, Any]] = state["history"]
     model.train()
-    batches = _batches(train_rows, config, random.Random(config.seed))
+    batches = _batches(units, config, random.Random(config.seed))
     for _ in range(state["step"] * config.grad_accum):  # the same data order as an uninterrupted run
         next(batches)
     tokens_seen = state["tokens"]
+    positions_seen = state.get("positions", 0)  # tokens + padding: the compute actually spent
     started = time.perf_counter() - state["seconds"]
+    live = _live_report(total_steps, state["step"])
     crash_after = int(os.environ.get("LORAFORGE_CRASH_AFTER_STEP", "0"))
     progress = tqdm(range(state["step"] + 1, total_steps + 1), desc="train", unit="step", dynamic_ncols=True,
                     initial=state["step"], total=total_steps)  # fmt: skip
@@ -201,11 +226,19 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
         step_loss = 0.0
         for _ in range(config.grad_accum):
             batch = next(batches)
-            input_ids, labels, mask = collate(batch, pad_id)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss / config.grad_accum
+            if config.packing:
+                input_ids, labels, mask, positions = collate_packed(batch, pad_id)
+                real_tokens = sum(sum(row["doc_lens"]) for row in batch)
+                extra = {"position_ids": positions.to(device)}
+            else:
+                input_ids, labels, mask = collate(batch, pad_id)
+                real_tokens, extra = int(mask.sum()), {}
+            loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
+                         **extra).loss / config.grad_accum  # fmt: skip
             loss.backward()
             step_loss += loss.item()
-            tokens_seen += int(mask.sum())
+            tokens_seen += real_tokens
+            positions_seen += input_ids.numel()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
         if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
             raise StageError(
@@ -224,6 +257,7 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
                 "step": step, "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
                 "grad_norm": round(grad_norm, 5), "tokens": tokens_seen,
                 "tokens_per_s": round(tokens_seen / elapsed, 1), "rss_mb": _peak_rss_mb(),
+                **({"cuda_mb": _cuda_peak_mb()} if device == "cuda" else {}),
             }  # fmt: skip
         stop = False
         if evaluate_now:
@@ -239,7 +273,8 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
                 stop = bool(config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience)
         if record:
             history.append(record)
-        state.update(step=step, tokens=tokens_seen, seconds=elapsed)
+            live(record)
+        state.update(step=step, tokens=tokens_seen, positions=positions_seen, seconds=elapsed)
         if config.save_every and (step % config.save_every == 0) and step < total_steps and not stop:
             _save_checkpoint(checkpoints, state, params, optimizer, scheduler, config.keep_checkpoints)
         if step == crash_after:
@@ -270,12 +305,18 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
         adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True))
         with (draft.path / "history.jsonl").open("w") as out:
             out.writelines(json.dumps(h) + "\n" for h in history)
+        _plot_curve(history, (val_loss_before, val_loss_after), draft.path / "loss_curve.png",
+                    title=f"train {key} ({variant})")  # fmt: skip
+        draft.extra.update({"device": device, "optimizer": config.optimizer, "packed_sequences": len(units)})
+        if device == "cuda":
+            draft.metrics["cuda_peak_mb"] = _cuda_peak_mb()
         draft.metrics.update({
             "trainable_params": trainable, "total_params": total, "steps": total_steps,
             "train_loss": history[-1]["loss"], "val_loss_before": round(val_loss_before, 5),
             "val_loss": round(val_loss_after, 5), "tokens": tokens_seen,
             "tokens_per_s": round(tokens_seen / train_seconds, 1), "train_seconds": round(train_seconds, 1),
             "peak_rss_mb": _peak_rss_mb(), "steps_done": state["step"],
+            "padding_share": round(1 - tokens_seen / max(positions_seen, 1), 4),
         })  # fmt: skip
         if state["best"] is not None:
             draft.metrics.update(
@@ -305,7 +346,9 @@ def _save_checkpoint(
     if state.get("best_weights") is not None:
         save_file({n: w.contiguous() for n, w in state["best_weights"].items()}, tmp / "best.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")  # fmt: skip
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               tmp / "state.pt")  # fmt: skip
     meta = {k: v for k, v in state.items() if k != "best_weights"}
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(final, ignore_errors=True)
@@ -326,6 +369,8 @@ def _load_checkpoint(folder: Path, trainable: dict[str, Any], optimizer: Any, sc
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
     state: dict[str, Any] = json.loads((folder / "meta.json").read_text())
     if (folder / "best.safetensors").is_file():
         state["best_weights"] = load_file(folder / "best.safetensors")
@@ -419,3 +464,94 @@ def _scheduler(optimizer: Any, config: TrainConfig, total_steps: int) -> Any:
 
 def _peak_rss_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def _cuda_peak_mb() -> int:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated() // 2**20)
+
+
+def _resolve_device(config: TrainConfig, cuda_available: bool) -> str:
+    """cpu or cuda, checked before anything loads: a request that cannot run here stops the stage."""
+    device = ("cuda" if cuda_available else "cpu") if config.device == "auto" else config.device
+    if device == "cuda" and not cuda_available:
+        raise StageError("train.device=cuda but torch sees no CUDA device here; set train.device=auto or cpu.")
+    if config.optimizer.startswith("paged") and device != "cuda":
+        raise StageError(
+            f"train.optimizer={config.optimizer} pages optimizer states between GPU and CPU memory and needs "
+            f"CUDA (training on {device} here); use train.optimizer=adamw_8bit or adamw on CPU."
+        )
+    return device
+
+
+def _optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> Any:
+    """AdamW from torch, or bitsandbytes' 8-bit / paged AdamW (the same hyper-parameters)."""
+    import torch
+
+    settings: dict[str, Any] = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **settings)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise StageError(
+            f"train.optimizer={config.optimizer} needs bitsandbytes, which is not installed; "
+            "install it (pip install bitsandbytes) or set train.optimizer=adamw."
+        ) from None
+    kind = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW32bit,
+            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[config.optimizer]  # fmt: skip
+    return kind(groups, **settings)
+
+
+def _live_report(total_steps: int, done: int) -> Any:
+    """Per-step metrics to Prefect while training (a progress artifact and a log line per record) when the
+    stage runs inside a Prefect flow; a no-op otherwise."""
+    try:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.context import TaskRunContext
+        from prefect.logging import get_run_logger
+
+        if TaskRunContext.get() is None:
+            raise LookupError
+        logger = get_run_logger()
+        artifact_id: Any = create_progress_artifact(
+            progress=100 * done / total_steps, key="train-progress", description="train stage: % of optimizer steps"
+        )
+    except Exception:  # not in a Prefect task run (plain function call, tests, containers without an API)
+        return lambda record: None
+
+    def report(record: dict[str, Any]) -> None:
+        update_progress_artifact(artifact_id=artifact_id, progress=100 * record["step"] / total_steps)
+        logger.info("train step %s/%s %s", record["step"], total_steps,
+                    " ".join(f"{k}={v}" for k, v in record.items() if k != "step"))  # fmt: skip
+
+    return report
+
+
+def _plot_curve(history: list[dict[str, Any]], val: tuple[float, float], target: Path, title: str) -> None:
+    """loss_curve.png: training loss and validation loss (before training at step 0, during training with
+    eval_every, and of the kept weights at the end) by step, learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
+    loss_axis.plot(steps, [h["loss"] for h in history], ".-", label="train loss", color="tab:blue")
+    evals = [(0, val[0])] + [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    if evals[-1][0] != steps[-1]:
+        evals.append((steps[-1], val[1]))
+    loss_axis.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="validation loss", color="tab:orange")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("loss")
+    lr_axis = loss_axis.twinx()
+    lr_axis.plot(steps, [h["lr"] for h in history], ".--", color="tab:gray", label="learning rate")
+    lr_axis.set_ylabel("learning rate")
+    handles = loss_axis.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
+    loss_axis.legend(handles=handles, loc="upper right")
+    loss_axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(target, metadata={"Software": None})
+    plt.close(figure)

@@ -194,3 +194,34 @@ def test_early_stopping_needs_eval_every() -> None:
 
     with pytest.raises(ConfigError, match="early_stopping_patience needs eval_every"):
         load_config(DEMO_CONFIG, ["train.early_stopping_patience=2"])
+
+
+def test_packing_trains_without_padding_and_records_the_curve(tiny_model: Path, store: ArtifactStore) -> None:
+    plain = _train(tiny_model, store, "train.group_by_length=false")
+    packed = _train(tiny_model, store, "train.packing=true", "train.max_steps=2")
+    assert packed.key != plain.key
+    assert packed.manifest["packed_sequences"] < plain.manifest["packed_sequences"] == 24  # data.max_rows
+    assert packed.metrics["padding_share"] < plain.metrics["padding_share"]
+    assert packed.metrics["val_loss"] < packed.metrics["val_loss_before"]
+    history = [json.loads(line) for line in packed.file("history.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "rss_mb"} <= set(history[-1])
+    curve = packed.file("loss_curve.png").read_bytes()
+    assert curve.startswith(b"\x89PNG\r\n\x1a\n") and len(curve) > 10_000
+
+
+def test_8bit_optimizer_trains_on_cpu_and_paged_ones_are_refused(tiny_model: Path, store: ArtifactStore) -> None:
+    eight = _train(tiny_model, store, "train.optimizer=adamw_8bit")
+    assert eight.manifest["optimizer"] == "adamw_8bit" and eight.manifest["device"] == "cpu"
+    assert eight.metrics["val_loss"] < eight.metrics["val_loss_before"]
+    with pytest.raises(StageError) as error:
+        _train(tiny_model, store, "train.optimizer=paged_adamw_8bit")
+    assert str(error.value) == (
+        "train.optimizer=paged_adamw_8bit pages optimizer states between GPU and CPU memory and needs CUDA "
+        "(training on cpu here); use train.optimizer=adamw_8bit or adamw on CPU."
+    )
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_cuda_is_an_error(tiny_model: Path, store: ArtifactStore) -> None:
+    with pytest.raises(StageError, match=r"train.device=cuda but torch sees no CUDA device here; set train.device"):
+        _train(tiny_model, store, "train.device=cuda")

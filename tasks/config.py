@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,6 +23,30 @@ from tasks.quantize import QuantizeConfig
 from tasks.train import TrainConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "flows" / "configs" / "demo.yaml"
+
+
+class OrchestrationConfig(BaseModel):
+    """How Prefect runs the stages; no artifact key depends on it (the same run gives the same artifacts)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stages: Literal["in_process", "deployments"] = Field(
+        "in_process",
+        description="in_process: every stage runs inside the pipeline flow. deployments: each stage runs as its "
+        "own flow run on its Prefect deployment (infra/prefect.yaml, `make deploy`) through run_deployment, on "
+        "workers that share the artifact store; needs a Prefect server (PREFECT_API_URL).",
+    )
+    stage_timeout_s: float | None = Field(
+        None, gt=0, description="deployments mode: seconds to wait for one stage's flow run (None: no limit)."
+    )
+    approval: bool = Field(
+        False,
+        description="Pause before publish until a reviewer resumes the flow run with approve=true (Prefect UI or "
+        "`prefect flow-run resume`); needs a Prefect server (PREFECT_API_URL).",
+    )
+    approval_timeout_s: int = Field(
+        86400, gt=0, description="Seconds to wait for the approval; past it the run fails and nothing is published."
+    )
 
 
 class PipelineConfig(BaseModel):
@@ -45,6 +69,10 @@ class PipelineConfig(BaseModel):
     merge: MergeConfig = Field(default_factory=lambda: MergeConfig(), description="The merge stage.")
     quantize: QuantizeConfig = Field(default_factory=lambda: QuantizeConfig(), description="GGUF export.")
     publish: PublishConfig = Field(default_factory=lambda: PublishConfig(), description="Hub publishing.")
+    orchestration: OrchestrationConfig = Field(
+        default_factory=lambda: OrchestrationConfig(),
+        description="Where the stages run (in-process or on their Prefect deployments) and the approval pause.",
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
@@ -91,6 +119,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             where = _where(loc, source, lines, from_override)
             problems.append(f"{where}: {'.'.join(loc)}: {_explain(error, loc)}")
         config = None
+    if config is not None:
+        for loc, problem in _cross_section_problems(config):
+            problems.append(f"{_where(loc, source, lines, from_override)}: {'.'.join(loc)}: {problem}")
     if problems or config is None:
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         raise ConfigError(f"invalid config {source} ({count}):\n  - " + "\n  - ".join(problems))
@@ -161,11 +192,27 @@ def _set_dotted(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> str |
     return None
 
 
+def _cross_section_problems(config: PipelineConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Settings that are each valid but do not work together."""
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if config.data.format == "text":
+        answered = [m for m in config.eval.metrics if m != "perplexity"]
+        if answered:
+            problems.append((("eval", "metrics"), f"data.format=text has no prompts to answer, so {answered} cannot be "
+                             "measured; use eval.metrics=[perplexity] and gate on loss or perplexity"))  # fmt: skip
+    return problems
+
+
 def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
     data = raw.get("data")
     if not isinstance(data, dict):
         return
     for name in ("train_file", "validation_file", "test_file"):
         value = data.get(name)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        if (
+            isinstance(value, str)
+            and value
+            and not value.startswith("hub:")
+            and not Path(value).expanduser().is_absolute()
+        ):
             data[name] = str((base / value).resolve())

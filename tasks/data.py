@@ -1,10 +1,17 @@
 """Data stage: read rows, validate them with line numbers, apply the chat template, tokenize with the
 prompt masked, split, and write the splits as an artifact.
 
-Files: JSONL, JSON (a list of rows, or {"data": [...]}), CSV, Parquet, or a `datasets` folder written by
-`save_to_disk` (`folder` for a Dataset, `folder#split` for a split of a DatasetDict). Row formats: chat
-(`messages`), prompt_completion, alpaca (instruction/input/output) and classification (a text and a label,
-turned into a chat by `data.prompt_template`). Every problem names the file and line (or row) and the field.
+Files: JSONL, JSON (a list of rows, or {"data": [...]}), CSV, Parquet, a `datasets` folder written by
+`save_to_disk` (`folder` for a Dataset, `folder#split` for a split of a DatasetDict), or a Hub dataset repo
+(`hub:org/name[@revision][#split]`, downloaded through the Hub client from HF_ENDPOINT, or read from the local
+Hub cache when the Hub cannot be reached). Row formats: chat (`messages`), prompt_completion, alpaca
+(instruction/input/output), classification (a text and a label, turned into a chat by `data.prompt_template`)
+and text (plain documents, loss on every token, no chat template). Every problem names the file and line (or
+row) and the field.
+
+The chat template is the tokenizer's own, or a named one from CHAT_TEMPLATES (`data.chat_template`), which
+also travels with the merged model and the GGUF. The report (`report.json`, `report.png`) has rows, tokens,
+drops, truncations, duplicates and a length histogram per split, and prompt leakage between splits.
 
 Run alone: `loraforge stage data CONFIG [key=value ...]`.
 """
@@ -17,12 +24,33 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.artifacts import Artifact, ArtifactStore, sha256_file
 from tasks.errors import DataError
 
 ROLES = ("system", "user", "assistant")
+HUB_PREFIX = "hub:"
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+HISTOGRAM_BINS = 16
+# Named chat templates for tokenizers that have none (or to replace theirs). Each renders the generation
+# prompt as a prefix of the full conversation, which prompt masking needs.
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+        "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+}
 MAX_LISTED_PROBLEMS = 30
 IGNORE_INDEX = -100  # label value that the loss ignores (prompt tokens, padding)
 
@@ -42,13 +70,19 @@ class DataConfig(BaseModel):
     test_file: Path | None = Field(
         None, description="Test rows (same kinds); when absent, split off train_file by test_fraction."
     )
-    format: Literal["chat", "prompt_completion", "alpaca", "classification"] = Field(
+    format: Literal["chat", "prompt_completion", "alpaca", "classification", "text"] = Field(
         "chat",
         description="Row format: chat = {'messages': [{role, content}...]} ending with an assistant turn; "
         "prompt_completion = {'prompt', 'completion'}; alpaca = {'instruction', 'input' (optional), 'output'}; "
-        "classification = {text_field, label_field} rendered with prompt_template.",
+        "classification = {text_field, label_field} rendered with prompt_template; text = {text_field}, a plain "
+        "document learned whole (no chat template; eval can only measure loss/perplexity).",
     )
-    text_field: str = Field("text", description="classification: the column holding the text to classify.")
+    chat_template: str = Field(
+        "auto",
+        description="auto = the tokenizer's own chat template (an error if it has none), or a name from the "
+        f"registry ({', '.join(CHAT_TEMPLATES)}) used instead; recorded in the artifact with its hash.",
+    )
+    text_field: str = Field("text", description="classification and text: the column holding the text.")
     label_field: str = Field("label", description="classification: the column holding the label (the answer).")
     prompt_template: str = Field(
         "{text}", description="classification: the user message; '{text}' is replaced by the row's text."
@@ -68,6 +102,13 @@ class DataConfig(BaseModel):
     seed: int = Field(42, description="Seed of the split shuffle.")
     max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows per split (smoke runs).")
 
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, name: str) -> str:
+        if name != "auto" and name not in CHAT_TEMPLATES:
+            raise ValueError(f"unknown chat template {name!r}; use auto or one of: {', '.join(CHAT_TEMPLATES)}")
+        return name
+
 
 def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Artifact:
     """Validate, template, tokenize and split the dataset; skipped when the same artifact exists.
@@ -84,29 +125,35 @@ def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Ar
     Raises:
         DataError: every invalid row, with file, line and field.
     """
-    files = {n: getattr(config, n) for n in ("train_file", "validation_file", "test_file")}
-    missing = [f"data.{n}: not found: {p}" for n, p in files.items() if p is not None and not _exists(Path(p))]
+    given = {n: getattr(config, n) for n in ("train_file", "validation_file", "test_file")}
+    missing = [
+        f"data.{n}: not found: {p}"
+        for n, p in given.items()
+        if p is not None and not str(p).startswith(HUB_PREFIX) and not _exists(Path(p))
+    ]
     if missing:
         raise DataError("\n".join(missing) + "\nFix the path(s) in the config (a file, or a datasets folder).")
-    content = {n: _content_hash(Path(p)) if p else None for n, p in files.items()}
+    sources = {n: _materialize(str(p)) for n, p in given.items() if p is not None}
+    content = {n: _content_hash(source["files"]) for n, source in sources.items()}
     # The key hashes file contents, not paths: the same data anywhere gives the same key.
     key_config = {**config.model_dump(mode="json"), **content}
     key, code = store.stage_key("data", __file__, key_config, {"base": base})
     if (hit := store.find("data", key)) is not None:
         return hit
 
-    rows = {name: _read_rows(Path(path), config) for name, path in files.items() if path is not None}
+    rows = {name: _read_rows(source["files"], config) for name, source in sources.items()}
     splits = _split(rows, config)
 
     from tasks.models import load_tokenizer
 
     tokenizer = load_tokenizer(Path(base.manifest["model_path"]))
-    template = tokenizer.chat_template or ""
-    if not template:
+    template = CHAT_TEMPLATES.get(config.chat_template) or tokenizer.chat_template or ""
+    if not template and config.format != "text":
         raise DataError(
-            f"the base model's tokenizer ({base.manifest['model_path']}) has no chat template; "
-            "use an instruct/chat model as base_model."
+            f"the base model's tokenizer ({base.manifest['model_path']}) has no chat template; set "
+            f"data.chat_template to one of {', '.join(CHAT_TEMPLATES)} (or use an instruct/chat base model)."
         )
+    tokenizer.chat_template = template or None
     report: dict[str, Any] = {"splits": {}}
     with store.create("data", key, config, {"base": base}, code) as draft:
         for split, split_rows in splits.items():
@@ -119,7 +166,12 @@ def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Ar
             report["splits"][split] = stats
         report["leakage"] = _leakage(splits)
         (draft.path / "report.json").write_text(json.dumps(report, indent=2))
+        _plot_report(report, config.max_length, draft.path / "report.png", title=f"data {key}")
         (draft.path / "chat_template.jinja").write_text(template)
+        draft.extra["format"] = config.format
+        draft.extra["chat_template"] = config.chat_template if config.chat_template != "auto" else "tokenizer"
+        draft.extra["sources"] = {n: {k: v for k, v in s.items() if k != "files"} for n, s in sources.items()}
+        draft.extra["hub_datasets"] = sorted({s["repo_id"] for s in sources.values() if "repo_id" in s})
         draft.metrics.update({f"{s}_rows": v["rows"] for s, v in report["splits"].items()})
         draft.metrics["leaked_prompts"] = report["leakage"]["test_in_train"] + report["leakage"]["val_in_train"]
         draft.extra["data_sha256"] = content
@@ -131,27 +183,95 @@ def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Ar
     return store.get("data", key, fresh=True)
 
 
-def _read_rows(path: Path, config: DataConfig) -> list[dict[str, Any]]:
-    """Parse and validate one input; every problem is collected, then raised together."""
+def _read_rows(files: list[tuple[str, str]], config: DataConfig) -> list[dict[str, Any]]:
+    """Parse and validate one input (one or more files, each as (path, name shown in messages)); every
+    problem is collected, then raised together."""
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
-    for where, row in _records(path, problems):
-        messages, row_problems = _to_messages(row, config)
-        problems.extend(f"{where}: {p}" for p in row_problems)
-        if not row_problems:
-            rows.append({"messages": messages, "line": where})
+    for path, shown in files:
+        for where, row in _records(Path(path), shown, problems):
+            if config.format == "text":
+                row_problems = ["expected an object with fields"] if not isinstance(row, dict) else []
+                row_problems = row_problems or _fields(row, (config.text_field,))
+                if not row_problems:
+                    rows.append({"text": row[config.text_field], "line": where})
+            else:
+                messages, row_problems = _to_messages(row, config)
+                if not row_problems:
+                    rows.append({"messages": messages, "line": where})
+            problems.extend(f"{where}: {p}" for p in row_problems)
+    names = ", ".join(shown for _, shown in files)
     if not rows and not problems:
-        problems.append(f"{path}: no rows (the file is empty)")
+        problems.append(f"{names}: no rows (the file is empty)")
     if problems:
-        shown = problems[:MAX_LISTED_PROBLEMS]
-        more = len(problems) - len(shown)
+        shown_problems = problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - len(shown_problems)
         raise DataError(
-            f"{len(problems)} invalid row{'s' if len(problems) > 1 else ''} in {path} (format: {config.format}):\n  - "
-            + "\n  - ".join(shown)
+            f"{len(problems)} invalid row{'s' if len(problems) > 1 else ''} in {names} (format: {config.format}):\n  - "
+            + "\n  - ".join(shown_problems)
             + (f"\n  ... and {more} more" if more else "")
             + "\nFix the rows above or set data.format to match the file."
         )
     return rows
+
+
+def _materialize(spec: str) -> dict[str, Any]:
+    """The local files behind a data source: the path itself, or a Hub dataset repo's files for one split
+    (downloaded through the Hub client, or taken from the local Hub cache when the Hub is unreachable)."""
+    if not spec.startswith(HUB_PREFIX):
+        return {"files": [(spec, spec)]}
+    repo_rev, _, split = spec[len(HUB_PREFIX) :].partition("#")
+    repo_id, _, revision = repo_rev.partition("@")
+    split = split or "train"
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise DataError(f"{spec}: a Hub dataset is hub:ORG/NAME[@REVISION][#SPLIT], e.g. hub:acme/tickets@v1#train")
+    from huggingface_hub import snapshot_download
+
+    from tasks.hubclient import hub_endpoint, hub_token, scrub
+
+    endpoint, token = hub_endpoint(), hub_token()
+    try:
+        folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision or None,
+                                        endpoint=endpoint, token=token))  # fmt: skip
+    except Exception as exc:  # unreachable, unknown repo or revision, no access: all stop the stage
+        detail = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", token)
+        raise DataError(
+            f"{spec}: cannot get dataset {repo_id}@{revision or 'main'} from {endpoint} and it is not in the "
+            f"local Hub cache ({type(exc).__name__}: {detail}). Check the name and revision, HF_ENDPOINT and "
+            "HF_TOKEN, or download it and point the data file at the folder."
+        ) from None
+    commit = folder.name  # snapshot folders are named by commit
+    shown = f"{HUB_PREFIX}{repo_id}@{commit[:12]}"
+    if (folder / "dataset_dict.json").is_file():
+        files = [(f"{folder}#{split}", f"{shown}#{split}")]
+    elif (folder / "dataset_info.json").is_file() and (folder / "state.json").is_file():
+        files = [(str(folder), shown)]
+    else:
+        found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        by_split = {name: [p for p in found if _split_of(p.relative_to(folder)) == name] for name in (split,)}
+        named = any(_split_of(p.relative_to(folder)) for p in found)
+        chosen = by_split[split] if named else (found if split == "train" else [])
+        if not chosen:
+            listing = ", ".join(str(p.relative_to(folder)) for p in found) or "no data files"
+            raise DataError(
+                f"{spec}: no {split!r} files in dataset {repo_id}@{commit[:12]} ({listing}); name a split that "
+                "exists (files train.jsonl, data/test-00000-of-00001.parquet, ...) after '#'."
+            )
+        files = [(str(p), f"{shown}/{p.relative_to(folder)}") for p in chosen]
+    return {"files": files, "repo_id": repo_id, "revision": revision or "main", "commit": commit,
+            "split": split, "endpoint": endpoint}  # fmt: skip
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a Hub data file belongs to by the Hub's naming conventions (train.jsonl, data/train-0000…,
+    test/part-1.parquet), or None when the name says nothing."""
+    aliases = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test"}  # fmt: skip
+    stem = relative.name.split(".")[0].lower()
+    for word in [stem.split("-")[0].split("_")[0], *(part.lower() for part in relative.parts[:-1])]:
+        if word in aliases:
+            return aliases[word]
+    return None
 
 
 def _exists(path: Path) -> bool:
@@ -159,19 +279,23 @@ def _exists(path: Path) -> bool:
     return folder.is_file() or (folder.is_dir() and any(folder.glob("*.json")))
 
 
-def _content_hash(path: Path) -> str:
-    """sha256 of a file, or of a datasets folder's files (names and contents) plus the split asked for."""
-    folder_text, _, split = str(path).partition("#")
-    folder = Path(folder_text)
-    if folder.is_file():
-        return sha256_file(folder)
-    digest = hashlib.sha256(split.encode())
-    for item in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{item.relative_to(folder)}:{sha256_file(item)}".encode())
+def _content_hash(files: list[tuple[str, str]]) -> str:
+    """sha256 of a file, or of several files / a datasets folder's files (names and contents) plus the split."""
+    if len(files) == 1 and Path(files[0][0]).is_file():
+        return sha256_file(Path(files[0][0]))
+    digest = hashlib.sha256()
+    for spec, _ in files:
+        folder_text, _, split = spec.partition("#")
+        folder = Path(folder_text)
+        digest.update(split.encode())
+        items = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+        for item in items:
+            name = item.name if folder.is_file() else item.relative_to(folder)
+            digest.update(f"{name}:{sha256_file(item)}".encode())
     return digest.hexdigest()
 
 
-def _records(path: Path, problems: list[str]) -> list[tuple[str, Any]]:
+def _records(path: Path, shown: str, problems: list[str]) -> list[tuple[str, Any]]:
     """(location, record) pairs: 'file:line' for JSONL and CSV, 'file row N' for JSON, Parquet and datasets."""
     folder, _, split = str(path).partition("#")
     if Path(folder).is_dir():
@@ -180,40 +304,41 @@ def _records(path: Path, problems: list[str]) -> list[tuple[str, Any]]:
         loaded = datasets.load_from_disk(folder)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise DataError(f"{path}: a DatasetDict with splits {list(loaded)}; name one as {folder}#SPLIT.")
+                raise DataError(f"{shown}: a DatasetDict with splits {list(loaded)}; name one as {folder}#SPLIT.")
             loaded = loaded[split]
-        return [(f"{path} row {i}", row) for i, row in enumerate(loaded)]
+        return [(f"{shown} row {i}", row) for i, row in enumerate(loaded)]
+    path = Path(folder)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         import csv
 
         with path.open(encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle)
-            return [(f"{path}:{reader.line_num}", dict(row)) for row in reader]
+            return [(f"{shown}:{reader.line_num}", dict(row)) for row in reader]
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+        return [(f"{shown} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     if suffix == ".json":
         try:
             loaded_json = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+            problems.append(f"{shown}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
             return []
         items = loaded_json.get("data") if isinstance(loaded_json, dict) else loaded_json
         if not isinstance(items, list):
-            problems.append(f'{path}: expected a JSON list of rows or {{"data": [...]}}; use .jsonl for one per line')
+            problems.append(f'{shown}: expected a JSON list of rows or {{"data": [...]}}; use .jsonl for one per line')
             return []
-        return [(f"{path} row {i}", row) for i, row in enumerate(items)]
+        return [(f"{shown} row {i}", row) for i, row in enumerate(items)]
     records = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                records.append((f"{path}:{number}", json.loads(line)))
+                records.append((f"{shown}:{number}", json.loads(line)))
             except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
+                problems.append(f"{shown}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
     return records
 
 
@@ -305,22 +430,30 @@ def _split(rows: dict[str, list[dict[str, Any]]], config: DataConfig) -> dict[st
 
 
 def _encode(rows: list[dict[str, Any]], tokenizer: Any, config: DataConfig) -> tuple[list[dict[str, Any]], dict]:
-    """Chat-template and tokenize rows; labels are IGNORE_INDEX on the prompt unless train_on_prompt."""
+    """Chat-template and tokenize rows (labels IGNORE_INDEX on the prompt unless train_on_prompt), or, for
+    plain text, tokenize the document with an EOS at the end and learn every token."""
     encoded = []
     lengths = []
     dropped = truncated = 0
     for row in rows:
-        messages = row["messages"]
-        prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-        if not full_text.startswith(prompt_text):
-            raise DataError(
-                "the chat template renders the prompt differently inside the full conversation, so the "
-                "prompt cannot be masked; use a template whose generation prompt is a prefix."
-            )
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-        input_ids = prompt_ids + completion_ids
+        if config.format == "text":
+            prompt_ids: list[int] = []
+            input_ids = tokenizer(row["text"])["input_ids"]
+            if tokenizer.eos_token_id is not None and input_ids[-1:] != [tokenizer.eos_token_id]:
+                input_ids = input_ids + [tokenizer.eos_token_id]  # the document ends here
+        else:
+            messages = row["messages"]
+            prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+            if not full_text.startswith(prompt_text):
+                raise DataError(
+                    "the chat template renders the prompt differently inside the full conversation, so the "
+                    "prompt cannot be masked; use a template whose generation prompt is a prefix "
+                    f"(data.chat_template: {', '.join(CHAT_TEMPLATES)})."
+                )
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+            input_ids = prompt_ids + completion_ids
         if len(input_ids) > config.max_length:
             if config.overlength == "error":
                 raise DataError(
@@ -335,7 +468,12 @@ def _encode(rows: list[dict[str, Any]], tokenizer: Any, config: DataConfig) -> t
         prompt_len = 0 if config.train_on_prompt else len(prompt_ids)
         labels = [IGNORE_INDEX] * prompt_len + input_ids[prompt_len:]
         lengths.append(len(input_ids))
-        encoded.append({"input_ids": input_ids, "labels": labels, "messages": messages})
+        content = {"text": row["text"]} if config.format == "text" else {"messages": row["messages"]}
+        encoded.append({"input_ids": input_ids, "labels": labels, **content})
+    width = max(1, -(-config.max_length // HISTOGRAM_BINS))
+    histogram = [0] * HISTOGRAM_BINS
+    for length in lengths:
+        histogram[min((length - 1) // width, HISTOGRAM_BINS - 1)] += 1
     stats = {
         "rows": len(encoded),
         "dropped_overlength": dropped,
@@ -343,19 +481,53 @@ def _encode(rows: list[dict[str, Any]], tokenizer: Any, config: DataConfig) -> t
         "tokens": sum(lengths),
         "max_len": max(lengths, default=0),
         "mean_len": round(sum(lengths) / max(len(lengths), 1), 1),
-        "duplicates": len(rows) - len({json.dumps(r["messages"], sort_keys=True) for r in rows}),
+        "duplicates": len(rows) - len({_identity(r) for r in rows}),
+        "length_histogram": {"bin_width": width, "counts": histogram},
     }
     return encoded, stats
 
 
+def _identity(row: dict[str, Any], prompt_only: bool = False) -> str:
+    """What makes two rows the same (the whole conversation or text), or the same prompt (all but the answer)."""
+    if "text" in row:
+        return row["text"]
+    return json.dumps(row["messages"][:-1] if prompt_only else row["messages"], sort_keys=True)
+
+
 def _leakage(splits: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
-    """How many validation/test prompts also appear in train (same conversation minus the answer)."""
+    """How many validation/test prompts (or texts) also appear in train: the same conversation minus the answer."""
 
     def prompts(rows: list[dict[str, Any]]) -> set[str]:
-        return {json.dumps(r["messages"][:-1], sort_keys=True) for r in rows}
+        return {_identity(r, prompt_only=True) for r in rows}
 
     train = prompts(splits["train"])
     return {
         "val_in_train": len(prompts(splits["validation"]) & train),
         "test_in_train": len(prompts(splits["test"]) & train),
     }
+
+
+def _plot_report(report: dict[str, Any], max_length: int, target: Path, title: str) -> None:
+    """report.png: the token-length histogram of each split against max_length, with counts in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    for split, stats in report["splits"].items():
+        width = stats["length_histogram"]["bin_width"]
+        counts = stats["length_histogram"]["counts"]
+        label = (f"{split}: {stats['rows']} rows, {stats['dropped_overlength']} dropped, "
+                 f"{stats['truncated']} truncated, {stats['duplicates']} duplicates")  # fmt: skip
+        axis.stairs(counts, [i * width for i in range(len(counts) + 1)], label=label, linewidth=1.5)
+    axis.axvline(max_length, color="tab:red", linestyle="--", label=f"data.max_length={max_length}")
+    axis.set_xlabel("tokens per row (prompt + completion)")
+    axis.set_ylabel("rows")
+    leakage = report.get("leakage", {})
+    axis.set_title(f"{title}; prompts also in train: validation {leakage.get('val_in_train')}, "
+                   f"test {leakage.get('test_in_train')}", fontsize=9)  # fmt: skip
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(target, metadata={"Software": None})
+    plt.close(figure)

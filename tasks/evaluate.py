@@ -137,6 +137,7 @@ def evaluate_adapter(
         torch.set_num_threads(config.threads)
     model_path = Path(base.manifest["model_path"])
     tokenizer = load_tokenizer(model_path)
+    tokenizer.chat_template = data.file("chat_template.jinja").read_text() or None  # the template training used
     rows = read_split(data.file("test.jsonl"))[: config.max_rows]
     base_model = load_base_as_trained(model_path, train.manifest["config"])  # QLoRA: the 4-bit base it trained on
     model = PeftModel.from_pretrained(base_model, train.file("adapter"), adapter_name="tuned")
@@ -144,7 +145,7 @@ def evaluate_adapter(
         model.load_adapter(_download_adapter(published, base), adapter_name="published")
     model.eval()
 
-    references = [r["messages"][-1]["content"] for r in rows]
+    references = [r["messages"][-1]["content"] if "messages" in r else r["text"] for r in rows]
     results: dict[str, dict[str, float]] = {}
     per_class: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[str]] = {}
@@ -177,8 +178,8 @@ def evaluate_adapter(
         )
         with (draft.path / "predictions.jsonl").open("w") as out:
             for i, row in enumerate(rows):
-                record: dict[str, Any] = {"prompt": row["messages"][-2]["content"], "reference": references[i]}
-                record.update({f"{n}_prediction": predictions[n][i] for n in predictions})
+                record: dict[str, Any] = {"prompt": _prompt(row), "reference": references[i]}
+                record.update({f"{n}_prediction": predictions[n][i] for n in predictions if predictions[n]})
                 record.update({f"{n}_loss": round(losses[n][i], 5) for n in losses})
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
         report = _report(results, per_class, verdict, rows, references, predictions, losses["tuned"], config)
@@ -234,9 +235,17 @@ def _download_adapter(published: dict[str, Any], base: Artifact) -> str:
 def _answer(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], config: EvalConfig
 ) -> tuple[list[str], list[float]]:
-    answers = generate_answers(model, tokenizer, [r["messages"][:-1] for r in rows], config.max_new_tokens,
-                               config.batch_size, config.temperature, config.top_p, config.seed)  # fmt: skip
+    """Generated answers (only when a metric needs them: perplexity alone does not) and per-row losses."""
+    answers: list[str] = []
+    if set(config.metrics) - {"perplexity"}:
+        answers = generate_answers(model, tokenizer, [r["messages"][:-1] for r in rows], config.max_new_tokens,
+                                   config.batch_size, config.temperature, config.top_p, config.seed)  # fmt: skip
     return answers, row_losses(model, rows, config.batch_size, tokenizer.pad_token_id)
+
+
+def _prompt(row: dict[str, Any]) -> str:
+    """The last user message, or the start of a plain-text row."""
+    return row["messages"][-2]["content"] if "messages" in row else row["text"][:200]
 
 
 def check_gate(artifact: Artifact) -> None:
@@ -350,12 +359,14 @@ def _report(
             lines.append(
                 f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |{base_f1}"
             )
+    if not predictions["tuned"]:  # loss/perplexity only: nothing was generated
+        return "\n".join(lines) + "\n"
     wrong = [i for i, p in enumerate(predictions["tuned"]) if p.strip().lower() != references[i].strip().lower()]
     wrong.sort(key=lambda i: -tuned_losses[i])
     lines += ["", f"## Worst tuned errors ({len(wrong)} of {len(rows)} wrong; {min(len(wrong), config.worst_errors)} "
               "with the highest loss)", "", "| prompt | reference | tuned | loss |", "|---|---|---|---|"]  # fmt: skip
     for i in wrong[: config.worst_errors]:
-        prompt = rows[i]["messages"][-2]["content"].replace("|", "/").replace("\n", " ")[:100]
+        prompt = _prompt(rows[i]).replace("|", "/").replace("\n", " ")[:100]
         answer = predictions["tuned"][i].replace("|", "/").replace("\n", " ")[:40]
         lines.append(f"| {prompt} | {references[i]} | {answer} | {tuned_losses[i]:.3f} |")
     return "\n".join(lines) + "\n"

@@ -73,6 +73,8 @@ def merge_adapter(
 
     model_path = Path(base.manifest["model_path"])
     tokenizer = load_tokenizer(model_path)
+    # The merged model (and the GGUF made from it) prompts as training did: the data artifact's template.
+    tokenizer.chat_template = data.file("chat_template.jinja").read_text() or tokenizer.chat_template
     probes = read_split(data.file("validation.jsonl"))[: config.probe_rows]
     ids, labels, mask = collate(probes, tokenizer.pad_token_id)
     # Positions whose next token is a labelled (completion) token: where the task's answer is decided.

@@ -92,14 +92,19 @@ def test_a_tokenizer_without_template_needs_a_named_one(tmp_path: Path, tiny_mod
 
 
 def test_report_has_a_length_histogram_and_a_png(tmp_path: Path, tiny_model: Path, store: ArtifactStore) -> None:
-    rows = _rows() + [{"prompt": "long " * 300, "completion": "billing"}, _rows()[0]]  # one too long, one duplicate
-    config = DataConfig(train_file=_write_jsonl(tmp_path / "rows.jsonl", rows), format="prompt_completion",
-                        max_length=64, validation_fraction=0.1, test_fraction=0.1, seed=1)  # fmt: skip
+    rows = _rows()
+    train = _write_jsonl(tmp_path / "train.jsonl", rows[:16] + [rows[0], {"prompt": "long " * 300, "completion": "x"}])
+    validation = _write_jsonl(tmp_path / "validation.jsonl", rows[16:18])
+    test = _write_jsonl(tmp_path / "test.jsonl", rows[18:] + [{**rows[3], "completion": "other"}])  # a leaked prompt
+    config = DataConfig(train_file=train, validation_file=validation, test_file=test, format="prompt_completion",
+                        max_length=64)  # fmt: skip
     data = prepare_data(config, provision_base(str(tiny_model), store), store)
     report = json.loads(data.file("report.json").read_text())
     splits = report["splits"]
-    assert sum(s["dropped_overlength"] for s in splits.values()) == 1
-    assert sum(s["duplicates"] for s in splits.values()) + sum(report["leakage"].values()) >= 1
+    assert splits["train"]["dropped_overlength"] == 1 and splits["train"]["duplicates"] == 1
+    assert splits["train"]["rows"] == 17  # the duplicate is reported, not removed; the long row is dropped
+    assert report["leakage"] == {"val_in_train": 0, "test_in_train": 1}
+    assert data.metrics["leaked_prompts"] == 1
     for stats in splits.values():
         histogram = stats["length_histogram"]
         assert histogram["bin_width"] == 4 and len(histogram["counts"]) == 16

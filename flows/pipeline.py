@@ -2,21 +2,31 @@
 
 Each stage is a Prefect task wrapping the plain stage function from tasks/; the flow only wires artifacts from
 one stage to the next. Caching is the artifact store's (content keys), not Prefect's.
+
+With `orchestration.stages: deployments` each stage instead runs as a flow run of its own deployment
+(flows/stages.py, infra/prefect.yaml) through `run_deployment`, on whichever worker serves that deployment's
+pool; the artifacts are on a store all workers share, so the keys are those of an in-process run.
+With `orchestration.approval: true` the flow pauses before publish until a reviewer resumes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.input import RunInput
 
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, load_config
 from tasks.data import prepare_data
+from tasks.errors import ConfigError, GateFailed, StageError
 from tasks.evaluate import check_gate, evaluate_adapter
 from tasks.merge import merge_adapter
 from tasks.models import provision_base
@@ -33,6 +43,17 @@ eval_task = task(name="eval", cache_policy=NO_CACHE)(evaluate_adapter)
 merge_task = task(name="merge", cache_policy=NO_CACHE)(merge_adapter)
 quantize_task = task(name="quantize", cache_policy=NO_CACHE)(quantize_gguf)
 publish_task = task(name="publish", cache_policy=NO_CACHE)(publish_model)
+IN_PROCESS: dict[str, Callable[..., Artifact]] = {
+    "base": base_task, "data": data_task, "train": train_task, "eval": eval_task, "merge": merge_task,
+    "quantize": quantize_task, "publish": publish_task,
+}  # fmt: skip
+
+
+class Approval(RunInput):
+    """What a reviewer answers when the run pauses before publish."""
+
+    approve: bool
+    reason: str = ""
 
 
 @flow(name="loraforge-pipeline", log_prints=True)
@@ -49,6 +70,11 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
     store = ArtifactStore(config.store)
     if only is not None:
         store = store.restricted_to("base", only)
+    if config.orchestration.approval or config.orchestration.stages == "deployments":
+        _require_server(config)
+    stages = IN_PROCESS
+    if config.orchestration.stages == "deployments":
+        stages = {name: _deployed(name, config, store, only) for name in IN_PROCESS}
     run: dict[str, Any] = {
         "run_id": run_id or uuid.uuid4().hex[:12],
         "name": config.name,
@@ -72,35 +98,134 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
         return artifact
 
     try:
-        base = step("base", base_task, config.base_model)
-        data = step("data", data_task, config.data, base)
+        base = step("base", stages["base"], config.base_model)
+        data = step("data", stages["data"], config.data, base)
         _report_data(data)
         if only == "data":
             return run
-        train = step("train", train_task, config.train, base, data)
+        train = step("train", stages["train"], config.train, base, data)
         _report_train(train)
         if only == "train":
             return run
-        eval_ = step("eval", eval_task, config.eval, base, data, train)
+        eval_ = step("eval", stages["eval"], config.eval, base, data, train)
         run["eval"] = eval_.metrics
         run["gate"] = eval_.manifest["gate"]
         _report_eval(eval_)
         check_gate(eval_)
         if only == "eval":
             return run
-        merge = step("merge", merge_task, config.merge, base, data, train)
+        merge = step("merge", stages["merge"], config.merge, base, data, train)
         if only == "merge":
             return run
-        quantize = step("quantize", quantize_task, config.quantize, config.name, data, merge)
+        quantize = step("quantize", stages["quantize"], config.quantize, config.name, data, merge)
         run["gguf"] = quantize.manifest.get("gguf", {})
         _report_gguf(quantize)
         if only == "quantize":
             return run
-        publish = step("publish", publish_task, config.publish, config.name, base, data, train, eval_, merge, quantize)
+        if config.orchestration.approval:
+            run["approval"] = _await_approval(config, eval_, quantize)
+        publish = step("publish", stages["publish"], config.publish, config.name, base, data, train, eval_, merge,
+                       quantize)  # fmt: skip
         run["publish"] = {k: publish.manifest.get(k) for k in ("mode", "repo_id", "endpoint", "tag", "commit")}
         return run
     finally:
         store.record_run(run["run_id"], run)
+
+
+@flow(name="loraforge-run", log_prints=True, persist_result=True)
+def run_pipeline(
+    config_path: str = "flows/configs/demo.yaml", overrides: list[str] | None = None, data_file: str | None = None
+) -> dict[str, Any]:
+    """The pipeline deployment's entry point (nightly schedule, data-registered trigger): load and run a config.
+
+    Args:
+        config_path: the YAML config, relative to the working directory (the code folder on a worker).
+        overrides: `key=value` overrides, as on the command line.
+        data_file: a newly registered training file (`loraforge register-data`): becomes `data.train_file`.
+    """
+    items = [*(overrides or []), *([f"data.train_file={data_file}"] if data_file else [])]
+    return pipeline(load_config(config_path, items))
+
+
+DEPLOYMENTS = {stage: f"loraforge-{stage}/{stage}" for stage in IN_PROCESS}  # flow name / deployment name
+
+
+def _require_server(config: PipelineConfig) -> None:
+    """Deployments and approvals live on a Prefect server; the temporary in-process one cannot serve them."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        wanted = [f"orchestration.{k}={v}" for k, v in (("stages", "deployments"), ("approval", "true"))
+                  if str(getattr(config.orchestration, k)).lower() == v]  # fmt: skip
+        raise ConfigError(
+            f"{' and '.join(wanted)} needs a Prefect server with the loraforge deployments and workers: start one "
+            "(`make stack`) and set PREFECT_API_URL, or run with orchestration.stages=in_process, "
+            "orchestration.approval=false."
+        )
+
+
+def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: str | None) -> Callable[..., Artifact]:
+    """A stand-in for the stage's task: runs the stage's deployment and returns its artifact from the store.
+
+    It takes the task's arguments and passes on only the keys of the upstream artifacts among them; the stage
+    flow gets the whole config (with the store as an absolute URL, the same on every worker).
+    """
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    shared = config.model_copy(update={"store": store.url}).model_dump(mode="json")
+
+    def run_stage(*args: Any) -> Artifact:
+        upstream = {f"{a.stage}_key": a.key for a in args if isinstance(a, Artifact)}
+        try:
+            flow_run = cast(FlowRun, run_deployment(  # called from sync code: the FlowRun itself
+                DEPLOYMENTS[stage], parameters={"config": shared, "only": only, **upstream},
+                timeout=config.orchestration.stage_timeout_s, poll_interval=2,
+            ))  # fmt: skip
+        except ObjectNotFound:
+            raise StageError(
+                f"no deployment {DEPLOYMENTS[stage]!r} on the Prefect server {os.environ.get('PREFECT_API_URL')}: "
+                "deploy the stages first (`make deploy`: prefect deploy --all --prefect-file infra/prefect.yaml)."
+            ) from None
+        state = flow_run.state
+        if state is None or not state.is_final():
+            raise StageError(
+                f"{stage} stage: flow run {flow_run.name} did not finish within orchestration.stage_timeout_s="
+                f"{config.orchestration.stage_timeout_s} s (state {state.name if state else 'unknown'}); is a "
+                f"worker polling the deployment's work pool?"
+            )
+        if not state.is_completed():
+            raise StageError(f"{stage} stage: flow run {flow_run.name} ended {state.type.value}: {state.message}")
+        result = cast(dict[str, Any], state.result())
+        return dataclasses.replace(store.get(stage, result["key"]), cached=bool(result["cached"]))
+
+    return run_stage
+
+
+def _await_approval(config: PipelineConfig, eval_: Artifact, quantize: Artifact) -> dict[str, Any]:
+    """Pause the flow run until a reviewer answers; a refusal or no answer in time stops before publish."""
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    verdict = ", ".join(f"{c['check']} [{c['value']}]" for c in eval_.manifest["gate"]["checks"])
+    gguf = ", ".join(q for q, g in quantize.manifest.get("gguf", {}).items() if g.get("passed", True))
+    description = (
+        f"Publish **{config.name}** to `{config.publish.repo_id}`? Gate passed: {verdict}. GGUF: {gguf or 'none'}. "
+        "Eval report: the `eval-report` artifact. Set approve=true to publish."
+    )
+    print(f"waiting for approval before publish (up to {config.orchestration.approval_timeout_s} s)")
+    try:
+        answer = pause_flow_run(wait_for_input=Approval.with_initial_data(description=description, approve=False),
+                                timeout=config.orchestration.approval_timeout_s, poll_interval=2)  # fmt: skip
+    except FlowPauseTimeout:
+        raise GateFailed(
+            f"no approval within orchestration.approval_timeout_s={config.orchestration.approval_timeout_s} s; "
+            "nothing was published"
+        ) from None
+    if not answer.approve:
+        raise GateFailed(f"publish not approved by the reviewer: {answer.reason or 'no reason given'}")
+    return {"approved": True, "reason": answer.reason}
 
 
 def _report_eval(eval_: Artifact) -> None:

@@ -1,0 +1,137 @@
+"""One thin Prefect flow per stage, for the per-stage deployments in infra/prefect.yaml.
+
+Each flow takes the resolved pipeline config and the keys of its upstream artifacts, looks those artifacts up
+in the shared store, calls the stage function and returns the key it produced (with whether it was a cache
+hit). The pipeline flow (flows/pipeline.py) calls them through `run_deployment` when
+`orchestration.stages: deployments`; a stage gives the same key and bytes in-process or here.
+
+Results are persisted (Prefect's local result storage, PREFECT_RESULTS_LOCAL_STORAGE_PATH) so that the
+parent flow can read the returned key: workers and the parent must see that folder, like the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from tasks.artifacts import Artifact, ArtifactStore
+from tasks.config import PipelineConfig
+from tasks.data import prepare_data
+from tasks.errors import StageError
+from tasks.evaluate import evaluate_adapter
+from tasks.merge import merge_adapter
+from tasks.models import provision_base
+from tasks.publish import publish_model
+from tasks.quantize import quantize_gguf
+from tasks.train import train_adapter
+
+StageResult = dict[str, Any]  # {"stage": ..., "key": ..., "cached": bool}
+
+
+def _store(config: PipelineConfig, only: str | None) -> ArtifactStore:
+    """The shared store; with `only`, a view in which just that stage (and base) may write, as in-process."""
+    store = ArtifactStore(config.store)
+    return store.restricted_to("base", only) if only is not None else store
+
+
+def _base(config: PipelineConfig, store: ArtifactStore, key: str) -> Artifact:
+    """The base model provisioned on this worker; it must be the one the pipeline started from."""
+    base = provision_base(config.base_model, store)
+    if base.key != key:
+        raise StageError(
+            f"base_model {config.base_model!r} on this worker has the key {base.key}, the pipeline started from "
+            f"{key}: the workers see different weights; give every worker the same model files (or cache)."
+        )
+    return base
+
+
+def _result(artifact: Artifact) -> StageResult:
+    return {"stage": artifact.stage, "key": artifact.key, "cached": artifact.cached}
+
+
+@flow(name="loraforge-base", persist_result=True)
+def base_flow(config: PipelineConfig, only: str | None = None) -> StageResult:
+    """Provision the base model (`base_model`) and record it as the base artifact."""
+    return _result(provision_base(config.base_model, _store(config, only)))
+
+
+@flow(name="loraforge-data", persist_result=True)
+def data_flow(config: PipelineConfig, base_key: str, only: str | None = None) -> StageResult:
+    """The data stage: validate, template, tokenize and split the dataset."""
+    store = _store(config, only)
+    return _result(prepare_data(config.data, _base(config, store, base_key), store))
+
+
+@flow(name="loraforge-train", persist_result=True)
+def train_flow(config: PipelineConfig, base_key: str, data_key: str, only: str | None = None) -> StageResult:
+    """The train stage: the LoRA adapter."""
+    store = _store(config, only)
+    base = _base(config, store, base_key)
+    return _result(train_adapter(config.train, base, store.get("data", data_key), store))
+
+
+@flow(name="loraforge-eval", persist_result=True)
+def eval_flow(
+    config: PipelineConfig, base_key: str, data_key: str, train_key: str, only: str | None = None
+) -> StageResult:
+    """The eval stage: base vs tuned on the test split and the gate verdict (the pipeline enforces it)."""
+    store = _store(config, only)
+    base = _base(config, store, base_key)
+    data, train = store.get("data", data_key), store.get("train", train_key)
+    return _result(evaluate_adapter(config.eval, base, data, train, store))
+
+
+@flow(name="loraforge-merge", persist_result=True)
+def merge_flow(
+    config: PipelineConfig, base_key: str, data_key: str, train_key: str, only: str | None = None
+) -> StageResult:
+    """The merge stage: the adapter merged into the base model, checked against the adapter."""
+    store = _store(config, only)
+    base = _base(config, store, base_key)
+    data, train = store.get("data", data_key), store.get("train", train_key)
+    return _result(merge_adapter(config.merge, base, data, train, store))
+
+
+@flow(name="loraforge-quantize", persist_result=True)
+def quantize_flow(config: PipelineConfig, data_key: str, merge_key: str, only: str | None = None) -> StageResult:
+    """The quantize stage: GGUF files of the merged model, each checked in llama-cpp-python."""
+    store = _store(config, only)
+    data, merge = store.get("data", data_key), store.get("merge", merge_key)
+    return _result(quantize_gguf(config.quantize, config.name, data, merge, store))
+
+
+@flow(name="loraforge-publish", persist_result=True)
+def publish_flow(
+    config: PipelineConfig,
+    base_key: str,
+    data_key: str,
+    train_key: str,
+    eval_key: str,
+    merge_key: str,
+    quantize_key: str,
+    only: str | None = None,
+) -> StageResult:
+    """The publish stage: bundle, model card and lineage, pushed to the Hub when a token is set.
+
+    The base artifact is read from the store (its manifest only): this stage never loads weights.
+    """
+    store = _store(config, only)
+    base, data, train = store.get("base", base_key), store.get("data", data_key), store.get("train", train_key)
+    eval_, merge, quantize = (
+        store.get("eval", eval_key),
+        store.get("merge", merge_key),
+        store.get("quantize", quantize_key),
+    )
+    return _result(publish_model(config.publish, config.name, base, data, train, eval_, merge, quantize, store))
+
+
+STAGE_FLOWS = {
+    "base": base_flow,
+    "data": data_flow,
+    "train": train_flow,
+    "eval": eval_flow,
+    "merge": merge_flow,
+    "quantize": quantize_flow,
+    "publish": publish_flow,
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Stop the local stack started by infra/stack/up.sh: workers, Hub server, Prefect server (each by its pid file,
+# with the process group it started), then PostgreSQL. `--purge` also deletes STACK_DIR (database, artifacts).
+#   make stack-down            bash infra/stack/down.sh [--purge]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+STACK_DIR="$(realpath -m "${STACK_DIR:-.stack}")"
+RUN="$STACK_DIR/run" PGDATA="$STACK_DIR/postgres"
+say() { echo "[stack] $*"; }
+
+for name in worker-cpu worker-gpu hub prefect; do
+  pidfile="$RUN/$name.pid"
+  [ -f "$pidfile" ] || continue
+  pid="$(cat "$pidfile")"
+  if kill -0 "$pid" 2>/dev/null; then
+    say "stopping $name (pid $pid)"
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true  # up.sh made it a group leader
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && { say "$name did not stop in 30 s: killing it"; kill -KILL -- "-$pid" 2>/dev/null || true; }
+  fi
+  rm -f "$pidfile"
+done
+
+if [ -f "$PGDATA/PG_VERSION" ]; then
+  PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
+  if [ "$(id -u)" -eq 0 ]; then as_pg() { runuser -u postgres -- "$@"; }; else as_pg() { "$@"; }; fi
+  if as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
+    say "stopping PostgreSQL"
+    as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null
+  fi
+fi
+
+if [ "${1:-}" = "--purge" ]; then
+  say "removing $STACK_DIR"
+  rm -rf "$STACK_DIR"
+fi
+say "down"

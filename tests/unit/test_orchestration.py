@@ -1,0 +1,77 @@
+"""The orchestration switch, the deployments file and register-data, without a server (the server-side behaviour
+is in tests/integration/test_deployments.py)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from flows.pipeline import DEPLOYMENTS, IN_PROCESS, pipeline
+from flows.stages import STAGE_FLOWS
+from tasks.config import DEMO_CONFIG, load_config
+from tasks.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_orchestration_options_are_validated() -> None:
+    config = load_config(DEMO_CONFIG)
+    assert config.orchestration.stages == "in_process" and config.orchestration.approval is False
+    with pytest.raises(ConfigError) as error:
+        load_config(DEMO_CONFIG, ["orchestration.stages=remote", "orchestration.approval_timeout_s=0"])
+    message = str(error.value)
+    assert "orchestration.stages" in message and "'in_process' or 'deployments'" in message
+    assert "orchestration.approval_timeout_s" in message and "2 problems" in message
+
+
+@pytest.mark.parametrize("override", ["orchestration.stages=deployments", "orchestration.approval=true"])
+def test_deployments_and_approval_need_a_prefect_server(
+    override: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    config = load_config(DEMO_CONFIG, [override, f"store={tmp_path}"])
+    with pytest.raises(ConfigError, match=rf"{override} needs a Prefect server"):
+        pipeline.fn(config)
+    assert not (tmp_path / "base").exists()  # refused before any stage ran
+
+
+def test_every_stage_has_a_flow_and_a_deployment_in_prefect_yaml() -> None:
+    spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {*IN_PROCESS, "pipeline"} == {*STAGE_FLOWS, "pipeline"}
+    for stage, stage_flow in STAGE_FLOWS.items():
+        d = deployments[stage]
+        assert d["entrypoint"] == f"flows/stages.py:{stage_flow.fn.__name__}"
+        assert DEPLOYMENTS[stage] == f"{stage_flow.name}/{d['name']}"
+        # The pipeline passes each upstream key as <stage>_key: the stage flow must take exactly those.
+        params = set(inspect.signature(stage_flow.fn).parameters) - {"config", "only"}
+        upstream = set(inspect.signature(IN_PROCESS[stage].fn).parameters)  # the stage function's arguments
+        artifacts = upstream - {"config", "store", "spec", "name", "pipeline_name"}
+        assert params == {f"{name.rstrip('_')}_key" for name in artifacts}
+        assert d["work_pool"]["name"] == ("loraforge-gpu" if stage == "train" else "loraforge-cpu")
+    gpu = deployments["train"]["work_pool"]["job_variables"]["container_create_kwargs"]["device_requests"]
+    assert gpu[0]["driver"] == "nvidia" and gpu[0]["capabilities"] == [["gpu"]]
+    pipeline_deployment = deployments["pipeline"]
+    assert pipeline_deployment["entrypoint"] == "flows/pipeline.py:run_pipeline"
+    assert [s["cron"] for s in pipeline_deployment["schedules"]] == ["0 2 * * *"]
+    (trigger,) = pipeline_deployment["triggers"]
+    assert trigger["expect"] == ["loraforge.data.registered"]
+    assert trigger["parameters"] == {"data_file": "{{ event.payload.path }}"}
+
+
+def test_register_data_refuses_a_missing_file_and_a_missing_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["register-data", str(tmp_path / "nope.jsonl")]) == 1
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["register-data", str(tmp_path / "notes.txt")]) == 1
+    assert "is not a .jsonl/.json/.csv/.parquet file" in capsys.readouterr().err
+    (tmp_path / "new.jsonl").write_text("{}\n")
+    assert main(["register-data", str(tmp_path / "new.jsonl")]) == 1
+    assert "set PREFECT_API_URL" in capsys.readouterr().err

@@ -66,9 +66,13 @@ flock 9 # one build at a time per cache (CI jobs, tests and people share it)
 if ! "${PODMAN[@]}" image exists "$DEBIAN_IMAGE"; then
   tarball="$WORK/debian-bookworm.tar"
   if [ ! -f "$tarball" ]; then
-    if ! command -v debootstrap >/dev/null; then
-      [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || die "missing debootstrap: as root, apt-get install debootstrap"
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
+    # debian-archive-keyring: debootstrap checks bookworm's signatures with it (not preinstalled on Ubuntu).
+    if ! command -v debootstrap >/dev/null || [ ! -f /usr/share/keyrings/debian-archive-keyring.gpg ]; then
+      [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+        || die "missing debootstrap: as root, apt-get install debootstrap debian-archive-keyring"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap debian-archive-keyring >/dev/null \
+        || { apt-get update -q >/dev/null \
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap debian-archive-keyring >/dev/null; }
     fi
     [ "$(id -u)" = 0 ] || die "debootstrap needs root"
     rootfs="$WORK/debian-bookworm.rootfs"
@@ -99,11 +103,44 @@ git ls-files -co --exclude-standard -- pyproject.toml constraints.txt README.md 
   | tar -cf - -T - | tar -xf - -C "$new_src"
 rm -rf "$ctx/src" && mv "$new_src" "$ctx/src"
 cp containers/entrypoint.sh "$ctx/entrypoint.sh"
+# The images' pins: constraints.txt restricted to loraforge's runtime dependency closure (as installed in the
+# venv), without torch (each image installs its own build). Dev-only pins (pytest, linters, the Docker worker)
+# then never invalidate the image layers.
+[ -x "$VENV_PY" ] || die "no $VENV_PY: run make setup first"
+"$VENV_PY" - constraints.txt "$ctx/constraints-image.txt.part" <<'PY'
+import importlib.metadata as md
+import sys
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+closure, todo = set(), ["loraforge"]
+while todo:
+    name = canonicalize_name(todo.pop())
+    if name in closure:
+        continue
+    closure.add(name)
+    try:
+        requires = md.distribution(name).requires or []
+    except md.PackageNotFoundError:
+        continue
+    for line in requires:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            todo.append(req.name)
+closure -= {"loraforge", "torch"}
+with open(sys.argv[1]) as src, open(sys.argv[2], "w") as out:
+    out.write("# constraints.txt restricted to loraforge's runtime dependencies, torch aside (containers/build.sh)\n")
+    for line in src:
+        name = line.split("==")[0].strip()
+        if name and not name.startswith("#") and canonicalize_name(name) in closure:
+            out.write(line)
+PY
+mv "$ctx/constraints-image.txt.part" "$ctx/constraints-image.txt"
 
 torch_wheel=$(ls "$ctx/wheels"/torch-"$TORCH_VERSION"+cpu-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$torch_wheel" ]; then
   log "fetching the torch $TORCH_VERSION CPU wheel into the build context (pip's config finds it on disk)"
-  [ -x "$VENV_PY" ] || VENV_PY=python3
   "$VENV_PY" -m pip download -q --no-deps -d "$ctx/wheels" "torch==$TORCH_VERSION+cpu" \
     ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
     || die "no torch $TORCH_VERSION CPU wheel: set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
@@ -131,7 +168,7 @@ if [ -f "$CA_BUNDLE" ]; then
 fi
 [ -n "${TORCH_INDEX_URL:-}" ] && common+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 hash=$({
-  (cd "$ctx" && find src llama.cpp entrypoint.sh -type f -print0 | sort -z | xargs -0 sha256sum)
+  (cd "$ctx" && find src llama.cpp entrypoint.sh constraints-image.txt -type f -print0 | sort -z | xargs -0 sha256sum)
   (cd "$ctx/wheels" && ls -l --time-style=+ -- *.whl | awk '{print $5, $NF}')
   sha256sum containers/*.Containerfile
   echo "$TRAIN_TORCH_SPEC ${TORCH_INDEX_URL:-} $TAG"

@@ -50,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of: " + ", ".join(MODES))
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (peak is reached in step 1-2)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "plan_accuracy.json")
+    parser.add_argument(
+        "--replan", type=Path, metavar="JSON",
+        help="no training: recompute the estimates of a earlier run's JSON with the current tasks/plan.py",
+    )  # fmt: skip
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(args.child)
+    if args.replan:
+        return replan(args.replan, args.json)
     # A fresh store per run: a cached train artifact would skip the training being measured.
     scratch = Path(tempfile.mkdtemp(prefix="loraforge-plan-bench-"))
     results = []
@@ -115,6 +121,30 @@ def measure(model: str, mode: str, store: Path, steps: int) -> dict[str, Any]:
         "child_seconds": round(seconds, 1),
     }  # fmt: skip
     return row
+
+
+def replan(previous: Path, out: Path) -> int:
+    """Re-estimate recorded runs (same model, mode, batch and sequence length) with the current constants."""
+    from tasks.config import DEMO_CONFIG, load_config
+    from tasks.plan import plan_training
+
+    recorded = json.loads(previous.read_text())
+    scratch = Path(tempfile.mkdtemp(prefix="loraforge-plan-replan-"))
+    for row in recorded["runs"]:
+        if "error" in row:
+            continue
+        config = load_config(DEMO_CONFIG, overrides_for(row["model"], row["mode"], scratch / "store", 1))
+        plan = plan_training(config, seq_len=row["seq_len"], seq_len_source="recorded")
+        estimate = plan.memory["full" if row["mode"] == "full" else PLAN_MODE[row["mode"]]]
+        error = round(100 * (estimate.peak_rss_mb - row["measured_mb"]) / row["measured_mb"], 1)
+        row.update(estimate_mb=estimate.peak_rss_mb, estimate_terms_mb=estimate.components_mb,
+                   cuda_estimate_mb=estimate.cuda_mb, error_pct=error)  # fmt: skip
+        _print_row(row)
+    recorded["replanned_from"] = str(previous)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(recorded, indent=2))
+    print(f"\nwrote {out}")
+    return 0
 
 
 def _child(argv: list[str]) -> int:

@@ -59,7 +59,7 @@ MB = 1024 * 1024
 PROCESS_OVERHEAD_MB = 467
 # The rest is filled in from measurements (see docs/plan.md).
 LOGIT_COPIES = 3
-ALLOCATOR_FACTOR = 1.0
+ALLOCATOR_FACTOR = 1.37
 QUANTIZED_LOAD_FILE_SHARE = 1.0
 MODES = ("lora", "qlora-4bit", "qlora-8bit", "full")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -295,20 +295,22 @@ def safetensors_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata:
 
 
 def activation_floats_per_token_layer(
-    arch: Architecture, lora_inputs: float, lora_modules: float, r: int, dropout: float
+    arch: Architecture, lora_inputs: float, lora_modules: float, r: int, dropout: float, device: str = "cpu"
 ) -> float:
     """fp32 values autograd keeps per token in one decoder layer until backward (Llama-style block).
 
-    Counted from what each op saves (torch 2.13, transformers' sdpa path, CPU flash attention):
+    Counted from what each op saves (torch 2.13, transformers' sdpa path, flash attention):
 
     - residual stream after attention and after the MLP: 2h;
     - two RMSNorms, each keeps x * rsqrt(var) and its output (the projections' input): 4h;
     - attention: q and k after RoPE, v (k and v repeated to all heads when a padding mask is given, which
       makes sdpa repeat them: h each), the attention output and its transposed copy (o_proj's input): 5h,
-      plus one log-sum-exp value per head: n;
+      plus one log-sum-exp value per head: n (flash attention keeps no seq x seq matrix);
     - SwiGLU MLP: gate, up, silu(gate) and their product (down_proj's input): 4i;
-    - LoRA, per adapted layer: dropout keeps its output (the layer's input size) and a 1-byte mask, so
-      1.25 x in_features when dropout > 0, and the rank-r output of A: r.
+    - LoRA, per adapted layer: dropout keeps its output (the layer's input size) and its mask; on CPU torch's
+      unfused dropout multiplies by a float noise tensor (4 B per value), on CUDA the fused kernel keeps a
+      1-byte mask: 2 x in_features (CPU) or 1.25 x in_features (CUDA) when dropout > 0, nothing when it
+      is 0; plus the rank-r output of A: r.
 
     Args:
         arch: the model's shape.
@@ -316,11 +318,12 @@ def activation_floats_per_token_layer(
         lora_modules: how many layers are adapted per decoder layer.
         r: LoRA rank.
         dropout: LoRA dropout (0 means no dropout copy).
+        device: "cpu" or "cuda" (the dropout mask differs).
     """
     h, i = arch.hidden, arch.intermediate
     base = 2 * h + 4 * h + 5 * h + arch.heads + 4 * i
-    lora = (1.25 * lora_inputs if dropout > 0 else 0.0) + lora_modules * r
-    return base + lora
+    per_input = (2.0 if device == "cpu" else 1.25) if dropout > 0 else 0.0
+    return base + per_input * lora_inputs + lora_modules * r
 
 
 def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) -> MemoryEstimate:
@@ -354,11 +357,14 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
     adapter_weights = 0 if mode == "full" else trainable * fp32
     grads_and_adam = trainable * (fp32 + 2 * fp32)
 
-    per_layer = activation_floats_per_token_layer(arch, lora_inputs, lora_modules, train.r, train.dropout)
-    # with gradient checkpointing only each layer's input is kept; backward recomputes one layer at a time
-    checkpointed = arch.layers * arch.hidden + per_layer
-    layer_floats = checkpointed if plan.gradient_checkpointing else arch.layers * per_layer
-    activations = tokens * (layer_floats + 3 * arch.hidden) * fp32  # + embedding output, final norm
+    def activation_bytes(device: str) -> float:
+        per_layer = activation_floats_per_token_layer(arch, lora_inputs, lora_modules, train.r, train.dropout, device)
+        # with gradient checkpointing only each layer's input is kept; backward recomputes one layer at a time
+        checkpointed = arch.layers * arch.hidden + per_layer
+        layer_floats = checkpointed if plan.gradient_checkpointing else arch.layers * per_layer
+        return tokens * (layer_floats + 3 * arch.hidden) * fp32  # + the embedding output and the final norm
+
+    activations = activation_bytes("cpu")
     logits = LOGIT_COPIES * tokens * arch.vocab * fp32
 
     components = {
@@ -377,7 +383,7 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
         + components["quantized_load_residue"]
         + ALLOCATOR_FACTOR * (components["activations"] + components["logits"])
     )
-    cuda = steady + components["activations"] + components["logits"]
+    cuda = steady + (activation_bytes("cuda") + logits) / MB
     return MemoryEstimate(
         mode=mode,
         components_mb={k: round(v, 1) for k, v in components.items()},

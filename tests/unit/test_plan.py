@@ -102,10 +102,13 @@ def test_activation_count_for_smollm2_shape() -> None:
     from tasks.plan import Architecture
 
     smol = Architecture("llama", 30, 576, 1536, 9, 3, 64, 49152, True)
-    # 11h + n + 4i with no adapters; q,v LoRA at r=16 with dropout: 1.25 x (576 + 576) + 2 x 16
-    assert activation_floats_per_token_layer(smol, 0, 0, 16, 0.05) == 11 * 576 + 9 + 4 * 1536
-    assert activation_floats_per_token_layer(smol, 1152, 2, 16, 0.05) == 11 * 576 + 9 + 4 * 1536 + 1440 + 32
-    assert activation_floats_per_token_layer(smol, 1152, 2, 16, 0.0) == 11 * 576 + 9 + 4 * 1536 + 32
+    # 11h + n + 4i with no adapters; q,v LoRA at r=16 with dropout: 2 x (576 + 576) on CPU (output + float noise),
+    # 1.25 x on CUDA (output + 1-byte mask), + 2 x 16 for A's outputs; no dropout: no copy at all
+    base = 11 * 576 + 9 + 4 * 1536
+    assert activation_floats_per_token_layer(smol, 0, 0, 16, 0.05) == base
+    assert activation_floats_per_token_layer(smol, 1152, 2, 16, 0.05) == base + 2304 + 32
+    assert activation_floats_per_token_layer(smol, 1152, 2, 16, 0.05, device="cuda") == base + 1440 + 32
+    assert activation_floats_per_token_layer(smol, 1152, 2, 16, 0.0) == base + 32
 
 
 def test_memory_grows_with_batch_and_length_and_shrinks_with_checkpointing(tiny_model: Path) -> None:

@@ -1,0 +1,78 @@
+"""`loraforge plan` against a real train-stage run in its own process, and a two-rank sweep whose table rows
+come from the real train and eval artifacts (and are cache hits the second time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from test_train_variants_helper import SMALL
+
+from tasks.artifacts import ArtifactStore
+from tasks.config import DEMO_CONFIG, load_config
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_plan_is_within_25_percent_of_a_real_train_run(tiny_model: Path, tmp_path: Path) -> None:
+    from tasks.plan import data_seq_len, plan_training, run_measuring_peak_rss
+
+    overrides = [f"base_model={tiny_model}", f"store={tmp_path / 'store'}", *SMALL, "train.target_modules=all-linear"]
+    config = load_config(DEMO_CONFIG, overrides)
+    seq_len, source = data_seq_len(config)  # prepares the data artifact; the child finds it cached
+    plan = plan_training(config, seq_len=seq_len, seq_len_source=source)
+
+    code = (
+        "import sys; from pathlib import Path; from tasks.artifacts import ArtifactStore; "
+        "from test_train_variants_helper import train; "
+        "a = train(Path(sys.argv[1]), ArtifactStore(sys.argv[2]), *sys.argv[3:]); print(a.key, a.cached)"
+    )
+    child = [sys.executable, "-c", code, str(tiny_model), str(tmp_path / "store"), "train.target_modules=all-linear"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "TQDM_DISABLE": "1"}
+    status, peak_mb, output = run_measuring_peak_rss(child, env=env)
+    assert status == 0, output[-2000:]
+    key, cached = output.strip().splitlines()[-1].split()
+    assert cached == "False"  # trained in the child, not found in the store
+    train = ArtifactStore(tmp_path / "store").get("train", key)
+
+    estimate = plan.memory["lora"].peak_rss_mb
+    assert abs(estimate - peak_mb) / peak_mb <= 0.25, (estimate, peak_mb, plan.memory["lora"].components_mb)
+    assert abs(train.metrics["peak_rss_mb"] - peak_mb) <= 5  # the stage's own ru_maxrss is the same process peak
+    assert plan.trainable_params == train.metrics["trainable_params"]
+    assert plan.adapter_file_bytes == (train.file("adapter") / "adapter_model.safetensors").stat().st_size
+
+
+def test_rank_sweep_table_rows_come_from_the_artifacts(tiny_model: Path, tmp_path: Path) -> None:
+    from flows.cli import main
+
+    store = ArtifactStore(tmp_path / "store")
+    args = ["sweep", str(DEMO_CONFIG), f"base_model={tiny_model}", f"store={store.root}", *SMALL,
+            "eval.gate=[loss > 0]", "--r", "2,8", "--json", str(tmp_path / "sweep.json")]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    rows = record["rows"]
+    assert [row["r"] for row in rows] == [2, 8] and [row["train.r"] for row in rows] == ["2", "8"]
+    for row in rows:
+        train, evaluated = store.get("train", row["train_key"]), store.get("eval", row["eval_key"])
+        assert train.manifest["config"]["r"] == row["r"]
+        assert evaluated.manifest["inputs"]["train"]["key"] == train.key
+        assert row["trainable_params"] == train.metrics["trainable_params"]
+        assert row["peak_rss_mb"] == train.metrics["peak_rss_mb"] and row["peak_rss_mb"] > 300
+        assert row["train_seconds"] == train.metrics["train_seconds"]
+        size = (train.file("adapter") / "adapter_model.safetensors").stat().st_size
+        assert row["adapter_mb"] == round(size / 2**20, 3)
+        assert row["loss"] == evaluated.metrics["loss"] and row["accuracy"] == evaluated.metrics["accuracy"]
+        assert row["trained_now"] and not row["cached"]
+    assert rows[1]["trainable_params"] == 4 * rows[0]["trainable_params"]  # LoRA parameters are linear in r
+    assert Path(record["markdown"]).read_text().startswith("| train.r | r | trainable_params |")
+
+    # the same sweep again: every stage is a cache hit and the rows are the same figures
+    assert main(args) == 0
+    again = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert all(row["cached"] and not row["trained_now"] for row in again)
+    keep = ("train_key", "eval_key", "trainable_params", "peak_rss_mb", "loss")
+    assert [{k: r[k] for k in keep} for r in again] == [{k: r[k] for k in keep} for r in rows]

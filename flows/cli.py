@@ -4,6 +4,11 @@
     loraforge stage NAME [CONFIG] [key=value ...] run one stage on existing upstream artifacts
     loraforge show RUN|ARTIFACT [--store URL]     a run record or an artifact's lineage
     loraforge validate [CONFIG] [key=value ...]   check a config and print it resolved
+    loraforge plan [CONFIG] [key=value ...] [--seq-len N | --from-data]
+                                                  adapter parameters per module, adapter file size and
+                                                  peak memory (LoRA, QLoRA 4/8-bit, full FT), no training
+    loraforge sweep [CONFIG] --r 4,8,16 [--grid KEY=V1,V2 ...] [key=value ...]
+                                                  train + evaluate each variant, one comparison table
     loraforge pull REPO[@REV] [REPO ...] --prompt TEXT [--gguf TYPE]
                                                   download published adapters (or a GGUF), verify them
                                                   against their lineage and answer the prompt with each
@@ -73,6 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="validate a config and print it resolved")
     validate.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     validate.set_defaults(handler=_validate)
+    plan = sub.add_parser("plan", help="adapter parameters, adapter file size and peak memory, without training")
+    plan.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    plan.add_argument("--seq-len", type=int, help="tokens per row to plan for (default: data.max_length)")
+    plan.add_argument(
+        "--from-data", action="store_true", help="plan for the longest train row (runs the data stage: usually cached)"
+    )
+    plan.add_argument("--json", type=Path, metavar="FILE", help="also write the plan as JSON")
+    plan.set_defaults(handler=_plan)
+    sweep = sub.add_parser("sweep", help="train + evaluate one variant per value (e.g. --r 4,8,16), one table")
+    sweep.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    sweep.add_argument("--r", help="LoRA ranks, comma-separated (same as --grid train.r=4,8,16)")
+    sweep.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2",
+        help="a config key and its values (repeatable: every combination is trained)",
+    )  # fmt: skip
+    sweep.add_argument("--json", type=Path, metavar="FILE", help="also write the table as JSON here")
+    sweep.set_defaults(handler=_sweep)
     pull = sub.add_parser("pull", help="download, verify and try published adapters (or a GGUF)")
     pull.add_argument("repos", nargs="+", metavar="ORG/NAME[@REVISION]", help="one or more published repos")
     pull.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
@@ -105,6 +127,45 @@ def _load(items: list[str]) -> Any:
     if len(paths) > 1:
         raise LoraforgeError(f"give one config file, got {len(paths)}: {', '.join(paths)}")
     return load_config(paths[0] if paths else None, overrides)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from tasks.plan import data_seq_len, format_plan, plan_training
+
+    config = _load(args.items)
+    seq_len, source = args.seq_len, None
+    if args.from_data:
+        seq_len, source = data_seq_len(config)
+    result = plan_training(config, seq_len=seq_len, seq_len_source=source)
+    print(format_plan(result))
+    if args.json:
+        args.json.write_text(json.dumps(result.to_json(), indent=2))
+        print(f"plan written to {args.json}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from flows.sweep import grid_points, sweep
+
+    grid: dict[str, list[str]] = {}
+    for item in ([f"train.r={args.r}"] if args.r else []) + args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise LoraforgeError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. --grid train.r=4,8,16")
+        grid[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    if not grid:
+        raise LoraforgeError("sweep: nothing to sweep; give --r 4,8,16 or --grid KEY=V1,V2")
+    # Values with commas inside (lists) cannot be written in --grid; each variant is validated like a run's config.
+    variants = [(point, _load([*args.items, *(f"{k}={v}" for k, v in point.items())])) for point in grid_points(grid)]
+    _quiet_user_errors()
+    record = sweep(variants)
+    from flows.sweep import to_markdown
+
+    print(to_markdown(record["rows"]))
+    print(f"sweep table: {record['json']} and {record['markdown']}")
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2))
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

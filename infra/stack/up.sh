@@ -23,7 +23,7 @@ die() { echo "[stack] error: $*" >&2; exit 1; }
 [ -x "$PY" ] || die "$PY not found: run \`make setup\` first (or set PYTHON)"
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------------
-find_pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+find_pg_bin() { printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1; }  # the newest installed major
 PG_BIN="${PG_BIN:-$(find_pg_bin)}"
 if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/initdb" ]; then
   say "installing PostgreSQL (Debian package postgresql)"
@@ -77,11 +77,21 @@ start() {  # start NAME CMD...: run detached in its own session (down.sh stops t
   setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
   echo $! >"$RUN/$name.pid"
 }
+answers() {  # answers URL: any HTTP response (the Hub says 401 without a token) means the server is up
+  "$PY" - "$1" 2>/dev/null <<'PYEOF'
+import sys
+import urllib.error
+import urllib.request
+
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=2)
+except urllib.error.HTTPError:
+    pass
+PYEOF
+}
 wait_http() {  # wait_http NAME URL: until the URL answers, or fail with the service's log
   for _ in $(seq 1 240); do
-    if "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$2" 2>/dev/null; then
-      return
-    fi
+    if answers "$2"; then return; fi
     alive "$1" || die "$1 exited; see $LOGS/$1.log"
     sleep 0.5
   done

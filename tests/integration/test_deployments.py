@@ -214,7 +214,7 @@ def test_pipeline_runs_each_stage_on_its_deployment(
     assert parent.state is not None and parent.state.is_completed(), parent.state
     record = ArtifactStore(store).load_run("latest")
     assert {s: i["key"] for s, i in record["stages"].items()} == {s: i["key"] for s, i in reference["stages"].items()}
-    assert list(record["stages"]) == list(STAGES)
+    assert set(record["stages"]) == set(STAGES)
     assert not any(i["cached"] for i in record["stages"].values())  # each stage computed on its own worker
 
     with server.settings(), server.client() as client:

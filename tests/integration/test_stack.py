@@ -4,6 +4,7 @@ run through the stack's worker, then `make stack-down` (infra/stack/down.sh) sto
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -63,7 +64,10 @@ def test_stack_runs_prefect_on_postgres_with_a_worker(stack: dict[str, str], tin
 
     api = stack["PREFECT_API_URL"]
     assert urllib.request.urlopen(f"{api}/health", timeout=10).read() == b"true"
-    assert urllib.request.urlopen(f"{stack['HF_ENDPOINT']}/api/whoami-v2", timeout=10).status in (200, 401)
+    whoami = urllib.request.Request(
+        f"{stack['HF_ENDPOINT']}/api/whoami-v2", headers={"Authorization": f"Bearer {stack['HF_TOKEN']}"}
+    )
+    assert json.loads(urllib.request.urlopen(whoami, timeout=10).read())["auth"]["accessToken"]["role"] == "write"
 
     config = load_config(DEMO_CONFIG, [f"base_model={tiny_model}", f"store={stack['LORAFORGE_STORE']}"])
     with temporary_settings({PREFECT_API_URL: api}):

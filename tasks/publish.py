@@ -1,7 +1,18 @@
 """Publish stage: assemble the adapter (and optionally merged weights and GGUF files) with a model card and
 lineage, then push it to a Hugging Face Hub repo, or, with no token, write the exact bundle it would push.
 
-The token comes only from the environment (HF_TOKEN); it never enters configs, manifests, cards or logs.
+Layout: one repo with folders, one commit per publish, one tag per pipeline version. The adapter sits at the repo
+root (so `PeftModel.from_pretrained(base, REPO, revision=TAG)` works as is), the merged model under `merged/`, the
+GGUF files with their Ollama Modelfiles under `gguf/`, the lineage under `loraforge/`. One repo keeps every
+artifact of a version behind a single commit and tag, so they can never drift apart; the price is that a GGUF user
+filters downloads (`allow_patterns="gguf/*"`, or `hf_hub_download(..., "gguf/NAME-Q4_K_M.gguf")`).
+
+A push is one commit: LFS contents go up first, the commit lands only when all of them are there, then the tag
+is created on that commit. A push that dies midway leaves no commit and no tag (uploaded LFS objects wait unused),
+and a re-run uploads only what is missing, commits, and tags; a bundle already at the head makes no new commit.
+
+The token comes from the environment (HF_TOKEN) or a Prefect Secret block (`publish.token_secret`); it never
+enters configs, manifests, cards or logs, and error messages are scrubbed of it.
 Run alone: `loraforge stage publish CONFIG [key=value ...]`.
 """
 
@@ -41,6 +52,17 @@ class PublishConfig(BaseModel):
         default_factory=lambda: ["q4_k_m"], description="GGUF types (from the quantize stage) to upload under gguf/."
     )
     tag: str | None = Field(None, description="Tag for the pushed revision; default: loraforge-<eval key prefix>.")
+    token_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the Hub token; when set it is used instead of HF_TOKEN "
+        "(and push: auto pushes). Only the name is stored anywhere.",
+    )
+    datasets: list[str] | None = Field(
+        None,
+        description="Hub dataset ids for the card's `datasets` metadata. Default: the id the training data came "
+        "from when it is a datasets folder downloaded from the Hub, else none (the Hub expects ids of Hub datasets; "
+        "the local files are named in the card and lineage instead).",
+    )
 
 
 def publish_model(
@@ -60,10 +82,13 @@ def publish_model(
         The publish artifact: `bundle/` (exactly what is or would be pushed) and, after a push, the commit and
         tag in the manifest.
     """
-    token = hub_token()
+    token = None if config.push == "never" else hub_token(config.token_secret)
     mode = "push" if config.push == "always" or (config.push == "auto" and token) else "bundle"
     if mode == "push" and not token:
-        raise StageError("publish.push is 'always' but HF_TOKEN is not set; export HF_TOKEN or set publish.push=auto.")
+        raise StageError(
+            "publish.push is 'always' but HF_TOKEN is not set; export HF_TOKEN, name a Prefect Secret block in "
+            "publish.token_secret, or set publish.push=auto."
+        )
     endpoint = hub_endpoint(config.endpoint)
     inputs = {"base": base, "data": data, "train": train, "eval": eval_, "merge": merge, "quantize": quantize}
     settings = {**config.model_dump(), "endpoint": endpoint, "mode": mode, "name": pipeline_name}
@@ -93,8 +118,11 @@ def publish_model(
             shutil.copytree(merge.file("model"), bundle / "merged")
         for qtype in [q for q in config.include_gguf if q not in withheld]:
             (bundle / "gguf").mkdir(exist_ok=True)
-            shutil.copy2(quantize.file(quantize.manifest["gguf"][qtype]["file"]), bundle / "gguf")
+            for kind in ("file", "modelfile"):  # the GGUF and its Ollama Modelfile (merged types have one)
+                if kind in gguf[qtype]:
+                    shutil.copy2(quantize.file(gguf[qtype][kind]), bundle / "gguf")
         lineage = _lineage(pipeline_name, inputs, tag)
+        lineage["datasets"] = config.datasets if config.datasets is not None else hub_datasets(data)
         # Every published file's sha256, so `loraforge pull` can verify what it downloads against the lineage.
         lineage["files"] = {name: info["sha256"] for name, info in hash_files(bundle).items()}
         (bundle / "loraforge").mkdir()
@@ -106,8 +134,9 @@ def publish_model(
             draft.extra["commit"] = _push(bundle, config, endpoint, token or "", tag)
             print(f"[publish] pushed {config.repo_id}@{tag} to {endpoint} (commit {draft.extra['commit'][:12]})")
         else:
+            why = "publish.push=never" if config.push == "never" else "no Hub token (HF_TOKEN, publish.token_secret)"
             print(
-                f"[publish] HF_TOKEN not set: wrote the bundle that would be pushed to {endpoint}/{config.repo_id} "
+                f"[publish] {why}: wrote the bundle that would be pushed to {endpoint}/{config.repo_id} "
                 f"(tag {tag}) at {store.path('publish', key) / 'bundle'}"
             )
     return store.get("publish", key, fresh=True)
@@ -119,38 +148,122 @@ def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: s
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(config.repo_id, private=config.private, exist_ok=True)
-        info = api.upload_folder(repo_id=config.repo_id, folder_path=bundle, commit_message=f"loraforge: publish {tag}")
+        tags = {t.name: t.target_commit for t in api.list_repo_refs(config.repo_id).tags}
+        if tag in tags:  # this version was published before: the tag must hold exactly this bundle
+            if different := _differences(api, config.repo_id, tags[tag], bundle):
+                raise StageError(
+                    f"tag {tag} already exists on {config.repo_id} (commit {tags[tag][:12]}) with other files "
+                    f"({', '.join(different[:5])}): a tag names one pipeline version; set publish.tag to a new name."
+                )
+            return tags[tag]
+        # One commit with every file; the client skips files the head already has (no new commit when nothing
+        # changed) and LFS objects the server already stores (what an interrupted push got up).
+        # delete_patterns: files of an earlier version that this bundle does not have go in the same commit.
+        info = api.upload_folder(repo_id=config.repo_id, folder_path=bundle, commit_message=f"loraforge: publish {tag}",
+                                 delete_patterns="*")  # fmt: skip
         commit = str(info.oid)
-        existing = {t.name for t in api.list_repo_refs(config.repo_id).tags}
-        if tag not in existing:
-            api.create_tag(config.repo_id, tag=tag, revision=commit)
+        api.create_tag(config.repo_id, tag=tag, revision=commit)
+    except StageError:
+        raise
     except Exception as exc:  # network and HTTP errors of every kind: report, never leak the token
         message = scrub(str(exc), token)
         raise StageError(f"push to {endpoint}/{config.repo_id} failed ({type(exc).__name__}): {message}") from None
     return commit
 
 
+def _differences(api: Any, repo_id: str, commit: str, bundle: Path) -> list[str]:
+    """Paths that differ between the bundle and the repo at `commit` (LFS files by sha256, others by git oid)."""
+    import hashlib
+
+    remote = {}
+    for entry in api.list_repo_tree(repo_id, revision=commit, recursive=True):
+        if getattr(entry, "blob_id", None) is not None:  # a file, not a folder
+            remote[entry.path] = entry.lfs.sha256 if entry.lfs else entry.blob_id
+    local = {}
+    for name, info in hash_files(bundle).items():
+        if (remote_entry := remote.get(name)) is not None and len(remote_entry) == 40:  # compared by git blob oid
+            data = (bundle / name).read_bytes()
+            local[name] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        else:
+            local[name] = info["sha256"]
+    return sorted(n for n in set(remote) | set(local) if remote.get(n) != local.get(n) and n != ".gitattributes")
+
+
+def hub_datasets(data: Artifact) -> list[str]:
+    """The Hub dataset ids the training data came from: for a `datasets` folder saved from a Hub dataset, the repo
+    named in its dataset_info.json download URLs (hf://datasets/ORG/NAME@REV/... or .../datasets/ORG/NAME/resolve/);
+    local files have none."""
+    import re
+
+    found: list[str] = []
+    for field in ("train_file", "validation_file", "test_file"):
+        value = data.manifest["config"].get(field)
+        if not value:
+            continue
+        folder = Path(str(value).partition("#")[0])
+        for info_file in sorted(folder.rglob("dataset_info.json")) if folder.is_dir() else []:
+            try:
+                urls = json.loads(info_file.read_text()).get("download_checksums") or {}
+            except (OSError, json.JSONDecodeError):
+                continue
+            for url in urls:
+                match = re.search(r"(?:hf://datasets/|/datasets/)([\w.-]+/[\w.-]+?)(?:@|/resolve/)", url)
+                if match and match.group(1) not in found:
+                    found.append(match.group(1))
+    return found
+
+
 def _lineage(name: str, inputs: dict[str, Artifact], tag: str) -> dict[str, Any]:
     base, data, train, eval_, merge, quantize = (
         inputs[k] for k in ("base", "data", "train", "eval", "merge", "quantize")
     )
+    gguf = quantize.manifest.get("gguf") or {}
+    gate = eval_.manifest.get("gate") or {}
     return {
         "pipeline": name,
         "tag": tag,
         "artifacts": {stage: a.key for stage, a in inputs.items()},
         "base_model": {k: base.manifest.get(k) for k in ("base_model", "hub_id", "fingerprint", "architecture")},
         "data": {"sha256": data.manifest.get("data_sha256"), "template_sha256": data.manifest.get("template_sha256"),
+                 "files": {k: Path(str(v)).name for k, v in data.manifest["config"].items()
+                           if k.endswith("_file") and v},
                  "rows": data.metrics},
         "train": {"config": train.manifest["config"], "metrics": train.metrics,
                   "adapter_sha256": train.manifest["files"].get("adapter/adapter_model.safetensors", {}).get("sha256")},
-        "eval": {"metrics": eval_.metrics, "gate": eval_.manifest.get("gate")},
+        "eval": {"metrics": eval_.metrics, "gate": gate},
         "merge": {"policy": merge.manifest.get("merge_policy"), "fidelity": merge.metrics,
                   "dtype": merge.manifest["config"]["dtype"]},
-        "quantize": {"llama_cpp_version": quantize.manifest.get("llama_cpp_version"),
-                     "gguf": quantize.manifest.get("gguf")},
+        "quantize": {"llama_cpp_version": quantize.manifest.get("llama_cpp_version"), "gguf": gguf,
+                     "imatrix": quantize.manifest.get("imatrix")},
+        # Every gate between the data and this repo: eval's thresholds, the merge's fidelity limits (the merge
+        # artifact exists only when they held) and each GGUF's fidelity limits.
+        "gates": {"eval": bool(gate.get("passed")), "merge": True,
+                  "gguf": {q: bool(g.get("passed", True)) for q, g in gguf.items()}},
+        "config": {stage: a.manifest.get("config") for stage, a in inputs.items()},
         "code_versions": {stage: a.manifest.get("code_version") for stage, a in inputs.items()},
         "versions": train.manifest.get("versions"),
     }  # fmt: skip
+
+
+CARD_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity")  # eval metrics in model-index
+
+
+def base_license(base: Artifact) -> str:
+    """The base model's license id: from its provisioning record (the bundled base), else the `license` of the
+    model folder's own card (README.md front matter, as a Hub snapshot has), else 'other'."""
+    import yaml
+
+    if license_ := (base.manifest.get("source") or {}).get("license"):
+        return str(license_)
+    readme = Path(str(base.manifest.get("model_path", ""))) / "README.md"
+    if readme.is_file() and (text := readme.read_text(errors="replace")).startswith("---"):
+        try:
+            meta = yaml.safe_load(text.split("---")[1]) or {}
+        except yaml.YAMLError:
+            meta = {}
+        if isinstance(meta, dict) and meta.get("license"):
+            return str(meta["license"])
+    return "other"
 
 
 def _model_card(
@@ -159,43 +272,106 @@ def _model_card(
     import yaml
 
     base_id = base.manifest.get("hub_id") or base.manifest["base_model"]
-    license_ = (base.manifest.get("source") or {}).get("license", "other")
     metrics = eval_.metrics
-    card_meta = {
+    published = [q for q in config.include_gguf if (lineage["quantize"]["gguf"] or {}).get(q, {}).get("passed", True)]
+    gguf_meta = lineage["quantize"]["gguf"] or {}
+    modelfiles = [gguf_meta[q]["modelfile"] for q in published if "modelfile" in gguf_meta.get(q, {})]
+    datasets = lineage["datasets"]
+    card_meta: dict[str, Any] = {
         "base_model": base_id,
         "library_name": "peft",
         "pipeline_tag": "text-generation",
-        "license": license_,
-        "tags": ["loraforge", "lora", "peft", "gguf"],
-        "model-index": [{
-            "name": config.repo_id.split("/")[-1],
-            "results": [{
-                "task": {"type": "text-generation"},
-                "dataset": {"name": lineage["pipeline"], "type": "custom"},
-                "metrics": [{"type": m, "value": metrics[m]} for m in ("accuracy", "macro_f1", "exact_match")
-                            if m in metrics],
-            }],
+        "license": base_license(base),
+        "tags": ["loraforge", "lora", "peft"] + (["gguf"] if published else []) + (["ollama"] if modelfiles else []),
+    }
+    if datasets:  # Hub dataset ids only (the Hub links them); local data is named in the lineage below
+        card_meta["datasets"] = datasets
+    card_meta["model-index"] = [{
+        "name": config.repo_id.split("/")[-1],
+        "results": [{
+            "task": {"type": "text-generation", "name": "Text Generation"},
+            "dataset": {"name": f"{lineage['pipeline']} (test split)", "type": datasets[0] if datasets else "custom",
+                        "split": "test"},
+            "metrics": [{"type": m, "name": m, "value": metrics[m]} for m in CARD_METRICS if m in metrics],
         }],
-    }  # fmt: skip
+    }]  # fmt: skip
     rows = "\n".join(
         f"| {m} | {metrics.get('base_' + m, float('nan')):.4f} | {metrics[m]:.4f} |"
-        for m in ("accuracy", "macro_f1", "exact_match", "perplexity")
+        for m in CARD_METRICS
         if m in metrics
     )
     gguf = "\n".join(
-        f"| {q} | `{g['file']}` | {g['size_mb']} MB | {g.get('mean_kl', float('nan')):.4f} | "
-        f"{g.get('top1_agreement', float('nan')):.3f} | {g.get('ppl_ratio', float('nan')):.4f} | {g['accuracy']:.3f} | "
+        f"| {q} | `{g['file']}` | {g['size_mb']} MB | {'yes' if g.get('imatrix') else 'no'} | "
+        f"{g.get('mean_kl', float('nan')):.4f} | {g.get('top1_agreement', float('nan')):.3f} | "
+        f"{g.get('ppl_ratio', float('nan')):.4f} | {g['accuracy']:.3f} | "
         f"{'pass' if g.get('passed', True) else 'failed: ' + g['reason']} |"
-        for q, g in (quantize.manifest.get("gguf") or {}).items()
+        for q, g in gguf_meta.items()
     )
+    imatrix = lineage["quantize"].get("imatrix")
+    imatrix_text = (
+        f"An importance matrix was computed by llama-imatrix on the fine-tuning data itself ({imatrix['chunks']} "
+        f"chunks of {imatrix['ctx']} tokens of the train split; sha256 `{imatrix['sha256']}`) for "
+        f"{', '.join(imatrix['types'])}; the imatrix column says which files use it"
+        + (
+            " (each was quantized both ways and the one with the lower mean KL kept; both figures are in the lineage)"
+            if lineage["config"]["quantize"].get("imatrix") == "auto"
+            else ""
+        )
+        + "."
+        if imatrix
+        else "No importance matrix was used."
+    )
+    ollama = ""
+    short = config.repo_id.split("/")[-1]
+    if modelfiles:
+        first = modelfiles[0]
+        system = ", the training system prompt as `SYSTEM`" if lineage["config"]["data"].get("system_prompt") else ""
+        ollama = f"""
+### Ollama
+
+Each merged GGUF has a Modelfile beside it (`FROM` the file, the chat template as Ollama's Go `TEMPLATE`, one
+`PARAMETER stop` per stop token{system}):
+{", ".join(f"`gguf/{m}`" for m in modelfiles)}.
+
+```bash
+hf download {config.repo_id} --revision {lineage["tag"]} --include "gguf/*" --local-dir {short}
+ollama create {short.lower()} -f {short}/gguf/{first}
+ollama run {short.lower()}
+```
+"""
+    lora = [gguf_meta[q]["file"] for q in published if q.startswith("lora")]
+    lora_text = (
+        f"\n`gguf/{lora[0]}` is the adapter alone as a GGUF LoRA: apply it to a GGUF of the base model "
+        f"(`llama-cli -m BASE.gguf --lora {lora[0]}`, Ollama `ADAPTER ./{lora[0]}` after `FROM` a GGUF of the base, "
+        "so it has no Modelfile of its own).\n"
+        if lora
+        else ""
+    )
+    merged_gguf = [gguf_meta[q]["file"] for q in published if not q.startswith("lora")]
+    llama_text = (
+        f"""
+```python
+from huggingface_hub import hf_hub_download
+from llama_cpp import Llama
+
+llm = Llama(model_path=hf_hub_download("{config.repo_id}", "gguf/{merged_gguf[0]}", revision="{lineage["tag"]}"))
+print(llm.create_chat_completion(messages=[{{"role": "user", "content": "..."}}]))
+```
+"""
+        if merged_gguf
+        else ""
+    )
+    merged = ", the merged model under `merged/`" if config.include_merged else ""
+    gates = ", ".join(f"{q} {'passed' if ok else 'failed'}" for q, ok in lineage["gates"]["gguf"].items())
+    data_files = ", ".join(f"`{v}`" for v in lineage["data"]["files"].values())
     return f"""---
-{yaml.safe_dump(card_meta, sort_keys=False).strip()}
+{yaml.safe_dump(card_meta, sort_keys=False, allow_unicode=True).strip()}
 ---
 
 # {config.repo_id.split("/")[-1]}
 
 A LoRA adapter for [{base_id}](https://huggingface.co/{base_id}) trained by loraforge
-(pipeline `{lineage["pipeline"]}`).
+(pipeline `{lineage["pipeline"]}`) on {data_files}.
 
 ## Use
 
@@ -207,6 +383,10 @@ base = AutoModelForCausalLM.from_pretrained("{base_id}")
 model = PeftModel.from_pretrained(base, "{config.repo_id}", revision="{lineage["tag"]}")
 tokenizer = AutoTokenizer.from_pretrained("{config.repo_id}", revision="{lineage["tag"]}")
 ```
+
+Repo layout: the adapter at the root, GGUF files and their Ollama Modelfiles under `gguf/`{merged}, the lineage
+under `loraforge/`: one commit, tagged `{lineage["tag"]}`. `loraforge pull {config.repo_id}@{lineage["tag"]}` downloads
+and checks every file against the sha256 list in `loraforge/lineage.json`.
 
 ## Evaluation (test split)
 
@@ -221,19 +401,22 @@ Gate: {"passed" if (lineage["eval"]["gate"] or {}).get("passed") else "failed"}
 
 Each file checked against the merged model in llama-cpp-python: mean KL and top-1 agreement of next-token
 distributions and the perplexity ratio on validation rows, task accuracy on test rows. Only files that
-passed are published (under `gguf/`).
+passed are published (under `gguf/`). {imatrix_text}
 
-| type | file | size | mean KL | top-1 | ppl ratio | probe accuracy | fidelity |
-|---|---|---|---|---|---|---|---|
+| type | file | size | imatrix | mean KL | top-1 | ppl ratio | probe accuracy | fidelity |
+|---|---|---|---|---|---|---|---|---|
 {gguf}
 
+{llama_text}{lora_text}{ollama}
 ## Lineage
 
 - data sha256: `{json.dumps(lineage["data"]["sha256"])}`
 - chat template sha256: `{lineage["data"]["template_sha256"]}`
 - adapter sha256: `{lineage["train"]["adapter_sha256"]}`
 - merge: {lineage["merge"]["policy"]}
+- gates: eval {"passed" if lineage["gates"]["eval"] else "failed"}, merge fidelity passed, GGUF fidelity {gates}
+- code versions (sha256 of each stage's source): `{json.dumps(lineage["code_versions"])}`
 - artifact keys: `{json.dumps(lineage["artifacts"])}`
 
-Full lineage: `loraforge/lineage.json`.
+Full lineage (every stage's config, metrics and file hashes): `loraforge/lineage.json`.
 """

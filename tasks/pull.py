@@ -63,7 +63,7 @@ def pull(
     if gguf and gguf.lower().startswith("lora"):
         raise StageError(
             f"--gguf {gguf}: a GGUF LoRA runs on top of a GGUF of its base model, e.g. llama-cpp-python "
-            "Llama(model_path=BASE.gguf, lora_path=NAME-LoRA-F16.gguf); pull the adapter itself (no --gguf) "
+            "Llama(model_path=BASE.gguf, lora_path=NAME-F16-LoRA.gguf); pull the adapter itself (no --gguf) "
             "or a merged type such as q4_k_m."
         )
     pulled = [_download(spec, endpoint, gguf) for spec in specs]
@@ -114,7 +114,7 @@ def _download(spec: str, endpoint: str, gguf: str | None) -> Pulled:
     if not gguf and adapter_sha and adapter_sha not in (folder / "README.md").read_text():
         problems.append("README.md: the model card does not carry the adapter sha256 of the lineage")
     if gguf and not any(n.startswith("gguf/") and n.lower().endswith(f"-{gguf.lower()}.gguf") for n in present):
-        published = sorted(n for n in expected if n.startswith("gguf/"))
+        published = sorted(n for n in expected if n.startswith("gguf/") and n.endswith(".gguf"))
         problems.append(f"no {gguf} GGUF published; the repo has {published or 'none'}")
     if problems:
         raise StageError(f"pull {spec} ({repo_id}@{commit[:12]}): verification failed:\n  - " + "\n  - ".join(problems))

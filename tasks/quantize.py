@@ -10,6 +10,19 @@ Checks per GGUF file, run in llama-cpp-python on the file itself:
 A type past its limits (`quantize.max_*`/`min_*`, per type) is marked failed with the reason and is not
 published; `on_failure: fail` stops the stage instead.
 
+Importance matrix: for the low-bit types (IMATRIX_TYPES) llama.cpp's `llama-imatrix` measures, on the
+fine-tuning data itself (the data artifact's train split, as the token text training saw), how strongly each weight
+column is activated, and `llama-quantize --imatrix` spends the bits where they matter. It does not always help (on
+the 135M demo model it raised q4_k_m's KL, docs/demo.md), so `quantize.imatrix: auto` quantizes each such type both
+ways, checks both and keeps the file with the lower mean KL, recording both; `on` always uses it, `off` never.
+llama-cpp-python cannot pass an imatrix to llama_model_quantize (it is a C++ map), so both tools are built by
+`make setup` from the same llama.cpp sdist. Whether each file used it is recorded per type, with the imatrix's
+sha256 and the text it was computed on.
+
+Each merged GGUF gets an Ollama Modelfile beside it (`NAME-Q4_K_M.Modelfile`: FROM, TEMPLATE, one PARAMETER stop
+per stop token, SYSTEM from data.system_prompt); see tasks/modelfile.py. A chat template that cannot be
+translated for Ollama stops the stage with the reason (or set `quantize.modelfile: false`).
+
 The converter (convert_hf_to_gguf.py with its gguf-py) comes from the sdist of the pinned llama-cpp-python, so
 the converter and the runtime are the same llama.cpp version; `make setup` extracts it into the cache.
 Run alone: `loraforge stage quantize CONFIG [key=value ...]`.
@@ -32,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.batching import read_split
 from tasks.errors import StageError
+from tasks.modelfile import Translation, modelfile, translate_chat_template
 
 QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "lora_f16"]
 DEFAULT_TYPES: tuple[QuantType, ...] = ("f16", "q8_0", "q4_k_m")
@@ -44,6 +58,8 @@ LLAMA_FTYPES = {  # the rest: llama_model_quantize from the f16 file, as llama-q
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
+# Types whose quantization takes an importance matrix and gains from it (q8_0 and the float types ignore one).
+IMATRIX_TYPES = ("q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
 
 # Default limits per type. Measured on the demo (SmolLM2-135M fine-tuned, 8 validation rows, all positions;
@@ -92,6 +108,21 @@ class QuantizeConfig(BaseModel):
     max_accuracy_drop: float = Field(
         0.1, ge=0, le=1, description="Largest drop of probe-row task accuracy from the merged HF model, any type."
     )
+    imatrix: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Importance matrix from the training data (train split) for the types that take one "
+        f"({', '.join(IMATRIX_TYPES)}): auto = quantize each both ways, check both, keep the one with the lower mean "
+        "KL against the merged model (both recorded); on = always use it; off = plain quantization for every type.",
+    )
+    imatrix_ctx: int = Field(512, ge=32, le=8192, description="Tokens per chunk of training text fed to llama-imatrix.")
+    imatrix_chunks: int = Field(
+        64, ge=1, description="Most chunks of imatrix_ctx tokens used (the train split needs at least 2 chunks)."
+    )
+    modelfile: bool = Field(
+        True,
+        description="Write an Ollama Modelfile beside each merged GGUF (a chat template that cannot be "
+        "translated to Ollama's Go template stops the stage; false skips Modelfiles).",
+    )
     on_failure: Literal["drop", "fail"] = Field(
         "drop",
         description="A type past its limits: 'drop' keeps it out of publishing (reason recorded), 'fail' stops.",
@@ -110,7 +141,8 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
 
     Args:
         config: the quantize section of the pipeline config.
-        name: model name used in file names and GGUF metadata (Hub GGUF naming: NAME-Q4_K_M.gguf).
+        name: model name used in file names and GGUF metadata (GGUF naming convention: NAME-Q4_K_M.gguf,
+            NAME-F16-LoRA.gguf).
         data: the data artifact (probe rows from the test split).
         merge: the merge artifact (the HF folder to convert).
         store: where artifacts live.
@@ -131,6 +163,10 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
     probes = read_split(data.file("test.jsonl"))[: config.probe_rows]
     fidelity_rows = read_split(data.file("validation.jsonl"))[: config.fidelity_rows]
+    translation = _ollama_translation(data) if config.modelfile else None  # before any work: fail fast
+    imatrix_types = [t for t in config.types if t in IMATRIX_TYPES] if config.imatrix != "off" else []
+    tools = _tools_dir(llama_cpp.__version__) if imatrix_types else None
+    used_imatrix: set[str] = set()
     with store.create("quantize", key, {**config.model_dump(), "name": name}, inputs, code) as draft:
         files: dict[str, Path] = {}
         needs_f16 = "f16" in config.types or any(t in LLAMA_FTYPES for t in config.types)
@@ -138,15 +174,32 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
             files[qtype] = draft.path / f"{slug}-{qtype.upper()}.gguf"
             _convert(converter, model_dir, files[qtype], qtype, name)
         fallbacks: dict[str, str] = {}
+        imatrix: Path | None = None
+        if tools is not None:
+            imatrix = draft.path / f"{slug}-imatrix.gguf"
+            draft.extra["imatrix"] = _imatrix(tools, files["f16"], model_dir, data, imatrix, config)
+        candidates: dict[str, Path] = {}  # auto: the imatrix version, checked beside the plain one
         for qtype in [t for t in config.types if t in LLAMA_FTYPES]:
             files[qtype] = draft.path / f"{slug}-{qtype.upper()}.gguf"
+            if tools is not None and imatrix is not None and qtype in imatrix_types:
+                target = (
+                    files[qtype] if config.imatrix == "on" else draft.path / f".{slug}-{qtype.upper()}-imatrix.gguf"
+                )
+                fallbacks[qtype] = _quantize_with_imatrix(tools, files["f16"], target, qtype, imatrix, config)
+                print(f"[quantize] {qtype} from f16 with the importance matrix ({fallbacks[qtype]} fallback tensors)")
+                if config.imatrix == "on":
+                    used_imatrix.add(qtype)
+                    continue
+                candidates[qtype] = target
             fallbacks[qtype] = _quantize(files["f16"], files[qtype], qtype)
-            print(f"[quantize] {qtype} from f16 ({fallbacks[qtype]} tensors needed a fallback type)")
+            print(f"[quantize] {qtype} from f16, plain ({fallbacks[qtype]} tensors needed a fallback type)")
         if "f16" in files and "f16" not in config.types:  # only an intermediate for llama_model_quantize
             files.pop("f16").unlink()
         base_gguf: Path | None = None
         for qtype in [t for t in config.types if t in LORA_TYPES]:
-            files[qtype] = draft.path / f"{slug}-LoRA-{LORA_TYPES[qtype].upper()}.gguf"
+            files[qtype] = (
+                draft.path / f"{slug}-{LORA_TYPES[qtype].upper()}-LoRA.gguf"
+            )  # GGUF naming: <name>-<encoding>-<type>
             base_gguf = draft.path / ".base-F16.gguf"  # only to check the adapter on; not part of the artifact
             _convert_lora(converter, store, merge, files[qtype], base_gguf, qtype, name)
         n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
@@ -156,6 +209,15 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
             model_file, lora_file = (base_gguf, path) if qtype in LORA_TYPES and base_gguf else (path, None)
             checks[qtype] = _check(model_file, lora_file, qtype, probes, fidelity_rows, tokenizer, reference, config,
                                    n_ctx)  # fmt: skip
+            if qtype in candidates:  # auto: keep the imatrix file only where it is closer to the merged model
+                checks[qtype], chosen = _choose_imatrix(
+                    checks[qtype], _check(candidates[qtype], None, qtype, probes, fidelity_rows, tokenizer, reference,
+                                          config, n_ctx))  # fmt: skip
+                if chosen:
+                    candidates[qtype].replace(path)
+                    used_imatrix.add(qtype)
+                else:
+                    candidates[qtype].unlink()
             c = checks[qtype]
             print(
                 f"[quantize] {qtype}: {c['size_mb']} MB, KL {c['mean_kl']:.4f}, top-1 {c['top1_agreement']:.3f}, "
@@ -164,6 +226,17 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
             )
         if base_gguf is not None:
             base_gguf.unlink()
+        if "imatrix" in draft.extra:
+            draft.extra["imatrix"]["used_for"] = [q for q in config.types if q in used_imatrix]
+        modelfiles: dict[str, str] = {}
+        if translation is not None:
+            stops = [tokenizer.convert_ids_to_tokens(i)
+                     for i in sorted(set(tokenizer.stop_token_ids) | {tokenizer.eos_token_id})]  # fmt: skip
+            system = data.manifest["config"].get("system_prompt")
+            for qtype in [q for q in files if q not in LORA_TYPES]:
+                target = files[qtype].with_suffix(".Modelfile")
+                target.write_text(modelfile(files[qtype].name, translation, stops, system))
+                modelfiles[qtype] = target.name
         failed = {q: c["reason"] for q, c in checks.items() if not c["passed"]}
         if failed and config.on_failure == "fail":
             raise StageError(
@@ -174,8 +247,10 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
         draft.metrics.update({f"{q}_{k}": c[k] for q, c in checks.items() for k in numeric})
         draft.metrics["hf_accuracy"] = reference["accuracy"]
         draft.extra["gguf"] = {
-            q: {"file": p.name, **checks[q], "fallback_tensors": fallbacks.get(q, "0")} for q, p in files.items()
-        }
+            q: {"file": p.name, **checks[q], "fallback_tensors": fallbacks.get(q, "0"), "imatrix": q in used_imatrix,
+                **({"modelfile": modelfiles[q]} if q in modelfiles else {})}
+            for q, p in files.items()
+        }  # fmt: skip
         draft.extra["llama_cpp_version"] = llama_cpp.__version__
     return store.get("quantize", key, fresh=True)
 
@@ -209,6 +284,112 @@ def _quantize(source: Path, target: Path, qtype: str) -> str:
         raise StageError(f"llama_model_quantize to {qtype} failed with status {status}: {tail}")
     found = re.search(r"(\d+ of \d+) tensor\(s\) required fallback", "".join(captured))
     return found.group(1) if found else "0"
+
+
+def _choose_imatrix(plain: dict[str, Any], with_imatrix: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """quantize.imatrix=auto: the check of the file to keep, and whether it is the imatrix one. The imatrix file is
+    kept when its mean KL against the merged model is lower (KL is the measure the fidelity limits lean on); both
+    sets of figures are recorded either way."""
+    figures = ("mean_kl", "top1_agreement", "ppl_ratio", "accuracy", "passed")
+    compared = {"imatrix": {k: with_imatrix[k] for k in figures}, "plain": {k: plain[k] for k in figures}}
+    chosen = with_imatrix["mean_kl"] < plain["mean_kl"]
+    print(f"[quantize] imatrix vs plain: mean KL {with_imatrix['mean_kl']:.4f} vs {plain['mean_kl']:.4f}: keeping "
+          f"the {'imatrix' if chosen else 'plain'} file")  # fmt: skip
+    return {**(with_imatrix if chosen else plain), "imatrix_vs_plain": compared}, chosen
+
+
+def _ollama_translation(data: Artifact) -> Translation:
+    """The training chat template (the data artifact's) as an Ollama Go template, checked on probe conversations."""
+    special = data.manifest.get("special_tokens", {})
+    return translate_chat_template(
+        data.file("chat_template.jinja").read_text(),
+        bos_token=(special.get("bos") or {}).get("text") or "",
+        eos_token=(special.get("eos") or {}).get("text") or "",
+    )
+
+
+def _tools_dir(version: str) -> Path:
+    from tasks.models import cache_dir
+
+    folder = cache_dir() / f"llama.cpp-{version}-tools"
+    missing = [t for t in ("llama-imatrix", "llama-quantize") if not os.access(folder / t, os.X_OK)]
+    if missing:
+        raise StageError(
+            f"quantize.imatrix is 'auto' but {', '.join(missing)} (llama.cpp {version}) is missing in {folder}; "
+            "run `make setup`, which builds them from the same llama-cpp-python sdist, or set quantize.imatrix=off."
+        )
+    return folder
+
+
+def _imatrix(
+    tools: Path, f16: Path, model_dir: Path, data: Artifact, out: Path, config: QuantizeConfig
+) -> dict[str, Any]:
+    """Compute llama.cpp's importance matrix on the f16 GGUF over the train split, as the text training saw (the
+    rows' token ids decoded with their special tokens, which llama-imatrix parses back as special tokens).
+
+    Returns:
+        What the manifest and lineage record: the text's sha256, its tokens, the chunks used, the imatrix sha256.
+    """
+    import hashlib
+
+    from tasks.artifacts import sha256_file
+    from tasks.models import load_tokenizer
+
+    rows = read_split(data.file("train.jsonl"))
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    if tokens < 2 * config.imatrix_ctx:
+        raise StageError(
+            f"quantize.imatrix: the train split has {tokens} tokens, llama-imatrix needs at least 2 x "
+            f"quantize.imatrix_ctx={config.imatrix_ctx}; lower quantize.imatrix_ctx or set quantize.imatrix=off."
+        )
+    tokenizer = load_tokenizer(model_dir)
+    text = "".join(str(tokenizer.decode(r["input_ids"], skip_special_tokens=False)) for r in rows)
+    source = out.with_name(".imatrix-train.txt")  # not part of the artifact: its sha256 is recorded
+    source.write_text(text)
+    chunks = min(config.imatrix_chunks, tokens // config.imatrix_ctx)
+    print(f"[quantize] importance matrix over {chunks} chunks of {config.imatrix_ctx} tokens of the train split")
+    cmd = [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(source), "-o", str(out), "--parse-special",
+           "--no-ppl", "-c", str(config.imatrix_ctx), "-b", str(config.imatrix_ctx), "--chunks", str(chunks),
+           "-t", str(config.n_threads)]  # fmt: skip
+    output = _run_tool(cmd, out, "llama-imatrix failed")
+    source.unlink()
+    found = re.search(r"computing over (\d+) chunks", output)
+    used = int(found.group(1)) if found else chunks
+    return {
+        "file": out.name,
+        "sha256": sha256_file(out),
+        "source": "train split of the data artifact (token text as trained)",
+        "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "train_rows": len(rows),
+        "chunks": used,
+        "ctx": config.imatrix_ctx,
+        "tokens_used": used * config.imatrix_ctx,
+        "types": [t for t in config.types if t in IMATRIX_TYPES],
+    }
+
+
+def _quantize_with_imatrix(
+    tools: Path, source: Path, target: Path, qtype: str, imatrix: Path, config: QuantizeConfig
+) -> str:
+    """`llama-quantize --imatrix`; returns its 'N of M' count of tensors that needed a fallback type."""
+    cmd = [str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(source), str(target), qtype.upper(),
+           str(config.n_threads)]  # fmt: skip
+    output = _run_tool(cmd, target, f"llama-quantize --imatrix to {qtype} failed")
+    loaded = re.search(r"loaded (\d+) importance matrix entries", output)
+    if not loaded or int(loaded.group(1)) == 0:
+        raise StageError(f"llama-quantize did not load the importance matrix {imatrix.name}:\n{output[-600:]}")
+    found = re.search(r"(\d+ of \d+) tensor\(s\) required fallback", output)
+    return found.group(1) if found else "0"
+
+
+def _run_tool(cmd: list[str], out: Path, failure: str) -> str:
+    """Run a llama.cpp tool; returns stdout + stderr (its log), or raises with the log's tail."""
+    result = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    output = result.stdout + result.stderr
+    if result.returncode != 0 or not out.is_file():
+        tail = "\n".join(output.strip().splitlines()[-8:])
+        raise StageError(f"{failure} (exit {result.returncode}):\n{tail}")
+    return output
 
 
 def _convert_lora(

@@ -49,12 +49,13 @@ def serve(
 
 
 @contextlib.contextmanager
-def hub_server(root: Path, token: str) -> Iterator[str]:
-    """The Hub-compatible server (infra/hub/server.py) on repos under `root`; yields its URL."""
+def hub_server(root: Path, token: str, *options: str) -> Iterator[str]:
+    """The Hub-compatible server (infra/hub/server.py) on repos under `root`, with extra command-line `options`
+    (e.g. a fault to inject); yields its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, str(ROOT / "infra" / "hub" / "server.py"), "--root", str(root), "--host", "127.0.0.1",
-           "--port", str(port), "--token", token]  # fmt: skip
+           "--port", str(port), "--token", token, *options]  # fmt: skip
     root.parent.mkdir(parents=True, exist_ok=True)
     with serve(cmd, f"{url}/api/whoami-v2", root.parent / f"hub-{port}.log", timeout=60):
         yield url

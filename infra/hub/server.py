@@ -10,6 +10,10 @@ Xet storage is not spoken: clients run with HF_HUB_DISABLE_XET=1 (read when hugg
 
 With --token, writes and reads of private repos need `Authorization: Bearer <token>`; without, all is open.
 
+Fault injection, for tests of interrupted pushes: `--crash-after-lfs-uploads N` stores N LFS objects, then dies
+(the whole process, exit status 3) in the middle of receiving the next one, as a server or network failure would
+leave a push: some objects stored, no commit. Restart it without the option on the same --root to go on.
+
 Storage under --root (each file is written under a temporary name, then renamed: never half-written):
     blobs/<sha256>                                   file contents, shared by all repos
     repos/<type>s/<owner>/<name>/repo.json           {"private", "createdAt", "branches", "tags"}
@@ -206,9 +210,11 @@ def list_tree(tree: Tree, folder: str, recursive: bool) -> list[Json]:
     return list(entries.values())
 
 
-def create_app(root: Path, token: str | None = None) -> FastAPI:
-    """The ASGI app serving the repos under `root`; with `token`, writes and private reads need it."""
+def create_app(root: Path, token: str | None = None, crash_after_lfs_uploads: int | None = None) -> FastAPI:
+    """The ASGI app serving the repos under `root`; with `token`, writes and private reads need it; with
+    `crash_after_lfs_uploads` (N), the process exits while receiving the LFS upload that follows the N-th."""
     store = Store(root)
+    lfs_stored = [0]  # LFS objects this process has stored (the fault counts them)
     app = FastAPI(title="loraforge hub", docs_url=None, redoc_url=None)
     # LFS content is PUT to the href we hand out, without the Authorization header (a presigned URL on the
     # Hub): each href is signed with a per-process secret, so only callers of the batch API can upload.
@@ -381,12 +387,16 @@ def create_app(root: Path, token: str | None = None) -> FastAPI:
         try:  # stream to disk while hashing: LFS files can be far larger than memory
             with os.fdopen(fd, "wb") as handle:
                 async for chunk in request.stream():
+                    if crash_after_lfs_uploads is not None and lfs_stored[0] >= crash_after_lfs_uploads:
+                        print(f"fault: dying while receiving LFS object {oid} (after {lfs_stored[0]})", flush=True)
+                        os._exit(3)  # mid-body: the client sees the connection drop, as in a real crash
                     digest.update(chunk)
                     handle.write(chunk)
                     received += len(chunk)
             if digest.hexdigest() != oid or received != size:
                 raise HubError(400, f"content is not {size} bytes of sha256 {oid} (got {received} bytes)")
             os.replace(tmp, target)
+            lfs_stored[0] += 1
         finally:
             Path(tmp).unlink(missing_ok=True)
         return Response(status_code=200)
@@ -532,8 +542,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed when ready)")
     token_help = "token for writes and private reads (default: $LORAFORGE_HUB_TOKEN; none: all open)"
     parser.add_argument("--token", default=os.environ.get("LORAFORGE_HUB_TOKEN"), help=token_help)
+    fault_help = "fault injection: exit while receiving the LFS upload after the N-th stored one (tests)"
+    parser.add_argument("--crash-after-lfs-uploads", type=int, metavar="N", help=fault_help)
     args = parser.parse_args()
-    app = create_app(args.root, args.token)
+    app = create_app(args.root, args.token, args.crash_after_lfs_uploads)
     writes = "need the token" if args.token else "are open"
     print(f"loraforge hub: serving {args.root.resolve()}; writes {writes}", flush=True)
     ReadyServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()

@@ -125,7 +125,7 @@ def test_gguf_past_its_limits_is_withheld_from_publishing(
     publish = json.loads((Path(record["stages"]["publish"]["path"]) / "manifest.json").read_text())
     assert set(publish["withheld_gguf"]) == {"q4_k_m"}
     bundle = Path(record["stages"]["publish"]["path"]) / "bundle"
-    assert sorted(p.name for p in (bundle / "gguf").iterdir()) == ["tiny-router-LoRA-F16.gguf"]
+    assert sorted(p.name for p in (bundle / "gguf").iterdir()) == ["tiny-router-F16-LoRA.gguf"]
     assert "failed: mean_kl" in (bundle / "README.md").read_text()
 
 

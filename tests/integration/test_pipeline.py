@@ -32,7 +32,7 @@ def test_every_stage_runs_and_publishes(first_run: dict, hub: str, tmp_path: Pat
     assert publish["tag"] in {t.name for t in api.list_repo_refs(REPO).tags}
     files = set(api.list_repo_files(REPO, revision=publish["tag"]))
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loraforge/lineage.json"} <= files
-    assert {"gguf/tiny-router-Q4_K_M.gguf", "gguf/tiny-router-LoRA-F16.gguf"} <= files
+    assert {"gguf/tiny-router-Q4_K_M.gguf", "gguf/tiny-router-F16-LoRA.gguf"} <= files
 
     train = Path(first_run["stages"]["train"]["path"])
     manifest = json.loads((train / "manifest.json").read_text())
@@ -69,7 +69,7 @@ def test_gguf_files_load_and_answer(first_run: dict) -> None:
 
     for qtype, info in first_run["gguf"].items():
         if qtype == "lora_f16":  # an adapter, not a model: the stage checked it on an f16 GGUF of the base
-            assert info["passed"] and info["file"] == "tiny-router-LoRA-F16.gguf"
+            assert info["passed"] and info["file"] == "tiny-router-F16-LoRA.gguf"
             continue
         path = Path(first_run["stages"]["quantize"]["path"]) / info["file"]
         llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)

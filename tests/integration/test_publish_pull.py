@@ -46,7 +46,7 @@ def test_publishing_the_same_artifacts_again_makes_no_new_commit(
 
 
 def test_model_card_fields(first_run: dict, hub: str, tmp_path: Path) -> None:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import ModelCard, hf_hub_download
 
     tag = first_run["publish"]["tag"]
     card = Path(hf_hub_download(REPO, "README.md", revision=tag, endpoint=hub, token=TOKEN, cache_dir=tmp_path))
@@ -56,29 +56,53 @@ def test_model_card_fields(first_run: dict, hub: str, tmp_path: Path) -> None:
     text = card.read_text()
     meta = yaml.safe_load(text.split("---")[1])
     stages = first_run["stages"]
-    base = json.loads((Path(stages["base"]["path"]) / "manifest.json").read_text())
-    assert meta["base_model"] == (base.get("hub_id") or base["base_model"])
-    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-generation"
-    assert "loraforge" in meta["tags"] and "lora" in meta["tags"]
-    assert "license" in meta
-    results = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
-    assert results == {k: first_run["eval"][k] for k in ("accuracy", "macro_f1", "exact_match")}
+    manifests = {s: json.loads((Path(stages[s]["path"]) / "manifest.json").read_text()) for s in stages}
+    base, data, train, quantize = (manifests[s] for s in ("base", "data", "train", "quantize"))
 
-    data = json.loads((Path(stages["data"]["path"]) / "manifest.json").read_text())
-    train = json.loads((Path(stages["train"]["path"]) / "manifest.json").read_text())
+    # Hub metadata, field by field (the order is the card's).
+    assert list(meta) == ["base_model", "library_name", "pipeline_tag", "license", "tags", "model-index"]
+    assert meta["base_model"] == base["base_model"] and base.get("hub_id") is None  # the tiny local base
+    assert meta["library_name"] == "peft"
+    assert meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "other"  # the tiny base is a local folder with no license anywhere
+    assert meta["tags"] == ["loraforge", "lora", "peft", "gguf", "ollama"]
+    assert "datasets" not in meta and lineage["datasets"] == []  # local jsonl files: no Hub dataset id to link
+    [entry] = meta["model-index"]
+    assert entry["name"] == REPO.split("/")[1]
+    [result] = entry["results"]
+    assert result["task"] == {"type": "text-generation", "name": "Text Generation"}
+    assert result["dataset"] == {"name": "tiny-router (test split)", "type": "custom", "split": "test"}
+    metrics = {m["type"]: m["value"] for m in result["metrics"]}
+    assert metrics == {k: first_run["eval"][k] for k in ("accuracy", "macro_f1", "exact_match", "perplexity")}
+    assert all(m["name"] == m["type"] for m in result["metrics"])
+    parsed = ModelCard(text).data  # the Hub client reads the same metadata back
+    assert parsed.base_model == meta["base_model"] and parsed.eval_results and len(parsed.eval_results) == 4
+
+    # Lineage, item by item as the issue lists it.
     assert lineage["artifacts"] == {s: stages[s]["key"] for s in ("base", "data", "train", "eval", "merge", "quantize")}
-    assert lineage["data"]["sha256"] == data["data_sha256"]
+    assert lineage["data"]["sha256"] == data["data_sha256"]  # dataset content hash
+    assert lineage["data"]["files"] == {"train_file": "train.jsonl", "validation_file": "validation.jsonl",
+                                        "test_file": "test.jsonl"}  # fmt: skip
     assert lineage["data"]["template_sha256"] == data["template_sha256"] and data["template_sha256"] in text
+    assert lineage["config"] == {s: manifests[s]["config"] for s in lineage["artifacts"]}  # every stage's config
+    assert lineage["config"]["quantize"]["imatrix"] == "auto"
     adapter_sha = train["files"]["adapter/adapter_model.safetensors"]["sha256"]
     assert lineage["train"]["adapter_sha256"] == adapter_sha and adapter_sha in text
     assert lineage["merge"]["policy"].startswith("fp32 merge onto the original base weights")
     assert lineage["merge"]["policy"] in text and lineage["merge"]["fidelity"]["cast_mean_kl"] >= 0
-    assert lineage["quantize"]["llama_cpp_version"] in text
+    assert lineage["quantize"]["llama_cpp_version"] == "0.3.36" and "llama.cpp 0.3.36" in text
     for qtype in ("f16", "q8_0", "q4_k_m", "lora_f16"):
-        assert {"mean_kl", "top1_agreement", "ppl_ratio", "passed"} <= set(lineage["quantize"]["gguf"][qtype])
+        assert {"mean_kl", "top1_agreement", "ppl_ratio", "passed", "imatrix"} <= set(
+            lineage["quantize"]["gguf"][qtype]
+        )
+        assert f"| {qtype} | `{quantize['gguf'][qtype]['file']}` |" in text
+    assert lineage["quantize"]["imatrix"] == quantize["imatrix"] and quantize["imatrix"]["sha256"] in text
     assert lineage["eval"]["gate"]["passed"] is True
-    assert set(lineage["code_versions"]) == {"base", "data", "train", "eval", "merge", "quantize"}
+    assert lineage["gates"] == {"eval": True, "merge": True, "gguf": {q: True for q in quantize["gguf"]}}
+    assert lineage["code_versions"] == {s: manifests[s]["code_version"] for s in lineage["artifacts"]}
+    assert lineage["versions"]["llama-cpp-python"] == "0.3.36"
     assert lineage["files"]["adapter_model.safetensors"] == adapter_sha
+    assert "ollama create tiny-ticket-router -f tiny-ticket-router/gguf/tiny-router-Q4_K_M.Modelfile" in text
     assert TOKEN not in text and TOKEN not in json.dumps(lineage)
 
 
@@ -96,7 +120,7 @@ def test_pull_by_tag_verifies_and_answers(first_run: dict, hub: str, capsys: pyt
 
     [gguf] = pull([f"{REPO}@{tag}"], [PROMPT], gguf="q4_k_m", endpoint=hub, max_new_tokens=4)
     assert "gguf/tiny-router-Q4_K_M.gguf" in gguf.verified and len(gguf.answers) == 1
-    with pytest.raises(StageError, match=r"no q6_k GGUF published; the repo has \['gguf/tiny-router-LoRA-F16.gguf', "
+    with pytest.raises(StageError, match=r"no q6_k GGUF published; the repo has \['gguf/tiny-router-F16-LoRA.gguf', "
                        r"'gguf/tiny-router-Q4_K_M.gguf'\]"):  # fmt: skip
         pull([f"{REPO}@{tag}"], [PROMPT], gguf="q6_k", endpoint=hub)
     with pytest.raises(StageError, match=r"--gguf lora_f16: a GGUF LoRA runs on top of a GGUF of its base model"):

@@ -190,15 +190,20 @@ def _differences(api: Any, repo_id: str, commit: str, bundle: Path) -> list[str]
 
 
 def hub_datasets(data: Artifact) -> list[str]:
-    """The Hub dataset ids the training data came from: for a `datasets` folder saved from a Hub dataset, the repo
-    named in its dataset_info.json download URLs (hf://datasets/ORG/NAME@REV/... or .../datasets/ORG/NAME/resolve/);
-    local files have none."""
+    """The Hub dataset ids the training data came from: a `hub:ORG/NAME` data source, or, for a `datasets` folder
+    saved from a Hub dataset, the repo its dataset_info.json download URLs name (hf://datasets/ORG/NAME@REV/... or
+    .../datasets/ORG/NAME/resolve/...); local files have none."""
     import re
 
     found: list[str] = []
     for field in ("train_file", "validation_file", "test_file"):
         value = data.manifest["config"].get(field)
         if not value:
+            continue
+        if str(value).startswith("hub:"):  # the data stage read a Hub dataset repo: hub:ORG/NAME[@REV][#SPLIT]
+            repo = re.split(r"[@#]", str(value).removeprefix("hub:"))[0]
+            if repo not in found:
+                found.append(repo)
             continue
         folder = Path(str(value).partition("#")[0])
         for info_file in sorted(folder.rglob("dataset_info.json")) if folder.is_dir() else []:

@@ -32,6 +32,9 @@ def test_hub_dataset_ids_come_from_a_datasets_folder_saved_from_the_hub(tmp_path
     data = _artifact(config={"train_file": f"{folder}#train", "validation_file": None, "test_file": str(folder)})
     assert hub_datasets(data) == ["acme/tickets", "acme/extra-tickets"]
     assert hub_datasets(_artifact(config={"train_file": str(tmp_path / "rows.jsonl")})) == []
+    hub = {"train_file": "hub:acme/tickets@v1#train", "validation_file": "hub:acme/tickets#validation",
+           "test_file": "hub:acme/held-out"}  # fmt: skip
+    assert hub_datasets(_artifact(config=hub)) == ["acme/tickets", "acme/held-out"]  # data.* = hub:ORG/NAME
 
 
 def test_license_comes_from_the_base_model(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ For each model and mode it prepares the data artifact (demo tickets) in this pro
 train row as the sequence length (the train stage pads each batch to its longest row), then trains in a
 fresh child process and takes that child's peak RSS from wait4 (ru_maxrss of that one process):
 
-- lora-qv, lora-all (all-linear), qlora-4bit: the real train stage (`train_adapter`), so the artifact's own
-  `peak_rss_mb`, trainable-parameter count and adapter file are compared too;
+- lora-qv, lora-all (all-linear), lora-all-gc (all-linear with gradient checkpointing), qlora-4bit: the
+  real train stage (`train_adapter`), so the artifact's own `peak_rss_mb`, trainable-parameter count and
+  adapter file are compared too;
 - full: there is no full fine-tuning mode in the train stage, so the child runs a plain PyTorch loop with
   the same loader, batch size, batches (collated from the same data artifact), AdamW and gradient clipping.
 
@@ -33,10 +34,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 MODES: dict[str, list[str]] = {
     "lora-qv": ["train.target_modules=[q_proj,v_proj]"],
     "lora-all": ["train.target_modules=all-linear"],
+    "lora-all-gc": ["train.target_modules=all-linear", "train.gradient_checkpointing=true"],
     "qlora-4bit": ["train.target_modules=all-linear", "train.quantization=4bit"],
     "full": [],
 }
-PLAN_MODE = {"lora-qv": "lora", "lora-all": "lora", "qlora-4bit": "qlora-4bit", "full": "lora"}
+PLAN_MODE = {"lora-qv": "lora", "lora-all": "lora", "lora-all-gc": "lora", "qlora-4bit": "qlora-4bit", "full": "full"}
 MODELS = {
     # name: (base_model, overrides); batch sizes as in the tests (tiny) and the demo (SmolLM2)
     "tiny": (None, ["train.batch_size=4", "data.max_rows=24"]),
@@ -100,7 +102,7 @@ def measure(model: str, mode: str, store: Path, steps: int) -> dict[str, Any]:
     data = prepare_data(config.data, provision_base(config.base_model, artifacts), artifacts)
     longest = max(len(r["input_ids"]) for r in read_split(data.file("train.jsonl")))
     plan = plan_training(config, seq_len=longest, seq_len_source="longest train row")
-    estimate = plan.memory["full" if mode == "full" else PLAN_MODE[mode]]
+    estimate = plan.memory[PLAN_MODE[mode]]
 
     started = time.perf_counter()
     kind = "full" if mode == "full" else "train"
@@ -135,7 +137,7 @@ def replan(previous: Path, out: Path) -> int:
             continue
         config = load_config(DEMO_CONFIG, overrides_for(row["model"], row["mode"], scratch / "store", 1))
         plan = plan_training(config, seq_len=row["seq_len"], seq_len_source="recorded")
-        estimate = plan.memory["full" if row["mode"] == "full" else PLAN_MODE[row["mode"]]]
+        estimate = plan.memory[PLAN_MODE[row["mode"]]]
         error = round(100 * (estimate.peak_rss_mb - row["measured_mb"]) / row["measured_mb"], 1)
         row.update(estimate_mb=estimate.peak_rss_mb, estimate_terms_mb=estimate.components_mb,
                    cuda_estimate_mb=estimate.cuda_mb, error_pct=error)  # fmt: skip

@@ -21,7 +21,9 @@ Two figures per mode:
     norms, the output head) stays fp32. The fp32 safetensors file is memory-mapped, so its pages count in RSS
     once touched; loading a quantized base reads (touches) the whole fp32 file once, which is why
     `QUANTIZED_LOAD_FILE_SHARE` of the file stays resident;
-  - gradients + AdamW state: 4 B (grad) + 8 B (exp_avg, exp_avg_sq) per trainable parameter;
+  - AdamW state: 8 B (exp_avg, exp_avg_sq) per trainable parameter; gradients, 4 B per trainable parameter,
+    count only if larger than the activations: the loop zeroes them with set_to_none, so none exist when
+    backward starts (the peak), and backward creates them while it frees the activations;
   - activations kept for backward, fp32, per token (T = batch x seq tokens) and layer, for a Llama-style
     decoder (hidden h, intermediate i, heads n, layers L): see `activation_floats_per_token_layer`; without
     gradient checkpointing all L layers are kept; with it only each layer's input (h) plus one layer
@@ -355,7 +357,8 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
         load_residue = 0.0
     # LoRA matrices and modules_to_save copies live beside the base weights; in full FT the weights are trained.
     adapter_weights = 0 if mode == "full" else trainable * fp32
-    grads_and_adam = trainable * (fp32 + 2 * fp32)
+    grads = trainable * fp32
+    adamw = trainable * 2 * fp32  # exp_avg and exp_avg_sq, allocated at the first optimizer step
 
     def activation_bytes(device: str) -> float:
         per_layer = activation_floats_per_token_layer(arch, lora_inputs, lora_modules, train.r, train.dropout, device)
@@ -372,18 +375,18 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
         "weights": weights / MB,
         "quantized_load_residue": load_residue / MB,
         "adapter_weights": adapter_weights / MB,
-        "grads_and_adamw": grads_and_adam / MB,
+        "adamw_states": adamw / MB,
+        "grads": grads / MB,
         "activations": activations / MB,
         "logits": logits / MB,
     }
-    steady = components["weights"] + components["adapter_weights"] + components["grads_and_adamw"]
-    peak_rss = (
-        components["process_overhead"]
-        + steady
-        + components["quantized_load_residue"]
-        + ALLOCATOR_FACTOR * (components["activations"] + components["logits"])
-    )
-    cuda = steady + (activation_bytes("cuda") + logits) / MB
+    steady = components["weights"] + components["adapter_weights"] + components["adamw_states"]
+    # Gradients do not add to the activations: the loop zeroes them with set_to_none, so none exist when backward
+    # starts (the peak), and backward creates them while it frees the activations (the allocator reuses the
+    # space). Measured on full fine-tuning, where the gradients are large (docs/plan.md).
+    in_backward = max(ALLOCATOR_FACTOR * (components["activations"] + components["logits"]), components["grads"])
+    peak_rss = components["process_overhead"] + steady + components["quantized_load_residue"] + in_backward
+    cuda = steady + max((activation_bytes("cuda") + logits) / MB, components["grads"])
     return MemoryEstimate(
         mode=mode,
         components_mb={k: round(v, 1) for k, v in components.items()},

@@ -124,8 +124,9 @@ def test_memory_grows_with_batch_and_length_and_shrinks_with_checkpointing(tiny_
     assert act["ckpt"] < act["long"] / 1.5  # 2 layers: inputs + one layer instead of two layers
     full, lora = small.memory["full"], small.memory["lora"]
     assert full.trainable_params == small.total_params
-    assert full.components_mb["grads_and_adamw"] == pytest.approx(small.total_params * 12 / 2**20, abs=0.1)
-    assert lora.components_mb["grads_and_adamw"] == pytest.approx(small.trainable_params * 12 / 2**20, abs=0.1)
+    assert full.components_mb["adamw_states"] == pytest.approx(small.total_params * 8 / 2**20, abs=0.1)
+    assert lora.components_mb["adamw_states"] == pytest.approx(small.trainable_params * 8 / 2**20, abs=0.1)
+    assert lora.components_mb["grads"] == pytest.approx(small.trainable_params * 4 / 2**20, abs=0.1)
 
 
 def test_architecture_refuses_a_model_without_decoder_fields(tmp_path: Path) -> None:

@@ -46,6 +46,18 @@ def test_plan_is_within_25_percent_of_a_real_train_run(tiny_model: Path, tmp_pat
     assert plan.adapter_file_bytes == (train.file("adapter") / "adapter_model.safetensors").stat().st_size
 
 
+def _prefect_table(key: str) -> list[dict[str, str]]:
+    """The latest table artifact with this key, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    latest = max(found, key=lambda a: a.created)
+    data = json.loads(latest.data) if isinstance(latest.data, str) else latest.data
+    return [{k: str(v) for k, v in row.items()} for row in data]
+
+
 def test_rank_sweep_table_rows_come_from_the_artifacts(tiny_model: Path, tmp_path: Path) -> None:
     from flows.cli import main
 
@@ -69,6 +81,7 @@ def test_rank_sweep_table_rows_come_from_the_artifacts(tiny_model: Path, tmp_pat
         assert row["trained_now"] and not row["cached"]
     assert rows[1]["trainable_params"] == 4 * rows[0]["trainable_params"]  # LoRA parameters are linear in r
     assert Path(record["markdown"]).read_text().startswith("| train.r | r | trainable_params |")
+    assert _prefect_table("sweep") == [{k: str(v) for k, v in row.items()} for row in rows]
 
     # the same sweep again: every stage is a cache hit and the rows are the same figures
     assert main(args) == 0

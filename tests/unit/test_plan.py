@@ -13,11 +13,10 @@ from tasks.plan import Plan, activation_floats_per_token_layer, plan_training, r
 
 VARIANTS = [
     ["train.target_modules=[q_proj,v_proj]", "train.r=8"],
-    ["train.target_modules=all-linear", "train.r=16"],
     ["train.target_modules=attention", "train.r=4", "train.use_dora=true"],
-    ["train.target_modules=[q_proj,v_proj]", "train.modules_to_save=[lm_head]"],
-    ["train.target_modules=attention+mlp", "train.r=32", "train.use_rslora=true", "train.dropout=0"],
-]
+    ["train.target_modules=attention+mlp", "train.r=32", "train.use_rslora=true", "train.dropout=0",
+     "train.modules_to_save=[lm_head]"],
+]  # fmt: skip
 
 
 def _config(tiny_model: Path, *overrides: str):  # type: ignore[no-untyped-def]

@@ -302,6 +302,10 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
         adapter_config = draft.path / "adapter" / "adapter_config.json"
         settings = json.loads(adapter_config.read_text())
         settings["base_model_name_or_path"] = base.manifest.get("hub_id") or base.manifest["base_model"]
+        # peft writes target_modules from a set, in an order that changes from process to process (string hash
+        # seed): sorted, the same adapter gives the same bytes in every run and container.
+        if isinstance(settings.get("target_modules"), list):
+            settings["target_modules"] = sorted(settings["target_modules"])
         adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True))
         with (draft.path / "history.jsonl").open("w") as out:
             out.writelines(json.dumps(h) + "\n" for h in history)

@@ -1,0 +1,52 @@
+"""`loraforge stage NAME CONFIG --input STAGE=KEY`: the container entrypoint's command, on the host (fast; no
+containers, no Prefect)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tasks.config import DEMO_CONFIG
+
+
+def test_bad_inputs_are_all_named(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["stage", "train", str(DEMO_CONFIG), "--input", "foo", "--input", "eval=abc"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--input 'foo': expected STAGE=KEY" in err
+    assert "--input 'eval=abc': the train stage takes base, data" in err
+    assert "the train stage needs --input data=KEY" in err
+    assert "Traceback" not in err
+
+
+def test_output_needs_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stage", "data", str(DEMO_CONFIG), "--output", "x.json"]) == 1
+    assert "--output goes with --input" in capsys.readouterr().err
+
+
+def test_a_stage_on_given_keys(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tasks.artifacts import ArtifactStore
+    from tasks.models import provision_base
+
+    store = tmp_path / "store"
+    base = provision_base(str(tiny_model), ArtifactStore(store))
+    args = ["stage", "data", str(DEMO_CONFIG), f"base_model={tiny_model}", "data.max_rows=16", "--store", str(store)]
+
+    assert main([*args, "--input", "base=0123456789abcdef0123"]) == 1
+    assert f"has key {base.key}" in capsys.readouterr().err
+
+    assert main([*args, "--input", f"base={base.key}", "--output", str(tmp_path / "data.json")]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first == json.loads((tmp_path / "data.json").read_text())
+    assert first["stage"] == "data" and not first["cached"]
+    manifest = json.loads((store / "data" / first["key"] / "manifest.json").read_text())
+    assert manifest["inputs"] == {"base": {"stage": "base", "key": base.key}}
+
+    # The same stage again is a cache hit; the train stage on that data key refuses a missing one by name.
+    assert main([*args, "--input", f"base={base.key}"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {**first, "cached": True}
+    assert main(["stage", "train", *args[2:], "--input", "data=ffffffffffffffffffff"]) == 1
+    assert "no data artifact with key ffffffffffffffffffff" in capsys.readouterr().err

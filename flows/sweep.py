@@ -96,10 +96,13 @@ def _train(config: PipelineConfig, base: Artifact, data: Artifact, store: Artifa
     spec = store.root / ".tmp" / f"sweep-train-{uuid.uuid4().hex[:8]}.json"
     spec.parent.mkdir(parents=True, exist_ok=True)
     spec.write_text(config.model_dump_json())
-    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars are \r-lines; the stage prints its own summary
+    # progress bars are \r-lines (the stage prints its own summary); library deprecation chatter says nothing here
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
     try:
         code, peak_mb, output = run_measuring_peak_rss(
-            [sys.executable, "-m", "flows.sweep", "--train-child", str(spec)], env=env, echo=print
+            [sys.executable, "-m", "flows.sweep", "--train-child", str(spec)],
+            env=env,
+            echo=lambda line: None if line.startswith("{") else print(line),
         )
     finally:
         spec.unlink(missing_ok=True)

@@ -1,0 +1,319 @@
+"""Every stage in its own container, through Prefect, on podman.
+
+The images are built with podman from a debootstrapped Debian (containers/build.sh). `podman system service`
+gives a Docker-compatible socket; a Prefect server, two Prefect Docker workers (pools loraforge-cpu and
+loraforge-gpu) on that socket, and the stage deployments of infra/prefect.yaml on those images run the small
+demo pipeline (tiny model) with `orchestration.stages=deployments`: each stage is a flow run in a container of its
+own image. Its artifacts must have the same keys and the same bytes as an in-process run of the same config.
+
+Slow (image builds; ~20 s of container start per stage): `make test-containers` or `pytest -m containers`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.containers
+
+ROOT = Path(__file__).resolve().parents[2]
+PODMAN = [str(ROOT / "containers" / "podman.sh")]
+STAGES = ("base", "data", "train", "eval", "merge", "quantize", "publish")
+MODELS = Path(os.environ.get("LORAFORGE_CACHE", Path.home() / ".cache" / "loraforge")) / "models"
+# The demo config made small (as the integration tests do): tiny model, few eval/probe rows, no push.
+SMALL = [
+    "name=tiny-router", "eval.gate=[loss_delta < 0]", "eval.max_rows=16", "data.max_rows=64",
+    "quantize.types=[q8_0,lora_f16]", "quantize.probe_rows=2", "quantize.fidelity_rows=2", "merge.probe_rows=2",
+    "publish.include_gguf=[q8_0]", "publish.push=never",
+]  # fmt: skip
+# Files that hold measurements of the run itself (wall time, tokens/s, memory) or the versions of the libraries
+# installed where it ran: compared with those fields left out. Every other file must be byte-identical.
+MEASURED_FILES = {("train", "history.jsonl"), ("publish", "bundle/loraforge/lineage.json")}
+MEASURED_FIELDS = {"tokens_per_s", "rss_mb", "peak_rss_mb", "train_seconds", "seconds", "cuda_peak_mb", "versions"}
+
+
+def _timed(label: str, timings: dict[str, float], cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    started = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    timings[label] = round(time.perf_counter() - started, 1)
+    assert result.returncode == 0, f"{' '.join(cmd[:4])} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def timings() -> Iterator[dict[str, float]]:
+    """Wall times of the phases, printed at the end (pytest -s shows them; they are also in timings.json)."""
+    figures: dict[str, float] = {}
+    yield figures
+    print("\ncontainers test timings (s): " + json.dumps(figures))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder mounted at the same path in every container: stores, Prefect results, the tiny model and the
+    dataset (the pipeline hands each stage the config with absolute paths, so the data must be shared too)."""
+    folder = tmp_path_factory.mktemp("containers")
+    shutil.copytree(ROOT / "flows" / "data" / "tickets", folder / "data")
+    return folder
+
+
+def _small(workdir: Path, model: Path) -> list[str]:
+    """The overrides that make the demo small, on the shared copy of its data."""
+    data = [f"data.{split}_file={workdir / 'data' / (split + '.jsonl')}" for split in ("train", "validation", "test")]
+    return [f"base_model={model}", *data, *SMALL]
+
+
+@pytest.fixture(scope="module")
+def image_tag(timings: dict[str, float]) -> str:
+    """Build (or find up to date) every image; returns the tag they carry (the git sha)."""
+    result = _timed("images", timings, ["bash", str(ROOT / "containers" / "build.sh")], cwd=ROOT)
+    match = re.search(r"\(tag (\S+)\)", result.stdout)
+    assert match, result.stdout
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def source(image_tag: str, workdir: Path) -> Path:
+    """The code the images carry (flows/, tasks/, configs): the in-process runs use it too, so that both sides run
+    the same code even when the working tree changes after the build (stage keys hash their source files)."""
+    target = workdir / "src"
+    target.mkdir()
+    image = f"localhost/loraforge-publish:{image_tag}"
+    tar = subprocess.run([*PODMAN, "run", "--rm", image, "tar", "-C", "/opt/loraforge", "-cf", "-", "flows", "tasks"],
+                         capture_output=True, check=True)  # fmt: skip
+    subprocess.run(["tar", "-xf", "-", "-C", str(target)], input=tar.stdout, check=True)
+    return target
+
+
+@pytest.fixture(scope="module")
+def model(workdir: Path) -> Path:
+    from tiny import build_tiny_model
+
+    return build_tiny_model(workdir / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def docker_host(workdir: Path) -> Iterator[str]:
+    """`podman system service`: the Docker-compatible API the Prefect Docker worker talks to."""
+    url = f"unix://{workdir / 'podman.sock'}"
+    log = workdir / "podman-service.log"
+    process = subprocess.Popen([*PODMAN, "system", "service", "--time=0", url], stdout=log.open("w"),
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    import docker
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            docker.DockerClient(base_url=url).ping()
+            break
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"podman system service did not start; see {log}") from None
+            time.sleep(0.3)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def prefect_api(workdir: Path) -> Iterator[str]:
+    from hub import prefect_server
+
+    home = workdir / "prefect-home"
+    home.mkdir()
+    with prefect_server(home) as api:
+        yield api
+
+
+def _pool_template(workdir: Path) -> dict[str, Any]:
+    """Prefect's Docker job template with what every loraforge stage container shares: the work folder (stores,
+    results, model) at the same path, the base-model cache read-only at /cache/models, host networking (the
+    Prefect API on 127.0.0.1), local images only, removed when done."""
+    out = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "get-default-base-job-template",
+                          "--type", "docker"], capture_output=True, text=True, check=True)  # fmt: skip
+    template: dict[str, Any] = json.loads(out.stdout)
+    props = template["variables"]["properties"]
+    props["volumes"]["default"] = [f"{workdir}:{workdir}", f"{MODELS}:/cache/models:ro"]
+    props["network_mode"]["default"] = "host"
+    props["image_pull_policy"]["default"] = "Never"
+    props["auto_remove"]["default"] = True
+    props["stream_output"]["default"] = True
+    props["env"]["default"] = {
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "results"),
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    return template
+
+
+@pytest.fixture(scope="module")
+def deployed(
+    workdir: Path, image_tag: str, docker_host: str, prefect_api: str, timings: dict[str, float]
+) -> Iterator[dict[str, str]]:
+    """Docker work pools, one worker each on podman's socket, and infra/prefect.yaml's deployments on the images.
+
+    Yields the environment a client of that stack runs with.
+    """
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "DOCKER_HOST": docker_host,
+           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "results"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "LORAFORGE_CODE_DIR": "/opt/loraforge", "LORAFORGE_IMAGE_PREFIX": "localhost/",
+           "LORAFORGE_IMAGE_TAG": image_tag, "LORAFORGE_CONFIG": "flows/configs/demo.yaml",
+           "LORAFORGE_STORE": str(workdir / "store-containers")}  # fmt: skip
+    template = workdir / "docker-pool.json"
+    template.write_text(json.dumps(_pool_template(workdir)))
+    prefect = [sys.executable, "-m", "prefect"]
+    for pool in ("loraforge-cpu", "loraforge-gpu"):
+        _timed(f"pool {pool}", timings, [*prefect, "work-pool", "create", pool, "--type", "docker",
+                                          "--base-job-template", str(template), "--overwrite"], env=env)  # fmt: skip
+    _timed("deploy", timings, [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"],
+           cwd=ROOT, env=env)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        for pool in ("loraforge-cpu", "loraforge-gpu"):
+            log = stack.enter_context((workdir / f"worker-{pool}.log").open("w"))
+            worker = subprocess.Popen([*prefect, "worker", "start", "--pool", pool, "--type", "docker"],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            stack.callback(worker.wait, 30)
+            stack.callback(worker.terminate)
+        yield env
+
+
+def _run_pipeline(source: Path, store: Path, model: Path, env: dict[str, str], *extra: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "flows.cli", "run", "flows/configs/demo.yaml", *_small(store.parent, model),
+           f"store={store}", *extra]  # fmt: skip
+    env = {**env, "PYTHONPATH": str(source)}
+    result = subprocess.run(cmd, cwd=source, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    runs = sorted((store / "runs").glob("*.json"))
+    assert len(runs) == 1, runs
+    record: dict[str, Any] = json.loads(runs[0].read_text())
+    return record
+
+
+def _without(value: Any, fields: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _without(v, fields) for k, v in value.items() if k not in fields}
+    if isinstance(value, list):
+        return [_without(v, fields) for v in value]
+    return value
+
+
+def _content(path: Path) -> Any:
+    """A measured file's content without its measurements (JSON or JSON lines)."""
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [_without(json.loads(line), MEASURED_FIELDS) for line in text.splitlines()]
+    return _without(json.loads(text), MEASURED_FIELDS)
+
+
+def _compare(local: Path, contained: Path, record: dict[str, Any]) -> list[str]:
+    """Every difference between the two stores' artifacts for the run's keys (empty: identical)."""
+    problems = []
+    for stage in STAGES:
+        key = record["stages"][stage]["key"]
+        a = json.loads((local / stage / key / "manifest.json").read_text())
+        b = json.loads((contained / stage / key / "manifest.json").read_text())
+        if a["files"].keys() != b["files"].keys():
+            problems.append(f"{stage}: files {sorted(a['files'])} != {sorted(b['files'])}")
+        for name in sorted(a["files"].keys() & b["files"].keys()):
+            if a["files"][name]["sha256"] == b["files"][name]["sha256"]:
+                continue
+            if (stage, name) in MEASURED_FILES and _content(local / stage / key / name) == _content(
+                contained / stage / key / name
+            ):
+                continue
+            problems.append(f"{stage}/{key}/{name} differs")
+        if _without(a["metrics"], MEASURED_FIELDS) != _without(b["metrics"], MEASURED_FIELDS):
+            problems.append(f"{stage}: metrics {a['metrics']} != {b['metrics']}")
+    return problems
+
+
+def test_images_carry_only_what_their_stage_needs(image_tag: str) -> None:
+    """No torch in the publish and data images; the quantize image has the pinned converter and llama-cpp-python;
+    every image answers `loraforge --help` through its entrypoint."""
+    probe = "import importlib.util as u; print(','.join(m for m in ('torch', 'transformers', 'llama_cpp', 'peft', 'bitsandbytes', 'evaluate') if u.find_spec(m)))"  # noqa: E501
+    found = {}
+    for stage in ("data", "train", "eval", "merge", "quantize", "publish"):
+        image = f"localhost/loraforge-{stage}:{image_tag}"
+        out = subprocess.run([*PODMAN, "run", "--rm", image, "python", "-c", probe], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        found[stage] = set(filter(None, out.stdout.strip().split(",")))
+    assert found["publish"] == set(), found
+    assert found["data"] == {"transformers"}, found
+    assert {"torch", "peft", "bitsandbytes"} <= found["train"] and "llama_cpp" not in found["train"], found
+    assert {"torch", "llama_cpp", "transformers"} <= found["quantize"] and "peft" not in found["quantize"], found
+    assert "evaluate" in found["eval"], found
+    out = subprocess.run([*PODMAN, "run", "--rm", f"localhost/loraforge-quantize:{image_tag}", "ls", "/cache"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert "llama.cpp-0.3.36" in out.stdout.split(), out.stdout + out.stderr
+    out = subprocess.run([*PODMAN, "run", "--rm", f"localhost/loraforge-publish:{image_tag}", "--help"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and "--input STAGE=KEY" in out.stdout, out.stdout + out.stderr
+
+
+def test_every_stage_in_its_own_container_gives_the_in_process_artifacts(
+    deployed: dict[str, str], source: Path, model: Path, workdir: Path, timings: dict[str, float]
+) -> None:
+    local_env = {k: v for k, v in deployed.items() if not k.startswith(("PREFECT_API_URL", "DOCKER_HOST"))}
+    local_env["PREFECT_HOME"] = str(workdir / "prefect-local")
+    started = time.perf_counter()
+    local = _run_pipeline(source, workdir / "store-local", model, local_env)
+    timings["pipeline in-process"] = round(time.perf_counter() - started, 1)
+
+    started = time.perf_counter()
+    contained = _run_pipeline(source, workdir / "store-containers", model, deployed, "orchestration.stages=deployments")
+    timings["pipeline in containers"] = round(time.perf_counter() - started, 1)
+    (workdir / "timings.json").write_text(json.dumps(timings))
+
+    assert {s: i["key"] for s, i in contained["stages"].items()} == {s: i["key"] for s, i in local["stages"].items()}
+    assert not any(info["cached"] for info in contained["stages"].values()), contained["stages"]
+    # Each stage ran as a flow run of its own deployment, in a container of its stage's image.
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: deployed["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        deployments = {d.id: d for d in client.read_deployments()}
+        ran = {}
+        for run in client.read_flow_runs():
+            if run.deployment_id in deployments and run.state_name == "Completed":
+                ran[deployments[run.deployment_id].name] = deployments[run.deployment_id].job_variables["image"]
+    assert {s: ran.get(s, "") for s in STAGES} == {
+        s: f"localhost/loraforge-{'data' if s == 'base' else s}:{deployed['LORAFORGE_IMAGE_TAG']}" for s in STAGES
+    }
+    assert _compare(workdir / "store-local", workdir / "store-containers", local) == []
+
+
+def test_stage_entrypoint_on_given_keys(
+    deployed: dict[str, str], image_tag: str, model: Path, workdir: Path, timings: dict[str, float]
+) -> None:
+    """`podman run loraforge-publish CONFIG --input ...` (no Prefect) rebuilds the publish artifact of the
+    in-process run byte for byte from its upstream keys."""
+    local = workdir / "store-local"
+    if not (local / "runs").is_dir():
+        pytest.skip("needs the in-process run of the pipeline test")
+    record = json.loads(next((local / "runs").glob("*.json")).read_text())
+    copy = workdir / "store-entrypoint"
+    shutil.copytree(local, copy, ignore=shutil.ignore_patterns("publish", "runs"))
+    inputs = [f"--input={s}={record['stages'][s]['key']}" for s in STAGES[:-1]]
+    cmd = [*PODMAN, "run", "--rm", "--network=none", "-v", f"{workdir}:{workdir}",
+           f"localhost/loraforge-publish:{image_tag}", "flows/configs/demo.yaml", *_small(workdir, model),
+           "--store", str(copy), *inputs, "--output", str(workdir / "publish.json")]  # fmt: skip
+    result = _timed("publish entrypoint", timings, cmd)
+    produced = json.loads((workdir / "publish.json").read_text())
+    assert produced["key"] == record["stages"]["publish"]["key"] and not produced["cached"], result.stdout
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == produced
+    a = json.loads((local / "publish" / produced["key"] / "manifest.json").read_text())["files"]
+    b = json.loads((copy / "publish" / produced["key"] / "manifest.json").read_text())["files"]
+    assert a == b

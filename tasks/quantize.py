@@ -348,10 +348,12 @@ def _imatrix(
     source.write_text(text)
     chunks = min(config.imatrix_chunks, tokens // config.imatrix_ctx)
     print(f"[quantize] importance matrix over {chunks} chunks of {config.imatrix_ctx} tokens of the train split")
-    cmd = [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(source), "-o", str(out), "--parse-special",
+    # File names relative to the draft folder: the tools write them into the GGUF metadata (imatrix.datasets, and
+    # llama-quantize's quantize.imatrix.*), and a temporary path there would make every run's bytes differ.
+    cmd = [str(tools / "llama-imatrix"), "-m", f16.name, "-f", source.name, "-o", out.name, "--parse-special",
            "--no-ppl", "-c", str(config.imatrix_ctx), "-b", str(config.imatrix_ctx), "--chunks", str(chunks),
            "-t", str(config.n_threads)]  # fmt: skip
-    output = _run_tool(cmd, out, "llama-imatrix failed")
+    output = _run_tool(cmd, out, "llama-imatrix failed")  # f16, source and out share the draft folder
     source.unlink()
     found = re.search(r"computing over (\d+) chunks", output)
     used = int(found.group(1)) if found else chunks
@@ -372,8 +374,8 @@ def _quantize_with_imatrix(
     tools: Path, source: Path, target: Path, qtype: str, imatrix: Path, config: QuantizeConfig
 ) -> str:
     """`llama-quantize --imatrix`; returns its 'N of M' count of tensors that needed a fallback type."""
-    cmd = [str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(source), str(target), qtype.upper(),
-           str(config.n_threads)]  # fmt: skip
+    cmd = [str(tools / "llama-quantize"), "--imatrix", imatrix.name, source.name, target.name, qtype.upper(),
+           str(config.n_threads)]  # fmt: skip  # relative names (all in the draft folder): see _imatrix
     output = _run_tool(cmd, target, f"llama-quantize --imatrix to {qtype} failed")
     loaded = re.search(r"loaded (\d+) importance matrix entries", output)
     if not loaded or int(loaded.group(1)) == 0:
@@ -383,8 +385,8 @@ def _quantize_with_imatrix(
 
 
 def _run_tool(cmd: list[str], out: Path, failure: str) -> str:
-    """Run a llama.cpp tool; returns stdout + stderr (its log), or raises with the log's tail."""
-    result = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    """Run a llama.cpp tool in `out`'s folder; returns stdout + stderr (its log), or raises with the log's tail."""
+    result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", cwd=out.parent)
     output = result.stdout + result.stderr
     if result.returncode != 0 or not out.is_file():
         tail = "\n".join(output.strip().splitlines()[-8:])

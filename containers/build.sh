@@ -184,7 +184,10 @@ build() { # NAME FILE TAGS... -- EXTRA ARGS...
   while [ $# -gt 0 ] && [ "$1" != -- ]; do tags+=(-t "localhost/loraforge-$name:$1"); shift; done
   [ $# -gt 0 ] && shift
   extra=("$@")
-  if current "localhost/loraforge-$name:${tags[1]##*:}"; then
+  # base-deps is an intermediate target (podman keeps its first label): current when base, built on it, is.
+  local probe="localhost/loraforge-$name:${tags[1]##*:}"
+  [ "$name" = base-deps ] && "${PODMAN[@]}" image exists "$probe" && probe="localhost/loraforge-base:${tags[1]##*:}"
+  if current "$probe"; then
     log "loraforge-$name:${tags[1]##*:} is up to date"
     return
   fi

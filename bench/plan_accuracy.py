@@ -6,7 +6,7 @@
 
 For each model and mode it prepares the data artifact (demo tickets) in this process, plans with the longest
 train row as the sequence length (the train stage pads each batch to its longest row), then trains in a
-fresh child process and takes that child's peak RSS from wait4 (ru_maxrss of that one process):
+fresh child process and takes that child's own peak RSS (`tasks.plan.run_measuring_peak_rss`: VmHWM):
 
 - lora-qv, lora-all (all-linear), lora-all-gc (all-linear with gradient checkpointing), qlora-4bit: the
   real train stage (`train_adapter`), so the artifact's own `peak_rss_mb`, trainable-parameter count and

@@ -10,9 +10,10 @@ ranks to it, trains only what is new. The eval gate is recorded per variant, not
 Peak memory per variant is honest only if each variant trains in a process of its own: ru_maxrss is a
 process high-water mark, so a later variant trained in the same process would report the largest peak so far.
 So each variant's train stage runs in a fresh child process (`python -m flows.sweep --train-child
-CONFIG.json`); the table's peak_rss_mb is the train artifact's recorded `peak_rss_mb`, which for a variant
-trained now is that child's own peak. A cached variant shows the figure recorded when it was trained (marked
-cached; that run may have shared its process with other stages).
+CONFIG.json`) and the table shows that child's VmHWM, polled from /proc (not its ru_maxrss: Linux carries the
+parent's RSS high-water into a child's ru_maxrss at exec, and this parent holds evaluated models). The figure
+is kept in `<store>/sweeps/peaks/<train key>.json`, so a re-run (all cache hits) shows the same numbers; a
+train artifact no sweep trained shows the train stage's own recorded `peak_rss_mb`.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def sweep(variants: list[tuple[dict[str, str], PipelineConfig]], sweep_id: str |
         store = ArtifactStore(config.store)
         base = base_task(config.base_model, store)
         data = data_task(config.data, base, store)
-        train, trained_now = _train(config, base, data, store)
+        train, trained_now, peak = _train(config, base, data, store)
         evaluated = eval_task(config.eval, base, data, train, store)
-        rows.append(_row(point, config, train, evaluated, trained_now))
+        rows.append(_row(point, config, train, evaluated, trained_now, peak))
         print(f"[sweep] {point}: {_summary(rows[-1])}")
     store = ArtifactStore(variants[0][1].store)
     record = {"sweep_id": sweep_id, "store": store.url, "rows": rows}
@@ -85,11 +86,14 @@ def sweep(variants: list[tuple[dict[str, str], PipelineConfig]], sweep_id: str |
     return record
 
 
-def _train(config: PipelineConfig, base: Artifact, data: Artifact, store: ArtifactStore) -> tuple[Artifact, bool]:
+def _train(
+    config: PipelineConfig, base: Artifact, data: Artifact, store: ArtifactStore
+) -> tuple[Artifact, bool, float | None]:
     """The variant's train artifact, produced (or found cached) by the train stage in a fresh child process.
 
     Returns:
-        The artifact and whether the child trained it now (False: it was a cache hit).
+        The artifact, whether the child trained it now (False: a cache hit) and the training process's own peak
+        RSS in MB (VmHWM, measured now or recorded by an earlier sweep in `<store>/sweeps/peaks/<key>.json`).
     """
     from tasks.plan import run_measuring_peak_rss
 
@@ -114,13 +118,22 @@ def _train(config: PipelineConfig, base: Artifact, data: Artifact, store: Artifa
     train = train_task(config.train, base, data, store)  # the child wrote it: a cache hit here
     if train.key != child["key"]:
         raise StageError(f"sweep: the child made train artifact {child['key']}, this process expects {train.key}")
+    record = store.root / "sweeps" / "peaks" / f"{train.key}.json"
     if not child["cached"]:
-        print(f"[sweep] train {train.key}: child process peak RSS {peak_mb:.0f} MB (wait4)")
-    return train, not child["cached"]
+        print(f"[sweep] train {train.key}: peak RSS of its process {peak_mb:.0f} MB (VmHWM)")
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"train_key": train.key, "peak_rss_mb": round(peak_mb, 1)}))
+    recorded = json.loads(record.read_text())["peak_rss_mb"] if record.is_file() else None
+    return train, not child["cached"], recorded
 
 
 def _row(
-    point: dict[str, str], config: PipelineConfig, train: Artifact, evaluated: Artifact, trained_now: bool
+    point: dict[str, str],
+    config: PipelineConfig,
+    train: Artifact,
+    evaluated: Artifact,
+    trained_now: bool,
+    peak: float | None,
 ) -> dict[str, Any]:
     """One table row, read from the variant's train and eval artifacts."""
     m = train.metrics
@@ -130,7 +143,7 @@ def _row(
         "r": config.train.r,
         "trainable_params": m.get("trainable_params"),
         "adapter_mb": round(adapter.stat().st_size / 1024 / 1024, 3),
-        "peak_rss_mb": m.get("peak_rss_mb"),
+        "peak_rss_mb": peak if peak is not None else m.get("peak_rss_mb"),
         "trained_now": trained_now,
         "train_seconds": m.get("train_seconds"),
         "val_loss": m.get("val_loss"),
@@ -162,9 +175,9 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                  for c in columns]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     notes = (
-        "\npeak_rss_mb: the train stage's process peak RSS (ru_maxrss). Variants trained by this sweep ran in a "
-        "child process of their own, so the figure is that variant's alone; a cached variant shows the figure "
-        "recorded when it was trained. train_seconds: wall time on a shared machine."
+        "\npeak_rss_mb: the peak RSS (VmHWM) of the process that trained the variant, a child process of its own "
+        "started by a sweep; for an artifact no sweep trained, the train stage's recorded ru_maxrss (which also "
+        "carries the RSS of whatever process started it). train_seconds: wall time on a shared machine."
     )
     return "\n".join(lines) + "\n" + notes + "\n"
 

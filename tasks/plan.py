@@ -405,8 +405,11 @@ def run_measuring_peak_rss(
 ) -> tuple[int, float, str]:
     """Run a command in a fresh child process; return its exit code, its own peak RSS (MB) and its output.
 
-    The peak comes from wait4's rusage of that one child (ru_maxrss, KiB on Linux), so runs measured one
-    after another do not contaminate each other (RUSAGE_CHILDREN would report the largest child so far).
+    The peak is the child's VmHWM (/proc/PID/status), polled every 50 ms while it runs: the high-water mark
+    of the child's own address space, which starts empty at exec. Not ru_maxrss: Linux carries the spawning
+    process's RSS high-water into the child's ru_maxrss at exec (fork and vfork alike), so a child started
+    from a 1.4 GB parent reports at least 1.4 GB however little it uses itself (seen in a sweep whose parent
+    had evaluated a model). Where /proc is missing, wait4's ru_maxrss of that one child is the fallback.
 
     Args:
         command: the argv to run.
@@ -415,17 +418,36 @@ def run_measuring_peak_rss(
     """
     import os
     import subprocess
+    import threading
 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
+    peak_kib = [0]
+    done = threading.Event()
+
+    def poll() -> None:
+        status = Path(f"/proc/{proc.pid}/status")
+        while not done.is_set():
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak_kib[0] = max(peak_kib[0], int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if echo is not None:
             echo(line.rstrip("\n"))
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    watcher.join()
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; tell Popen so it does not wait again
-    return proc.returncode, usage.ru_maxrss / 1024, "".join(lines)
+    return proc.returncode, (peak_kib[0] or usage.ru_maxrss) / 1024, "".join(lines)
 
 
 def format_plan(plan: Plan) -> str:

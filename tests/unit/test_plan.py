@@ -157,3 +157,19 @@ def test_cli_unknown_target_module_lists_the_valid_names(tiny_model: Path, capsy
     assert main(["plan", str(DEMO_CONFIG), f"base_model={tiny_model}", "train.target_modules=[qkv]"]) == 1
     err = capsys.readouterr().err
     assert "'qkv' not found" in err and "q_proj" in err and "Traceback" not in err
+
+
+def test_child_peak_is_its_own_not_the_parents() -> None:
+    """A child's ru_maxrss starts at its parent's RSS high-water (Linux, at exec); the measured peak must not."""
+    import sys
+
+    from tasks.plan import run_measuring_peak_rss
+
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: this process is now > 600 MB
+    child = "import resource; x = bytearray(200 * 2**20); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    code, peak_mb, output = run_measuring_peak_rss([sys.executable, "-c", child])
+    assert code == 0
+    assert int(output.strip()) // 1024 > 600  # what the child's own ru_maxrss claims
+    assert 200 < peak_mb < 400  # its VmHWM: the 200 MB it allocated plus the interpreter
+    del ballast

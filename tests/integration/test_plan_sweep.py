@@ -41,7 +41,8 @@ def test_plan_is_within_25_percent_of_a_real_train_run(tiny_model: Path, tmp_pat
 
     estimate = plan.memory["lora"].peak_rss_mb
     assert abs(estimate - peak_mb) / peak_mb <= 0.25, (estimate, peak_mb, plan.memory["lora"].components_mb)
-    assert abs(train.metrics["peak_rss_mb"] - peak_mb) <= 5  # the stage's own ru_maxrss is the same process peak
+    # the stage's own ru_maxrss also carries this (pytest) process's RSS high-water in at exec: never below
+    assert train.metrics["peak_rss_mb"] >= peak_mb - 5
     assert plan.trainable_params == train.metrics["trainable_params"]
     assert plan.adapter_file_bytes == (train.file("adapter") / "adapter_model.safetensors").stat().st_size
 
@@ -73,7 +74,9 @@ def test_rank_sweep_table_rows_come_from_the_artifacts(tiny_model: Path, tmp_pat
         assert train.manifest["config"]["r"] == row["r"]
         assert evaluated.manifest["inputs"]["train"]["key"] == train.key
         assert row["trainable_params"] == train.metrics["trainable_params"]
-        assert row["peak_rss_mb"] == train.metrics["peak_rss_mb"] and row["peak_rss_mb"] > 300
+        # the child's own VmHWM, kept beside the store; the stage's ru_maxrss can only be higher (parent carry-over)
+        peak = json.loads((store.root / "sweeps" / "peaks" / f"{train.key}.json").read_text())["peak_rss_mb"]
+        assert row["peak_rss_mb"] == peak and 300 < peak <= train.metrics["peak_rss_mb"] + 5
         assert row["train_seconds"] == train.metrics["train_seconds"]
         size = (train.file("adapter") / "adapter_model.safetensors").stat().st_size
         assert row["adapter_mb"] == round(size / 2**20, 3)

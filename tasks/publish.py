@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.artifacts import Artifact, ArtifactStore, hash_files
+from tasks.artifacts import Artifact, ArtifactStore, compute_key, hash_files
 from tasks.errors import StageError
 from tasks.hubclient import hub_endpoint, hub_token, scrub
 
@@ -51,7 +51,11 @@ class PublishConfig(BaseModel):
     include_gguf: list[str] = Field(
         default_factory=lambda: ["q4_k_m"], description="GGUF types (from the quantize stage) to upload under gguf/."
     )
-    tag: str | None = Field(None, description="Tag for the pushed revision; default: loraforge-<eval key prefix>.")
+    tag: str | None = Field(
+        None,
+        description="Tag for the pushed revision; default: loraforge-<version>, a hash of every artifact published "
+        "(adapter, eval, merge, GGUF keys) and of what shapes the bundle, so a new version never reuses a tag.",
+    )
     token_secret: str | None = Field(
         None,
         description="Name of a Prefect Secret block holding the Hub token; when set it is used instead of HF_TOKEN "
@@ -106,7 +110,11 @@ def publish_model(
     withheld = {q: gguf[q]["reason"] for q in config.include_gguf if not gguf[q].get("passed", True)}
     for qtype, reason in withheld.items():
         print(f"[publish] not publishing {qtype} GGUF: it failed its fidelity check ({reason})")
-    tag = config.tag or f"loraforge-{eval_.key[:12]}"
+    # The version: what the bundle is made of, not where it goes (endpoint, push mode, privacy); the same
+    # artifacts republished keep their tag, and any changed stage (a new merge dtype, say) gets a new one.
+    shaping = {k: settings[k] for k in ("name", "repo_id", "include_merged", "include_gguf", "datasets")}
+    version = compute_key("publish", code, shaping, {n: a.key for n, a in inputs.items()})
+    tag = config.tag or f"loraforge-{version[:12]}"
     with store.create("publish", key, settings, inputs, code) as draft:
         bundle = draft.path / "bundle"
         shutil.copytree(train.file("adapter"), bundle)

@@ -94,14 +94,15 @@ def measure(model: str, mode: str, store: Path, steps: int) -> dict[str, Any]:
     from tasks.config import DEMO_CONFIG, load_config
     from tasks.data import prepare_data
     from tasks.models import provision_base
-    from tasks.plan import plan_training, run_measuring_peak_rss
+    from tasks.plan import data_logit_positions, plan_training, run_measuring_peak_rss
 
     overrides = overrides_for(model, mode, store, steps)
     config = load_config(DEMO_CONFIG, overrides)
     artifacts = ArtifactStore(config.store)
     data = prepare_data(config.data, provision_base(config.base_model, artifacts), artifacts)
     longest = max(len(r["input_ids"]) for r in read_split(data.file("train.jsonl")))
-    plan = plan_training(config, seq_len=longest, seq_len_source="longest train row")
+    plan = plan_training(config, seq_len=longest, seq_len_source="longest train row",
+                         logit_positions=data_logit_positions(config))  # fmt: skip
     estimate = plan.memory[PLAN_MODE[mode]]
 
     started = time.perf_counter()
@@ -114,6 +115,7 @@ def measure(model: str, mode: str, store: Path, steps: int) -> dict[str, Any]:
     child = json.loads(output.strip().splitlines()[-1])
     row: dict[str, Any] = {
         "model": model, "mode": mode, "batch": plan.batch_size, "seq_len": plan.seq_len,
+        "logit_positions": plan.logit_positions,
         "estimate_mb": estimate.peak_rss_mb, "measured_mb": round(peak_mb, 1),
         "error_pct": round(100 * (estimate.peak_rss_mb - peak_mb) / peak_mb, 1),
         "estimate_terms_mb": estimate.components_mb, "cuda_estimate_mb": estimate.cuda_mb,
@@ -136,7 +138,8 @@ def replan(previous: Path, out: Path) -> int:
         if "error" in row:
             continue
         config = load_config(DEMO_CONFIG, overrides_for(row["model"], row["mode"], scratch / "store", 1))
-        plan = plan_training(config, seq_len=row["seq_len"], seq_len_source="recorded")
+        plan = plan_training(config, seq_len=row["seq_len"], seq_len_source="recorded",
+                             logit_positions=row.get("logit_positions"))  # fmt: skip
         estimate = plan.memory[PLAN_MODE[row["mode"]]]
         error = round(100 * (estimate.peak_rss_mb - row["measured_mb"]) / row["measured_mb"], 1)
         row.update(estimate_mb=estimate.peak_rss_mb, estimate_terms_mb=estimate.components_mb,

@@ -171,13 +171,14 @@ def _load(items: list[str]) -> Any:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from tasks.plan import data_seq_len, format_plan, plan_training
+    from tasks.plan import data_logit_positions, data_seq_len, format_plan, plan_training
 
     config = _load(args.items)
-    seq_len, source = args.seq_len, None
+    seq_len, source, positions = args.seq_len, None, None
     if args.from_data:
         seq_len, source = data_seq_len(config)
-    result = plan_training(config, seq_len=seq_len, seq_len_source=source)
+        positions = data_logit_positions(config)
+    result = plan_training(config, seq_len=seq_len, seq_len_source=source, logit_positions=positions)
     print(format_plan(result))
     if args.json:
         args.json.write_text(json.dumps(result.to_json(), indent=2))

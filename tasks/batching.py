@@ -102,6 +102,34 @@ def row_losses(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: 
     return [total / count if count else float("nan") for total, count in _loss_sums(model, rows, batch_size, pad_id)]
 
 
+def labelled_token_losses(
+    model: Any, input_ids: Any, attention_mask: Any, labels: Any, **extra: Any
+) -> tuple[Any, Any]:
+    """Next-token losses at the positions whose next token is labelled: (losses [B, K], targets [B, K]).
+
+    The output head and the softmax run only on those K positions (`logits_to_keep` with their indices): with
+    the loss on the completion only, most positions of a chat row are prompt, and the head (vocabulary x hidden)
+    is a large share of a small model's compute. Ignored targets (-100) get a loss of 0; the result equals
+    the model's own loss on full logits. Inputs must already be on the model's device.
+    """
+    import torch
+
+    targets = labels[:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **extra).logits
+    targets = targets[:, keep]
+    losses = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    return losses, targets
+
+
+def labelled_mean_loss(model: Any, input_ids: Any, attention_mask: Any, labels: Any, **extra: Any) -> Any:
+    """Mean next-token loss over the labelled tokens of a batch (what training minimises), as a tensor."""
+    losses, targets = labelled_token_losses(model, input_ids, attention_mask, labels, **extra)
+    return losses.sum() / (targets != -100).sum().clamp(min=1)
+
+
 def _loss_sums(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
     """Per row: the summed next-token loss over its labelled tokens and how many there are."""
     import torch
@@ -113,12 +141,8 @@ def _loss_sums(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: 
         for start in range(0, len(rows), batch_size):
             ids, labels, mask = collate(rows[start : start + batch_size], pad_id)
             device = model_device(model)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float().cpu()
-            target = labels[:, 1:]
-            token_loss = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
-            )
-            sums.extend(zip(token_loss.sum(1).tolist(), (target != -100).sum(1).tolist(), strict=True))
+            losses, targets = labelled_token_losses(model, ids.to(device), mask.to(device), labels.to(device))
+            sums.extend(zip(losses.sum(1).tolist(), (targets != -100).sum(1).tolist(), strict=True))
     model.train(was_training)
     return sums
 

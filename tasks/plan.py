@@ -29,7 +29,11 @@ Two figures per mode:
     gradient checkpointing all L layers are kept; with it only each layer's input (h) plus one layer
     recomputed in backward;
   - logits: the loss keeps log-softmax over the vocabulary V, and backward holds its gradient and the
-    logits' gradient at the same time: `LOGIT_COPIES` x T x V x 4 B;
+    logits' gradient at the same time: `LOGIT_COPIES` x K x V x 4 B, K the positions the output head runs on.
+    The train stage runs the head only on positions that predict a labelled token (the completion, unless
+    data.train_on_prompt): K = batch x the batch's union of such positions, at most batch x seq_len, which is
+    what is assumed without the data; `--from-data` replays the train stage's batches and takes the largest
+    union. Full fine-tuning is planned as a plain loop with the head on every position (K = T);
   - `ALLOCATOR_FACTOR`: glibc's allocator keeps freed blocks and fragments, so RSS runs above the live bytes
     of the activation terms; the factor is measured (the ratio of RSS growth to the counted bytes).
 
@@ -114,6 +118,7 @@ class Plan:
     seq_len: int
     seq_len_source: str
     gradient_checkpointing: bool
+    logit_positions: int = 0  # per row: positions the output head runs on in the train stage (0: all seq_len)
     memory: dict[str, MemoryEstimate] = field(default_factory=dict)
     configured_mode: str = "lora"
 
@@ -122,13 +127,20 @@ class Plan:
         return asdict(self)
 
 
-def plan_training(config: PipelineConfig, seq_len: int | None = None, seq_len_source: str | None = None) -> Plan:
+def plan_training(
+    config: PipelineConfig,
+    seq_len: int | None = None,
+    seq_len_source: str | None = None,
+    logit_positions: int | None = None,
+) -> Plan:
     """Count the adapter and estimate peak memory for the configured model, LoRA config, batch and length.
 
     Args:
         config: the pipeline config (base_model, data.max_length, train.*).
         seq_len: tokens per row to plan for; default data.max_length (the longest a batch can be).
         seq_len_source: where seq_len came from, for the printout.
+        logit_positions: positions per row the output head runs on in the train stage (`data_logit_positions`);
+            default every position (seq_len), the bound.
 
     Returns:
         The plan: per-module parameter counts, the adapter file size and a MemoryEstimate per mode.
@@ -160,6 +172,7 @@ def plan_training(config: PipelineConfig, seq_len: int | None = None, seq_len_so
         seq_len=seq_len or config.data.max_length,
         seq_len_source=seq_len_source or ("given" if seq_len else "data.max_length"),
         gradient_checkpointing=train.gradient_checkpointing,
+        logit_positions=min(logit_positions or seq_len or config.data.max_length, seq_len or config.data.max_length),
         configured_mode={"none": "lora", "4bit": "qlora-4bit", "8bit": "qlora-8bit"}[train.quantization],
     )
     for mode in MODES:
@@ -182,11 +195,11 @@ def _build_meta(folder: Path, config: PipelineConfig) -> _Meta:
     """Build the model with no weights (meta device) and wrap it with peft exactly as the train stage does."""
     import torch
     from accelerate import init_empty_weights
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tasks.errors import StageError
-    from tasks.train import resolve_target_modules
+    from tasks.train import lora_config, resolve_target_modules
 
     train = config.train
     with init_empty_weights():
@@ -201,19 +214,7 @@ def _build_meta(folder: Path, config: PipelineConfig) -> _Meta:
     ]
     embedding_params = model.get_input_embeddings().weight.numel()
     targets = resolve_target_modules(model, train.target_modules)
-    # The same LoraConfig as tasks/train.py builds (the integration test checks the counts against a real run).
-    lora = LoraConfig(
-        r=train.r,
-        lora_alpha=train.alpha,
-        lora_dropout=train.dropout,
-        target_modules=targets,
-        use_dora=train.use_dora,
-        use_rslora=train.use_rslora,
-        init_lora_weights=True if train.init == "default" else train.init,
-        bias=train.bias,
-        modules_to_save=list(train.modules_to_save) or None,
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(train, targets)  # the train stage's own (the integration test checks counts vs a real run)
     try:
         peft_model = get_peft_model(model, lora)
     except (ValueError, KeyError) as exc:
@@ -372,7 +373,8 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
         return tokens * (layer_floats + 3 * arch.hidden) * fp32  # + the embedding output and the final norm
 
     activations = activation_bytes("cpu")
-    logits = LOGIT_COPIES * tokens * arch.vocab * fp32
+    head_positions = tokens if mode == "full" else plan.batch_size * (plan.logit_positions or plan.seq_len)
+    logits = LOGIT_COPIES * head_positions * arch.vocab * fp32
 
     components = {
         "process_overhead": float(PROCESS_OVERHEAD_MB),
@@ -470,7 +472,8 @@ def format_plan(plan: Plan) -> str:
         f"({plan.adapter_file_bytes / MB:.2f} MiB)",
         "",
         f"peak memory for batch {plan.batch_size} x {plan.seq_len} tokens ({plan.seq_len_source})"
-        f"{', gradient checkpointing' if plan.gradient_checkpointing else ''}:",
+        f"{', gradient checkpointing' if plan.gradient_checkpointing else ''}; output head on "
+        f"{plan.logit_positions} positions per row (adapters; full fine-tuning: all {plan.seq_len}):",
         f"  {'mode':<12}{'trainable':>14}{'CPU peak RSS':>14}{'CUDA alloc':>12}   terms (MiB)",
     ]
     for mode, est in plan.memory.items():
@@ -498,3 +501,36 @@ def data_seq_len(config: PipelineConfig) -> tuple[int, str]:
     data = prepare_data(config.data, provision_base(config.base_model, store), store)
     longest = max(len(row["input_ids"]) for row in read_split(data.file("train.jsonl")))
     return longest, f"the longest train row of data/{data.key}"
+
+
+def data_logit_positions(config: PipelineConfig) -> int:
+    """The most positions per row that the train stage runs the output head on, over its batches.
+
+    Replays the train stage's own batch order (seeded, length-grouped or packed) over the configured number of
+    steps and, per batch, counts the positions whose next token is labelled in some row of the batch (the
+    union: rows are right-padded, so their answers sit at different positions). Runs the base and data stages
+    (cache hits when the pipeline ran before with this data config).
+    """
+    import random
+
+    from tasks.artifacts import ArtifactStore
+    from tasks.batching import pack_rows, read_split
+    from tasks.data import prepare_data
+    from tasks.models import provision_base
+    from tasks.train import batch_stream
+
+    train = config.train
+    store = ArtifactStore(config.store)
+    data = prepare_data(config.data, provision_base(config.base_model, store), store)
+    rows = read_split(data.file("train.jsonl"))
+    units = pack_rows(rows, int(data.manifest["config"]["max_length"])) if train.packing else rows
+    steps_per_epoch = math.ceil(len(units) / (train.batch_size * train.grad_accum))
+    steps = train.max_steps or max(1, math.ceil(steps_per_epoch * train.epochs))
+    batches = batch_stream(units, train, random.Random(train.seed))
+    most = 0
+    for _ in range(min(steps * train.grad_accum, 100_000)):
+        positions: set[int] = set()
+        for row in next(batches):
+            positions.update(t for t, label in enumerate(row["labels"][1:]) if label != -100)
+        most = max(most, len(positions))
+    return most

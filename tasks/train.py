@@ -7,7 +7,8 @@ LoRA+ (a larger learning rate for the B matrices). QLoRA: the base is loaded thr
 it never trains in full precision instead.
 
 The loop pads each batch only to its longest row and groups rows of similar length, so little compute goes to
-padding; loss is computed only where labels are set (the completion, unless data.train_on_prompt).
+padding; loss is computed only where labels are set (the completion, unless data.train_on_prompt), and the
+output head runs only on the positions that predict a labelled token (tasks.batching.labelled_mean_loss).
 
 Checkpoints (`train.save_every`) go to `<store>/.checkpoints/train-<key>/step-N/`, each written to a temporary
 folder and renamed into place; they hold the trainable weights, optimizer, scheduler and RNG states, the
@@ -33,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.batching import collate, collate_packed, mean_loss, pack_rows, read_split
+from tasks.batching import collate, collate_packed, labelled_mean_loss, mean_loss, pack_rows, read_split
 from tasks.errors import StageError
 
 RUNTIME_ONLY = {"save_every", "keep_checkpoints", "resume"}  # do not change the result: not part of the key
@@ -145,7 +146,7 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     if (hit := store.find("train", key)) is not None:
         return hit
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from tqdm import tqdm
 
     from tasks.models import load_base_as_trained, load_tokenizer
@@ -166,19 +167,7 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=targets,
-        use_dora=config.use_dora,
-        use_rslora=config.use_rslora,
-        init_lora_weights=True if config.init == "default" else config.init,
-        bias=config.bias,
-        modules_to_save=list(config.modules_to_save) or None,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora_config(config, targets))
     trainable, total = model.get_nb_trainable_parameters()
     variant = "+".join(
         [{"none": "LoRA", "4bit": f"QLoRA {config.quant_type}", "8bit": "QLoRA int8"}[config.quantization]]
@@ -212,7 +201,7 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
         print(f"[train] resuming from {last.name} ({state['step']} of {total_steps} steps done)")
     history: list[dict[str, Any]] = state["history"]
     model.train()
-    batches = _batches(units, config, random.Random(config.seed))
+    batches = batch_stream(units, config, random.Random(config.seed))
     for _ in range(state["step"] * config.grad_accum):  # the same data order as an uninterrupted run
         next(batches)
     tokens_seen = state["tokens"]
@@ -233,8 +222,8 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
             else:
                 input_ids, labels, mask = collate(batch, pad_id)
                 real_tokens, extra = int(mask.sum()), {}
-            loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
-                         **extra).loss / config.grad_accum  # fmt: skip
+            loss = labelled_mean_loss(model, input_ids.to(device), mask.to(device), labels.to(device),
+                                      **extra) / config.grad_accum  # fmt: skip
             loss.backward()
             step_loss += loss.item()
             tokens_seen += real_tokens
@@ -328,6 +317,24 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
             )
     shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact exists now; checkpoints are no longer needed
     return store.get("train", key, fresh=True)
+
+
+def lora_config(config: TrainConfig, targets: list[str]) -> Any:
+    """The peft LoraConfig of these settings on the resolved target modules (`loraforge plan` uses it too)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        init_lora_weights=True if config.init == "default" else config.init,
+        bias=config.bias,
+        modules_to_save=list(config.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
@@ -438,8 +445,9 @@ def _param_groups(model: Any, config: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": slow}, {"params": fast, "lr": config.learning_rate * config.loraplus_lr_ratio}]
 
 
-def _batches(rows: list[dict[str, Any]], config: TrainConfig, rng: random.Random) -> Any:
-    """Endless iterator of batches: shuffled each epoch, length-grouped within windows if configured."""
+def batch_stream(rows: list[dict[str, Any]], config: TrainConfig, rng: random.Random) -> Any:
+    """Endless iterator of batches: shuffled each epoch, length-grouped within windows if configured (the
+    train stage's data order; `loraforge plan --from-data` replays it to find the largest batch)."""
     while True:
         order = list(range(len(rows)))
         rng.shuffle(order)

@@ -19,12 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_plan_is_within_25_percent_of_a_real_train_run(tiny_model: Path, tmp_path: Path) -> None:
-    from tasks.plan import data_seq_len, plan_training, run_measuring_peak_rss
+    from tasks.plan import data_logit_positions, data_seq_len, plan_training, run_measuring_peak_rss
 
     overrides = [f"base_model={tiny_model}", f"store={tmp_path / 'store'}", *SMALL, "train.target_modules=all-linear"]
     config = load_config(DEMO_CONFIG, overrides)
     seq_len, source = data_seq_len(config)  # prepares the data artifact; the child finds it cached
-    plan = plan_training(config, seq_len=seq_len, seq_len_source=source)
+    positions = data_logit_positions(config)
+    assert 0 < positions < seq_len  # the loss is on the answers only: the head skips most positions
+    plan = plan_training(config, seq_len=seq_len, seq_len_source=source, logit_positions=positions)
 
     code = (
         "import sys; from pathlib import Path; from tasks.artifacts import ArtifactStore; "

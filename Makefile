@@ -1,12 +1,12 @@
 # The one list of loraforge commands. Every target sets up what it needs first (idempotent, fast when done).
 #   make demo   set up, then run the demo pipeline (SmolLM2-135M, ticket routing) end to end on CPU
-#   make test   set up, then lint, type-check and run the unit + integration tests (what CI runs)
+#   make test   set up, then lint, type-check and run the unit, integration and container tests (what CI runs)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers
+.PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers
 
 setup:                       ## virtualenv, torch 2.13.0 CPU first, llama-cpp-python wheel built once, pinned deps
 	bash infra/bootstrap.sh
@@ -14,8 +14,11 @@ setup:                       ## virtualenv, torch 2.13.0 CPU first, llama-cpp-py
 demo: setup                  ## the whole pipeline on the demo config (add ARGS="train.r=8 ..." for overrides)
 	$(VENV)/bin/loraforge run flows/configs/demo.yaml $(ARGS)
 
-test: setup lint typecheck   ## what CI runs: lint, types, unit and integration tests
-	$(PY) -m pytest -m "not containers and not gpu" $(PYTEST_ARGS)
+test: setup lint typecheck   ## what CI runs: lint, types, unit, integration and container tests (gpu ones run with CUDA)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup lint typecheck  ## the same without the container tier (no podman/root needed)
+	$(PY) -m pytest -m "not containers" $(PYTEST_ARGS)
 
 test-unit: setup             ## unit tests only (< 2 min)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -167,7 +167,12 @@ def test_child_peak_is_its_own_not_the_parents() -> None:
 
     ballast = bytearray(600 * 2**20)
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: this process is now > 600 MB
-    child = "import resource; x = bytearray(200 * 2**20); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    # The child touches every page it allocates (an untouched bytearray is not resident) and lives a little
+    # longer than the 50 ms poll interval after its peak, as a training run does.
+    child = (
+        "import resource, time; x = bytearray(200 * 2**20); x[::4096] = b'\\x01' * len(x[::4096]); time.sleep(0.3); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     code, peak_mb, output = run_measuring_peak_rss([sys.executable, "-c", child])
     assert code == 0
     assert int(output.strip()) // 1024 > 600  # what the child's own ru_maxrss claims

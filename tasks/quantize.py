@@ -128,6 +128,12 @@ class QuantizeConfig(BaseModel):
         description="A type past its limits: 'drop' keeps it out of publishing (reason recorded), 'fail' stops.",
     )
 
+    @field_validator("imatrix", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare on/off as a boolean: `imatrix: off` means the string "off".
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("max_mean_kl", "min_top1_agreement", "max_ppl_ratio", mode="before")
     @classmethod
     def _over_defaults(cls, value: Any, info: ValidationInfo) -> Any:

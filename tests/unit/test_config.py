@@ -106,3 +106,10 @@ def test_target_modules_take_a_preset_or_names() -> None:
         "q_proj",
         "v_proj",
     ]
+
+
+def test_on_off_values_survive_yaml() -> None:
+    """PyYAML reads a bare on/off as a boolean; quantize.imatrix takes them as the words they are."""
+    assert load_config(DEMO_CONFIG, ["quantize.imatrix=off"]).quantize.imatrix == "off"
+    assert load_config(DEMO_CONFIG, ["quantize.imatrix=on"]).quantize.imatrix == "on"
+    assert load_config(DEMO_CONFIG, ["quantize.imatrix=auto"]).quantize.imatrix == "auto"

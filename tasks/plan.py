@@ -514,18 +514,16 @@ def data_logit_positions(config: PipelineConfig) -> int:
     import random
 
     from tasks.artifacts import ArtifactStore
-    from tasks.batching import pack_rows, read_split
+    from tasks.batching import read_split
     from tasks.data import prepare_data
     from tasks.models import provision_base
-    from tasks.train import batch_stream
+    from tasks.train import batch_stream, training_units
 
     train = config.train
     store = ArtifactStore(config.store)
     data = prepare_data(config.data, provision_base(config.base_model, store), store)
     rows = read_split(data.file("train.jsonl"))
-    units = pack_rows(rows, int(data.manifest["config"]["max_length"])) if train.packing else rows
-    steps_per_epoch = math.ceil(len(units) / (train.batch_size * train.grad_accum))
-    steps = train.max_steps or max(1, math.ceil(steps_per_epoch * train.epochs))
+    units, steps = training_units(rows, train, int(data.manifest["config"]["max_length"]))
     batches = batch_stream(units, train, random.Random(train.seed))
     most = 0
     for _ in range(min(steps * train.grad_accum, 100_000)):

@@ -180,14 +180,10 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
 
     train_rows = read_split(data.file("train.jsonl"))
     val_rows = read_split(data.file("validation.jsonl"))
+    capacity = int(data.manifest["config"]["max_length"])
+    units, total_steps = training_units(train_rows, config, capacity)
     if config.packing:
-        capacity = int(data.manifest["config"]["max_length"])
-        units = pack_rows(train_rows, capacity)
         print(f"[train] packed {len(train_rows)} rows into {len(units)} sequences of up to {capacity} tokens")
-    else:
-        units = train_rows
-    steps_per_epoch = math.ceil(len(units) / (config.batch_size * config.grad_accum))
-    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     optimizer = _optimizer(_param_groups(model, config), config)
     scheduler = _scheduler(optimizer, config, total_steps)
     pad_id = tokenizer.pad_token_id
@@ -443,6 +439,16 @@ def _param_groups(model: Any, config: TrainConfig) -> list[dict[str, Any]]:
     fast = [p for n, p in params if "lora_B" in n]
     slow = [p for n, p in params if "lora_B" not in n]
     return [{"params": slow}, {"params": fast, "lr": config.learning_rate * config.loraplus_lr_ratio}]
+
+
+def training_units(
+    rows: list[dict[str, Any]], config: TrainConfig, max_length: int
+) -> tuple[list[dict[str, Any]], int]:
+    """What the train stage iterates over (rows, or rows packed into sequences of up to `max_length` tokens)
+    and how many optimizer steps it takes (max_steps, else epochs over the units); shared with `loraforge plan`."""
+    units = pack_rows(rows, max_length) if config.packing else rows
+    steps_per_epoch = math.ceil(len(units) / (config.batch_size * config.grad_accum))
+    return units, config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
 
 
 def batch_stream(rows: list[dict[str, Any]], config: TrainConfig, rng: random.Random) -> Any:

@@ -151,12 +151,13 @@ def _pool_template(workdir: Path) -> dict[str, Any]:
     props["image_pull_policy"]["default"] = "Never"
     props["auto_remove"]["default"] = True
     props["stream_output"]["default"] = True
-    props["env"]["default"] = {
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "results"),
-        "OMP_NUM_THREADS": "1",
-        "OMP_WAIT_POLICY": "PASSIVE",
-    }
+    props["env"]["default"] = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "results"), **_pool_template_env()}
     return template
+
+
+def _pool_template_env() -> dict[str, str]:
+    """Thread settings every stage container runs with (one OpenMP thread each: a worker may run several)."""
+    return {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +269,9 @@ def test_every_stage_in_its_own_container_gives_the_in_process_artifacts(
 ) -> None:
     local_env = {k: v for k, v in deployed.items() if not k.startswith(("PREFECT_API_URL", "DOCKER_HOST"))}
     local_env["PREFECT_HOME"] = str(workdir / "prefect-local")
+    # The containers' thread settings (the pool template's env): CPU kernels reduce in a thread-count-dependent
+    # order, so byte-equal adapters need the same count on both sides.
+    local_env.update(_pool_template_env())
     started = time.perf_counter()
     local = _run_pipeline(source, workdir / "store-local", model, local_env)
     timings["pipeline in-process"] = round(time.perf_counter() - started, 1)

@@ -12,7 +12,8 @@ same sequence length, LoRA config, batch size, learning rate, schedule and numbe
 - ours: `tasks.train.train_adapter` with its defaults (length-grouped batches, no checkpointing); ours+gc: the
   same with `train.gradient_checkpointing` (the tutorial's memory setting); ours with `train.packing`
   (batch size in packed sequences = the number that holds `--batch-size` rows on average, so every recipe sees
-  about the same rows and tokens per optimizer step, with the same schedule).
+  about the same rows and tokens per optimizer step, with the same schedule); opt-in, ours+random: ours with
+  `train.group_by_length` off (random batches, as the tutorial's sampler).
 
 Each run is a fresh child process (peak RSS = that process's VmHWM, polled from /proc). Tokens/s counts real
 (non-padding) tokens seen by the model's forward in training, divided by the training wall time (model load
@@ -20,7 +21,9 @@ and final evaluation excluded). Final loss = mean loss over the validation split
 with the same function for every recipe. The machine's matmul peak comes from a GEMM probe in the same run;
 model FLOP/s per token = 2N (forward) + 2N (activation gradients) + 2 x trainable (weight gradients), N the
 non-embedding parameters, as in the usual 6N rule (model FLOPs: recomputation not counted).
- Medians of the repeats; ratios against the tutorial recipe.
+ Repeat i runs every recipe with seed 42 + i (adapter init, dropout and data order), so the final loss is a
+median over seeds, with its range: over a few steps the data order alone moves it by several percent.
+Medians of the repeats; ratios against the tutorial recipe.
 Writes bench/results/train_throughput.json.
 """
 
@@ -46,13 +49,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full": {"target_modules": None, "quantization": "none"},  # the tutorial recipe without peft
 }
 RECIPES = ("tutorial", "ours", "ours+gc", "ours+packing")
+EXTRA_RECIPES = ("ours+random",)  # opt-in (--recipes): ours with group_by_length off, the tutorial's random batches
 PACKING_VARIANTS = ("lora-qv",)  # padding is a property of the data, not of the adapter: packing measured once
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma list of: " + ", ".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help="comma list of: " + ", ".join(RECIPES + EXTRA_RECIPES))  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per recipe and variant (medians reported)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 job = {"recipe": recipe, "variant": variant, "steps": args.steps, "batch_size": args.batch_size,
                        "threads": args.threads, "model_path": base["model_path"], "inputs": data,
+                       "seed": 42 + repeat,
                        "store": str(scratch / f"store-{variant}-{recipe}-{repeat}")}  # fmt: skip
                 result = _spawn(job)
                 result["flops_share"] = result["flops_per_token"] * result["tokens_per_s"] / peak
@@ -166,7 +172,8 @@ def _train_ours(job: dict[str, Any]) -> dict[str, Any]:
     config = TrainConfig(target_modules=variant["target_modules"], quantization=variant["quantization"],
                          max_steps=job["steps"], batch_size=batch_size, packing=packing,
                          gradient_checkpointing=job["recipe"] == "ours+gc",
-                         threads=job["threads"], log_every=job["steps"])  # fmt: skip
+                         group_by_length=job["recipe"] != "ours+random",
+                         threads=job["threads"], log_every=job["steps"], seed=job["seed"])  # fmt: skip
     train = train_adapter(config, base, data, ArtifactStore(job["store"]))
     m = train.metrics
     return {"tokens_per_s": m["tokens_per_s"], "tokens": m["tokens"], "train_seconds": m["train_seconds"],
@@ -212,7 +219,7 @@ def _train_tutorial(job: dict[str, Any]) -> dict[str, Any]:
         per_device_train_batch_size=job["batch_size"], max_steps=job["steps"], learning_rate=1e-3,
         lr_scheduler_type="cosine", warmup_steps=round(0.05 * job["steps"]), use_cpu=True, bf16=False,
         report_to=[], save_strategy="no",
-        logging_steps=job["steps"], seed=42, dataloader_num_workers=0,
+        logging_steps=job["steps"], seed=job["seed"], dataloader_num_workers=0,
     )  # fmt: skip
     trainer = SFTTrainer(model=model, args=settings, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)  # fmt: skip
@@ -251,15 +258,19 @@ def _summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         baseline = [r for r in runs if r["variant"] == variant and r["recipe"] == "tutorial"]
         base_tps = statistics.median(r["tokens_per_s"] for r in baseline) if baseline else None
         base_rss = statistics.median(r["peak_rss_mb"] for r in baseline) if baseline else None
+        base_loss = statistics.median(r["val_loss"] for r in baseline) if baseline else None
         for recipe in dict.fromkeys(r["recipe"] for r in runs if r["variant"] == variant):
             mine = [r for r in runs if r["variant"] == variant and r["recipe"] == recipe]
             tps = statistics.median(r["tokens_per_s"] for r in mine)
             rss = statistics.median(r["peak_rss_mb"] for r in mine)
+            losses = [r["val_loss"] for r in mine]
             table.append({
                 "variant": variant, "recipe": recipe, "runs": len(mine), "tokens_per_s": round(tps, 1),
                 "speedup_vs_tutorial": round(tps / base_tps, 2) if base_tps else None,
                 "peak_rss_mb": int(rss), "rss_vs_tutorial": round(rss / base_rss, 2) if base_rss else None,
-                "val_loss": round(statistics.median(r["val_loss"] for r in mine), 4),
+                "val_loss": round(statistics.median(losses), 4),
+                "val_loss_range": [round(min(losses), 4), round(max(losses), 4)],
+                "loss_vs_tutorial": round(statistics.median(losses) / base_loss, 3) if base_loss else None,
                 "flops_share": round(statistics.median(r["flops_share"] for r in mine), 4),
                 "trainable_params": mine[0]["trainable_params"],
             })  # fmt: skip
@@ -269,13 +280,16 @@ def _summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _print(table: list[dict[str, Any]], peak: float) -> None:
     print(f"\nmedians; GEMM peak {peak / 1e9:.1f} GFLOP/s")
     print(f"{'variant':11s} {'recipe':13s} {'tok/s':>8s} {'x tutorial':>10s} {'peak RSS MB':>11s} {'x RSS':>6s} "
-          f"{'val loss':>9s} {'% peak':>7s}")  # fmt: skip
+          f"{'val loss':>9s} {'x loss':>6s} {'loss range':>15s} {'% peak':>7s}")  # fmt: skip
     for row in table:
         speed = f"{row['speedup_vs_tutorial']:.2f}" if row["speedup_vs_tutorial"] else "-"
         rss = f"{row['rss_vs_tutorial']:.2f}" if row["rss_vs_tutorial"] else "-"
         share = 100 * row["flops_share"]
+        loss = f"{row['loss_vs_tutorial']:.3f}" if row["loss_vs_tutorial"] else "-"
+        low, high = row["val_loss_range"]
         print(f"{row['variant']:11s} {row['recipe']:13s} {row['tokens_per_s']:8.1f} {speed:>10s} "
-              f"{row['peak_rss_mb']:11d} {rss:>6s} {row['val_loss']:9.4f} {share:6.2f}%")  # fmt: skip
+              f"{row['peak_rss_mb']:11d} {rss:>6s} {row['val_loss']:9.4f} {loss:>6s} {f'{low:.4f}-{high:.4f}':>15s} "
+              f"{share:6.2f}%")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ def _train_tutorial(job: dict[str, Any]) -> dict[str, Any]:
     val_rows = read_split(data_dir / "validation.jsonl")
     val_loss = mean_loss(trainer.model, val_rows, job["batch_size"], tokenizer.pad_token_id)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # bitsandbytes packs two 4-bit weights per byte: count weights, not bytes (as peft's own count does)
+    total = sum(p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1) for p in model.parameters())
     return {"tokens_per_s": round(seen["tokens"] / seconds, 1), "tokens": seen["tokens"],
             "train_seconds": round(seconds, 1), "val_loss": round(val_loss, 5), "trainable_params": trainable,
             "flops_per_token": _flops_per_token(total, trainable, base)}  # fmt: skip

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from tasks.config import DEMO_CONFIG, load_config
-from tasks.plan import Plan, activation_floats_per_token_layer, plan_training, read_architecture, safetensors_bytes
+from tasks.plan import (
+    Plan,
+    activation_floats_per_token_layer,
+    format_plan,
+    plan_training,
+    read_architecture,
+    safetensors_bytes,
+)
 
 VARIANTS = [
     ["train.target_modules=[q_proj,v_proj]", "train.r=8"],
@@ -121,6 +128,7 @@ def test_memory_grows_with_batch_and_length_and_shrinks_with_checkpointing(tiny_
     assert act["wide"] == pytest.approx(2 * act["small"], rel=0.01)
     assert act["long"] == pytest.approx(2 * act["small"], rel=0.01)
     assert act["ckpt"] < act["long"] / 1.5  # 2 layers: inputs + one layer instead of two layers
+    assert "lower bound" in format_plan(checkpointed) and "lower bound" not in format_plan(long)
     full, lora = small.memory["full"], small.memory["lora"]
     assert full.trainable_params == small.total_params
     assert full.components_mb["adamw_states"] == pytest.approx(small.total_params * 8 / 2**20, abs=0.1)

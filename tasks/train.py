@@ -431,7 +431,7 @@ def _param_groups(model: Any, config: TrainConfig) -> list[dict[str, Any]]:
 
 def trainable_model(config: TrainConfig, model_path: Path, device: str) -> tuple[Any, list[str]]:
     """The base model loaded as configured (fp32, or 4-bit/8-bit through bitsandbytes) with LoRA adapters
-    attached and only they trainable; also the resolved target module names."""
+    attached and only they (and `modules_to_save`) trainable; also the resolved target module names."""
     from peft import get_peft_model
 
     from tasks.models import load_base_as_trained
@@ -456,9 +456,10 @@ def _keep_4bit_weights_trainable(model: Any) -> None:
 
     On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weights into an inference layout on
     its first forward in eval mode without gradients, and never packs them back: the backward through such a
-    layer then returns no input gradient, so after `val_loss_before` only the last layer's adapters learned
-    (val loss 7.0 -> 6.7 in 16 steps where the same run without the pass reaches 0.5). Training keeps the
-    layout the backward needs; inference elsewhere (eval, merge) still gets the fast path.
+    layer then returns wrong input gradients (on the tiny test model 14 of 28 adapter gradients changed), so
+    after `val_loss_before` QLoRA hardly learned (SmolLM2, 16 steps: val loss 7.0 -> 6.7, where trl's recipe
+    reaches 0.58 and this stage, with the fix, 0.56). Training keeps the layout the backward needs; inference
+    elsewhere (eval, merge) still gets the fast path. 8-bit layers have no such switch.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):

@@ -17,6 +17,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def stop(process: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `grace` seconds (a Prefect worker can hang in its
+    shutdown on a loaded machine; a test's teardown must not fail on that)."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -44,8 +55,7 @@ def serve(
                     time.sleep(0.2)
             yield
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            stop(process)
 
 
 @contextlib.contextmanager

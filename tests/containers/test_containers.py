@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hub import stop
 
 pytestmark = pytest.mark.containers
 
@@ -124,8 +125,7 @@ def docker_host(workdir: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +186,7 @@ def deployed(
             log = stack.enter_context((workdir / f"worker-{pool}.log").open("w"))
             worker = subprocess.Popen([*prefect, "worker", "start", "--pool", pool, "--type", "docker"],
                                       env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-            stack.callback(worker.wait, 30)
-            stack.callback(worker.terminate)
+            stack.callback(stop, worker)
         yield env
 
 

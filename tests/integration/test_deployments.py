@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hub import stop
 
 from tasks.artifacts import ArtifactStore
 from tasks.config import DEMO_CONFIG, load_config
@@ -93,9 +94,7 @@ def workers(server: Server) -> Iterator[None]:
         yield
     finally:
         for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=60)
+            stop(process, grace=60)
 
 
 @pytest.fixture(scope="module")

@@ -48,8 +48,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora-4bit": {"target_modules": "all-linear", "quantization": "4bit"},
     "full": {"target_modules": None, "quantization": "none"},  # the tutorial recipe without peft
 }
-RECIPES = ("tutorial", "ours", "ours+gc", "ours+packing")
-EXTRA_RECIPES = ("ours+random",)  # opt-in (--recipes): ours with group_by_length off, the tutorial's random batches
+# Each "ours" recipe = TrainConfig overrides on top of the train stage's defaults. Every recipe sees --batch-size
+# rows per optimizer step: grad_accum = that / the recipe's micro-batch (batch_size); packing counts sequences.
+RECIPES: dict[str, dict[str, Any]] = {
+    "tutorial": {},
+    "ours": {},
+    "ours+gc": {"gradient_checkpointing": True},
+    "ours+packing": {"packing": True},
+}
+EXTRA_RECIPES: dict[str, dict[str, Any]] = {  # opt-in (--recipes); more with --recipe NAME:key=value,...
+    "ours+random": {"group_by_length": False},  # random micro-batches, no sorting even within a step
+    "ours@b8w16": {"batch_size": 8, "length_group_steps": 16},  # the defaults before 2026-12-02: one micro-batch
+    # per step, sorted by length across 16 steps (fast, but each step less representative)
+}
 PACKING_VARIANTS = ("lora-qv",)  # padding is a property of the data, not of the adapter: packing measured once
 
 
@@ -57,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     parser.add_argument("--recipes", default=",".join(RECIPES),
-                        help="comma list of: " + ", ".join(RECIPES + EXTRA_RECIPES))  # fmt: skip
+                        help="comma list of: " + ", ".join([*RECIPES, *EXTRA_RECIPES]))  # fmt: skip
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="define a recipe of ours with train.* overrides (YAML values), e.g. "
+                             "--recipe 'ours@b4:batch_size=4' --recipes tutorial,ours@b4")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per recipe and variant (medians reported)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step, for every recipe")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -68,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return _child(json.loads(args.child[0]))
 
+    recipes = {**RECIPES, **EXTRA_RECIPES, **dict(_parse_recipe(text) for text in args.recipe)}
+    unknown = [name for name in args.recipes.split(",") if name not in recipes]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(recipes)} (or define one: --recipe)")
     scratch = Path(tempfile.mkdtemp(prefix="loraforge-bench-train-"))
     base, data = _prepare(scratch)
     peak = gemm_peak_flops(args.threads)
@@ -80,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             if recipe == "ours+packing" and variant not in PACKING_VARIANTS:
                 continue
             for repeat in range(args.repeats):
-                job = {"recipe": recipe, "variant": variant, "steps": args.steps, "batch_size": args.batch_size,
+                job = {"recipe": recipe, "overrides": recipes[recipe], "variant": variant, "steps": args.steps,
+                       "batch_size": args.batch_size,
                        "threads": args.threads, "model_path": base["model_path"], "inputs": data,
                        "seed": 42 + repeat,
                        "store": str(scratch / f"store-{variant}-{recipe}-{repeat}")}  # fmt: skip
@@ -97,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
                                      "runs": runs}, indent=2))  # fmt: skip
     print(f"wrote {args.json}")
     return 0
+
+
+def _parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
+    """'NAME:key=value,key=value' -> (NAME, {key: YAML value}); the keys are checked by TrainConfig."""
+    import yaml
+
+    name, _, body = text.partition(":")
+    if not name.startswith("ours") or not body:
+        raise SystemExit(f"--recipe {text!r}: expected ours<suffix>:key=value[,...], e.g. ours@b4:batch_size=4")
+    pairs = [item.partition("=") for item in body.split(",")]
+    return name, {key.strip().removeprefix("train."): yaml.safe_load(value) for key, _, value in pairs}
 
 
 def _prepare(scratch: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -163,17 +193,20 @@ def _train_ours(job: dict[str, Any]) -> dict[str, Any]:
     variant = VARIANTS[job["variant"]]
     inputs = ArtifactStore(job["inputs"]["store"])
     base, data = inputs.get("base", job["inputs"]["base"]), inputs.get("data", job["inputs"]["data"])
-    packing = job["recipe"] == "ours+packing"
-    batch_size = job["batch_size"]
-    if packing:  # as many packed sequences per step as hold batch_size rows: the same rows and tokens per step
+    overrides = dict(job["overrides"])
+    step_rows = job["batch_size"]
+    if overrides.get("packing"):  # as many packed sequences per step as hold step_rows rows on average
         rows = read_split(data.file("train.jsonl"))
         packed = pack_rows(rows, int(data.manifest["config"]["max_length"]))
-        batch_size = max(1, round(job["batch_size"] * len(packed) / len(rows)))
-    config = TrainConfig(target_modules=variant["target_modules"], quantization=variant["quantization"],
-                         max_steps=job["steps"], batch_size=batch_size, packing=packing,
-                         gradient_checkpointing=job["recipe"] == "ours+gc",
-                         group_by_length=job["recipe"] != "ours+random",
-                         threads=job["threads"], log_every=job["steps"], seed=job["seed"])  # fmt: skip
+        overrides.update(batch_size=max(1, round(step_rows * len(packed) / len(rows))), grad_accum=1)
+    else:  # the recipe's micro-batch (or the stage's default), as many of them as make step_rows rows
+        micro = overrides.get("batch_size", TrainConfig.model_fields["batch_size"].default)
+        if step_rows % micro:
+            raise SystemExit(f"{job['recipe']}: --batch-size {step_rows} is not a multiple of batch_size {micro}")
+        overrides.update(batch_size=micro, grad_accum=step_rows // micro)
+    config = TrainConfig(**{"target_modules": variant["target_modules"], "quantization": variant["quantization"],
+                            "max_steps": job["steps"], "threads": job["threads"], "log_every": job["steps"],
+                            "seed": job["seed"], **overrides})  # fmt: skip
     train = train_adapter(config, base, data, ArtifactStore(job["store"]))
     m = train.metrics
     return {"tokens_per_s": m["tokens_per_s"], "tokens": m["tokens"], "train_seconds": m["train_seconds"],

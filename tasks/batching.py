@@ -124,12 +124,6 @@ def labelled_token_losses(
     return losses, targets
 
 
-def labelled_mean_loss(model: Any, input_ids: Any, attention_mask: Any, labels: Any, **extra: Any) -> Any:
-    """Mean next-token loss over the labelled tokens of a batch (what training minimises), as a tensor."""
-    losses, targets = labelled_token_losses(model, input_ids, attention_mask, labels, **extra)
-    return losses.sum() / (targets != -100).sum().clamp(min=1)
-
-
 def _loss_sums(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
     """Per row: the summed next-token loss over its labelled tokens and how many there are."""
     import torch

@@ -70,7 +70,7 @@ def test_qlora_4bit_gradients_are_the_same_after_a_validation_pass(tiny_model: P
     the train stage builds must give the same gradients with and without that pass."""
     import torch
 
-    from tasks.batching import collate, labelled_mean_loss, mean_loss
+    from tasks.batching import collate, labelled_token_losses, mean_loss
     from tasks.train import TrainConfig, trainable_model
 
     config = TrainConfig(quantization="4bit", compute_dtype=compute_dtype, dropout=0, init="gaussian")
@@ -85,13 +85,45 @@ def test_qlora_4bit_gradients_are_the_same_after_a_validation_pass(tiny_model: P
             mean_loss(model, rows, 2, pad_id=0)
         model.train()
         ids, labels, mask = collate(rows, 0)
-        labelled_mean_loss(model, ids, mask, labels).backward()
+        labelled_token_losses(model, ids, mask, labels)[0].sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
     plain, validated = gradients(False), gradients(True)
     assert plain.keys() == validated.keys() and len(plain) > 0
     differing = [n for n in plain if not torch.equal(plain[n], validated[n])]
     assert differing == [], f"{len(differing)} of {len(plain)} adapter gradients change after a validation pass"
+
+
+def test_micro_batches_of_a_step_accumulate_the_gradient_of_one_batch(tiny_model: Path) -> None:
+    """A step run as grad_accum micro-batches with uneven numbers of labelled tokens gets the loss and the
+    gradient of one batch of all its rows: the mean over the step's labelled tokens, not of micro-batch means."""
+    import torch
+
+    from tasks.train import TrainConfig, accumulate_gradients, collate_micro_batch, trainable_model
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for length, prompt in [(30, 28), (12, 4), (24, 6), (18, 16), (9, 3), (27, 25)]:  # 2 to 18 labelled tokens
+        ids = torch.randint(3, 200, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+
+    def step(bounds: list[tuple[int, int]]) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model, _ = trainable_model(TrainConfig(dropout=0), tiny_model, "cpu")
+        with torch.no_grad():  # B starts at zero, which would leave A without a gradient
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        model.train()
+        loss = accumulate_gradients(model, [collate_micro_batch(rows[i:j], 0, False) for i, j in bounds], "cpu")
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole_loss, whole = step([(0, 6)])
+    split_loss, split = step([(0, 2), (2, 4), (4, 6)])
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert whole.keys() == split.keys() and len(whole) > 0
+    errors = {n: float((split[n] - whole[n]).norm() / whole[n].norm()) for n in whole}
+    assert max(errors.values()) < 1e-4, errors
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

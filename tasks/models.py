@@ -240,10 +240,47 @@ def load_base_as_trained(folder: Path, train_settings: Mapping[str, Any]) -> Pre
     try:
         import bitsandbytes  # noqa: F401
 
-        return load_causal_lm(folder, quantization_config=bnb, device_map=device)
+        model = load_causal_lm(folder, quantization_config=bnb, device_map=device)
     except Exception as exc:  # bitsandbytes missing, no backend for this device, unsupported layer
         raise StageError(
             f"train.quantization={quantization} cannot run on this machine ({device}): {type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. Install bitsandbytes with a backend "
             "for this device or set train.quantization=none; loraforge does not fall back to full precision."
         ) from None
+    release_weight_files(model, folder)
+    return model
+
+
+def release_weight_files(model: Any, folder: Path) -> int:
+    """Copy the CPU tensors that still point into the memory-mapped weight files of `folder` into memory of
+    their own, so the mappings close; returns how many were copied.
+
+    A quantized load reads every fp32 weight through the safetensors mapping to quantize it, and every page it
+    touched stays resident as long as any tensor (the embedding, the norms) still points into the mapping: the
+    whole fp32 file on top of the 4-bit weights (SmolLM2: 517 MB of file pages for 113 MB of embedding). After
+    the copy only those tensors stay, and the process's resident memory drops by the rest. Linux only (reads
+    /proc/self/maps); elsewhere nothing is copied.
+    """
+    import torch
+
+    files = {str(path.resolve()) for path in folder.glob("*.safetensors")}
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return 0
+    ranges = []
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in files:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    copied = 0
+    with torch.no_grad():
+        for module in model.modules():
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            for _, tensor in tensors:
+                address = tensor.untyped_storage().data_ptr() if tensor.device.type == "cpu" else 0
+                if any(start <= address < end for start, end in ranges):
+                    tensor.data = tensor.data.clone()
+                    copied += 1
+    return copied

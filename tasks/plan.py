@@ -19,8 +19,8 @@ Two figures per mode:
     double quantization an int8 absmax + an fp32 constant per 256 blocks = 1/64 + 4/16384 B per weight).
     8-bit (LLM.int8): 1 B per weight + one fp32 scale per output row. Everything not quantized (embeddings,
     norms, the output head) stays fp32. The fp32 safetensors file is memory-mapped, so its pages count in RSS
-    once touched; loading a quantized base reads (touches) the whole fp32 file once, which is why
-    `QUANTIZED_LOAD_FILE_SHARE` of the file stays resident;
+    once touched; a quantized load reads the whole file, but the loader then copies the tensors that still
+    point into it (tasks.models.release_weight_files) and the mapping closes: no file pages stay resident;
   - AdamW state: 8 B (exp_avg, exp_avg_sq) per trainable parameter; gradients, 4 B per trainable parameter,
     count only if larger than the activations: the loop zeroes them with set_to_none, so none exist when
     backward starts (the peak), and backward creates them while it frees the activations;
@@ -68,9 +68,6 @@ LOGIT_COPIES = 3
 # RSS growth / counted activation+logit bytes: 1.30 (SmolLM2 LoRA q,v) and 1.44 (all-linear), batch 8 x 74,
 # train stage in its own process (bench/plan_accuracy.py); glibc keeps freed blocks and fragments.
 ALLOCATOR_FACTOR = 1.37
-# Share of the fp32 safetensors file that stays resident after a bitsandbytes 4/8-bit load on CPU: all of it
-# (RssFile during SmolLM2 QLoRA training: 627 MB = the 538 MB file + 89 MB of shared libraries).
-QUANTIZED_LOAD_FILE_SHARE = 1.0
 MODES = ("lora", "qlora-4bit", "qlora-8bit", "full")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -353,13 +350,10 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
     if mode == "qlora-4bit":
         constants = (1 / 64 + 4 / (64 * 256)) if train.double_quant else 4 / 64
         weights = linear_params * (0.5 + constants) + other_params * fp32
-        load_residue = QUANTIZED_LOAD_FILE_SHARE * plan.total_params * fp32
     elif mode == "qlora-8bit":
         weights = linear_params * 1 + sum(o for _, _, o in meta.linear) * fp32 + other_params * fp32
-        load_residue = QUANTIZED_LOAD_FILE_SHARE * plan.total_params * fp32
     else:
         weights = plan.total_params * fp32
-        load_residue = 0.0
     # LoRA matrices and modules_to_save copies live beside the base weights; in full FT the weights are trained.
     adapter_weights = 0 if mode == "full" else trainable * fp32
     grads = trainable * fp32
@@ -379,7 +373,6 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
     components = {
         "process_overhead": float(PROCESS_OVERHEAD_MB),
         "weights": weights / MB,
-        "quantized_load_residue": load_residue / MB,
         "adapter_weights": adapter_weights / MB,
         "adamw_states": adamw / MB,
         "grads": grads / MB,
@@ -391,7 +384,7 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
     # starts (the peak), and backward creates them while it frees the activations (the allocator reuses the
     # space). Measured on full fine-tuning, where the gradients are large (docs/plan.md).
     in_backward = max(ALLOCATOR_FACTOR * (components["activations"] + components["logits"]), components["grads"])
-    peak_rss = components["process_overhead"] + steady + components["quantized_load_residue"] + in_backward
+    peak_rss = components["process_overhead"] + steady + in_backward
     cuda = steady + max((activation_bytes("cuda") + logits) / MB, components["grads"])
     return MemoryEstimate(
         mode=mode,

@@ -126,6 +126,28 @@ def test_micro_batches_of_a_step_accumulate_the_gradient_of_one_batch(tiny_model
     assert max(errors.values()) < 1e-4, errors
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory mappings (Linux)")
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_a_quantized_load_keeps_no_mapping_of_the_fp32_file(tiny_model: Path, tmp_path: Path, bits: str) -> None:
+    """A 4/8-bit load touches the whole fp32 safetensors file; while any tensor (the embedding) points into its
+    mapping, all those pages stay resident (SmolLM2: 517 MB). The loader copies those tensors out instead."""
+    import shutil
+
+    import torch
+
+    from tasks.models import load_base_as_trained
+
+    folder = shutil.copytree(tiny_model, tmp_path / "model")  # a path no other test has mapped
+    model = load_base_as_trained(folder, {"quantization": bits})
+    weights = str((folder / "model.safetensors").resolve())
+    assert [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(weights)] == []
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    with torch.no_grad():  # and still the same model
+        reference = load_base_as_trained(tiny_model, {"quantization": bits})
+        ids = torch.tensor([[5, 17, 42, 9]])
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_quantization_roundtrip_equals_what_bitsandbytes_loads(tiny_model: Path, bits: str) -> None:
     import torch

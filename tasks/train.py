@@ -107,10 +107,10 @@ class TrainConfig(BaseModel):
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored if max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(
-        8, ge=1, description="Rows per micro-batch (one forward and backward); activation memory grows with it."
+        4, ge=1, description="Rows per micro-batch (one forward and backward); activation memory grows with it."
     )
     grad_accum: int = Field(
-        1,
+        2,
         ge=1,
         description="Micro-batches per optimizer step: a step sees batch_size x grad_accum rows and its loss is the "
         "mean over all their labelled tokens (the gradient of one batch of that many rows, in less memory).",

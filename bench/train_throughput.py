@@ -1,7 +1,9 @@
 """Training throughput and memory: our train stage vs the recipe users copy from tutorials (issue 7, item 1).
 
-    .venv/bin/python bench/train_throughput.py                              # every variant, 3 repeats
+    .venv/bin/python bench/train_throughput.py --steps 60      # every variant, 3 repeats, a full epoch of the demo
     .venv/bin/python bench/train_throughput.py --variants lora-qv --steps 10 --repeats 1   # a quick look
+    .venv/bin/python bench/train_throughput.py --variants lora-all --recipes tutorial,ours,ours@b2 \
+        --recipe ours@b2:batch_size=2                          # a train setting of your own against the tutorial
 
 Same model (SmolLM2-135M-Instruct, bundled), same data (the demo tickets, tokenized once by our data stage),
 same sequence length, LoRA config, batch size, learning rate, schedule and number of optimizer steps:
@@ -9,11 +11,14 @@ same sequence length, LoRA config, batch size, learning rate, schedule and numbe
 - tutorial: trl `SFTTrainer` + peft `LoraConfig` on a conversational prompt/completion dataset (the prompt is
   masked, as in ours), `use_cpu=True`, no saving; trl's defaults otherwise, which include activation (gradient)
   checkpointing: less memory, more compute;
-- ours: `tasks.train.train_adapter` with its defaults (length-grouped batches, no checkpointing); ours+gc: the
-  same with `train.gradient_checkpointing` (the tutorial's memory setting); ours with `train.packing`
+- ours: `tasks.train.train_adapter` with its defaults (each step's rows as micro-batches of 4 sorted by length
+  within the step, so each step is a random sample with the gradient of one batch; no checkpointing); ours+gc:
+  the same with `train.gradient_checkpointing` (the tutorial's memory setting); ours with `train.packing`
   (batch size in packed sequences = the number that holds `--batch-size` rows on average, so every recipe sees
-  about the same rows and tokens per optimizer step, with the same schedule); opt-in, ours+random: ours with
-  `train.group_by_length` off (random batches, as the tutorial's sampler).
+  about the same rows and tokens per optimizer step, with the same schedule); opt-in: ours+random (no length
+  sorting at all) and ours@b8w16 (the defaults before 2026-12-02: one micro-batch of 8 per step, rows sorted
+  by length across windows of 16 steps); any other with --recipe NAME:key=value,... (train.* overrides).
+  Every recipe takes --batch-size rows per optimizer step: grad_accum = --batch-size / its micro-batch.
 
 Each run is a fresh child process (peak RSS = that process's VmHWM, polled from /proc). Tokens/s counts real
 (non-padding) tokens seen by the model's forward in training, divided by the training wall time (model load
@@ -21,7 +26,7 @@ and final evaluation excluded). Final loss = mean loss over the validation split
 with the same function for every recipe. The machine's matmul peak comes from a GEMM probe in the same run;
 model FLOP/s per token = 2N (forward) + 2N (activation gradients) + 2 x trainable (weight gradients), N the
 non-embedding parameters, as in the usual 6N rule (model FLOPs: recomputation not counted).
- Repeat i runs every recipe with seed 42 + i (adapter init, dropout and data order), so the final loss is a
+Repeat i runs every recipe with seed 42 + i (adapter init, dropout and data order), so the final loss is a
 median over seeds, with its range: over a few steps the data order alone moves it by several percent.
 Medians of the repeats; ratios against the tutorial recipe.
 Writes bench/results/train_throughput.json.
@@ -256,11 +261,12 @@ def _train_tutorial(job: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     trainer = SFTTrainer(model=model, args=settings, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)  # fmt: skip
-    seen = {"tokens": 0}
+    seen = {"tokens": 0, "positions": 0}
 
     def count(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         if trainer.model.training and kwargs.get("attention_mask") is not None:
             seen["tokens"] += int(kwargs["attention_mask"].sum())
+            seen["positions"] += kwargs["attention_mask"].numel()
 
     trainer.model.register_forward_pre_hook(count, with_kwargs=True)
     started = time.perf_counter()
@@ -273,7 +279,8 @@ def _train_tutorial(job: dict[str, Any]) -> dict[str, Any]:
     total = sum(p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1) for p in model.parameters())
     return {"tokens_per_s": round(seen["tokens"] / seconds, 1), "tokens": seen["tokens"],
             "train_seconds": round(seconds, 1), "val_loss": round(val_loss, 5), "trainable_params": trainable,
-            "flops_per_token": _flops_per_token(total, trainable, base)}  # fmt: skip
+            "flops_per_token": _flops_per_token(total, trainable, base),
+            "padding_share": round(1 - seen["tokens"] / max(seen["positions"], 1), 4)}  # fmt: skip
 
 
 def _flops_per_token(total: int, trainable: int, base: Any) -> float:
@@ -306,6 +313,7 @@ def _summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "val_loss_range": [round(min(losses), 4), round(max(losses), 4)],
                 "loss_vs_tutorial": round(statistics.median(losses) / base_loss, 3) if base_loss else None,
                 "flops_share": round(statistics.median(r["flops_share"] for r in mine), 4),
+                "padding_share": round(statistics.median(r["padding_share"] for r in mine), 4),
                 "trainable_params": mine[0]["trainable_params"],
             })  # fmt: skip
     return table
@@ -314,7 +322,7 @@ def _summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _print(table: list[dict[str, Any]], peak: float) -> None:
     print(f"\nmedians; GEMM peak {peak / 1e9:.1f} GFLOP/s")
     print(f"{'variant':11s} {'recipe':13s} {'tok/s':>8s} {'x tutorial':>10s} {'peak RSS MB':>11s} {'x RSS':>6s} "
-          f"{'val loss':>9s} {'x loss':>6s} {'loss range':>15s} {'% peak':>7s}")  # fmt: skip
+          f"{'val loss':>9s} {'x loss':>6s} {'loss range':>15s} {'% peak':>7s} {'padding':>7s}")  # fmt: skip
     for row in table:
         speed = f"{row['speedup_vs_tutorial']:.2f}" if row["speedup_vs_tutorial"] else "-"
         rss = f"{row['rss_vs_tutorial']:.2f}" if row["rss_vs_tutorial"] else "-"
@@ -323,7 +331,7 @@ def _print(table: list[dict[str, Any]], peak: float) -> None:
         low, high = row["val_loss_range"]
         print(f"{row['variant']:11s} {row['recipe']:13s} {row['tokens_per_s']:8.1f} {speed:>10s} "
               f"{row['peak_rss_mb']:11d} {rss:>6s} {row['val_loss']:9.4f} {loss:>6s} {f'{low:.4f}-{high:.4f}':>15s} "
-              f"{share:6.2f}%")  # fmt: skip
+              f"{share:6.2f}% {100 * row['padding_share']:6.1f}%")  # fmt: skip
 
 
 if __name__ == "__main__":

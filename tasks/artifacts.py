@@ -206,11 +206,14 @@ class ArtifactStore:
         config: BaseModel | Mapping[str, Any],
         inputs: Mapping[str, Artifact],
         code: str,
+        started: float | None = None,
     ) -> Iterator[Draft]:
         """Write a new artifact atomically.
 
         Yields a Draft whose folder is temporary; on normal exit the manifest is written last and the folder
         renamed to its final place. On an exception the temporary folder is removed and nothing is published.
+        `started` (time.time() when the stage began its work, after its cache miss) dates the manifest's
+        duration_s; without it the duration covers only the writing inside this block.
         """
         if self.writable is not None and stage not in self.writable:
             raise StageError(
@@ -221,7 +224,7 @@ class ArtifactStore:
         tmp = tmp_root / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         draft = Draft(stage, key, tmp)
-        started = time.time()
+        started = time.time() if started is None else started
         try:
             yield draft
             manifest = {

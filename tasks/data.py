@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,6 +141,7 @@ def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Ar
     key, code = store.stage_key("data", __file__, key_config, {"base": base})
     if (hit := store.find("data", key)) is not None:
         return hit
+    started = time.time()
 
     rows = {name: _read_rows(source["files"], config) for name, source in sources.items()}
     splits = _split(rows, config)
@@ -155,7 +157,7 @@ def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Ar
         )
     tokenizer.chat_template = template or None
     report: dict[str, Any] = {"splits": {}}
-    with store.create("data", key, config, {"base": base}, code) as draft:
+    with store.create("data", key, config, {"base": base}, code, started=started) as draft:
         for split, split_rows in splits.items():
             encoded, stats = _encode(split_rows, tokenizer, config)
             if not encoded:

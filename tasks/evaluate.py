@@ -19,6 +19,7 @@ import json
 import math
 import operator
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -127,6 +128,7 @@ def evaluate_adapter(
     key, code = store.stage_key("eval", __file__, settings, inputs)
     if (hit := store.find("eval", key)) is not None:
         return hit
+    started = time.time()
 
     import torch
     from peft import PeftModel
@@ -172,7 +174,7 @@ def evaluate_adapter(
     flat = {k: round(v, 5) for k, v in flat.items()}
     verdict = _judge(config.gate, flat, published)
 
-    with store.create("eval", key, settings, inputs, code) as draft:
+    with store.create("eval", key, settings, inputs, code, started=started) as draft:
         (draft.path / "metrics.json").write_text(
             json.dumps({"metrics": flat, "per_class": per_class, "gate": verdict, "published": published}, indent=2)
         )

@@ -14,6 +14,7 @@ Run alone: `loraforge stage merge CONFIG [key=value ...]`.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +66,7 @@ def merge_adapter(
     key, code = store.stage_key("merge", __file__, config, inputs)
     if (hit := store.find("merge", key)) is not None:
         return hit
+    started = time.time()
 
     import torch
     from peft import PeftModel
@@ -136,7 +138,7 @@ def merge_adapter(
         f"{config.dtype} top-1 agreement {fidelity['cast_top1_agreement']:.3f}, mean KL {fidelity['cast_mean_kl']:.2e}"
     )
 
-    with store.create("merge", key, config, inputs, code) as draft:
+    with store.create("merge", key, config, inputs, code, started=started) as draft:
         merged.config.name_or_path = ""  # no machine path in the saved config
         merged.save_pretrained(draft.path / "model", safe_serialization=True)
         tokenizer.save_pretrained(draft.path / "model")

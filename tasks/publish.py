@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +100,7 @@ def publish_model(
     key, code = store.stage_key("publish", __file__, settings, inputs)
     if (hit := store.find("publish", key)) is not None:
         return hit
+    started = time.time()
 
     missing = [t for t in config.include_gguf if t not in quantize.manifest.get("gguf", {})]
     if missing:
@@ -115,7 +117,7 @@ def publish_model(
     shaping = {k: settings[k] for k in ("name", "repo_id", "include_merged", "include_gguf", "datasets")}
     version = compute_key("publish", code, shaping, {n: a.key for n, a in inputs.items()})
     tag = config.tag or f"loraforge-{version[:12]}"
-    with store.create("publish", key, settings, inputs, code) as draft:
+    with store.create("publish", key, settings, inputs, code, started=started) as draft:
         bundle = draft.path / "bundle"
         shutil.copytree(train.file("adapter"), bundle)
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

@@ -37,6 +37,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -160,6 +161,7 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
     key, code = store.stage_key("quantize", __file__, {**config.model_dump(), "name": name}, inputs)
     if (hit := store.find("quantize", key)) is not None:
         return hit
+    started = time.time()
 
     import llama_cpp
 
@@ -173,7 +175,7 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
     imatrix_types = [t for t in config.types if t in IMATRIX_TYPES] if config.imatrix != "off" else []
     tools = _tools_dir(llama_cpp.__version__) if imatrix_types else None
     used_imatrix: set[str] = set()
-    with store.create("quantize", key, {**config.model_dump(), "name": name}, inputs, code) as draft:
+    with store.create("quantize", key, {**config.model_dump(), "name": name}, inputs, code, started=started) as draft:
         files: dict[str, Path] = {}
         needs_f16 = "f16" in config.types or any(t in LLAMA_FTYPES for t in config.types)
         for qtype in [t for t in CONVERTER_TYPES if t in config.types or (t == "f16" and needs_f16)]:

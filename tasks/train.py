@@ -165,6 +165,7 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     key, code = store.stage_key("train", __file__, settings, inputs)
     if (hit := store.find("train", key)) is not None:
         return hit
+    stage_started = time.time()
 
     from tqdm import tqdm
 
@@ -275,7 +276,7 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     val_loss_after = mean_loss(model, val_rows, config.batch_size, pad_id)
     print(f"[train] validation loss {val_loss_before:.4f} -> {val_loss_after:.4f} in {train_seconds:.0f} s")
 
-    with store.create("train", key, config, inputs, code) as draft:
+    with store.create("train", key, config, inputs, code, started=stage_started) as draft:
         model.save_pretrained(draft.path / "adapter", safe_serialization=True)
         draft.extra["target_modules"] = targets
         # Record the base by its public name, not this machine's path, so the adapter folder is portable

@@ -36,6 +36,11 @@ def test_every_stage_runs_and_publishes(first_run: dict, hub: str, tmp_path: Pat
 
     train = Path(first_run["stages"]["train"]["path"])
     manifest = json.loads((train / "manifest.json").read_text())
+    # duration_s is the stage's work (training included), not only the writing of its folder
+    assert manifest["duration_s"] >= manifest["metrics"]["train_seconds"]
+    for name, stage in first_run["stages"].items():
+        took = json.loads((Path(stage["path"]) / "manifest.json").read_text())["duration_s"]
+        assert took <= stage["seconds"] + 0.1, (name, took, stage["seconds"])
     downloaded = hf_hub_download(REPO, "adapter_model.safetensors", revision=publish["tag"], endpoint=hub,
                                  token=TOKEN, cache_dir=tmp_path)  # fmt: skip
     from tasks.artifacts import sha256_file

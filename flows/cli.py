@@ -15,7 +15,9 @@
     loraforge register-data FILE                  announce new training data to the Prefect server
                                                   (event loraforge.data.registered -> the pipeline deployment runs)
 
-User errors (bad config, bad data, a failed gate) print one clear message and exit 1, never a traceback.
+Exit codes: 0 success; 1 a user error (bad config, data or input artifact: one clear message, never a traceback);
+2 a failed quality gate (nothing is published); 3 an internal error (one line naming a log file with the full
+traceback); 130 interrupted (Ctrl-C or SIGTERM: the run stops, finished stages stay, a re-run resumes).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -34,6 +37,7 @@ from typing import Any
 from tasks.errors import GateFailed, LoraforgeError
 
 STAGE_NAMES = ("data", "train", "eval", "merge", "quantize", "publish")
+EXIT_USER, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +48,50 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Library deprecation chatter (transformers 5 renames) says nothing to a user running the pipeline.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)  # TERM unwinds like Ctrl-C: cleanup runs
     try:
         return int(args.handler(args))
     except GateFailed as exc:
         print(f"loraforge: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_GATE
     except LoraforgeError as exc:
         print(f"loraforge: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("loraforge: interrupted; a re-run resumes (finished stages are cache hits)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `loraforge validate ... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # a loraforge bug or an environment failure: not the user's input
+        log = _crash_log(exc)
+        print(
+            f"loraforge: internal error ({type(exc).__name__}: {str(exc)[:200]}); full traceback in {log}. "
+            "This is not a problem with your input: please report it with that file.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _crash_log(exc: BaseException) -> Path:
+    """Write the traceback of an unexpected error to a log file and return its path."""
+    import tempfile
+    import traceback
+
+    folder = Path(os.environ.get("LORAFORGE_LOG_DIR") or Path.home() / ".cache" / "loraforge" / "logs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
+    path = folder / f"crash-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    path.write_text("".join(traceback.format_exception(exc)) + f"\nargv: {sys.argv}\n")
+    return path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -211,7 +251,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from tasks.artifacts import ArtifactStore
+
     config = _load(args.items)
+    ArtifactStore(config.store, config.store_verify).check_writable()
     print(json.dumps(config.model_dump(mode="json"), indent=2))
     return 0
 
@@ -229,7 +272,10 @@ def _run(args: argparse.Namespace) -> int:
         record = pipeline(config, only=getattr(args, "name", None), run_id=run_id)
     except LoraforgeError as exc:
         failure = exc
-        record = ArtifactStore(config.store).load_run(run_id)  # what ran before the failure
+        try:
+            record = ArtifactStore(config.store, config.store_verify).load_run(run_id)  # what ran before
+        except (LoraforgeError, OSError, ValueError):  # no record (the store itself failed): the error says why
+            record = {}
     _summary(config, record, time.perf_counter() - started, failure)
     if failure is not None:
         raise failure
@@ -289,7 +335,7 @@ def _stage_from_keys(config: Any, name: str, given: list[str]) -> Any:
         problems.append(f"the {name} stage needs --input " + " ".join(f"{s}=KEY" for s in missing))
     if problems:
         raise LoraforgeError("; ".join(problems))
-    store = ArtifactStore(config.store)
+    store = ArtifactStore(config.store, config.store_verify)
     inputs = {s: store.get(s, k) for s, k in keys.items() if s != "base"}
     if "base" in wanted:
         if name == "publish" and "base" in keys:
@@ -326,9 +372,8 @@ def _stage_from_keys(config: Any, name: str, given: list[str]) -> Any:
         return quantize_gguf(config.quantize, config.name, a["data"], a["merge"], store)
     from tasks.publish import publish_model
 
-    return publish_model(
-        config.publish, config.name, a["base"], a["data"], a["train"], a["eval"], a["merge"], a["quantize"], store
-    )
+    return publish_model(config.publish, config.name, config.orchestration.approval, a["base"], a["data"], a["train"],
+                         a["eval"], a["merge"], a["quantize"], store)  # fmt: skip
 
 
 def _show(args: argparse.Namespace) -> int:

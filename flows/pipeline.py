@@ -30,7 +30,7 @@ from tasks.errors import ConfigError, GateFailed, StageError
 from tasks.evaluate import check_gate, evaluate_adapter
 from tasks.merge import merge_adapter
 from tasks.models import provision_base
-from tasks.publish import publish_model
+from tasks.publish import publish_model, record_approval
 from tasks.quantize import quantize_gguf
 from tasks.train import train_adapter
 
@@ -67,7 +67,10 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
     Raises:
         GateFailed: the eval gate failed (nothing after eval runs, nothing is published).
     """
-    store = ArtifactStore(config.store)
+    store = ArtifactStore(config.store, config.store_verify)
+    store.check_writable()
+    if removed := store.clean_drafts():
+        print(f"[store] removed {len(removed)} unfinished draft(s) of killed runs from {store.root / '.tmp'}")
     if only is not None:
         store = store.restricted_to("base", only)
     if config.orchestration.approval or config.orchestration.stages == "deployments":
@@ -123,13 +126,16 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
         if only == "quantize":
             return run
         if config.orchestration.approval:
-            run["approval"] = _await_approval(config, eval_, quantize)
-        publish = step("publish", stages["publish"], config.publish, config.name, base, data, train, eval_, merge,
-                       quantize)  # fmt: skip
+            run["approval"] = _await_approval(config, store, eval_, quantize)
+        publish = step("publish", stages["publish"], config.publish, config.name, config.orchestration.approval,
+                       base, data, train, eval_, merge, quantize)  # fmt: skip
         run["publish"] = {k: publish.manifest.get(k) for k in ("mode", "repo_id", "endpoint", "tag", "commit")}
         return run
     finally:
-        store.record_run(run["run_id"], run)
+        try:
+            store.record_run(run["run_id"], run)
+        except OSError as exc:  # never mask the run's own outcome with a failure to write its record
+            print(f"[store] could not write the run record to {store.root / 'runs'}: {exc}")
 
 
 @flow(name="loraforge-run", log_prints=True, persist_result=True)
@@ -203,7 +209,9 @@ def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: st
     return run_stage
 
 
-def _await_approval(config: PipelineConfig, eval_: Artifact, quantize: Artifact) -> dict[str, Any]:
+def _await_approval(
+    config: PipelineConfig, store: ArtifactStore, eval_: Artifact, quantize: Artifact
+) -> dict[str, Any]:
     """Pause the flow run until a reviewer answers; a refusal or no answer in time stops before publish."""
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
@@ -225,7 +233,11 @@ def _await_approval(config: PipelineConfig, eval_: Artifact, quantize: Artifact)
         ) from None
     if not answer.approve:
         raise GateFailed(f"publish not approved by the reviewer: {answer.reason or 'no reason given'}")
-    return {"approved": True, "reason": answer.reason}
+    from prefect.runtime import flow_run
+
+    answer_record = {"approved": True, "reason": answer.reason, "flow_run_id": str(flow_run.id)}
+    record_approval(store, eval_, quantize, answer_record)
+    return answer_record
 
 
 def _report_eval(eval_: Artifact) -> None:

@@ -31,7 +31,7 @@ StageResult = dict[str, Any]  # {"stage": ..., "key": ..., "cached": bool}
 
 def _store(config: PipelineConfig, only: str | None) -> ArtifactStore:
     """The shared store; with `only`, a view in which just that stage (and base) may write, as in-process."""
-    store = ArtifactStore(config.store)
+    store = ArtifactStore(config.store, config.store_verify)
     return store.restricted_to("base", only) if only is not None else store
 
 
@@ -123,7 +123,8 @@ def publish_flow(
         store.get("merge", merge_key),
         store.get("quantize", quantize_key),
     )
-    return _result(publish_model(config.publish, config.name, base, data, train, eval_, merge, quantize, store))
+    return _result(publish_model(config.publish, config.name, config.orchestration.approval, base, data, train, eval_,
+                                 merge, quantize, store))  # fmt: skip
 
 
 STAGE_FLOWS = {

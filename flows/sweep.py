@@ -66,14 +66,14 @@ def sweep(variants: list[tuple[dict[str, str], PipelineConfig]], sweep_id: str |
     sweep_id = sweep_id or uuid.uuid4().hex[:12]
     rows: list[dict[str, Any]] = []
     for point, config in variants:
-        store = ArtifactStore(config.store)
+        store = ArtifactStore(config.store, config.store_verify)
         base = base_task(config.base_model, store)
         data = data_task(config.data, base, store)
         train, trained_now, peak = _train(config, base, data, store)
         evaluated = eval_task(config.eval, base, data, train, store)
         rows.append(_row(point, config, train, evaluated, trained_now, peak))
         print(f"[sweep] {point}: {_summary(rows[-1])}")
-    store = ArtifactStore(variants[0][1].store)
+    store = ArtifactStore(variants[0][1].store, variants[0][1].store_verify)
     record = {"sweep_id": sweep_id, "store": store.url, "rows": rows}
     folder = store.root / "sweeps"
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,7 +187,7 @@ def _train_child(spec: Path) -> int:
     from tasks.errors import LoraforgeError
 
     config = PipelineConfig.model_validate_json(spec.read_text())
-    store = ArtifactStore(config.store)
+    store = ArtifactStore(config.store, config.store_verify)
     try:
         base = provision_base(config.base_model, store)
         data = prepare_data(config.data, base, store)

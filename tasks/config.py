@@ -63,6 +63,12 @@ class PipelineConfig(BaseModel):
         "./artifacts",
         description="Artifact store URL: a folder path (relative to the working directory) or file:///abs.",
     )
+    store_verify: Literal["sha256", "size"] = Field(
+        "sha256",
+        description="How a reused artifact is checked against its manifest before a cache hit: sha256 of every "
+        "file (default, like git) or only sizes (for stores too large to hash on every run). A mismatch sets the "
+        "artifact aside under <store>/.damaged/ and rebuilds it.",
+    )
     data: DataConfig = Field(description="The data stage: input files, chat template, tokenization, splits.")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(), description="The train stage (LoRA).")
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(), description="The eval stage and its gate.")
@@ -86,7 +92,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     source = Path(path) if path is not None else DEMO_CONFIG
     if not source.is_file():
         raise ConfigError(f"config file not found: {source}. Pass a YAML file, e.g. {DEMO_CONFIG}.")
-    text = source.read_text()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = source.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{source}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save it as UTF-8."
+        ) from None
+    if not text.strip():
+        raise ConfigError(f"{source}: the file is empty; start from {DEMO_CONFIG} (a data section is required).")
     try:
         raw = yaml.safe_load(text) or {}
         lines = _key_lines(yaml.compose(text))
@@ -150,9 +164,11 @@ def _where(
     lines: dict[tuple[str, ...], int],
     from_override: dict[tuple[str, ...], str],
 ) -> str:
+    # An override replaces the file's value under its key (items of a list too): name the override, not the line.
     for depth in range(len(loc), 0, -1):
         if loc[:depth] in from_override:
             return f"override {from_override[loc[:depth]]!r}"
+    for depth in range(len(loc), 0, -1):
         if loc[:depth] in lines:
             return f"{source}:{lines[loc[:depth]]}"
     return str(source)
@@ -200,6 +216,10 @@ def _cross_section_problems(config: PipelineConfig) -> list[tuple[tuple[str, ...
         if answered:
             problems.append((("eval", "metrics"), f"data.format=text has no prompts to answer, so {answered} cannot be "
                              "measured; use eval.metrics=[perplexity] and gate on loss or perplexity"))  # fmt: skip
+    unmade = [t for t in config.publish.include_gguf if t not in config.quantize.types]
+    if unmade:
+        problems.append((("publish", "include_gguf"), f"{unmade} not made by the quantize stage (quantize.types="
+                         f"{list(config.quantize.types)}); add them to quantize.types or drop them here"))  # fmt: skip
     return problems
 
 

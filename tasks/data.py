@@ -139,8 +139,20 @@ def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Ar
     # The key hashes file contents, not paths: the same data anywhere gives the same key.
     key_config = {**config.model_dump(mode="json"), **content}
     key, code = store.stage_key("data", __file__, key_config, {"base": base})
-    if (hit := store.find("data", key)) is not None:
-        return hit
+    with store.claim("data", key) as hit:
+        return hit or _build_data(config, base, sources, content, store, key, code)
+
+
+def _build_data(
+    config: DataConfig,
+    base: Artifact,
+    sources: dict[str, dict[str, Any]],
+    content: dict[str, str],
+    store: ArtifactStore,
+    key: str,
+    code: str,
+) -> Artifact:
+    """Read, validate, template, tokenize and split the rows into the data artifact `key` (its lock is held)."""
     started = time.time()
 
     rows = {name: _read_rows(source["files"], config) for name, source in sources.items()}

@@ -32,6 +32,7 @@ from tasks.errors import GateFailed, StageError
 from tasks.hubclient import hub_endpoint, hub_token, scrub
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics"
+KEYED_DIRS = ("metrics",)  # the metric modules run by path (evaluate.load): part of the eval key's code version
 Metric = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity"]
 METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity")
 DEFAULT_METRICS: list[Metric] = ["accuracy", "macro_f1", "exact_match", "perplexity"]
@@ -126,8 +127,23 @@ def evaluate_adapter(
     published = _resolve_published(config) if config.compare_published else None
     settings = {**config.model_dump(), "published_commit": (published or {}).get("commit")}
     key, code = store.stage_key("eval", __file__, settings, inputs)
-    if (hit := store.find("eval", key)) is not None:
-        return hit
+    with store.claim("eval", key) as hit:
+        return hit or _build_eval(config, base, data, train, published, settings, store, key, code)
+
+
+def _build_eval(
+    config: EvalConfig,
+    base: Artifact,
+    data: Artifact,
+    train: Artifact,
+    published: dict[str, Any] | None,
+    settings: dict[str, Any],
+    store: ArtifactStore,
+    key: str,
+    code: str,
+) -> Artifact:
+    """Score base, tuned (and published) on the test split into the eval artifact `key` (its lock is held)."""
+    inputs = {"base": base, "data": data, "train": train}
     started = time.time()
 
     import torch

@@ -64,8 +64,15 @@ def merge_adapter(
     """
     inputs = {"base": base, "data": data, "train": train}
     key, code = store.stage_key("merge", __file__, config, inputs)
-    if (hit := store.find("merge", key)) is not None:
-        return hit
+    with store.claim("merge", key) as hit:
+        return hit or _build_merge(config, base, data, train, store, key, code)
+
+
+def _build_merge(
+    config: MergeConfig, base: Artifact, data: Artifact, train: Artifact, store: ArtifactStore, key: str, code: str
+) -> Artifact:
+    """Merge, check and save the merge artifact `key` (its lock is held)."""
+    inputs = {"base": base, "data": data, "train": train}
     started = time.time()
 
     import torch

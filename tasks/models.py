@@ -187,11 +187,11 @@ def provision_base(spec: str, store: ArtifactStore) -> Artifact:
     folder = resolve_base_model(spec)
     fingerprint = fingerprint_model(folder)
     key, code = store.stage_key("base", __file__, {}, {"weights": fingerprint})
-    hit = store.find("base", key)
-    if hit is None:
-        with store.create("base", key, {"base_model": spec}, {}, code) as draft:
-            draft.extra.update(_describe_model(folder, spec, fingerprint))
-        hit = store.get("base", key, fresh=True)
+    with store.claim("base", key) as hit:
+        if hit is None:
+            with store.create("base", key, {"base_model": spec}, {}, code) as draft:
+                draft.extra.update(_describe_model(folder, spec, fingerprint))
+            hit = store.get("base", key, fresh=True)
     # The same content may sit at another path on this machine (a container, a fresh cache): use this one.
     return dataclasses.replace(hit, manifest={**hit.manifest, "model_path": str(folder), "base_model": spec})
 

@@ -495,7 +495,7 @@ def data_seq_len(config: PipelineConfig) -> tuple[int, str]:
     from tasks.data import prepare_data
     from tasks.models import provision_base
 
-    store = ArtifactStore(config.store)
+    store = ArtifactStore(config.store, config.store_verify)
     data = prepare_data(config.data, provision_base(config.base_model, store), store)
     longest = max(len(row["input_ids"]) for row in read_split(data.file("train.jsonl")))
     return longest, f"the longest train row of data/{data.key}"
@@ -518,7 +518,7 @@ def data_logit_positions(config: PipelineConfig) -> int:
     from tasks.train import batch_stream, training_units
 
     train = config.train
-    store = ArtifactStore(config.store)
+    store = ArtifactStore(config.store, config.store_verify)
     data = prepare_data(config.data, provision_base(config.base_model, store), store)
     rows = read_split(data.file("train.jsonl"))
     units, steps = training_units(rows, train, int(data.manifest["config"]["max_length"]))

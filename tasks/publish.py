@@ -26,8 +26,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.artifacts import Artifact, ArtifactStore, compute_key, hash_files
-from tasks.errors import StageError
+from tasks.artifacts import Artifact, ArtifactStore, compute_key, fsync_tree, hash_files
+from tasks.errors import GateFailed, StageError
+from tasks.evaluate import check_gate
 from tasks.hubclient import hub_endpoint, hub_token, scrub
 
 
@@ -73,6 +74,7 @@ class PublishConfig(BaseModel):
 def publish_model(
     config: PublishConfig,
     pipeline_name: str,
+    approval_required: bool,
     base: Artifact,
     data: Artifact,
     train: Artifact,
@@ -83,10 +85,22 @@ def publish_model(
 ) -> Artifact:
     """Build the bundle and push it (or explain that it only wrote it); skipped when cached.
 
+    Publish refuses, whatever called it, an eval artifact whose gate did not pass and, when
+    `approval_required` (orchestration.approval), artifacts no reviewer approved (`record_approval`).
+
     Returns:
         The publish artifact: `bundle/` (exactly what is or would be pushed) and, after a push, the commit and
         tag in the manifest.
     """
+    try:
+        check_gate(eval_)  # whoever calls publish (pipeline, `stage publish --input`, a deployment, a container)
+    except GateFailed as exc:
+        raise GateFailed(f"publish refused: {exc} (eval {eval_.key}); nothing was published") from None
+    if approval_required and approval(store, eval_, quantize) is None:
+        raise GateFailed(
+            f"publish refused: orchestration.approval is on and no reviewer approved eval {eval_.key} with quantize "
+            f"{quantize.key}; run the pipeline under a Prefect server and approve it when it pauses before publish."
+        )
     token = None if config.push == "never" else hub_token(config.token_secret)
     mode = "push" if config.push == "always" or (config.push == "auto" and token) else "bundle"
     if mode == "push" and not token:
@@ -98,8 +112,24 @@ def publish_model(
     inputs = {"base": base, "data": data, "train": train, "eval": eval_, "merge": merge, "quantize": quantize}
     settings = {**config.model_dump(), "endpoint": endpoint, "mode": mode, "name": pipeline_name}
     key, code = store.stage_key("publish", __file__, settings, inputs)
-    if (hit := store.find("publish", key)) is not None:
-        return hit
+    with store.claim("publish", key) as hit:
+        return hit or _build_publish(config, pipeline_name, inputs, settings, token, store, key, code)
+
+
+def _build_publish(
+    config: PublishConfig,
+    pipeline_name: str,
+    inputs: dict[str, Artifact],
+    settings: dict[str, Any],
+    token: str | None,
+    store: ArtifactStore,
+    key: str,
+    code: str,
+) -> Artifact:
+    """Write the bundle of the publish artifact `key` and push it when settings["mode"] is push (lock held)."""
+    base, data, train, eval_ = inputs["base"], inputs["data"], inputs["train"], inputs["eval"]
+    merge, quantize = inputs["merge"], inputs["quantize"]
+    mode, endpoint = settings["mode"], settings["endpoint"]
     started = time.time()
 
     missing = [t for t in config.include_gguf if t not in quantize.manifest.get("gguf", {})]
@@ -150,6 +180,30 @@ def publish_model(
                 f"(tag {tag}) at {store.path('publish', key) / 'bundle'}"
             )
     return store.get("publish", key, fresh=True)
+
+
+def record_approval(store: ArtifactStore, eval_: Artifact, quantize: Artifact, answer: dict[str, Any]) -> Path:
+    """Record that a reviewer approved publishing these eval and quantize artifacts (what publish then checks)."""
+    target = _approval_path(store, eval_, quantize)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_suffix(".part")
+    part.write_text(json.dumps({"eval": eval_.key, "quantize": quantize.key, **answer}, indent=2, sort_keys=True))
+    fsync_tree(part)
+    part.replace(target)
+    return target
+
+
+def approval(store: ArtifactStore, eval_: Artifact, quantize: Artifact) -> dict[str, Any] | None:
+    """The reviewer's approval of publishing these artifacts, or None when there is none."""
+    path = _approval_path(store, eval_, quantize)
+    if not path.is_file():
+        return None
+    answer: dict[str, Any] = json.loads(path.read_text())
+    return answer if answer.get("approved") is True else None
+
+
+def _approval_path(store: ArtifactStore, eval_: Artifact, quantize: Artifact) -> Path:
+    return store.root / "approvals" / f"{eval_.key}-{quantize.key}.json"
 
 
 def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: str) -> str:

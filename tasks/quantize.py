@@ -159,8 +159,15 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
     """
     inputs = {"data": data, "merge": merge}
     key, code = store.stage_key("quantize", __file__, {**config.model_dump(), "name": name}, inputs)
-    if (hit := store.find("quantize", key)) is not None:
-        return hit
+    with store.claim("quantize", key) as hit:
+        return hit or _build_gguf(config, name, data, merge, store, key, code)
+
+
+def _build_gguf(
+    config: QuantizeConfig, name: str, data: Artifact, merge: Artifact, store: ArtifactStore, key: str, code: str
+) -> Artifact:
+    """Convert, quantize and check the GGUF files of the quantize artifact `key` (its lock is held)."""
+    inputs = {"data": data, "merge": merge}
     started = time.time()
 
     import llama_cpp

@@ -25,13 +25,16 @@ Run alone: `loraforge stage train CONFIG [key=value ...]`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import resource
 import shutil
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -163,8 +166,17 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     # The device is part of the key: CPU and CUDA kernels give different bytes for the same config.
     settings = {**config.model_dump(exclude=RUNTIME_ONLY), "device": device}
     key, code = store.stage_key("train", __file__, settings, inputs)
-    if (hit := store.find("train", key)) is not None:
-        return hit
+    with store.claim("train", key) as hit:
+        return hit or _build_adapter(config, base, data, device, store, key, code)
+
+
+def _build_adapter(
+    config: TrainConfig, base: Artifact, data: Artifact, device: str, store: ArtifactStore, key: str, code: str
+) -> Artifact:
+    """Train the adapter of the train artifact `key` (its lock is held: this process alone writes its checkpoints)."""
+    import torch
+
+    inputs = {"base": base, "data": data}
     stage_started = time.time()
 
     from tqdm import tqdm
@@ -216,54 +228,60 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
     crash_after = int(os.environ.get("LORAFORGE_CRASH_AFTER_STEP", "0"))
     progress = tqdm(range(state["step"] + 1, total_steps + 1), desc="train", unit="step", dynamic_ncols=True,
                     initial=state["step"], total=total_steps)  # fmt: skip
-    for step in progress:
-        micro_batches = [collate_micro_batch(next(batches), pad_id, config.packing) for _ in range(config.grad_accum)]
-        step_loss = accumulate_gradients(model, micro_batches, device)
-        tokens_seen += sum(micro.real_tokens for micro in micro_batches)
-        positions_seen += sum(micro.input_ids.numel() for micro in micro_batches)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
-        if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
-            raise StageError(
-                f"training diverged at step {step} (loss {step_loss}, grad norm {grad_norm}); "
-                "lower train.learning_rate or raise train.warmup_ratio."
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-        evaluate_now = config.eval_every is not None and (step % config.eval_every == 0 or step == total_steps)
-        record: dict[str, Any] = {}
-        if step % config.log_every == 0 or step == total_steps or evaluate_now:
-            record = {
-                "step": step, "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
-                "grad_norm": round(grad_norm, 5), "tokens": tokens_seen,
-                "tokens_per_s": round(tokens_seen / elapsed, 1), "rss_mb": _peak_rss_mb(),
-                **({"cuda_mb": _cuda_peak_mb()} if device == "cuda" else {}),
-            }  # fmt: skip
-        stop = False
-        if evaluate_now:
-            val = mean_loss(model, val_rows, config.batch_size, pad_id)
-            record["val_loss"] = round(val, 5)
-            if state["best"] is None or val < state["best"]["val_loss"] - config.early_stopping_min_delta:
-                state["best"] = {"step": step, "val_loss": val}
-                state["bad_evals"] = 0
-                if config.keep_best:
-                    state["best_weights"] = {n: p.detach().clone() for n, p in params.items()}
-            else:
-                state["bad_evals"] += 1
-                stop = bool(config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience)
-        if record:
-            history.append(record)
-            live(record)
-        state.update(step=step, tokens=tokens_seen, positions=positions_seen, seconds=elapsed)
-        if config.save_every and (step % config.save_every == 0) and step < total_steps and not stop:
-            _save_checkpoint(checkpoints, state, params, optimizer, scheduler, config.keep_checkpoints)
-        if step == crash_after:
-            os._exit(137)  # simulated kill (tests): no cleanup, like SIGKILL
-        if stop:
-            print(f"[train] early stop at step {step}: no validation improvement in {state['bad_evals']} checks")
-            break
+    with _stop_at_step_end() as stop_asked:
+        for step in progress:
+            micro_batches = [
+                collate_micro_batch(next(batches), pad_id, config.packing) for _ in range(config.grad_accum)
+            ]
+            step_loss = accumulate_gradients(model, micro_batches, device)
+            tokens_seen += sum(micro.real_tokens for micro in micro_batches)
+            positions_seen += sum(micro.input_ids.numel() for micro in micro_batches)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+            if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
+                raise StageError(
+                    f"training diverged at step {step} (loss {step_loss}, grad norm {grad_norm}); "
+                    "lower train.learning_rate or raise train.warmup_ratio."
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+            evaluate_now = config.eval_every is not None and (step % config.eval_every == 0 or step == total_steps)
+            record: dict[str, Any] = {}
+            if step % config.log_every == 0 or step == total_steps or evaluate_now:
+                record = {
+                    "step": step, "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": round(grad_norm, 5), "tokens": tokens_seen,
+                    "tokens_per_s": round(tokens_seen / elapsed, 1), "rss_mb": _peak_rss_mb(),
+                    **({"cuda_mb": _cuda_peak_mb()} if device == "cuda" else {}),
+                }  # fmt: skip
+            stop = False
+            if evaluate_now:
+                val = mean_loss(model, val_rows, config.batch_size, pad_id)
+                record["val_loss"] = round(val, 5)
+                if state["best"] is None or val < state["best"]["val_loss"] - config.early_stopping_min_delta:
+                    state["best"] = {"step": step, "val_loss": val}
+                    state["bad_evals"] = 0
+                    if config.keep_best:
+                        state["best_weights"] = {n: p.detach().clone() for n, p in params.items()}
+                else:
+                    state["bad_evals"] += 1
+                    stop = bool(config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience)
+            if record:
+                history.append(record)
+                live(record)
+            state.update(step=step, tokens=tokens_seen, positions=positions_seen, seconds=elapsed)
+            if config.save_every and (step % config.save_every == 0) and step < total_steps and not stop:
+                _save_checkpoint(checkpoints, state, params, optimizer, scheduler, config.keep_checkpoints)
+            if step == crash_after:
+                os._exit(137)  # simulated kill (tests): no cleanup, like SIGKILL
+            if stop_asked and step < total_steps and not stop:  # a safe point: the step is complete
+                _save_checkpoint(checkpoints, state, params, optimizer, scheduler, max(config.keep_checkpoints, 1))
+                raise KeyboardInterrupt(f"train stopped at step {step} of {total_steps}; checkpoint saved")
+            if stop:
+                print(f"[train] early stop at step {step}: no validation improvement in {state['bad_evals']} checks")
+                break
     progress.close()
     train_seconds = time.perf_counter() - started
     if state.get("best_weights") is not None and state["best"]["step"] != state["step"]:
@@ -328,6 +346,31 @@ def lora_config(config: TrainConfig, targets: list[str]) -> Any:
         modules_to_save=list(config.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
+
+
+@contextlib.contextmanager
+def _stop_at_step_end() -> Iterator[list[int]]:
+    """While training, SIGINT/SIGTERM ask the loop to stop at the end of its step: it saves a checkpoint (a re-run
+    resumes from it) and raises KeyboardInterrupt. A second signal interrupts at once. Outside the main thread
+    (where Python cannot take signals) the signals keep their handlers."""
+    asked: list[int] = []
+
+    def ask(signum: int, frame: Any) -> None:
+        if asked:
+            raise KeyboardInterrupt(f"signal {signum} again: stopped without a checkpoint")
+        asked.append(signum)
+        print(f"\n[train] signal {signum}: stopping after this step (checkpoint, then exit; again: stop at once)")
+
+    try:
+        previous = {signum: signal.signal(signum, ask) for signum in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield asked
+        return
+    try:
+        yield asked
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _last_checkpoint(folder: Path) -> Path | None:

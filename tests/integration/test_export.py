@@ -137,7 +137,7 @@ def test_a_push_that_dies_midway_is_completed_by_a_rerun(
 
     def publish(url: str) -> Artifact:
         config = _config(tiny_model, workdir, url, f"publish.repo_id={repo}")
-        return publish_model(config.publish, config.name, *(a[s] for s in STAGES), store)
+        return publish_model(config.publish, config.name, False, *(a[s] for s in STAGES), store)
 
     # The server dies while receiving the second LFS object (the adapter and GGUF files go through LFS).
     with hub_server(root, TOKEN, "--crash-after-lfs-uploads", "1") as url, pytest.raises(StageError) as error:

@@ -38,7 +38,7 @@ def test_publishing_the_same_artifacts_again_makes_no_new_commit(
     store = ArtifactStore(tmp_path / "store")
     a = {s: store.get(s, record["stages"][s]["key"]) for s in ("base", "data", "train", "eval", "merge", "quantize")}
     config = _config(tiny_model, workdir, hub, f"publish.repo_id={repo}")
-    again = publish_model(config.publish, config.name, a["base"], a["data"], a["train"], a["eval"], a["merge"],
+    again = publish_model(config.publish, config.name, False, a["base"], a["data"], a["train"], a["eval"], a["merge"],
                           a["quantize"], store)  # fmt: skip
     assert not again.cached
     assert [c.commit_id for c in api.list_repo_commits(repo)] == commits

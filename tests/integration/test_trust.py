@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import _config, _run, copy_stages
+from pipeline_fixtures import _config, copy_stages
 
 from tasks.artifacts import sha256_file
 from tasks.config import DEMO_CONFIG
@@ -34,11 +34,15 @@ def test_tampered_data_artifact_is_set_aside_and_rebuilt(
     original = rows.read_bytes()
     rows.write_bytes(original.replace(b'"billing"', b'"BILLING"', 1))  # same size: only the hash can tell
     assert rows.read_bytes() != original and len(rows.read_bytes()) == len(original)
-    config = _config(tiny_model, workdir, hub, f"store={tmp_path / 'store'}")
-    record = _run(config.model_copy(update={"eval": config.eval.model_copy(update={"max_rows": 4})}))
+    from tasks.data import prepare_data
+    from tasks.train import train_adapter
+
+    config = _config(tiny_model, workdir, hub)
+    data = prepare_data(config.data, a["base"], store)
+    train = train_adapter(config.train, a["base"], data, store)
     # the data stage was rebuilt (same key, the original bytes); train, unchanged upstream, stays a hit
-    assert record["stages"]["data"]["key"] == first_run["stages"]["data"]["key"]
-    assert not record["stages"]["data"]["cached"] and record["stages"]["train"]["cached"]
+    assert data.key == first_run["stages"]["data"]["key"] and not data.cached
+    assert train.cached and train.key == first_run["stages"]["train"]["key"]
     assert sha256_file(rows) == sha256_file(Path(first_run["stages"]["data"]["path"]) / "train.jsonl")
     [aside] = (tmp_path / "store" / ".damaged").iterdir()
     assert "train.jsonl has sha256" in (aside / "DAMAGED.txt").read_text()
@@ -91,21 +95,35 @@ def _prefect_servers(home: Path) -> list[int]:
     return alive
 
 
+def _train_in_process(tiny_model: Path, store_dir: Path, overrides: list[str], train: bool) -> None:
+    from tasks.artifacts import ArtifactStore
+    from tasks.config import load_config
+    from tasks.data import prepare_data
+    from tasks.models import provision_base
+    from tasks.train import train_adapter
+
+    config = load_config(DEMO_CONFIG, overrides)
+    store = ArtifactStore(store_dir)
+    base = provision_base(str(tiny_model), store)
+    data = prepare_data(config.data, base, store)
+    if train:
+        train_adapter(config.train, base, data, store)
+
+
 def test_sigterm_stops_training_with_a_checkpoint_and_a_rerun_resumes(tiny_model: Path, tmp_path: Path) -> None:
     home = tmp_path / "prefect-home"
-    settings = [str(DEMO_CONFIG), f"base_model={tiny_model}", f"store={tmp_path / 'store'}", "train.max_steps=400",
-                "data.max_rows=24", "train.save_every=1000"]  # fmt: skip
+    overrides = [f"base_model={tiny_model}", "train.max_steps=60", "data.max_rows=24", "train.save_every=1000",
+                 "train.threads=1"]  # fmt: skip
+    settings = [str(DEMO_CONFIG), *overrides, f"store={tmp_path / 'store'}"]
     env = {**os.environ, "PREFECT_HOME": str(home), "OMP_NUM_THREADS": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("PREFECT_API_URL", None)  # the CLI's own temporary Prefect server, as a user would run it
-    data = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "data", *settings], cwd=ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    assert data.returncode == 0, data.stderr[-2000:]
+    _train_in_process(tiny_model, tmp_path / "store", overrides, train=False)  # the data artifact
     run = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "train", *settings], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     seen: list[str] = []
     reader = _watch(run, seen)
     deadline = time.time() + 300
-    while not any(int(done) >= 1 for done in re.findall(r"(\d+)/400", "".join(seen))):  # training has begun
+    while not any(int(done) >= 1 for done in re.findall(r"(\d+)/60", "".join(seen))):  # training has begun
         assert run.poll() is None and time.time() < deadline, "".join(seen)[-3000:]
         time.sleep(0.2)
     run.send_signal(signal.SIGTERM)
@@ -123,7 +141,14 @@ def test_sigterm_stops_training_with_a_checkpoint_and_a_rerun_resumes(tiny_model
         time.sleep(0.5)
     assert _prefect_servers(home) == []
 
+    env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the stage's own lines ("resuming from ...") are Prefect log lines
     again = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "train", *settings], cwd=ROOT, env=env,
                            capture_output=True, text=True)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {checkpoints[0].name}" in again.stdout + again.stderr
+    # the same adapter bytes as a run that was never interrupted (same thread count: train.threads=1)
+    _train_in_process(tiny_model, tmp_path / "straight", overrides, train=True)
+    weights = "adapter/adapter_model.safetensors"
+    [resumed] = (tmp_path / "store" / "train").iterdir()
+    [straight] = (tmp_path / "straight" / "train").iterdir()
+    assert resumed.name == straight.name and sha256_file(resumed / weights) == sha256_file(straight / weights)

@@ -48,6 +48,7 @@ from tasks.batching import read_split
 from tasks.errors import StageError
 from tasks.modelfile import Translation, modelfile, translate_chat_template
 
+RUNTIME_ONLY = {"tool_timeout_s"}  # does not change the result: not part of the key
 QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "lora_f16"]
 DEFAULT_TYPES: tuple[QuantType, ...] = ("f16", "q8_0", "q4_k_m")
 CONVERTER_TYPES = ("f16", "bf16")  # written directly by convert_hf_to_gguf.py
@@ -92,6 +93,12 @@ class QuantizeConfig(BaseModel):
     probe_rows: int = Field(16, ge=1, description="Test rows answered by each GGUF file (task accuracy).")
     max_new_tokens: int = Field(16, ge=1, description="Most tokens generated per probe answer.")
     n_threads: int = Field(1, ge=1, description="llama.cpp threads for the checks (1 is robust on busy machines).")
+    tool_timeout_s: float = Field(
+        3600,
+        gt=0,
+        description="Seconds one converter or llama.cpp tool run may take before it is killed and the stage stops "
+        "(a hung tool never holds a run forever; raise it for large models). Not part of the key.",
+    )
     fidelity_rows: int = Field(8, ge=1, description="Validation rows on which each GGUF's logits are compared.")
     max_mean_kl: dict[QuantType, float] = Field(
         default_factory=lambda: dict(DEFAULT_MAX_MEAN_KL),
@@ -158,7 +165,7 @@ def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Arti
         The quantize artifact with the GGUF files and per-type checks in the manifest metrics.
     """
     inputs = {"data": data, "merge": merge}
-    key, code = store.stage_key("quantize", __file__, {**config.model_dump(), "name": name}, inputs)
+    key, code = store.stage_key("quantize", __file__, _settings(config, name), inputs)
     with store.claim("quantize", key) as hit:
         return hit or _build_gguf(config, name, data, merge, store, key, code)
 
@@ -182,12 +189,12 @@ def _build_gguf(
     imatrix_types = [t for t in config.types if t in IMATRIX_TYPES] if config.imatrix != "off" else []
     tools = _tools_dir(llama_cpp.__version__) if imatrix_types else None
     used_imatrix: set[str] = set()
-    with store.create("quantize", key, {**config.model_dump(), "name": name}, inputs, code, started=started) as draft:
+    with store.create("quantize", key, _settings(config, name), inputs, code, started=started) as draft:
         files: dict[str, Path] = {}
         needs_f16 = "f16" in config.types or any(t in LLAMA_FTYPES for t in config.types)
         for qtype in [t for t in CONVERTER_TYPES if t in config.types or (t == "f16" and needs_f16)]:
             files[qtype] = draft.path / f"{slug}-{qtype.upper()}.gguf"
-            _convert(converter, model_dir, files[qtype], qtype, name)
+            _convert(converter, model_dir, files[qtype], qtype, name, config.tool_timeout_s)
         fallbacks: dict[str, str] = {}
         imatrix: Path | None = None
         if tools is not None:
@@ -216,7 +223,7 @@ def _build_gguf(
                 draft.path / f"{slug}-{LORA_TYPES[qtype].upper()}-LoRA.gguf"
             )  # GGUF naming: <name>-<encoding>-<type>
             base_gguf = draft.path / ".base-F16.gguf"  # only to check the adapter on; not part of the artifact
-            _convert_lora(converter, store, merge, files[qtype], base_gguf, qtype, name)
+            _convert_lora(converter, store, merge, files[qtype], base_gguf, qtype, name, config.tool_timeout_s)
         n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
         tokenizer, reference = _hf_reference(model_dir, data, fidelity_rows, probes, config)
         checks = {}
@@ -368,7 +375,8 @@ def _imatrix(
     cmd = [str(tools / "llama-imatrix"), "-m", f16.name, "-f", source.name, "-o", out.name, "--parse-special",
            "--no-ppl", "-c", str(config.imatrix_ctx), "-b", str(config.imatrix_ctx), "--chunks", str(chunks),
            "-t", str(config.n_threads)]  # fmt: skip
-    output = _run_tool(cmd, out, "llama-imatrix failed")  # f16, source and out share the draft folder
+    # f16, source and out share the draft folder
+    output = _run_tool(cmd, out, "llama-imatrix failed", config.tool_timeout_s)
     source.unlink()
     found = re.search(r"computing over (\d+) chunks", output)
     used = int(found.group(1)) if found else chunks
@@ -391,7 +399,7 @@ def _quantize_with_imatrix(
     """`llama-quantize --imatrix`; returns its 'N of M' count of tensors that needed a fallback type."""
     cmd = [str(tools / "llama-quantize"), "--imatrix", imatrix.name, source.name, target.name, qtype.upper(),
            str(config.n_threads)]  # fmt: skip  # relative names (all in the draft folder): see _imatrix
-    output = _run_tool(cmd, target, f"llama-quantize --imatrix to {qtype} failed")
+    output = _run_tool(cmd, target, f"llama-quantize --imatrix to {qtype} failed", config.tool_timeout_s)
     loaded = re.search(r"loaded (\d+) importance matrix entries", output)
     if not loaded or int(loaded.group(1)) == 0:
         raise StageError(f"llama-quantize did not load the importance matrix {imatrix.name}:\n{output[-600:]}")
@@ -399,9 +407,22 @@ def _quantize_with_imatrix(
     return found.group(1) if found else "0"
 
 
-def _run_tool(cmd: list[str], out: Path, failure: str) -> str:
-    """Run a llama.cpp tool in `out`'s folder; returns stdout + stderr (its log), or raises with the log's tail."""
-    result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", cwd=out.parent)
+def _settings(config: QuantizeConfig, name: str) -> dict[str, Any]:
+    """What the quantize key hashes: the config without runtime-only settings, and the model name."""
+    return {**config.model_dump(exclude=RUNTIME_ONLY), "name": name}
+
+
+def _run_tool(cmd: list[str], out: Path, failure: str, timeout: float, env: dict[str, str] | None = None) -> str:
+    """Run a tool (llama.cpp's, or the converter) in `out`'s folder; returns stdout + stderr (its log), or raises
+    with the log's tail. A tool still running after `timeout` seconds is killed and the stage stops."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", cwd=out.parent, env=env,
+                                timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise StageError(
+            f"{failure}: {Path(cmd[1] if cmd[0] == sys.executable else cmd[0]).name} did not finish within "
+            f"quantize.tool_timeout_s={timeout:g} s and was stopped; raise quantize.tool_timeout_s for a large model."
+        ) from None
     output = result.stdout + result.stderr
     if result.returncode != 0 or not out.is_file():
         tail = "\n".join(output.strip().splitlines()[-8:])
@@ -410,7 +431,14 @@ def _run_tool(cmd: list[str], out: Path, failure: str) -> str:
 
 
 def _convert_lora(
-    converter: Path, store: ArtifactStore, merge: Artifact, out: Path, base_gguf: Path, qtype: str, name: str
+    converter: Path,
+    store: ArtifactStore,
+    merge: Artifact,
+    out: Path,
+    base_gguf: Path,
+    qtype: str,
+    name: str,
+    timeout: float,
 ) -> None:
     """The adapter as a GGUF LoRA (llama.cpp applies it at load time), and an f16 GGUF of the base to check it on.
 
@@ -427,17 +455,14 @@ def _convert_lora(
     print(f"[quantize] converting the adapter to a {LORA_TYPES[qtype]} GGUF LoRA")
     cmd = [sys.executable, str(converter / "convert_lora_to_gguf.py"), "--base", str(base_dir), "--outfile", str(out),
            "--outtype", LORA_TYPES[qtype], str(train.file("adapter"))]  # fmt: skip
-    _run_converter(cmd, converter, out, f"convert_lora_to_gguf.py failed for {train.file('adapter')}")
+    _run_converter(cmd, converter, out, f"convert_lora_to_gguf.py failed for {train.file('adapter')}", timeout)
     if not base_gguf.is_file():
-        _convert(converter, base_dir, base_gguf, "f16", f"{name}-base")
+        _convert(converter, base_dir, base_gguf, "f16", f"{name}-base", timeout)
 
 
-def _run_converter(cmd: list[str], converter: Path, out: Path, failure: str) -> None:
+def _run_converter(cmd: list[str], converter: Path, out: Path, failure: str, timeout: float) -> None:
     env = {**os.environ, "PYTHONPATH": str(converter / "gguf-py") + os.pathsep + str(converter), "NO_LOCAL_GGUF": ""}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0 or not out.is_file():
-        tail = "\n".join(result.stderr.strip().splitlines()[-8:])
-        raise StageError(f"{failure}:\n{tail}")
+    _run_tool(cmd, out, failure, timeout, env)
 
 
 def _converter_dir(version: str) -> Path:
@@ -452,11 +477,11 @@ def _converter_dir(version: str) -> Path:
     return folder
 
 
-def _convert(converter: Path, model_dir: Path, out: Path, qtype: str, name: str) -> None:
+def _convert(converter: Path, model_dir: Path, out: Path, qtype: str, name: str, timeout: float) -> None:
     print(f"[quantize] converting to {qtype} GGUF")
     cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
            "--outtype", qtype, "--model-name", name]  # fmt: skip
-    _run_converter(cmd, converter, out, f"convert_hf_to_gguf.py failed for {model_dir} ({qtype})")
+    _run_converter(cmd, converter, out, f"convert_hf_to_gguf.py failed for {model_dir} ({qtype})", timeout)
 
 
 def _hf_reference(

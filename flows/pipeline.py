@@ -196,10 +196,11 @@ def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: st
             ) from None
         state = flow_run.state
         if state is None or not state.is_final():
+            _cancel(flow_run)  # nobody waits for it any more: it must not run (or publish) behind the user's back
             raise StageError(
                 f"{stage} stage: flow run {flow_run.name} did not finish within orchestration.stage_timeout_s="
-                f"{config.orchestration.stage_timeout_s} s (state {state.name if state else 'unknown'}); is a "
-                f"worker polling the deployment's work pool?"
+                f"{config.orchestration.stage_timeout_s} s (state {state.name if state else 'unknown'}) and was "
+                "cancelled; is a worker polling the deployment's work pool? Raise the timeout for a long stage."
             )
         if not state.is_completed():
             raise StageError(f"{stage} stage: flow run {flow_run.name} ended {state.type.value}: {state.message}")
@@ -207,6 +208,15 @@ def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: st
         return dataclasses.replace(store.get(stage, result["key"]), cached=bool(result["cached"]))
 
     return run_stage
+
+
+def _cancel(flow_run: Any) -> None:
+    """Ask the server to cancel a stage's flow run (a worker running it stops it; a scheduled one never starts)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Cancelling(message="orchestration.stage_timeout_s passed"), force=True)
 
 
 def _await_approval(

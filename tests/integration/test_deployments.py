@@ -6,6 +6,7 @@ with the keys of an in-process run, and the approval pause before publish, resum
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -259,7 +260,13 @@ def test_approval_pause_before_publish(server: Server, reference: dict) -> None:
     assert approved.returncode == 0, approved.stdout[-3000:]
     assert "publish: bundle only" in approved.stdout
     record = ArtifactStore(reference["store"]).load_run("latest")
-    assert record["approval"] == {"approved": True, "reason": "numbers look right"}
+    assert {k: record["approval"][k] for k in ("approved", "reason")} == {
+        "approved": True,
+        "reason": "numbers look right",
+    }
+    keys = {s: record["stages"][s]["key"] for s in ("eval", "quantize")}
+    approval = Path(reference["store"]) / "approvals" / f"{keys['eval']}-{keys['quantize']}.json"
+    assert json.loads(approval.read_text())["flow_run_id"] == record["approval"]["flow_run_id"]  # what publish checked
     assert record["stages"]["publish"]["key"] == reference["stages"]["publish"]["key"]
 
     refused = run_cli_and_answer(server, reference, approve=False, reason="wait for the new data")

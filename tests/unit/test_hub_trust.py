@@ -1,6 +1,6 @@
 """Trusting the Hub only as far as it answers: the published comparison (eval) skips its checks only on a confirmed
-"no loraforge release yet", and the token is looked up like huggingface_hub does and never sent over plain http off
-this machine.
+"no loraforge release yet", `pull` insists on every file its lineage lists and on a well-formed lineage, and the
+token is looked up like huggingface_hub does and never sent over plain http off this machine.
 
 Repos live on the project's Hub server (a subprocess on loopback); refused tokens, server errors and flaky
 answers come from a small scripted HTTP server in this file; an unreachable Hub is a closed loopback port."""
@@ -28,6 +28,7 @@ from tasks.artifacts import Artifact  # noqa: E402
 from tasks.errors import StageError  # noqa: E402
 from tasks.evaluate import EvalConfig, _download_adapter, _resolve_published  # noqa: E402
 from tasks.hubclient import check_transport, hub_token, is_loopback  # noqa: E402
+from tasks.pull import _download, pull  # noqa: E402
 
 TOKEN = "hf_trust_test_token"
 REMOTE = "http://hub.invalid:8765"  # plain http off loopback (.invalid never resolves: nothing may connect first)
@@ -360,3 +361,52 @@ def test_an_unreachable_hub_is_retried_then_fails(token: str, capsys: pytest.Cap
 def test_eval_refuses_plain_http_off_loopback(token: str) -> None:
     with pytest.raises(StageError, match=rf"^refusing to send the Hub token to {REMOTE}"):
         _compare("team/released", REMOTE)
+
+
+# --- pull: every listed file, a well-formed lineage -----------------------------------------------------------
+
+
+def test_pull_verifies_every_file_of_a_release(hub: str, token: str) -> None:
+    item = _download("team/released", hub, None)
+    assert sorted(item.verified) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]
+    gguf = _download(f"team/released@{TAG}", hub, "q4_k_m")
+    assert {"gguf/t-Q4_K_M.gguf", "gguf/t-Q8_0.gguf"} <= set(gguf.verified)  # (+ what the cache's snapshot has)
+
+
+def test_pull_refuses_a_release_that_lost_listed_files(hub: str, token: str) -> None:
+    with pytest.raises(StageError) as error:
+        pull(["team/lost-files"], ["hello"], endpoint=hub)
+    message = str(error.value)
+    assert message.startswith("pull team/lost-files (team/lost-files@") and "verification failed" in message
+    assert "tokenizer.json: listed in the lineage but missing from the repo" in message
+    assert "t-Q8_0" not in message  # not asked for: an adapter pull does not download GGUF files
+    with pytest.raises(StageError, match=r"gguf/t-Q8_0.gguf: listed in the lineage but missing from the repo"):
+        pull(["team/lost-files"], ["hello"], gguf="q4_k_m", endpoint=hub)
+
+
+@pytest.mark.parametrize(
+    ("repo", "problem"),
+    [
+        ("team/not-json", "loraforge/lineage.json is not valid JSON (Expecting property name"),
+        ("team/bad-keys", "loraforge/lineage.json is malformed ('tag' is int, not a string; "),
+    ],
+)
+def test_pull_names_the_repo_and_file_of_a_malformed_lineage(hub: str, token: str, repo: str, problem: str) -> None:
+    with pytest.raises(StageError) as error:
+        pull([repo], ["hello"], endpoint=hub)
+    assert str(error.value).startswith(f"pull {repo} ({repo}@") and problem in str(error.value)
+
+
+def test_pull_explains_a_refused_token(hub: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_revoked_token")
+    with pytest.raises(StageError) as error:
+        pull(["team/released"], ["hello"], endpoint=hub)
+    assert str(error.value) == (
+        f"pull team/released: cannot download from {hub}: the Hub at {hub} refused the token (401: invalid or "
+        "expired): check HF_TOKEN / `hf auth login` (or the Prefect Secret block named by publish.token_secret)."
+    )
+
+
+def test_pull_refuses_plain_http_off_loopback(token: str) -> None:
+    with pytest.raises(StageError, match=rf"^refusing to send the Hub token to {REMOTE}"):
+        pull(["team/released"], ["hello"], endpoint=REMOTE)

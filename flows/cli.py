@@ -432,7 +432,7 @@ def _summary(config: Any, record: dict[str, Any], seconds: float, failure: Excep
         pub = record["publish"]
         where = f"{pub['endpoint']}/{pub['repo_id']}@{pub['tag']}"
         console.print(
-            f"publish: {'pushed to ' + where if pub['mode'] == 'push' else 'bundle only (no HF_TOKEN) for ' + where}"
+            f"publish: {'pushed to ' + where if pub['mode'] == 'push' else 'bundle only (no Hub token) for ' + where}"
         )
     if "run_id" in record:
         store = Path(record["store"].removeprefix("file://"))

@@ -243,10 +243,11 @@ def _materialize(spec: str) -> dict[str, Any]:
 
     from tasks.hubclient import hub_endpoint, hub_token, scrub
 
-    endpoint, token = hub_endpoint(), hub_token()
+    endpoint = hub_endpoint()
+    token = hub_token(endpoint=endpoint)  # HF_TOKEN or `hf auth login`; never over plain http off loopback
     try:
         folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision or None,
-                                        endpoint=endpoint, token=token))  # fmt: skip
+                                        endpoint=endpoint, token=token or False))  # fmt: skip
     except Exception as exc:  # unreachable, unknown repo or revision, no access: all stop the stage
         detail = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", token)
         raise DataError(

@@ -9,7 +9,9 @@ answers, with per-class precision/recall/F1) and ROUGE-L for free-text answers. 
 The gate takes checks 'METRIC OP NUMBER' on the tuned metrics, their `_delta` over base, `base_` values, and,
 with `eval.compare_published`, `published_` values and `_vs_published` differences: the published adapter is
 downloaded and scored on the same test rows, so "no regression beyond 0.01" reads `accuracy_vs_published >= -0.01`.
-Checks on published figures pass as "not applicable" while nothing is published yet.
+Checks on published figures pass as "not applicable" only while the repo confirmedly holds no loraforge release
+(the Hub accepts the token and knows no such repo, or the repo has no lineage and no loraforge-* tag); a refused
+token, an unreachable Hub (after retries), a server error or a malformed lineage stop the stage instead.
 Run alone: `loraforge stage eval CONFIG [key=value ...]`.
 """
 
@@ -20,16 +22,16 @@ import math
 import operator
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.artifacts import Artifact, ArtifactStore
+from tasks.artifacts import Artifact, ArtifactStore, sha256_file
 from tasks.batching import generate_answers, read_split, row_losses
 from tasks.errors import GateFailed, StageError
-from tasks.hubclient import hub_endpoint, hub_token, scrub
+from tasks.hubclient import LINEAGE_FILE, explain, hub_endpoint, hub_token, read_lineage, with_retries
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics"
 KEYED_DIRS = ("metrics",)  # the metric modules run by path (evaluate.load): part of the eval key's code version
@@ -38,6 +40,8 @@ METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "exact_match", "rouge_l", "p
 DEFAULT_METRICS: list[Metric] = ["accuracy", "macro_f1", "exact_match", "perplexity"]
 GATE_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+ADAPTER_WEIGHTS = ("adapter_config.json", "adapter_model.safetensors")  # what the published comparison loads
+T = TypeVar("T")
 
 
 def _gate_names(metrics: Sequence[str] = METRICS) -> list[str]:
@@ -209,35 +213,139 @@ def _build_eval(
 
 
 def _resolve_published(config: EvalConfig) -> dict[str, Any]:
-    """Resolve compare_published to a commit; {'commit': None} when the repo or revision does not exist yet."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    """Resolve compare_published to a commit that holds a loraforge release.
 
-    repo, _, revision = (config.compare_published or "").partition("@")
-    endpoint, token = hub_endpoint(config.endpoint), hub_token()
+    Only a confirmed "no loraforge release yet" gives {'commit': None} (the published checks then pass as n/a):
+    the Hub says the repo does not exist to a caller whose token it accepts, or the repo exists but holds no
+    loraforge release (no loraforge/lineage.json on main, no loraforge-* tag). Anything else stops the stage
+    with what to fix: a refused token, a repo that may only be hidden (404 without a token), a missing revision
+    of a repo that has releases, an unreachable Hub (after retries), a server error, a malformed lineage.
+
+    Raises:
+        StageError: the comparison cannot be made, with the reason and the fix.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    spec = config.compare_published or ""
+    repo, _, revision = spec.partition("@")
+    endpoint = hub_endpoint(config.endpoint)
+    token = hub_token(endpoint=endpoint)
+    where = f"eval.compare_published={spec}"
     found: dict[str, Any] = {"repo_id": repo, "revision": revision or "main", "endpoint": endpoint, "commit": None}
+    api = HfApi(endpoint=endpoint, token=token or False)
     try:
-        info = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision or None)
-        found["commit"] = info.sha
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        print(f"[eval] nothing published at {endpoint}/{repo}@{found['revision']} yet: published checks pass as n/a")
-    except Exception as exc:  # unreachable endpoint and other HTTP failures: the user asked for this comparison
-        raise StageError(
-            f"eval.compare_published: cannot reach {endpoint} for {repo} ({type(exc).__name__}: "
-            f"{scrub(str(exc), token)}); "
-            "check eval.endpoint / HF_ENDPOINT and HF_TOKEN, or drop compare_published."
-        ) from None
+        info = _hub_call(lambda: api.model_info(repo, revision=revision or None), where, endpoint, token,
+                         passing=(RepositoryNotFoundError, RevisionNotFoundError))  # fmt: skip
+    except GatedRepoError as exc:
+        raise StageError(f"{where}: {explain(exc, endpoint, token)}.") from None
+    except RepositoryNotFoundError:
+        _confirm_absent(api, where, endpoint, token)
+        print(f"[eval] {repo} does not exist at {endpoint} (the Hub accepted the token): published checks pass as n/a")
+        return found
+    except RevisionNotFoundError:
+        releases = _releases(api, repo, where, endpoint, token)
+        if releases:
+            raise StageError(
+                f"{where}: {repo} has no revision {revision!r} at {endpoint}, but it has loraforge releases "
+                f"({', '.join(releases[:5])}); name one of them after '@', or drop '@{revision}' to compare "
+                "with main."
+            ) from None
+        print(f"[eval] {repo} has no loraforge release yet (no {revision!r}): published checks pass as n/a")
+        return found
+    commit = str(info.sha or "")
+    if LINEAGE_FILE not in {s.rfilename for s in info.siblings or []}:
+        releases = _releases(api, repo, where, endpoint, token)
+        if releases:
+            raise StageError(
+                f"{where}: {repo}@{found['revision']} (commit {commit[:12]}) has no {LINEAGE_FILE}, so it is not "
+                f"a loraforge release, but the repo has some ({', '.join(releases[:5])}); name one after '@'."
+            )
+        print(f"[eval] {repo} exists but has no loraforge release yet: published checks pass as n/a")
+        return found
+    _published_lineage(api, repo, commit, where, endpoint, token)
+    found["commit"] = commit
     return found
 
 
+def _hub_call(
+    call: Callable[[], T], where: str, endpoint: str, token: str | None, passing: tuple[type[Exception], ...] = ()
+) -> T:
+    """`call()` retried while it fails transiently; a failure is a StageError saying what to fix, except the
+    `passing` exception types (and their subclasses), raised unchanged for the caller to judge."""
+    tries = [0]
+
+    def counted() -> T:
+        tries[0] += 1
+        return call()
+
+    try:
+        return with_retries(counted, f"{where} at {endpoint}")
+    except passing:
+        raise
+    except Exception as exc:  # HTTP and network errors of every kind, explained
+        raise StageError(f"{where}: {explain(exc, endpoint, token, tries[0])}.") from None
+
+
+def _confirm_absent(api: Any, where: str, endpoint: str, token: str | None) -> None:
+    """The Hub said "no such repo": believe it only when it also accepts the token (a private repo answers the
+    same to a caller without one, or with a token it refuses)."""
+    if not token:
+        raise StageError(
+            f"{where}: {endpoint} knows no such repo, but no token was sent and a private repo answers the same, "
+            'so it cannot tell "nothing published yet": set HF_TOKEN or run `hf auth login` (or check the repo id).'
+        )
+    _hub_call(api.whoami, f"{where} (checking the token)", endpoint, token)
+
+
+def _releases(api: Any, repo: str, where: str, endpoint: str, token: str | None) -> list[str]:
+    """The repo's loraforge releases: its loraforge-* tags, and main when main holds a lineage."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    refs = _hub_call(lambda: api.list_repo_refs(repo), where, endpoint, token)
+    tags = sorted(t.name for t in refs.tags if t.name.startswith("loraforge-"))
+    try:
+        main = _hub_call(lambda: api.model_info(repo), where, endpoint, token, passing=(RevisionNotFoundError,))
+    except RevisionNotFoundError:  # no main branch
+        return tags
+    return tags + (["main"] if LINEAGE_FILE in {s.rfilename for s in main.siblings or []} else [])
+
+
+def _published_lineage(api: Any, repo: str, commit: str, where: str, endpoint: str, token: str | None) -> None:
+    """Check the published lineage at `commit`: well formed, and listing the adapter's files."""
+    from huggingface_hub import hf_hub_download
+
+    path = _hub_call(lambda: hf_hub_download(repo, LINEAGE_FILE, revision=commit, endpoint=endpoint,
+                                             token=token or False), where, endpoint, token)  # fmt: skip
+    lineage = read_lineage(Path(path), f"{where} ({repo}@{commit[:12]})")
+    missing = [n for n in ADAPTER_WEIGHTS if n not in lineage["files"]]
+    if missing:
+        raise StageError(
+            f"{where}: the lineage of {repo}@{commit[:12]} lists no {', '.join(missing)}: this release has no "
+            "adapter to compare with; compare with a repo published by loraforge with its adapter."
+        )
+
+
 def _download_adapter(published: dict[str, Any], base: Artifact) -> str:
-    """Download the published adapter at its resolved commit; it must be an adapter for the same base model."""
+    """Download the published adapter at its resolved commit and check it: each file's sha256 as its lineage
+    records it, and an adapter for the same base model."""
     from huggingface_hub import snapshot_download
 
-    folder = snapshot_download(
-        published["repo_id"], revision=published["commit"], endpoint=published["endpoint"],
-        token=hub_token(), allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
-    )  # fmt: skip
+    repo, commit, endpoint = published["repo_id"], published["commit"], published["endpoint"]
+    where = f"eval.compare_published={repo}@{published['revision']}"
+    token = hub_token(endpoint=endpoint)
+    folder = _hub_call(lambda: snapshot_download(repo, revision=commit, endpoint=endpoint, token=token or False,
+                                                 allow_patterns=[*ADAPTER_WEIGHTS, LINEAGE_FILE]),
+                       where, endpoint, token)  # fmt: skip
+    expected = read_lineage(Path(folder) / LINEAGE_FILE, f"{where} ({repo}@{commit[:12]})")["files"]
+    for name in ADAPTER_WEIGHTS:
+        if not (Path(folder) / name).is_file():
+            raise StageError(f"{where}: {repo}@{commit[:12]} lists {name} in its lineage but does not hold it.")
+        if (actual := sha256_file(Path(folder) / name)) != expected[name]:
+            raise StageError(
+                f"{where}: {repo}@{commit[:12]}: {name} has sha256 {actual[:16]}…, its lineage says "
+                f"{expected[name][:16]}…; the published files were changed after publishing: republish."
+            )
     adapter_config = json.loads((Path(folder) / "adapter_config.json").read_text())
     names = {base.manifest.get("hub_id"), base.manifest.get("base_model"), base.manifest.get("model_path")}
     if adapter_config.get("base_model_name_or_path") not in names:
@@ -247,7 +355,7 @@ def _download_adapter(published: dict[str, Any], base: Artifact) -> str:
             f"({sorted(filter(None, names))}); "
             "compare against a repo trained on the same base."
         )
-    return folder
+    return str(folder)
 
 
 def _answer(

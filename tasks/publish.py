@@ -11,8 +11,9 @@ A push is one commit: LFS contents go up first, the commit lands only when all o
 is created on that commit. A push that dies midway leaves no commit and no tag (uploaded LFS objects wait unused),
 and a re-run uploads only what is missing, commits, and tags; a bundle already at the head makes no new commit.
 
-The token comes from the environment (HF_TOKEN) or a Prefect Secret block (`publish.token_secret`); it never
-enters configs, manifests, cards or logs, and error messages are scrubbed of it.
+The token comes from a Prefect Secret block (`publish.token_secret`), else HF_TOKEN, else the token saved by
+`hf auth login`; it is only sent over https (or plain http to loopback), never enters configs, manifests, cards or
+logs, and error messages are scrubbed of it.
 Run alone: `loraforge stage publish CONFIG [key=value ...]`.
 """
 
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.artifacts import Artifact, ArtifactStore, compute_key, fsync_tree, hash_files
 from tasks.errors import GateFailed, StageError
 from tasks.evaluate import check_gate
-from tasks.hubclient import hub_endpoint, hub_token, scrub
+from tasks.hubclient import check_transport, explain, hub_endpoint, hub_token
 
 
 class PublishConfig(BaseModel):
@@ -45,8 +46,8 @@ class PublishConfig(BaseModel):
     )
     push: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="auto: push when HF_TOKEN is set, else only write the bundle; always: fail without a token; "
-        "never: write the bundle only.",
+        description="auto: push when a Hub token is found (publish.token_secret, HF_TOKEN, the token of "
+        "`hf auth login`), else only write the bundle; always: fail without a token; never: write the bundle only.",
     )
     private: bool = Field(False, description="Create the repo as private.")
     include_merged: bool = Field(False, description="Also upload the merged model under merged/.")
@@ -61,7 +62,7 @@ class PublishConfig(BaseModel):
     token_secret: str | None = Field(
         None,
         description="Name of a Prefect Secret block holding the Hub token; when set it is used instead of HF_TOKEN "
-        "(and push: auto pushes). Only the name is stored anywhere.",
+        "and `hf auth login` (and push: auto pushes). Only the name is stored anywhere.",
     )
     datasets: list[str] | None = Field(
         None,
@@ -105,8 +106,8 @@ def publish_model(
     mode = "push" if config.push == "always" or (config.push == "auto" and token) else "bundle"
     if mode == "push" and not token:
         raise StageError(
-            "publish.push is 'always' but HF_TOKEN is not set; export HF_TOKEN, name a Prefect Secret block in "
-            "publish.token_secret, or set publish.push=auto."
+            "publish.push is 'always' but no Hub token was found; export HF_TOKEN, run `hf auth login`, name a "
+            "Prefect Secret block in publish.token_secret, or set publish.push=auto."
         )
     endpoint = hub_endpoint(config.endpoint)
     inputs = {"base": base, "data": data, "train": train, "eval": eval_, "merge": merge, "quantize": quantize}
@@ -174,7 +175,7 @@ def _build_publish(
             draft.extra["commit"] = _push(bundle, config, endpoint, token or "", tag)
             print(f"[publish] pushed {config.repo_id}@{tag} to {endpoint} (commit {draft.extra['commit'][:12]})")
         else:
-            why = "publish.push=never" if config.push == "never" else "no Hub token (HF_TOKEN, publish.token_secret)"
+            why = "publish.push=never" if config.push == "never" else "no Hub token (HF_TOKEN, `hf auth login`)"
             print(
                 f"[publish] {why}: wrote the bundle that would be pushed to {endpoint}/{config.repo_id} "
                 f"(tag {tag}) at {store.path('publish', key) / 'bundle'}"
@@ -209,6 +210,7 @@ def _approval_path(store: ArtifactStore, eval_: Artifact, quantize: Artifact) ->
 def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: str) -> str:
     from huggingface_hub import HfApi
 
+    check_transport(endpoint, token)  # before anything is sent: never a token over plain http off this machine
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(config.repo_id, private=config.private, exist_ok=True)
@@ -229,9 +231,8 @@ def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: s
         api.create_tag(config.repo_id, tag=tag, revision=commit)
     except StageError:
         raise
-    except Exception as exc:  # network and HTTP errors of every kind: report, never leak the token
-        message = scrub(str(exc), token)
-        raise StageError(f"push to {endpoint}/{config.repo_id} failed ({type(exc).__name__}): {message}") from None
+    except Exception as exc:  # network and HTTP errors of every kind: report what to fix, never leak the token
+        raise StageError(f"push to {endpoint}/{config.repo_id} failed: {explain(exc, endpoint, token)}.") from None
     return commit
 
 

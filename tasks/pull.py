@@ -1,5 +1,6 @@
 """Pull: the consumer side of publish. Download published adapters (or a GGUF) from a Hub repo, verify every file
-against the sha256 recorded in the repo's loraforge lineage, and answer prompts with them.
+against the sha256 recorded in the repo's loraforge lineage (and that every file it lists came), and answer
+prompts with them.
 
 Several adapters can be pulled at once: they are loaded onto one base model under their own names and made
 active one after another (peft's load_adapter / set_adapter), which is how a library of adapters is served.
@@ -8,6 +9,7 @@ Run: `loraforge pull ORG/NAME[@REVISION] [ORG/NAME2 ...] --prompt TEXT [--gguf q
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,8 +18,9 @@ from typing import Any
 
 from tasks.artifacts import sha256_file
 from tasks.errors import StageError
-from tasks.hubclient import hub_endpoint, hub_token, scrub
+from tasks.hubclient import LINEAGE_FILE, explain, hub_endpoint, hub_token, read_lineage, with_retries
 
+ADAPTER_WEIGHTS = ["adapter_config.json", "adapter_model.safetensors"]  # what makes a repo an adapter release
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "loraforge/lineage.json",
                  "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]  # fmt: skip
 
@@ -57,7 +60,8 @@ def pull(
         system: an optional system message put before each prompt.
 
     Raises:
-        StageError: unreachable repo, a file whose sha256 differs from the lineage, adapters for different bases.
+        StageError: unreachable repo, a malformed lineage, a file whose sha256 differs from the lineage or that
+            the lineage lists but the repo lacks, adapters for different bases.
     """
     endpoint = hub_endpoint(endpoint)
     if gguf and gguf.lower().startswith("lora"):
@@ -81,28 +85,27 @@ def _download(spec: str, endpoint: str, gguf: str | None) -> Pulled:
     from huggingface_hub import HfApi, snapshot_download
 
     repo_id, _, revision = spec.partition("@")
-    token = hub_token()
+    token = hub_token(endpoint=endpoint)
+    patterns = ["README.md", LINEAGE_FILE] + (["gguf/*.gguf"] if gguf else ADAPTER_FILES)
     try:
-        commit = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision or None).sha or ""
-        patterns = ["README.md", "loraforge/lineage.json"] + (["gguf/*.gguf"] if gguf else ADAPTER_FILES)
-        folder = Path(snapshot_download(repo_id, revision=commit, endpoint=endpoint, token=token,
+        info = with_retries(lambda: HfApi(endpoint=endpoint, token=token or False).model_info(
+            repo_id, revision=revision or None), f"pull {spec} from {endpoint}")  # fmt: skip
+        commit = info.sha or ""
+        folder = Path(snapshot_download(repo_id, revision=commit, endpoint=endpoint, token=token or False,
                                         allow_patterns=patterns))  # fmt: skip
     except Exception as exc:  # HTTP and network errors of every kind
-        message = scrub(str(exc), token)
-        raise StageError(
-            f"pull {spec}: cannot download from {endpoint} ({type(exc).__name__}: {message.splitlines()[0]}); "
-            "check the repo id and revision, HF_ENDPOINT and HF_TOKEN (private repos)."
-        ) from None
-    lineage_file = folder / "loraforge" / "lineage.json"
+        raise StageError(f"pull {spec}: cannot download from {endpoint}: {explain(exc, endpoint, token)}.") from None
+    where = f"pull {spec} ({repo_id}@{commit[:12]})"
+    lineage_file = folder / LINEAGE_FILE
     if not lineage_file.is_file():
-        raise StageError(f"pull {spec}: no loraforge/lineage.json in {repo_id}@{commit[:12]}; not a loraforge repo.")
-    lineage = json.loads(lineage_file.read_text())
+        raise StageError(f"pull {spec}: no {LINEAGE_FILE} in {repo_id}@{commit[:12]}; not a loraforge repo.")
+    lineage = read_lineage(lineage_file, where)
     item = Pulled(spec, repo_id, commit, folder, lineage)
-    expected: dict[str, str] = lineage.get("files", {})
+    expected: dict[str, str] = lineage["files"]
     present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     problems = []
     for name in present:
-        if name in ("README.md", "loraforge/lineage.json") or name.startswith("."):
+        if name in ("README.md", LINEAGE_FILE) or name.startswith("."):
             continue
         if name not in expected:
             problems.append(f"{name}: not in the lineage's file list")
@@ -110,14 +113,22 @@ def _download(spec: str, endpoint: str, gguf: str | None) -> Pulled:
             problems.append(f"{name}: sha256 {actual[:16]}… differs from the lineage's {expected[name][:16]}…")
         else:
             item.verified.append(name)
-    adapter_sha = lineage.get("train", {}).get("adapter_sha256")
-    if not gguf and adapter_sha and adapter_sha not in (folder / "README.md").read_text():
+    # Every file the lineage lists that this pull asked for must have come: a file deleted from the repo after
+    # publishing (a tokenizer, a GGUF) would otherwise go unnoticed, or be silently replaced by the base's.
+    wanted = [n for n in sorted(expected) if any(fnmatch.fnmatch(n, p) for p in patterns)]
+    problems += [f"{name}: listed in the lineage but missing from the repo" for name in wanted if name not in present]
+    if not gguf:
+        problems += [f"{name}: not in the lineage's file list (no adapter was published)" for name in ADAPTER_WEIGHTS
+                     if name not in expected]  # fmt: skip
+    adapter_sha = lineage["train"].get("adapter_sha256")
+    readme = folder / "README.md"
+    if not gguf and adapter_sha and (not readme.is_file() or adapter_sha not in readme.read_text()):
         problems.append("README.md: the model card does not carry the adapter sha256 of the lineage")
     if gguf and not any(n.startswith("gguf/") and n.lower().endswith(f"-{gguf.lower()}.gguf") for n in present):
         published = sorted(n for n in expected if n.startswith("gguf/") and n.endswith(".gguf"))
         problems.append(f"no {gguf} GGUF published; the repo has {published or 'none'}")
     if problems:
-        raise StageError(f"pull {spec} ({repo_id}@{commit[:12]}): verification failed:\n  - " + "\n  - ".join(problems))
+        raise StageError(f"{where}: verification failed:\n  - " + "\n  - ".join(problems))
     print(f"[pull] {repo_id}@{commit[:12]}: {len(item.verified)} files verified against the lineage")
     return item
 

@@ -20,6 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 # Downloads from the test Hub server go to a per-session cache, never the user's ~/.cache/huggingface.
 os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="loraforge-hf-cache-"))
+# The token `hf auth login` saved is a Hub token too (tasks/hubclient.py): tests never see the user's own.
+os.environ["HF_TOKEN_PATH"] = os.path.join(tempfile.mkdtemp(prefix="loraforge-hf-login-"), "token")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -8,7 +8,9 @@ Xet storage is not spoken: clients run with HF_HUB_DISABLE_XET=1 (read when hugg
     python infra/hub/server.py --root .hub --port 8765 [--token SECRET]
     HF_ENDPOINT=http://127.0.0.1:8765 HF_HUB_DISABLE_XET=1 HF_TOKEN=SECRET loraforge run ...
 
-With --token, writes and reads of private repos need `Authorization: Bearer <token>`; without, all is open.
+Writes and reads of private repos need `Authorization: Bearer <token>`, and a request with any other token is
+refused (401) as on the Hub. The token: --token, else $LORAFORGE_HUB_TOKEN (keeps it out of `ps`), else one made
+on the first start and kept in ROOT/token (mode 0600): `export HF_TOKEN=$(cat ROOT/token)`.
 
 Fault injection, for tests of interrupted pushes: `--crash-after-lfs-uploads N` stores N LFS objects, then dies
 (the whole process, exit status 3) in the middle of receiving the next one, as a server or network failure would
@@ -258,6 +260,16 @@ def create_app(root: Path, token: str | None = None, crash_after_lfs_uploads: in
     @app.exception_handler(HubError)
     async def hub_error(request: Request, exc: HubError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.middleware("http")
+    async def refuse_wrong_tokens(request: Request, call_next: Any) -> Response:
+        """A request that sends a token other than ours is refused, whatever it asks (public reads too), as the
+        Hub does: a client with a stale token learns it at once, not at its first write."""
+        if "authorization" in request.headers and not authorized(request):
+            error = HubError(401, BAD_TOKEN)
+            return JSONResponse({"error": error.message}, status_code=401, headers=error.headers)
+        response: Response = await call_next(request)
+        return response
 
     @app.get("/api/whoami-v2")
     def whoami(request: Request) -> Json:
@@ -533,6 +545,25 @@ class ReadyServer(uvicorn.Server):
             print(f"loraforge hub ready on http://{host}:{port}", flush=True)
 
 
+def stored_token(root: Path) -> str:
+    """The token kept in ROOT/token: made (random, mode 0600) on the first call, the same one afterwards, so a
+    restarted server keeps accepting the clients set up before."""
+    path = root / "token"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-token-")  # mkstemp makes it 0600
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"hf_{secrets.token_hex(24)}\n")
+        try:
+            os.link(tmp, path)  # whole or not at all, and never over a token another start made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def main() -> None:
     """Serve the repos under --root until interrupted."""
     layout = argparse.RawDescriptionHelpFormatter  # keeps the docstring's examples as they are
@@ -540,14 +571,17 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="folder of blobs and repos (created)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed when ready)")
-    token_help = "token for writes and private reads (default: $LORAFORGE_HUB_TOKEN; none: all open)"
+    token_help = "token for writes and private reads (default: $LORAFORGE_HUB_TOKEN, else ROOT/token, made once)"
     parser.add_argument("--token", default=os.environ.get("LORAFORGE_HUB_TOKEN"), help=token_help)
     fault_help = "fault injection: exit while receiving the LFS upload after the N-th stored one (tests)"
     parser.add_argument("--crash-after-lfs-uploads", type=int, metavar="N", help=fault_help)
     args = parser.parse_args()
-    app = create_app(args.root, args.token, args.crash_after_lfs_uploads)
-    writes = "need the token" if args.token else "are open"
-    print(f"loraforge hub: serving {args.root.resolve()}; writes {writes}", flush=True)
+    if args.token:
+        token, where = args.token, "the token given"
+    else:
+        token, where = stored_token(args.root), f"the token in {args.root / 'token'}"
+    app = create_app(args.root, token, args.crash_after_lfs_uploads)
+    print(f"loraforge hub: serving {args.root.resolve()}; writes need {where}", flush=True)
     ReadyServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
 
 

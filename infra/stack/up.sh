@@ -3,9 +3,10 @@
 # the artifact volume (a folder) and the Hub-compatible server; then every deployment in infra/prefect.yaml.
 #   make stack        # = bash infra/stack/up.sh   (idempotent: starts only what is not running)
 #   make stack-down   # = bash infra/stack/down.sh (stops it; the data stays in .stack/ unless --purge)
-#   source .stack/env # PREFECT_API_URL, HF_ENDPOINT, HF_TOKEN, LORAFORGE_STORE for your shell
+#   source .stack/env # PREFECT_API_URL, HF_ENDPOINT, HF_TOKEN, LORAFORGE_STORE for your shell (mode 0600)
 # Settings (environment): STACK_DIR (.stack), STACK_PG_PORT (5433), STACK_PREFECT_PORT (4200),
-# STACK_HUB_PORT (8765), STACK_DEPLOY (1: run infra/stack/deploy.sh), PYTHON (.venv/bin/python), PG_BIN.
+# STACK_HUB_PORT (8765), STACK_DEPLOY (1: run infra/stack/deploy.sh), PYTHON (.venv/bin/python), PG_BIN,
+# STACK_HUB_TOKEN (the Hub server's token; default: one made at the first start, kept in $STACK_DIR/hub-token).
 # PostgreSQL runs from Debian's packages (installed here with apt-get when missing) as a cluster in
 # $STACK_DIR/postgres; as root it runs as the `postgres` user (PostgreSQL refuses to run as root).
 set -euo pipefail
@@ -20,6 +21,8 @@ RUN="$STACK_DIR/run" LOGS="$STACK_DIR/logs" PGDATA="$STACK_DIR/postgres"
 mkdir -p "$RUN" "$LOGS" "$STACK_DIR/artifacts" "$STACK_DIR/hub" "$STACK_DIR/prefect"
 say() { echo "[stack] $*"; }
 die() { echo "[stack] error: $*" >&2; exit 1; }
+# shellcheck source=infra/stack/secrets.sh
+source infra/stack/secrets.sh  # stack_secret, write_private: secrets in STACK_DIR, mode 0600
 [ -x "$PY" ] || die "$PY not found: run \`make setup\` first (or set PYTHON)"
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------------
@@ -100,17 +103,19 @@ wait_http() {  # wait_http NAME URL: until the URL answers, or fail with the ser
 
 API="http://127.0.0.1:$PREFECT_PORT/api"
 HUB="http://127.0.0.1:$HUB_PORT"
-HUB_TOKEN="${STACK_HUB_TOKEN:-hf_loraforge_local_stack}"
+# No fixed default: a token anyone could read here would open the Hub server's writes to every local process.
+HUB_TOKEN="${STACK_HUB_TOKEN:-hf_$(stack_secret "$STACK_DIR/hub-token")}"
 export PREFECT_HOME="$STACK_DIR/prefect" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 say "starting the Prefect server on $API (database: PostgreSQL)"
 PREFECT_API_DATABASE_CONNECTION_URL="$DB_URL" start prefect "$PY" -m prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
 say "starting the Hub-compatible server on $HUB"
-start hub "$PY" infra/hub/server.py --root "$STACK_DIR/hub" --host 127.0.0.1 --port "$HUB_PORT" --token "$HUB_TOKEN"
+# The token through the environment, not as an option: a command line is readable by every user (ps).
+LORAFORGE_HUB_TOKEN="$HUB_TOKEN" start hub "$PY" infra/hub/server.py --root "$STACK_DIR/hub" --host 127.0.0.1 --port "$HUB_PORT"
 wait_http prefect "$API/health"
 wait_http hub "$HUB/api/whoami-v2"
 
-cat >"$STACK_DIR/env" <<EOF
+write_private "$STACK_DIR/env" <<EOF
 export PREFECT_API_URL=$API
 export HF_ENDPOINT=$HUB
 export HF_TOKEN=$HUB_TOKEN

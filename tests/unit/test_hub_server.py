@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from huggingface_hub import (  # noqa: E402
 )
 from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_unit_test_token"
 README_V1 = "---\nlicense: apache-2.0\n---\n# tiny model\n"  # front matter: the client validates it first
 README_V2 = README_V1 + "\nNow with a second paragraph.\n"
@@ -246,3 +248,89 @@ def test_dataset_repos_and_delete(api: HfApi, hub: str, tmp_path: Path) -> None:
     assert not api.repo_exists("team/rows", repo_type="dataset")
     with pytest.raises(RepositoryNotFoundError):
         api.delete_repo("team/rows", repo_type="dataset")
+
+
+def test_a_wrong_token_is_refused_even_for_public_reads(hub: str, api: HfApi, pushed: dict[str, Any]) -> None:
+    stranger = HfApi(endpoint=hub, token="hf_wrong")
+    for read in (lambda: stranger.model_info("team/model"), lambda: stranger.model_info("team/never-created")):
+        with pytest.raises(HfHubHTTPError) as error:  # as on the Hub: not "not found", the token is refused
+            read()
+        assert error.value.response.status_code == 401 and not isinstance(error.value, RepositoryNotFoundError)
+    assert HfApi(endpoint=hub, token=False).model_info("team/model").sha == pushed["v2"]  # no token: public reads
+
+
+def _server_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hub_server_module", ROOT / "infra" / "hub" / "server.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+OID = "0" * 64
+# Every route that can change what the server stores, with a request for it; the test fails when a new one is
+# added without being listed here (and so without being checked for the token).
+WRITES: dict[tuple[str, str], tuple[str, bytes]] = {
+    ("POST", "/api/repos/create"): ("/api/repos/create", b'{"name": "intruder", "organization": "team"}'),
+    ("DELETE", "/api/repos/delete"): ("/api/repos/delete", b'{"name": "model", "organization": "team"}'),
+    ("POST", "/api/{kind}s/{owner}/{name}/preupload/{revision}"): (
+        "/api/models/team/model/preupload/main",
+        b'{"files": []}',
+    ),
+    ("POST", "/{owner}/{name}.git/info/lfs/objects/batch"): (
+        "/team/model.git/info/lfs/objects/batch",
+        b'{"operation": "upload", "objects": []}',
+    ),
+    ("POST", "/{kind}s/{owner}/{name}.git/info/lfs/objects/batch"): (
+        "/models/team/model.git/info/lfs/objects/batch",
+        b'{"operation": "upload", "objects": []}',
+    ),
+    ("PUT", "/lfs/{oid}"): (f"/lfs/{OID}?size=1&sig=forged", b"x"),
+    ("POST", "/lfs/{oid}/verify"): (f"/lfs/{OID}/verify", b'{"size": 1}'),
+    ("POST", "/api/{kind}s/{owner}/{name}/commit/{revision}"): (
+        "/api/models/team/model/commit/main",
+        b'{"key": "header", "value": {"summary": "x"}}\n',
+    ),
+    ("POST", "/api/{kind}s/{owner}/{name}/tag/{revision}"): ("/api/models/team/model/tag/main", b'{"tag": "stolen"}'),
+    ("POST", "/api/{kind}s/{owner}/{name}/branch/{branch}"): ("/api/models/team/model/branch/stolen", b"{}"),
+}
+# POST routes that only read: YAML validation, and paths-info (private repos need the token, as for every read).
+READ_ONLY_POSTS = {("POST", "/api/validate-yaml"), ("POST", "/api/{kind}s/{owner}/{name}/paths-info/{revision}")}
+
+
+def test_every_route_that_writes_needs_the_token(hub: str, api: HfApi, pushed: dict[str, Any], tmp_path: Path) -> None:
+    app = _server_module().create_app(tmp_path, TOKEN)
+    routes = {(method, route.path) for route in app.routes for method in getattr(route, "methods", set())}
+    assert {r for r in routes if r[0] not in ("GET", "HEAD")} == set(WRITES) | READ_ONLY_POSTS
+    refs_before = api.list_repo_refs("team/model")
+    for (method, _), (path, body) in WRITES.items():
+        for headers in ({}, {"authorization": "Bearer hf_wrong"}, {"authorization": TOKEN}):  # no "Bearer"
+            status, _, answer = request(f"{hub}{path}", method, body, **headers)
+            # LFS contents go to a signed URL, without the Authorization header (a presigned URL on the Hub).
+            expected = 403 if path.startswith("/lfs/") and not path.endswith("/verify") and not headers else 401
+            assert status == expected, (method, path, headers, answer)
+    refs_after = api.list_repo_refs("team/model")
+    assert refs_after.branches == refs_before.branches and refs_after.tags == refs_before.tags
+    assert not api.repo_exists("team/intruder")
+
+
+def test_without_a_token_the_server_makes_one_and_keeps_it(tmp_path: Path) -> None:
+    from hub import free_port, serve
+
+    root, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, str(ROOT / "infra" / "hub" / "server.py"), "--root", str(root), "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "LORAFORGE_HUB_TOKEN"}
+    with serve(cmd, f"{url}/api/whoami-v2", tmp_path / "hub.log", timeout=60, env=env):
+        token = (root / "token").read_text().strip()
+        assert (root / "token").stat().st_mode & 0o777 == 0o600 and len(token) == 51 and token.startswith("hf_")
+        with pytest.raises(HfHubHTTPError) as refused:
+            HfApi(endpoint=url, token=False).create_repo("team/open-door")
+        assert refused.value.response.status_code == 401
+        HfApi(endpoint=url, token=token).create_repo("team/first")
+    assert token not in (tmp_path / "hub.log").read_text() and str(root / "token") in (tmp_path / "hub.log").read_text()
+    with serve(cmd, f"{url}/api/whoami-v2", tmp_path / "hub.log", timeout=60, env=env):  # restarted: same token
+        assert (root / "token").read_text().strip() == token
+        HfApi(endpoint=url, token=token).create_repo("team/second")

@@ -52,7 +52,7 @@ stack-down:                  ## stop the local stack (data stays in .stack/; bas
 deploy: setup                ## deploy infra/prefect.yaml (work pools + every deployment) to PREFECT_API_URL
 	bash infra/stack/deploy.sh
 
-hub: setup                   ## a local Hub-compatible server on 127.0.0.1:8765 (repos under .hub/)
+hub: setup                   ## a local Hub-compatible server on 127.0.0.1:8765 (repos under .hub/; token: .hub/token)
 	$(PY) infra/hub/server.py --root .hub --port 8765
 
 constraints: setup           ## re-pin every installed package into constraints.txt

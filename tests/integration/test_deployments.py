@@ -265,7 +265,7 @@ def test_approval_pause_before_publish(server: Server, reference: dict) -> None:
         "reason": "numbers look right",
     }
     keys = {s: record["stages"][s]["key"] for s in ("eval", "quantize")}
-    approval = Path(reference["store"]) / "approvals" / f"{keys['eval']}-{keys['quantize']}.json"
+    approval = ArtifactStore(reference["store"]).root / "approvals" / f"{keys['eval']}-{keys['quantize']}.json"
     assert json.loads(approval.read_text())["flow_run_id"] == record["approval"]["flow_run_id"]  # what publish checked
     assert record["stages"]["publish"]["key"] == reference["stages"]["publish"]["key"]
 
@@ -273,3 +273,29 @@ def test_approval_pause_before_publish(server: Server, reference: dict) -> None:
     assert refused.returncode == 2, refused.stdout[-3000:]
     assert "publish not approved by the reviewer: wait for the new data" in refused.stdout
     assert "publish" not in ArtifactStore(reference["store"]).load_run("latest")["stages"]
+
+
+def test_a_stage_given_up_on_is_cancelled(server: Server, tiny_model: Path, tmp_path: Path) -> None:
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    from flows.pipeline import pipeline
+    from tasks.errors import StageError
+
+    config = load_config(DEMO_CONFIG, [f"base_model={tiny_model}", *TINY, "orchestration.stages=deployments",
+                                       "orchestration.stage_timeout_s=3", f"store={tmp_path / 'store'}"])  # fmt: skip
+    with server.settings(), server.client() as client:
+        client.update_work_pool("loraforge-cpu", WorkPoolUpdate(is_paused=True))  # nobody takes the base stage
+    try:
+        with server.settings(), pytest.raises(StageError, match=r"base stage: flow run .* was cancelled"):
+            pipeline(config)
+        base = deployment(server, "loraforge-base/base")
+
+        def cancelled() -> list:
+            with server.settings(), server.client() as client:
+                runs = [r for r in client.read_flow_runs() if r.deployment_id == base.id]
+            return [r for r in runs if r.state_name in ("Cancelling", "Cancelled")]
+
+        wait_for("the abandoned stage run to be cancelled", cancelled, 30)
+    finally:
+        with server.settings(), server.client() as client:
+            client.update_work_pool("loraforge-cpu", WorkPoolUpdate(is_paused=False))

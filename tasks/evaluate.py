@@ -9,7 +9,8 @@ answers, with per-class precision/recall/F1) and ROUGE-L for free-text answers. 
 The gate takes checks 'METRIC OP NUMBER' on the tuned metrics, their `_delta` over base, `base_` values, and,
 with `eval.compare_published`, `published_` values and `_vs_published` differences: the published adapter is
 downloaded and scored on the same test rows, so "no regression beyond 0.01" reads `accuracy_vs_published >= -0.01`.
-Checks on published figures pass as "not applicable" while nothing is published yet.
+Checks on published figures pass as "not applicable" while nothing is published yet. `leaked_prompts` (validation
+and test prompts also in train) comes from the data artifact, so `leaked_prompts <= 0` refuses a leaky test set.
 Run alone: `loraforge stage eval CONFIG [key=value ...]`.
 """
 
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.batching import generate_answers, read_split, row_losses
+from tasks.data import leaked_prompts
 from tasks.errors import GateFailed, StageError
 from tasks.hubclient import hub_endpoint, hub_token, scrub
 
@@ -37,12 +39,13 @@ METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "exact_match", "rouge_l", "p
 DEFAULT_METRICS: list[Metric] = ["accuracy", "macro_f1", "exact_match", "perplexity"]
 GATE_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+DATA_FIGURES: tuple[str, ...] = ("leaked_prompts",)  # gateable figures read from the data artifact, not measured
 
 
 def _gate_names(metrics: Sequence[str] = METRICS) -> list[str]:
     names = [*metrics, "loss"]
     return [*names, *(f"{m}_delta" for m in names), *(f"base_{m}" for m in names),
-            *(f"published_{m}" for m in names), *(f"{m}_vs_published" for m in names)]  # fmt: skip
+            *(f"published_{m}" for m in names), *(f"{m}_vs_published" for m in names), *DATA_FIGURES]  # fmt: skip
 
 
 class EvalConfig(BaseModel):
@@ -75,7 +78,8 @@ class EvalConfig(BaseModel):
     gate: list[str] = Field(
         default_factory=lambda: ["accuracy >= 0.6", "accuracy_delta >= 0.2"],
         description="Checks 'METRIC OP NUMBER' that must all hold; METRIC is a tuned metric or loss, its _delta "
-        "over base, base_METRIC, published_METRIC or METRIC_vs_published (tuned minus published).",
+        "over base, base_METRIC, published_METRIC or METRIC_vs_published (tuned minus published), or "
+        "leaked_prompts (validation/test prompts also in train, from the data stage).",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
 
@@ -172,6 +176,7 @@ def evaluate_adapter(
         flat.update({f"published_{k}": v for k, v in results["published"].items()})
         flat.update({f"{k}_vs_published": results["tuned"][k] - results["published"][k] for k in results["tuned"]})
     flat = {k: round(v, 5) for k, v in flat.items()}
+    flat["leaked_prompts"] = leaked_prompts(data)
     verdict = _judge(config.gate, flat, published)
 
     with store.create("eval", key, settings, inputs, code, started=started) as draft:

@@ -13,6 +13,12 @@ The chat template is the tokenizer's own, or a named one from CHAT_TEMPLATES (`d
 also travels with the merged model and the GGUF. The report (`report.json`, `report.png`) has rows, tokens,
 drops, truncations, duplicates and a length histogram per split, and prompt leakage between splits.
 
+What would otherwise pass unnoticed is printed: validation/test prompts also in train (one line per split pair,
+with examples; `data.leakage` decides whether it stops the stage, by default when a separate test file overlaps
+train), rows dropped or cut for being longer than max_length, and test labels train never shows
+(classification). A one-row train split stops the stage. The eval gate reads the leak count through
+`leaked_prompts(data_artifact)`.
+
 Run alone: `loraforge stage data CONFIG [key=value ...]`.
 """
 
@@ -23,7 +29,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -53,6 +59,7 @@ CHAT_TEMPLATES = {
     ),
 }
 MAX_LISTED_PROBLEMS = 30
+LEAK_EXAMPLES = 3  # leaked prompts (and unseen labels) named on the console and in errors
 IGNORE_INDEX = -100  # label value that the loss ignores (prompt tokens, padding)
 
 
@@ -102,6 +109,14 @@ class DataConfig(BaseModel):
     test_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share split off for test.")
     seed: int = Field(42, description="Seed of the split shuffle.")
     max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows per split (smoke runs).")
+    leakage: Literal["auto", "warn", "error"] = Field(
+        "auto",
+        description="Validation/test prompts that also appear in train (always counted, printed and in "
+        "report.json; the eval gate can check leaked_prompts): warn = go on; error = stop the stage; auto = error "
+        "when test_file is a file of its own that shares prompts with train, warn otherwise (splits carved out "
+        "of one file overlap only where that file repeats a prompt; a validation overlap skews early stopping, "
+        "not the test figures).",
+    )
 
     @field_validator("chat_template")
     @classmethod
@@ -168,17 +183,22 @@ def _build_data(
             f"data.chat_template to one of {', '.join(CHAT_TEMPLATES)} (or use an instruct/chat base model)."
         )
     tokenizer.chat_template = template or None
+    encoded: dict[str, list[dict[str, Any]]] = {}
     report: dict[str, Any] = {"splits": {}}
+    for split, split_rows in splits.items():
+        encoded[split], report["splits"][split] = _encode(split_rows, tokenizer, config)
+    overlaps = {split: _overlap(encoded[split], encoded["train"]) for split in ("validation", "test")}
+    report.update(_findings(encoded, overlaps, config))
+    _print_findings(report, overlaps, config)
+    problems = _split_problems(report, overlaps, config)
+    if problems:
+        raise DataError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with the splits:\n  - "
+                        + "\n  - ".join(problems))  # fmt: skip
     with store.create("data", key, config, {"base": base}, code, started=started) as draft:
-        for split, split_rows in splits.items():
-            encoded, stats = _encode(split_rows, tokenizer, config)
-            if not encoded:
-                raise DataError(f"the {split} split is empty after filtering ({stats}); add rows or raise max_length.")
+        for split, split_encoded in encoded.items():
             with (draft.path / f"{split}.jsonl").open("w") as out:
-                for row in encoded:
+                for row in split_encoded:
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            report["splits"][split] = stats
-        report["leakage"] = _leakage(splits)
         (draft.path / "report.json").write_text(json.dumps(report, indent=2))
         _plot_report(report, config.max_length, draft.path / "report.png", title=f"data {key}")
         (draft.path / "chat_template.jinja").write_text(template)
@@ -509,17 +529,139 @@ def _identity(row: dict[str, Any], prompt_only: bool = False) -> str:
     return json.dumps(row["messages"][:-1] if prompt_only else row["messages"], sort_keys=True)
 
 
-def _leakage(splits: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
-    """How many validation/test prompts (or texts) also appear in train: the same conversation minus the answer."""
+class Overlap(NamedTuple):
+    """The rows of a validation or test split whose prompt (or text) also appears in the train split."""
 
-    def prompts(rows: list[dict[str, Any]]) -> set[str]:
-        return {_identity(r, prompt_only=True) for r in rows}
+    prompts: int  # distinct prompts also in train (leakage)
+    checked: int  # distinct prompts in the split
+    identical: int  # distinct rows identical to a train row, answer included
+    examples: list[str]  # the first few leaked prompts, shortened for a console line
 
-    train = prompts(splits["train"])
-    return {
-        "val_in_train": len(prompts(splits["validation"]) & train),
-        "test_in_train": len(prompts(splits["test"]) & train),
+
+def _overlap(rows: list[dict[str, Any]], train: list[dict[str, Any]]) -> Overlap:
+    """Which of `rows` (a validation or test split) share their prompt, or their whole row, with `train`; both
+    as encoded, so a row dropped for its length, neither trained nor tested on, does not count."""
+    train_prompts = {_identity(r, prompt_only=True) for r in train}
+    leaked: dict[str, str] = {}  # prompt identity -> shown prompt, in the split's order
+    for row in rows:
+        identity = _identity(row, prompt_only=True)
+        if identity in train_prompts and identity not in leaked:
+            leaked[identity] = _shorten(_prompt_text(row))
+    identical = {_identity(r) for r in rows} & {_identity(r) for r in train}
+    checked = len({_identity(r, prompt_only=True) for r in rows})
+    return Overlap(len(leaked), checked, len(identical), list(leaked.values())[:LEAK_EXAMPLES])
+
+
+def leaked_prompts(data: Artifact) -> int:
+    """How many validation and test prompts of a data artifact also appear in its train split.
+
+    The eval gate's `leaked_prompts` figure (e.g. `eval.gate='[accuracy >= 0.9, leaked_prompts <= 0]'`).
+
+    Args:
+        data: an artifact of the data stage.
+
+    Returns:
+        Distinct validation prompts plus distinct test prompts that are also train prompts.
+    """
+    return int(data.metrics["leaked_prompts"])
+
+
+def _prompt_text(row: dict[str, Any]) -> str:
+    """What a person recognises a row by: its text, or the last user message before the answer."""
+    if "text" in row:
+        return str(row["text"])
+    before = row["messages"][:-1]
+    users = [m["content"] for m in before if m["role"] == "user"]
+    return str(users[-1] if users else (before[-1]["content"] if before else ""))
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def _findings(
+    encoded: dict[str, list[dict[str, Any]]], overlaps: dict[str, Overlap], config: DataConfig
+) -> dict[str, Any]:
+    """The report's leakage counts and examples and, for classification, the test labels train never shows."""
+    findings: dict[str, Any] = {
+        "leakage": {
+            "val_in_train": overlaps["validation"].prompts,
+            "test_in_train": overlaps["test"].prompts,
+            "val_rows_in_train": overlaps["validation"].identical,
+            "test_rows_in_train": overlaps["test"].identical,
+        },
+        "leaked_examples": {split: overlap.examples for split, overlap in overlaps.items()},
     }
+    if config.format == "classification":
+        seen = {r["messages"][-1]["content"] for r in encoded["train"]}
+        unseen = [r["messages"][-1]["content"] for r in encoded["test"] if r["messages"][-1]["content"] not in seen]
+        findings["unseen_test_labels"] = {label: unseen.count(label) for label in dict.fromkeys(unseen)}
+    return findings
+
+
+def _print_findings(report: dict[str, Any], overlaps: dict[str, Overlap], config: DataConfig) -> None:
+    """Say on the console what the report holds that the user must not miss: leakage (a line per split pair,
+    even when clean), over-length rows dropped or cut, and test labels that train never shows."""
+    for split, overlap in overlaps.items():
+        if not overlap.prompts:
+            print(f"[data] {split} vs train: no shared prompt ({overlap.checked} {split} prompts checked)")
+            continue
+        same = f", {overlap.identical} of them identical rows (answer included)" if overlap.identical else ""
+        same = same if config.format != "text" else ""
+        examples = ", ".join(repr(e) for e in overlap.examples)
+        more = ", ..." if overlap.prompts > len(overlap.examples) else ""
+        print(f"[data] {split} vs train: {overlap.prompts} of {overlap.checked} {split} prompts are also train "
+              f"prompts{same}, e.g. {examples}{more} (data.leakage={config.leakage})")  # fmt: skip
+    for split, stats in report["splits"].items():
+        longer = stats["dropped_overlength"] + stats["truncated"]
+        cut = [f"{stats['dropped_overlength']} dropped"] * bool(stats["dropped_overlength"])
+        cut += [f"{stats['truncated']} truncated (answer cut)"] * bool(stats["truncated"])
+        if cut:
+            print(f"[data] {split}: {longer} of {stats['rows'] + stats['dropped_overlength']} rows longer than "
+                  f"data.max_length={config.max_length} tokens: {', '.join(cut)} (data.overlength="
+                  f"{config.overlength})")  # fmt: skip
+    if unseen := report.get("unseen_test_labels"):
+        shown = ", ".join(f"{label!r} ({n} row{'s' * (n > 1)})" for label, n in list(unseen.items())[:LEAK_EXAMPLES])
+        more = f" and {len(unseen) - LEAK_EXAMPLES} more" if len(unseen) > LEAK_EXAMPLES else ""
+        print(f"[data] test: {len(unseen)} label{'s' * (len(unseen) > 1)} never seen in train: {shown}{more}; the "
+              "tuned model cannot have learned them, so accuracy counts those rows wrong")  # fmt: skip
+
+
+def _split_problems(report: dict[str, Any], overlaps: dict[str, Overlap], config: DataConfig) -> list[str]:
+    """What stops the stage, all at once: an empty split, a one-row train split, and leakage that
+    `data.leakage` (auto: a separate test file that shares prompts with train) turns into an error."""
+    problems = []
+    for split, stats in report["splits"].items():
+        if not stats["rows"]:
+            problems.append(f"the {split} split is empty after filtering ({stats['dropped_overlength']} rows over "
+                            f"data.max_length={config.max_length} dropped); add rows or raise max_length.")  # fmt: skip
+    train = report["splits"]["train"]
+    if train["rows"] == 1:
+        dropped = f", {train['dropped_overlength']} more dropped as too long" if train["dropped_overlength"] else ""
+        problems.append(
+            f"the train split has 1 row{dropped} ({config.train_file}): a fine-tune on one row learns that row "
+            "only, so the adapter and its eval figures would mean nothing. Add rows (with validation and test "
+            "carved out of train_file, each takes at least one), give data.validation_file/test_file, or raise "
+            "data.max_length if rows were dropped."
+        )
+    for split, overlap in overlaps.items():
+        separate = getattr(config, f"{split}_file") is not None
+        stop = config.leakage == "error" or (config.leakage == "auto" and split == "test" and separate)
+        if not overlap.prompts or not stop:
+            continue
+        source = (f"data.{split}_file {getattr(config, f'{split}_file')}" if separate
+                  else f"the {split} split carved out of data.train_file")  # fmt: skip
+        same = f", {overlap.identical} identical rows (answer included)" if overlap.identical else ""
+        same = same if config.format != "text" else ""
+        problems.append(
+            f"{source} shares {overlap.prompts} of its {overlap.checked} prompts with data.train_file "
+            f"{config.train_file}{same}, e.g. {', '.join(repr(e) for e in overlap.examples)}: figures on rows the "
+            "model trained on measure memory, not skill. Remove those rows from one of the files (dedupe), or set "
+            "data.leakage=warn to go on (the count stays in report.json; eval.gate can require "
+            "'leaked_prompts <= 0')."
+        )
+    return problems
 
 
 def _plot_report(report: dict[str, Any], max_length: int, target: Path, title: str) -> None:

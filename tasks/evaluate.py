@@ -12,6 +12,8 @@ downloaded and scored on the same test rows, so "no regression beyond 0.01" read
 Checks on published figures pass as "not applicable" only while the repo confirmedly holds no loraforge release
 (the Hub accepts the token and knows no such repo, or the repo has no lineage and no loraforge-* tag); a refused
 token, an unreachable Hub (after retries), a server error or a malformed lineage stop the stage instead.
+`leaked_prompts` (validation and test prompts also in train) comes from the data artifact, so
+`leaked_prompts <= 0` refuses a leaky test set.
 Run alone: `loraforge stage eval CONFIG [key=value ...]`.
 """
 
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.artifacts import Artifact, ArtifactStore, sha256_file
 from tasks.batching import generate_answers, read_split, row_losses
+from tasks.data import leaked_prompts
 from tasks.errors import GateFailed, StageError
 from tasks.hubclient import LINEAGE_FILE, explain, hub_endpoint, hub_token, read_lineage, with_retries
 
@@ -42,12 +45,13 @@ GATE_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 ADAPTER_WEIGHTS = ("adapter_config.json", "adapter_model.safetensors")  # what the published comparison loads
 T = TypeVar("T")
+DATA_FIGURES: tuple[str, ...] = ("leaked_prompts",)  # gateable figures read from the data artifact, not measured
 
 
 def _gate_names(metrics: Sequence[str] = METRICS) -> list[str]:
     names = [*metrics, "loss"]
     return [*names, *(f"{m}_delta" for m in names), *(f"base_{m}" for m in names),
-            *(f"published_{m}" for m in names), *(f"{m}_vs_published" for m in names)]  # fmt: skip
+            *(f"published_{m}" for m in names), *(f"{m}_vs_published" for m in names), *DATA_FIGURES]  # fmt: skip
 
 
 class EvalConfig(BaseModel):
@@ -80,7 +84,8 @@ class EvalConfig(BaseModel):
     gate: list[str] = Field(
         default_factory=lambda: ["accuracy >= 0.6", "accuracy_delta >= 0.2"],
         description="Checks 'METRIC OP NUMBER' that must all hold; METRIC is a tuned metric or loss, its _delta "
-        "over base, base_METRIC, published_METRIC or METRIC_vs_published (tuned minus published).",
+        "over base, base_METRIC, published_METRIC or METRIC_vs_published (tuned minus published), or "
+        "leaked_prompts (validation/test prompts also in train, from the data stage).",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
 
@@ -192,6 +197,7 @@ def _build_eval(
         flat.update({f"published_{k}": v for k, v in results["published"].items()})
         flat.update({f"{k}_vs_published": results["tuned"][k] - results["published"][k] for k in results["tuned"]})
     flat = {k: round(v, 5) for k, v in flat.items()}
+    flat["leaked_prompts"] = leaked_prompts(data)
     verdict = _judge(config.gate, flat, published)
 
     with store.create("eval", key, settings, inputs, code, started=started) as draft:

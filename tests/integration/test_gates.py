@@ -163,3 +163,31 @@ def test_a_stop_token_llama_cpp_would_not_stop_at_fails_quantize(first_run: dict
     generation.write_text(json.dumps({**settings, "eos_token_id": [2, 1000]}))  # 1000 is an ordinary token
     with pytest.raises(StageError, match=r"stop token 1000 \('.*'\) does not end generation in llama.cpp"):
         quantize_gguf(QuantizeConfig(types=["f16"], probe_rows=2, fidelity_rows=2), "t", a["data"], a["merge"], store)
+
+
+def test_eval_gate_refuses_prompts_leaked_from_train(tiny_model: Path, tmp_path: Path) -> None:
+    """The data artifact's leak count reaches the gate: a test file that is the train file, let through with
+    data.leakage=warn, fails `leaked_prompts <= 0` with the count."""
+    from test_train_variants_helper import SMALL
+
+    from tasks.config import DEMO_CONFIG, load_config
+    from tasks.data import leaked_prompts, prepare_data
+    from tasks.errors import GateFailed
+    from tasks.evaluate import check_gate, evaluate_adapter
+    from tasks.models import provision_base
+    from tasks.train import train_adapter
+
+    train_file = DEMO_CONFIG.parent.parent / "data" / "tickets" / "train.jsonl"
+    overrides = [f"base_model={tiny_model}", *SMALL, "data.max_rows=null", f"data.test_file={train_file}",
+                 "data.leakage=warn", "eval.metrics=[perplexity]", "eval.compare_base=false",
+                 "eval.gate=[loss > 0, leaked_prompts <= 0]"]  # fmt: skip
+    config = load_config(DEMO_CONFIG, overrides)
+    store = ArtifactStore(tmp_path / "store")
+    base = provision_base(str(tiny_model), store)
+    data = prepare_data(config.data, base, store)
+    assert leaked_prompts(data) == 480  # every test prompt is a train prompt
+    evaluated = evaluate_adapter(config.eval, base, data, train_adapter(config.train, base, data, store), store)
+    assert evaluated.metrics["leaked_prompts"] == 480
+    assert [c["passed"] for c in evaluated.manifest["gate"]["checks"]] == [True, False]
+    with pytest.raises(GateFailed, match=r"^eval gate failed: leaked_prompts <= 0 \(got 480\)$"):
+        check_gate(evaluated)

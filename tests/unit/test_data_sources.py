@@ -97,13 +97,15 @@ def test_report_has_a_length_histogram_and_a_png(tmp_path: Path, tiny_model: Pat
     validation = _write_jsonl(tmp_path / "validation.jsonl", rows[16:18])
     test = _write_jsonl(tmp_path / "test.jsonl", rows[18:] + [{**rows[3], "completion": "other"}])  # a leaked prompt
     config = DataConfig(train_file=train, validation_file=validation, test_file=test, format="prompt_completion",
-                        max_length=64)  # fmt: skip
+                        max_length=64, leakage="warn")  # fmt: skip
     data = prepare_data(config, provision_base(str(tiny_model), store), store)
     report = json.loads(data.file("report.json").read_text())
     splits = report["splits"]
     assert splits["train"]["dropped_overlength"] == 1 and splits["train"]["duplicates"] == 1
     assert splits["train"]["rows"] == 17  # the duplicate is reported, not removed; the long row is dropped
-    assert report["leakage"] == {"val_in_train": 0, "test_in_train": 1}
+    assert report["leakage"] == {"val_in_train": 0, "test_in_train": 1, "val_rows_in_train": 0,
+                                 "test_rows_in_train": 0}  # fmt: skip
+    assert report["leaked_examples"] == {"validation": [], "test": ["ticket 3: my order 3 is late"]}
     assert data.metrics["leaked_prompts"] == 1
     for stats in splits.values():
         histogram = stats["length_histogram"]

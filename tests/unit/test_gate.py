@@ -83,3 +83,17 @@ def test_rouge_l_is_lcs_f_measure() -> None:
     # LCS = the cat on mat (4 of 6 each way): P = R = F = 2/3
     assert scores["rouge_l"] == pytest.approx(2 / 3)
     assert per_class == {} and "accuracy" not in scores
+
+
+def test_leaked_prompts_from_the_data_stage_can_be_gated() -> None:
+    from tasks.config import DEMO_CONFIG, load_config
+    from tasks.data import leaked_prompts
+
+    config = load_config(DEMO_CONFIG, ["eval.gate=[accuracy >= 0.9, leaked_prompts <= 0]"])
+    assert config.eval.gate == ["accuracy >= 0.9", "leaked_prompts <= 0"]
+    assert EvalConfig(metrics=["perplexity"], compare_base=False, gate=["leaked_prompts <= 0"]).gate
+    data = Artifact("data", "k", Path("."), {"metrics": {"train_rows": 10, "leaked_prompts": 3}})
+    assert leaked_prompts(data) == 3
+    verdict = _judge(["accuracy >= 0.9", "leaked_prompts <= 0"], {"accuracy": 0.95, "leaked_prompts": 3}, None)
+    with pytest.raises(GateFailed, match=r"^eval gate failed: leaked_prompts <= 0 \(got 3\)$"):
+        check_gate(Artifact("eval", "k", Path("."), {"gate": verdict}))

@@ -43,7 +43,7 @@ HELPER_USERS = {
     "batching.py": {"train", "eval", "merge", "quantize", "publish"},  # publish runs eval's gate reader
     "modelfile.py": {"quantize"},
     "hubclient.py": {"data", "eval", "publish"},
-    "data.py": {"data"},
+    "data.py": {"data", "eval", "publish"},  # eval gates on the data artifact's leaked_prompts (its reader)
     "merge.py": {"merge"},
     "metrics/accuracy/accuracy.py": {"eval", "publish"},  # loaded by path: evaluate.KEYED_DIRS
     "models.py": {"base", "data", "train", "eval", "merge", "quantize", "publish"},

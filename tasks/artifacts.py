@@ -348,7 +348,10 @@ class ArtifactStore:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         target = self.root / ".damaged" / f"{stage}-{key}-{stamp}-{uuid.uuid4().hex[:6]}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(self.path(stage, key), target)
+        try:
+            os.rename(self.path(stage, key), target)
+        except FileNotFoundError:  # another reader set it aside first
+            return
         (target / "DAMAGED.txt").write_text("\n".join(problems) + "\n")
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         print(

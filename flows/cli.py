@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import GateFailed, LoraforgeError
+from tasks.errors import ConfigError, GateFailed, LoraforgeError
 
 STAGE_NAMES = ("data", "train", "eval", "merge", "quantize", "publish")
 EXIT_USER, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -251,12 +251,33 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """Check the config, then what can be checked before a run without downloads: the store can be written, a
+    local base model folder is whole, and train.target_modules names layers of its architecture."""
     from tasks.artifacts import ArtifactStore
 
     config = _load(args.items)
-    ArtifactStore(config.store, config.store_verify).check_writable()
+    failures: list[LoraforgeError] = []
+    for check in (ArtifactStore(config.store, config.store_verify).check_writable, lambda: _check_base(config)):
+        try:
+            check()
+        except LoraforgeError as exc:
+            failures.append(exc)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise ConfigError(f"{len(failures)} problems:\n  - " + "\n  - ".join(str(f) for f in failures))
     print(json.dumps(config.model_dump(mode="json"), indent=2))
     return 0
+
+
+def _check_base(config: Any) -> None:
+    from tasks.models import local_base_folder
+
+    folder = local_base_folder(config.base_model)
+    if folder is not None:
+        from tasks.train import check_target_modules
+
+        check_target_modules(config.train.target_modules, folder)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -20,17 +20,18 @@ Run alone: `loraforge stage publish CONFIG [key=value ...]`.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.artifacts import Artifact, ArtifactStore, compute_key, fsync_tree, hash_files
 from tasks.errors import GateFailed, StageError
 from tasks.evaluate import check_gate
-from tasks.hubclient import check_transport, explain, hub_endpoint, hub_token
+from tasks.hubclient import REPO_ID, REPO_ID_RULE, check_transport, explain, hub_endpoint, hub_token
 
 
 class PublishConfig(BaseModel):
@@ -38,9 +39,7 @@ class PublishConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    repo_id: str = Field(
-        "loraforge/ticket-router-lora", pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo id (owner/name)."
-    )
+    repo_id: str = Field("loraforge/ticket-router-lora", description=f"Hub repo id ({REPO_ID_RULE}).")
     endpoint: str | None = Field(
         None, description="Hub URL; default: the HF_ENDPOINT environment variable, else https://huggingface.co."
     )
@@ -70,6 +69,13 @@ class PublishConfig(BaseModel):
         "from when it is a datasets folder downloaded from the Hub, else none (the Hub expects ids of Hub datasets; "
         "the local files are named in the card and lineage instead).",
     )
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str) -> str:
+        if not re.fullmatch(REPO_ID, value):
+            raise ValueError(f"not a Hub repo id ({REPO_ID_RULE}), e.g. acme/ticket-router-lora")
+        return value
 
 
 def publish_model(

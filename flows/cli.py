@@ -458,8 +458,8 @@ def _summary(config: Any, record: dict[str, Any], seconds: float, failure: Excep
     if "run_id" in record:
         store = Path(record["store"].removeprefix("file://"))
         console.print(f"total {seconds:.0f} s; run record {store / 'runs' / (record['run_id'] + '.json')}")
-    if failure is not None:
-        console.print(f"[red]failed:[/red] {failure}")
+    if failure is not None:  # the message itself is printed once, last (`main`)
+        console.print(f"[red]failed[/red] ({type(failure).__name__}): the message follows")
 
 
 class _DropUserErrorTracebacks(logging.Filter):
@@ -472,6 +472,25 @@ class _DropUserErrorTracebacks(logging.Filter):
         return True
 
 
+def _error_names(cls: type[BaseException] = LoraforgeError) -> set[str]:
+    return {cls.__name__}.union(*(_error_names(sub) for sub in cls.__subclasses__()))
+
+
+class _OneUserErrorMessage(logging.Filter):
+    """On the console, Prefect repeats a failed task's exception in four lines (task failed, task state, flow
+    failed, flow state); the CLI prints a loraforge error once at the end, so those lines keep only its class.
+    Only console handlers get this filter (it runs after the API handler sent the full line to the server)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        found = [text.find(n) for n in _error_names() if f"{n}(" in text or f"{n}: " in text]
+        if found:
+            at = min(i for i in found if i >= 0)
+            name = text[at:].split("(")[0].split(":")[0]
+            record.msg, record.args = f"{text[:at]}{name} (the message is printed at the end)", None
+        return True
+
+
 def _quiet_user_errors() -> None:
     from prefect.logging.configuration import setup_logging
 
@@ -480,6 +499,8 @@ def _quiet_user_errors() -> None:
     for name in names:
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_DropUserErrorTracebacks())
+            if isinstance(handler, logging.StreamHandler):
+                handler.addFilter(_OneUserErrorMessage())
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ConfigError, GateFailed, LoraforgeError
+from tasks.errors import ConfigError, GateFailed, LoraforgeError, StageError
 
 STAGE_NAMES = ("data", "train", "eval", "merge", "quantize", "publish")
 EXIT_USER, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -271,9 +271,18 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _check_base(config: Any) -> None:
+    import re
+
+    from tasks.hubclient import REPO_ID, REPO_ID_RULE
     from tasks.models import local_base_folder
 
     folder = local_base_folder(config.base_model)
+    if folder is None and ":" not in config.base_model and not re.fullmatch(REPO_ID + r"(@\S+)?", config.base_model):
+        where = Path(config.base_model).expanduser().resolve()
+        raise StageError(
+            f"base_model: {config.base_model!r} is neither a local folder (none at {where}) nor a Hub repo id "
+            f"({REPO_ID_RULE}, e.g. HuggingFaceTB/SmolLM2-135M-Instruct[@revision])."
+        )
     if folder is not None:
         from tasks.train import check_target_modules
 

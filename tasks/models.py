@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.artifacts import Artifact, ArtifactStore, sha256_file
 from tasks.errors import StageError
-from tasks.hubclient import REPO_ID, REPO_ID_RULE
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -80,10 +79,8 @@ def local_base_folder(spec: str) -> Path | None:
         None (a Hub id, or a bundled model not converted yet).
 
     Raises:
-        StageError: an unknown bundled name, a local folder that is missing or broken, a malformed Hub id.
+        StageError: an unknown bundled name, or a local folder that is missing or broken.
     """
-    import re
-
     if spec.startswith(BUNDLED_PREFIX):
         name = spec[len(BUNDLED_PREFIX) :]
         if name not in BUNDLED_MODELS:
@@ -93,11 +90,6 @@ def local_base_folder(spec: str) -> Path | None:
         return target if (target / "loraforge-provisioned.json").is_file() else None
     if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
         return check_base_folder(spec)
-    if not re.fullmatch(REPO_ID + r"(@\S+)?", spec):
-        raise StageError(
-            f"base_model: {spec!r} is neither a local folder (none at {Path(spec).expanduser().resolve()}) nor a "
-            f"Hub repo id ({REPO_ID_RULE}, e.g. HuggingFaceTB/SmolLM2-135M-Instruct[@revision])."
-        )
     return None
 
 

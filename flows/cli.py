@@ -366,6 +366,7 @@ def _stage_from_keys(config: Any, name: str, given: list[str]) -> Any:
     if problems:
         raise LoraforgeError("; ".join(problems))
     store = ArtifactStore(config.store, config.store_verify)
+    store.check_writable()  # a store under /proc or read-only: said before anything is looked up or provisioned
     inputs = {s: store.get(s, k) for s, k in keys.items() if s != "base"}
     if "base" in wanted:
         if name == "publish" and "base" in keys:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks import hubclient
-from tasks.artifacts import Artifact, ArtifactStore, compute_key, fsync_tree, hash_files
+from tasks.artifacts import KEY_LIBRARIES, Artifact, ArtifactStore, compute_key, fsync_tree, hash_files
 from tasks.errors import GateFailed, StageError
 from tasks.evaluate import check_gate
 from tasks.hubclient import (
@@ -352,7 +352,10 @@ def _lineage(name: str, inputs: dict[str, Artifact], tag: str) -> dict[str, Any]
                   "gguf": {q: bool(g.get("passed", True)) for q, g in gguf.items()}},
         "config": {stage: a.manifest.get("config") for stage, a in inputs.items()},
         "code_versions": {stage: a.manifest.get("code_version") for stage, a in inputs.items()},
-        "versions": train.manifest.get("versions"),
+        # The libraries in the keys (KEY_LIBRARIES), as each stage recorded them: the same keys, the same versions.
+        # Other installed libraries (prefect, huggingface-hub...) say where a run happened, not what it made.
+        "versions": {lib: version for stage, a in inputs.items() for lib, version in (a.manifest.get("versions") or
+                     {}).items() if lib in KEY_LIBRARIES.get(stage, ())},
     })  # fmt: skip
 
 

@@ -56,16 +56,18 @@ def _inputs(run: int) -> dict[str, Any]:
                  "fingerprint": "f" * 64, "architecture": "LlamaForCausalLM", "source": {"license": "apache-2.0"}},
         "data": {"data_sha256": {"train_file": "a" * 64}, "template_sha256": "b" * 64, "metrics": {"train_rows": 8},
                  "config": {"train_file": "/data/train.jsonl", "validation_file": None, "test_file": None}},
-        "train": {"config": {"r": 8}, "metrics": train_metrics, "versions": {"torch": "2.9"},
+        "train": {"config": {"r": 8}, "metrics": train_metrics,
                   "files": {"adapter/adapter_model.safetensors": {"sha256": "c" * 64}}},
         "eval": {"metrics": {"accuracy": 0.75}, "gate": {"passed": True, "checks": [{"check": "accuracy >= 0.5"}]},
                  "config": {}},
         "merge": {"merge_policy": "fp32 merge", "metrics": {"max_abs_dlogit": 1e-5}, "config": {"dtype": "float32"}},
         "quantize": {"llama_cpp_version": "0.3.36", "gguf": {}, "imatrix": None, "config": {}},
     }  # fmt: skip
+    # Library versions: those in the keys are the same for the same keys; the others depend on where it ran.
+    versions = {"torch": "2.9", "llama-cpp-python": "0.3.36", "prefect": f"3.{run}", "huggingface-hub": f"1.{run}"}
     return {
-        stage: SimpleNamespace(key=f"{stage}-key", manifest={**m, **timing, "code_version": f"{stage}-code"},
-                               metrics=m.get("metrics", {}))
+        stage: SimpleNamespace(key=f"{stage}-key", manifest={**m, **timing, "code_version": f"{stage}-code",
+                                                             "versions": versions}, metrics=m.get("metrics", {}))
         for stage, m in manifests.items()
     }  # fmt: skip
 
@@ -85,6 +87,7 @@ def test_what_a_tag_holds_depends_only_on_the_keys_not_on_run_timings() -> None:
     for figure in ("duration_s", "created_at", "tokens_per_s", "train_seconds", "peak_rss_mb"):
         assert figure not in lineage_text and figure not in card
     assert '"val_loss": 1.5' in lineage_text  # what the keys determine stays
+    assert json.loads(lineage_text)["versions"] == {"torch": "2.9", "llama-cpp-python": "0.3.36"}
 
 
 def test_a_push_is_retried_while_the_hub_is_unreachable(monkeypatch: Any, tmp_path: Path) -> None:

@@ -288,6 +288,12 @@ CASES = [
          1, "t.json:1: not valid JSON (Invalid control character at column 17)"),
     Case("store-proc-stage", lambda c: [*c.data_stage(), "--store", "/proc/loraforge"],
          1, "cannot write artifacts to /proc/loraforge"),
+    # other commands
+    Case("eval-gate-syntax", lambda c: ["validate", c.config(), "eval.gate=[accuracy >> 0.5]"], 1, "eval.gate"),
+    Case("sweep-nothing", lambda c: ["sweep", c.config()], 1, "nothing to sweep; give --r 4,8,16"),
+    Case("sweep-bad-grid", lambda c: ["sweep", c.config(), "--grid", "train.r"], 1, "expected KEY=V1,V2"),
+    Case("show-unknown", lambda c: ["show", "abc123", "--store", str(c.store)], 1, "match 'abc123'"),
+    Case("register-data-missing", lambda c: ["register-data", str(c.tmp / "new.jsonl")], 1, "new.jsonl does not exist"),
     # pull
     Case("pull-token-refused",
          lambda c: _pull(c, "team/model", "--endpoint", c.hub, token="not-the-token"),

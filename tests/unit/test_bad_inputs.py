@@ -147,6 +147,38 @@ def _train_unknown_module(ctx: Ctx) -> list[str]:
     return ["stage", "train", ctx.config(), "train.target_modules=[q_projj]", "--input", f"data={key}"]
 
 
+def _publish(ctx: Ctx, *overrides: str, gate: bool = True, token: str | None = None) -> list[str]:
+    """`stage publish` on upstream artifacts written straight into the store (small stand-ins with the files and
+    manifest fields publish reads), so a publish failure is tried without training anything."""
+    from tasks.artifacts import ArtifactStore
+
+    store = ArtifactStore(ctx.store)
+    check = {"check": "accuracy >= 0.5", "value": 0.75 if gate else 0.25, "passed": gate}
+    extra = {
+        "base": {"base_model": str(ctx.model), "hub_id": None, "fingerprint": "f" * 64, "architecture": "Llama",
+                 "source": {"license": "apache-2.0"}},
+        "data": {"data_sha256": {"train_file": "a" * 64}, "template_sha256": "b" * 64},
+        "eval": {"gate": {"passed": gate, "checks": [check]}},
+        "merge": {"merge_policy": "fp32 merge"},
+        "quantize": {"llama_cpp_version": "0.3.36", "gguf": {}, "imatrix": None},
+    }  # fmt: skip
+    configs = {"data": {"train_file": "train.jsonl"}, "merge": {"dtype": "float32"}}
+    for stage in ("base", "data", "train", "eval", "merge", "quantize"):
+        with store.create(stage, f"{stage}-key", configs.get(stage, {}), {}, "code") as draft:
+            draft.extra.update(extra.get(stage, {}))
+            draft.metrics.update({"accuracy": 0.75} if stage == "eval" else {})
+            if stage == "train":
+                (draft.path / "adapter").mkdir()
+                (draft.path / "adapter" / "adapter_config.json").write_text("{}")
+            if stage == "merge":
+                (draft.path / "model").mkdir()
+    if token:
+        os.environ["HF_TOKEN"] = token  # the test's monkeypatch.delenv puts the variable back afterwards
+    inputs = [arg for stage in ("base", "data", "train", "eval", "merge", "quantize")
+              for arg in ("--input", f"{stage}={stage}-key")]  # fmt: skip
+    return ["stage", "publish", ctx.config(), "publish.include_gguf=[]", *overrides, *inputs]
+
+
 def _pull(ctx: Ctx, *args: str, token: str | None = None) -> list[str]:
     if token:
         os.environ["HF_TOKEN"] = token  # the test's monkeypatch.delenv puts the variable back afterwards
@@ -209,6 +241,14 @@ CASES = [
     Case("publish-push-mode", lambda c: ["validate", c.config(), "publish.push=sometimes"], 1, "publish.push"),
     Case("publish-missing-inputs", lambda c: ["stage", "publish", c.config(), "--input", "data=abc"],
          1, "the publish stage needs --input train=KEY eval=KEY merge=KEY quantize=KEY"),
+    Case("publish-no-token", lambda c: _publish(c, "publish.push=always"), 1, "no Hub token was found"),
+    Case("publish-gate-failed", lambda c: _publish(c, gate=False), 2, "publish refused: eval gate failed"),
+    Case("publish-hub-unreachable",
+         lambda c: _publish(c, "publish.push=always", "publish.endpoint=http://127.0.0.1:9", token="tok"),
+         1, "cannot reach http://127.0.0.1:9 after 3 tries"),
+    Case("publish-token-refused", lambda c: _publish(c, "publish.push=always", f"publish.endpoint={c.hub}",
+                                                     token="not-the-token"),
+         1, "refused the token (401: invalid or expired)"),
     # quantize settings and inputs
     Case("quantize-type", lambda c: ["validate", c.config(), "quantize.types=[q3_x]"],
          1, "override 'quantize.types=[q3_x]': quantize.types.0"),

@@ -329,6 +329,8 @@ CASES = [
     Case("store-proc-stage", lambda c: [*c.data_stage(), "--store", "/proc/loraforge"],
          1, "cannot write artifacts to /proc/loraforge"),
     # other commands
+    Case("run-bad-config", lambda c: ["run", c.config(), "train.r=0"], 1, "train.r: Input should be greater"),
+    Case("plan-bad-config", lambda c: ["plan", c.config(), "data.format=xml"], 1, "data.format"),
     Case("eval-gate-syntax", lambda c: ["validate", c.config(), "eval.gate=[accuracy >> 0.5]"], 1, "eval.gate"),
     Case("sweep-nothing", lambda c: ["sweep", c.config()], 1, "nothing to sweep; give --r 4,8,16"),
     Case("sweep-bad-grid", lambda c: ["sweep", c.config(), "--grid", "train.r"], 1, "expected KEY=V1,V2"),

@@ -171,7 +171,9 @@ def _safetensors_size(path: Path) -> int | None:
 
 
 def _tokenizer_problem(folder: Path) -> str | None:
-    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+    # Besides the usual names, variants such as tokenizer.model.v3 or a *.tiktoken vocabulary count too.
+    names = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    if any(n.startswith(("tokenizer.", "vocab.", "spiece.")) or n.endswith(".tiktoken") for n in names):
         return None
     return (
         f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer into it "

@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import GateFailed, LoraforgeError
+from tasks.errors import ConfigError, GateFailed, LoraforgeError, StageError
 
 STAGE_NAMES = ("data", "train", "eval", "merge", "quantize", "publish")
 EXIT_USER, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -251,12 +251,42 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """Check the config, then what can be checked before a run without downloads: the store can be written, a
+    local base model folder is whole, and train.target_modules names layers of its architecture."""
     from tasks.artifacts import ArtifactStore
 
     config = _load(args.items)
-    ArtifactStore(config.store, config.store_verify).check_writable()
+    failures: list[LoraforgeError] = []
+    for check in (ArtifactStore(config.store, config.store_verify).check_writable, lambda: _check_base(config)):
+        try:
+            check()
+        except LoraforgeError as exc:
+            failures.append(exc)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise ConfigError(f"{len(failures)} problems:\n  - " + "\n  - ".join(str(f) for f in failures))
     print(json.dumps(config.model_dump(mode="json"), indent=2))
     return 0
+
+
+def _check_base(config: Any) -> None:
+    import re
+
+    from tasks.hubclient import REPO_ID, REPO_ID_RULE
+    from tasks.models import local_base_folder
+
+    folder = local_base_folder(config.base_model)
+    if folder is None and ":" not in config.base_model and not re.fullmatch(REPO_ID + r"(@\S+)?", config.base_model):
+        where = Path(config.base_model).expanduser().resolve()
+        raise StageError(
+            f"base_model: {config.base_model!r} is neither a local folder (none at {where}) nor a Hub repo id "
+            f"({REPO_ID_RULE}, e.g. HuggingFaceTB/SmolLM2-135M-Instruct[@revision])."
+        )
+    if folder is not None:
+        from tasks.train import check_target_modules
+
+        check_target_modules(config.train.target_modules, folder)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -336,6 +366,7 @@ def _stage_from_keys(config: Any, name: str, given: list[str]) -> Any:
     if problems:
         raise LoraforgeError("; ".join(problems))
     store = ArtifactStore(config.store, config.store_verify)
+    store.check_writable()  # a store under /proc or read-only: said before anything is looked up or provisioned
     inputs = {s: store.get(s, k) for s, k in keys.items() if s != "base"}
     if "base" in wanted:
         if name == "publish" and "base" in keys:
@@ -437,8 +468,8 @@ def _summary(config: Any, record: dict[str, Any], seconds: float, failure: Excep
     if "run_id" in record:
         store = Path(record["store"].removeprefix("file://"))
         console.print(f"total {seconds:.0f} s; run record {store / 'runs' / (record['run_id'] + '.json')}")
-    if failure is not None:
-        console.print(f"[red]failed:[/red] {failure}")
+    if failure is not None:  # the message itself is printed once, last (`main`)
+        console.print(f"[red]failed[/red] ({type(failure).__name__}): the message follows")
 
 
 class _DropUserErrorTracebacks(logging.Filter):
@@ -451,6 +482,25 @@ class _DropUserErrorTracebacks(logging.Filter):
         return True
 
 
+def _error_names(cls: type[BaseException] = LoraforgeError) -> set[str]:
+    return {cls.__name__}.union(*(_error_names(sub) for sub in cls.__subclasses__()))
+
+
+class _OneUserErrorMessage(logging.Filter):
+    """On the console, Prefect repeats a failed task's exception in four lines (task failed, task state, flow
+    failed, flow state); the CLI prints a loraforge error once at the end, so those lines keep only its class.
+    Only console handlers get this filter (it runs after the API handler sent the full line to the server)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        found = [text.find(n) for n in _error_names() if f"{n}(" in text or f"{n}: " in text]
+        if found:
+            at = min(i for i in found if i >= 0)
+            name = text[at:].split("(")[0].split(":")[0]
+            record.msg, record.args = f"{text[:at]}{name} (the message is printed at the end)", None
+        return True
+
+
 def _quiet_user_errors() -> None:
     from prefect.logging.configuration import setup_logging
 
@@ -459,6 +509,8 @@ def _quiet_user_errors() -> None:
     for name in names:
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_DropUserErrorTracebacks())
+            if isinstance(handler, logging.StreamHandler):
+                handler.addFilter(_OneUserErrorMessage())
 
 
 if __name__ == "__main__":

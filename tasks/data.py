@@ -222,8 +222,13 @@ def _read_rows(files: list[tuple[str, str]], config: DataConfig) -> list[dict[st
     problem is collected, then raised together."""
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
+    columns: list[str] = []  # a field absent from every row of a file: said once for the file, not per row
     for path, shown in files:
-        for where, row in _records(Path(path), shown, problems):
+        records = _records(Path(path), shown, problems)
+        if absent := _absent_everywhere(records, config):
+            columns.extend(_absent_problem(shown, name, records, config) for name in absent)
+            continue
+        for where, row in records:
             if config.format == "text":
                 row_problems = ["expected an object with fields"] if not isinstance(row, dict) else []
                 row_problems = row_problems or _fields(row, (config.text_field,))
@@ -235,18 +240,52 @@ def _read_rows(files: list[tuple[str, str]], config: DataConfig) -> list[dict[st
                     rows.append({"messages": messages, "line": where})
             problems.extend(f"{where}: {p}" for p in row_problems)
     names = ", ".join(shown for _, shown in files)
-    if not rows and not problems:
+    if not rows and not problems and not columns:
         problems.append(f"{names}: no rows (the file is empty)")
+    if columns and not problems:
+        raise DataError(f"{names} (format: {config.format}) lacks a field every row needs:\n  - "
+                        + "\n  - ".join(columns))  # fmt: skip
     if problems:
-        shown_problems = problems[:MAX_LISTED_PROBLEMS]
-        more = len(problems) - len(shown_problems)
+        shown_problems = columns + problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - MAX_LISTED_PROBLEMS
         raise DataError(
             f"{len(problems)} invalid row{'s' if len(problems) > 1 else ''} in {names} (format: {config.format}):\n  - "
             + "\n  - ".join(shown_problems)
-            + (f"\n  ... and {more} more" if more else "")
+            + (f"\n  ... and {more} more" if more > 0 else "")
             + "\nFix the rows above or set data.format to match the file."
         )
     return rows
+
+
+def _required_fields(config: DataConfig) -> dict[str, str]:
+    """The fields every row of the format must have, each with the setting that names it."""
+    return {
+        "chat": {"messages": "data.format"},
+        "prompt_completion": {"prompt": "data.format", "completion": "data.format"},
+        "alpaca": {"instruction": "data.format", "output": "data.format"},
+        "classification": {config.text_field: "data.text_field", config.label_field: "data.label_field"},
+        "text": {config.text_field: "data.text_field"},
+    }[config.format]
+
+
+def _absent_everywhere(records: list[tuple[str, Any]], config: DataConfig) -> list[str]:
+    """Required fields that no row of a file has (a missing column), when there are rows and all are objects."""
+    if not records or not all(isinstance(row, dict) for _, row in records):
+        return []
+    return [name for name in _required_fields(config) if not any(name in row for _, row in records)]
+
+
+def _absent_problem(shown: str, name: str, records: list[tuple[str, Any]], config: DataConfig) -> str:
+    found = sorted({str(k) for _, row in records for k in row})
+    setting = _required_fields(config)[name]
+    if setting == "data.format":
+        fix = (f"set data.format to the format of the file (now {config.format}: chat = messages, "
+               "prompt_completion = prompt + completion, alpaca = instruction + output, classification/text = "
+               "data.text_field (+ data.label_field)), or rename the fields")  # fmt: skip
+    else:
+        fix = f"set {setting} to the field that holds it (now {name!r}), or rename that field"
+    return (f"{shown}: no {name!r} field in any of its {len(records)} rows (fields found: "
+            f"{', '.join(found) or 'none'}); {fix}")  # fmt: skip
 
 
 def _materialize(spec: str) -> dict[str, Any]:
@@ -344,21 +383,18 @@ def _records(path: Path, shown: str, problems: list[str]) -> list[tuple[str, Any
         return [(f"{shown} row {i}", row) for i, row in enumerate(loaded)]
     path = Path(folder)
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        import csv
-
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            return [(f"{shown}:{reader.line_num}", dict(row)) for row in reader]
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [(f"{shown} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+        return _parquet_records(path, shown, problems)
+    if (undecodable := _not_utf8(path, shown)) is not None:
+        problems.append(undecodable)
+        return []
+    if suffix == ".csv":
+        return _csv_records(path, shown, problems)
     if suffix == ".json":
         try:
             loaded_json = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            problems.append(f"{shown}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+            problems.append(f"{shown}:{exc.lineno}: not valid JSON ({_json_problem(exc)})")
             return []
         items = loaded_json.get("data") if isinstance(loaded_json, dict) else loaded_json
         if not isinstance(items, list):
@@ -373,18 +409,77 @@ def _records(path: Path, shown: str, problems: list[str]) -> list[tuple[str, Any
             try:
                 records.append((f"{shown}:{number}", json.loads(line)))
             except json.JSONDecodeError as exc:
-                problems.append(f"{shown}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
+                problems.append(f"{shown}:{number}: not valid JSON ({_json_problem(exc)})")
     return records
 
 
-def _fields(row: dict[str, Any], names: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[str]:
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """The decoder's complaint with its column ("Unterminated string starting at" ends in "at" already)."""
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+
+
+def _not_utf8(path: Path, shown: str) -> str | None:
+    """A problem naming the line and the byte when the file is not UTF-8 text, else None."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        return (
+            f"{shown}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at byte offset {exc.start}); save the "
+            "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        )
+    return None
+
+
+def _csv_records(path: Path, shown: str, problems: list[str]) -> list[tuple[str, Any]]:
+    """CSV rows as dicts keyed by the header; a row with more or fewer cells than the header is a problem."""
+    import csv
+
+    records = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return []
+        for cells in reader:
+            where = f"{shown}:{reader.line_num}"
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                problems.append(
+                    f"{where}: expected {len(header)} columns ({', '.join(header)}), got {len(cells)}; quote cells "
+                    'that hold commas ("a, b") or fix the row'
+                )
+                continue
+            records.append((where, dict(zip(header, cells, strict=True))))
+    return records
+
+
+def _parquet_records(path: Path, shown: str, problems: list[str]) -> list[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        problems.append(f"{shown}: not a readable Parquet file ({str(exc).splitlines()[0][:160]}); write it again "
+                        "(e.g. pandas DataFrame.to_parquet) or convert it to .jsonl")  # fmt: skip
+        return []
+    return [(f"{shown} row {i}", row) for i, row in enumerate(table.to_pylist())]
+
+
+def _fields(
+    row: dict[str, Any], names: tuple[str, ...], optional: tuple[str, ...] = (), found: dict[str, Any] | None = None
+) -> list[str]:
+    """Problems with the string fields `names` of a row; `found` is the row as read (its keys are listed)."""
     problems = []
     for name in names:
         value = row.get(name)
         if name in optional and (value is None or value == ""):
             continue
         if not isinstance(value, str) or not value.strip():
-            keys = ", ".join(sorted(row)) or "none"
+            keys = ", ".join(sorted(map(str, row if found is None else found))) or "none"
             problems.append(f"field {name!r} must be a non-empty string (given: {value!r}; fields found: {keys})")
     return problems
 
@@ -411,7 +506,7 @@ def _to_messages(row: Any, config: DataConfig) -> tuple[list[dict[str, str]], li
         label = row.get(config.label_field)
         if isinstance(label, (int, float)) and not isinstance(label, bool):
             label = str(label)  # numeric labels in CSV/Parquet
-        problems = _fields({**row, config.label_field: label}, (config.text_field, config.label_field))
+        problems = _fields({**row, config.label_field: label}, (config.text_field, config.label_field), found=row)
         if problems:
             return [], problems
         user = config.prompt_template.replace("{text}", row[config.text_field])
@@ -454,7 +549,8 @@ def _split(rows: dict[str, list[dict[str, Any]]], config: DataConfig) -> dict[st
             count = max(1, round(len(rows["train_file"]) * fraction))
             if count >= len(train):
                 raise DataError(
-                    f"data.{file_key} is not set and {config.train_file} has too few rows ({len(train)}) "
+                    f"data.{file_key} is not set and {config.train_file} has too few rows "
+                    f"({len(rows['train_file'])}) "
                     f"to split off a {name} set; add rows or give {file_key}."
                 )
             splits[name], train = train[:count], train[count:]

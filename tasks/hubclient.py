@@ -27,6 +27,8 @@ LINEAGE_FILE = "loraforge/lineage.json"
 RETRY_DELAYS: tuple[float, ...] = (1.0, 3.0, 9.0)
 LOGIN_FIX = "check HF_TOKEN / `hf auth login` (or the Prefect Secret block named by publish.token_secret)"
 SHA256 = re.compile(r"[0-9a-f]{64}")
+REPO_ID = r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+"  # what the Hub accepts as a repo id (owner/name)
+REPO_ID_RULE = "owner/name, letters digits . _ - only"
 T = TypeVar("T")
 
 

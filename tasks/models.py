@@ -61,20 +61,127 @@ def resolve_base_model(spec: str) -> Path:
         return _provision_bundled(spec[len(BUNDLED_PREFIX) :])
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")):
-        if not (path / "config.json").is_file():
-            raise StageError(
-                f"base_model: {spec!r} is not a Hugging Face model folder (no config.json in {path}). "
-                "Point it at a folder saved with save_pretrained, a Hub repo id, or "
-                f"'{BUNDLED_PREFIX}smollm2-135m-instruct'."
-            )
-        check_model_folder(path)
+        check_base_folder(spec)
         return path.resolve()
     folder = _download_from_hub(spec)
     check_model_folder(folder)
     return folder
 
 
-def check_model_folder(folder: Path, what: str = "base_model") -> None:
+def local_base_folder(spec: str) -> Path | None:
+    """What `validate` can check of `base_model` without downloading or converting anything.
+
+    Args:
+        spec: the `base_model` value.
+
+    Returns:
+        The local folder (checked like `check_base_folder`), a bundled model's folder once it is converted, or
+        None (a Hub id, or a bundled model not converted yet).
+
+    Raises:
+        StageError: an unknown bundled name, or a local folder that is missing or broken.
+    """
+    if spec.startswith(BUNDLED_PREFIX):
+        name = spec[len(BUNDLED_PREFIX) :]
+        if name not in BUNDLED_MODELS:
+            raise StageError(f"base_model: unknown bundled model {name!r}; available: "
+                             + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED_MODELS))  # fmt: skip
+        target = cache_dir() / "models" / name
+        return target if (target / "loraforge-provisioned.json").is_file() else None
+    if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
+        return check_base_folder(spec)
+    return None
+
+
+def check_base_folder(spec: str) -> Path:
+    """Check a local `base_model` folder without loading it: it exists, has config.json, weights that are whole
+    (safetensors headers against file sizes) and tokenizer files, and needs no code of its own.
+
+    Args:
+        spec: the `base_model` value, a local path.
+
+    Returns:
+        The folder, resolved.
+
+    Raises:
+        StageError: every problem found, with the fix.
+    """
+    path = Path(spec).expanduser()
+    fix = (f"Point it at a folder saved with save_pretrained, a Hub repo id (org/name), or "
+           f"'{BUNDLED_PREFIX}smollm2-135m-instruct'.")  # fmt: skip
+    if not path.exists():
+        raise StageError(f"base_model: {spec} does not exist. {fix}")
+    if not (path / "config.json").is_file():
+        raise StageError(f"base_model: {spec!r} is not a Hugging Face model folder (no config.json in {path}). {fix}")
+    check_model_folder(path, tokenizer=True)
+    return path.resolve()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _weight_problems(folder: Path) -> list[str]:
+    """Safetensors files that are cut short or damaged (their header promises more bytes than the file has),
+    shards that the index names but the folder lacks, or no weight file at all."""
+    problems = []
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        except (json.JSONDecodeError, AttributeError):
+            shards = []
+            problems.append(f"{index} is not valid JSON: save the model again")
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            problems.append(f"{index.name} names weight files that are missing: {', '.join(missing)}; copy or "
+                            "download the whole model folder again")  # fmt: skip
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("pytorch_model*.bin")) and not index.is_file():
+        problems.append(f"{folder} has no weight file (model.safetensors); save the model with save_pretrained")
+    for path in files:
+        size = path.stat().st_size
+        expected = _safetensors_size(path)
+        if expected is None:
+            problems.append(f"{path} is damaged (no readable safetensors header, {size} bytes): download or save "
+                            "the model again")  # fmt: skip
+        elif size < expected:
+            problems.append(f"{path} is truncated ({size} bytes, its header says {expected}): the copy or download "
+                            "stopped early; download or save the model again")  # fmt: skip
+    return problems
+
+
+def _safetensors_size(path: Path) -> int | None:
+    """The size a safetensors file must have according to its header, None when the header is unreadable."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return None
+        length = int.from_bytes(head, "little")
+        if length > 100_000_000:
+            return None
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    if not isinstance(header, dict):
+        return None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]  # fmt: skip
+    return 8 + length + max(ends, default=0)
+
+
+def _tokenizer_problem(folder: Path) -> str | None:
+    # Besides the usual names, variants such as tokenizer.model.v3 or a *.tiktoken vocabulary count too.
+    names = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    if any(n.startswith(("tokenizer.", "vocab.", "spiece.")) or n.endswith(".tiktoken") for n in names):
+        return None
+    return (
+        f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer into it "
+        "(`AutoTokenizer.from_pretrained(SOURCE).save_pretrained(FOLDER)`) or use a folder that has one"
+    )
+
+
+def check_model_folder(folder: Path, what: str = "base_model", tokenizer: bool = False) -> None:
     """Refuse a model folder that could only be loaded by running code that came with it.
 
     Two cases, reported together: weights only in pickle files (`pytorch_model*.bin`, which unpickling can make
@@ -85,6 +192,10 @@ def check_model_folder(folder: Path, what: str = "base_model") -> None:
     Args:
         folder: a Hugging Face model folder (config.json + weights).
         what: how messages name the folder (the config key, or the folder's role).
+        tokenizer: also require tokenizer files (a base model; merged folders get the tokenizer copied in).
+
+    Whole weights are checked too: safetensors files whose header promises more bytes than they hold
+    (a truncated copy or download), shards an index names but the folder lacks.
 
     Raises:
         StageError: every problem found, each with what to do.
@@ -113,6 +224,9 @@ def check_model_folder(folder: Path, what: str = "base_model") -> None:
             "architecture transformers supports natively (Llama, Qwen2, Mistral, Gemma, Phi3, ...), or a "
             "transformers release that supports this one."
         )
+    problems += _weight_problems(folder)
+    if tokenizer and (missing := _tokenizer_problem(folder)):
+        problems.append(missing)
     if problems:
         raise StageError(f"{what}: " + "\n".join(problems))
 
@@ -222,10 +336,13 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad (pad = eos when the model defines none).
 
     Raises:
-        StageError: the tokenizer needs code shipped with it (never run: trust_remote_code is off).
+        StageError: the folder has no tokenizer files, or the tokenizer needs code shipped with it (never run:
+            trust_remote_code is off).
     """
     from transformers import AutoTokenizer
 
+    if missing := _tokenizer_problem(folder):
+        raise StageError(missing)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except ValueError as exc:

@@ -20,17 +20,28 @@ Run alone: `loraforge stage publish CONFIG [key=value ...]`.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.artifacts import Artifact, ArtifactStore, compute_key, fsync_tree, hash_files
+from tasks import hubclient
+from tasks.artifacts import KEY_LIBRARIES, Artifact, ArtifactStore, compute_key, fsync_tree, hash_files
 from tasks.errors import GateFailed, StageError
 from tasks.evaluate import check_gate
-from tasks.hubclient import check_transport, explain, hub_endpoint, hub_token
+from tasks.hubclient import (
+    REPO_ID,
+    REPO_ID_RULE,
+    check_transport,
+    explain,
+    hub_endpoint,
+    hub_token,
+    is_transient,
+    with_retries,
+)
 
 
 class PublishConfig(BaseModel):
@@ -38,9 +49,7 @@ class PublishConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    repo_id: str = Field(
-        "loraforge/ticket-router-lora", pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo id (owner/name)."
-    )
+    repo_id: str = Field("loraforge/ticket-router-lora", description=f"Hub repo id ({REPO_ID_RULE}).")
     endpoint: str | None = Field(
         None, description="Hub URL; default: the HF_ENDPOINT environment variable, else https://huggingface.co."
     )
@@ -70,6 +79,13 @@ class PublishConfig(BaseModel):
         "from when it is a datasets folder downloaded from the Hub, else none (the Hub expects ids of Hub datasets; "
         "the local files are named in the card and lineage instead).",
     )
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str) -> str:
+        if not re.fullmatch(REPO_ID, value):
+            raise ValueError(f"not a Hub repo id ({REPO_ID_RULE}), e.g. acme/ticket-router-lora")
+        return value
 
 
 def publish_model(
@@ -212,11 +228,14 @@ def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: s
 
     check_transport(endpoint, token)  # before anything is sent: never a token over plain http off this machine
     api = HfApi(endpoint=endpoint, token=token)
+    where = f"push {config.repo_id} to {endpoint}"
     try:
-        api.create_repo(config.repo_id, private=config.private, exist_ok=True)
-        tags = {t.name: t.target_commit for t in api.list_repo_refs(config.repo_id).tags}
+        # Each call is retried on its own while the Hub is unreachable or answers 5xx/429: repeating one is safe
+        # (exist_ok; a re-upload skips what the server has; the tag was looked up before it is created).
+        with_retries(lambda: api.create_repo(config.repo_id, private=config.private, exist_ok=True), where)
+        tags = {t.name: t.target_commit for t in with_retries(lambda: api.list_repo_refs(config.repo_id), where).tags}
         if tag in tags:  # this version was published before: the tag must hold exactly this bundle
-            if different := _differences(api, config.repo_id, tags[tag], bundle):
+            if different := with_retries(lambda: _differences(api, config.repo_id, tags[tag], bundle), where):
                 raise StageError(
                     f"tag {tag} already exists on {config.repo_id} (commit {tags[tag][:12]}) with other files "
                     f"({', '.join(different[:5])}): a tag names one pipeline version; set publish.tag to a new name."
@@ -225,14 +244,18 @@ def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: s
         # One commit with every file; the client skips files the head already has (no new commit when nothing
         # changed) and LFS objects the server already stores (what an interrupted push got up).
         # delete_patterns: files of an earlier version that this bundle does not have go in the same commit.
-        info = api.upload_folder(repo_id=config.repo_id, folder_path=bundle, commit_message=f"loraforge: publish {tag}",
-                                 delete_patterns="*")  # fmt: skip
+        info = with_retries(lambda: api.upload_folder(
+            repo_id=config.repo_id, folder_path=bundle, commit_message=f"loraforge: publish {tag}",
+            delete_patterns="*"), where)  # fmt: skip
         commit = str(info.oid)
-        api.create_tag(config.repo_id, tag=tag, revision=commit)
+        with_retries(lambda: api.create_tag(config.repo_id, tag=tag, revision=commit), where)
     except StageError:
         raise
     except Exception as exc:  # network and HTTP errors of every kind: report what to fix, never leak the token
-        raise StageError(f"push to {endpoint}/{config.repo_id} failed: {explain(exc, endpoint, token)}.") from None
+        tries = len(hubclient.RETRY_DELAYS) + 1 if is_transient(exc) else 1
+        raise StageError(
+            f"push to {endpoint}/{config.repo_id} failed: {explain(exc, endpoint, token, tries=tries)}."
+        ) from None
     return commit
 
 
@@ -283,13 +306,31 @@ def hub_datasets(data: Artifact) -> list[str]:
     return found
 
 
+# Figures of one run, not of what it made: the same keys rebuilt elsewhere (another machine, a copied store) give
+# other values. They stay in the local manifests; a published tag holds only what its keys determine, so two
+# stores with the same keys push byte-identical bundles (and a second push of a tag finds the same files).
+RUN_DEPENDENT = frozenset({"created_at", "duration_s", "train_seconds", "tokens_per_s", "peak_rss_mb",
+                           "cuda_peak_mb", "rss_mb", "cuda_mb"})  # fmt: skip
+
+
+def _without_run_figures(value: Any) -> Any:
+    """`value` with every RUN_DEPENDENT key removed, at any depth."""
+    if isinstance(value, dict):
+        return {k: _without_run_figures(v) for k, v in value.items() if k not in RUN_DEPENDENT}
+    if isinstance(value, list):
+        return [_without_run_figures(v) for v in value]
+    return value
+
+
 def _lineage(name: str, inputs: dict[str, Artifact], tag: str) -> dict[str, Any]:
+    """What the bundle records of its making (loraforge/lineage.json and the card): a function of the input
+    artifacts' keys and manifests, without run-dependent figures (`RUN_DEPENDENT`)."""
     base, data, train, eval_, merge, quantize = (
         inputs[k] for k in ("base", "data", "train", "eval", "merge", "quantize")
     )
     gguf = quantize.manifest.get("gguf") or {}
     gate = eval_.manifest.get("gate") or {}
-    return {
+    return _without_run_figures({
         "pipeline": name,
         "tag": tag,
         "artifacts": {stage: a.key for stage, a in inputs.items()},
@@ -311,8 +352,11 @@ def _lineage(name: str, inputs: dict[str, Artifact], tag: str) -> dict[str, Any]
                   "gguf": {q: bool(g.get("passed", True)) for q, g in gguf.items()}},
         "config": {stage: a.manifest.get("config") for stage, a in inputs.items()},
         "code_versions": {stage: a.manifest.get("code_version") for stage, a in inputs.items()},
-        "versions": train.manifest.get("versions"),
-    }  # fmt: skip
+        # The libraries in the keys (KEY_LIBRARIES), as each stage recorded them: the same keys, the same versions.
+        # Other installed libraries (prefect, huggingface-hub...) say where a run happened, not what it made.
+        "versions": {lib: version for stage, a in inputs.items() for lib, version in (a.manifest.get("versions") or
+                     {}).items() if lib in KEY_LIBRARIES.get(stage, ())},
+    })  # fmt: skip
 
 
 CARD_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity")  # eval metrics in model-index

@@ -12,13 +12,23 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import sha256_file
 from tasks.errors import StageError
-from tasks.hubclient import LINEAGE_FILE, explain, hub_endpoint, hub_token, read_lineage, with_retries
+from tasks.hubclient import (
+    LINEAGE_FILE,
+    REPO_ID,
+    REPO_ID_RULE,
+    explain,
+    hub_endpoint,
+    hub_token,
+    read_lineage,
+    with_retries,
+)
 
 ADAPTER_WEIGHTS = ["adapter_config.json", "adapter_model.safetensors"]  # what makes a repo an adapter release
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "loraforge/lineage.json",
@@ -64,6 +74,10 @@ def pull(
             the lineage lists but the repo lacks, adapters for different bases.
     """
     endpoint = hub_endpoint(endpoint)
+    malformed = [spec for spec in specs if not re.fullmatch(REPO_ID + r"(@\S+)?", spec)]
+    if malformed:
+        raise StageError(f"pull: {', '.join(map(repr, malformed))}: a published repo is {REPO_ID_RULE}, with an "
+                         "optional @REVISION (a tag, branch or commit), e.g. acme/ticket-router-lora@v1")  # fmt: skip
     if gguf and gguf.lower().startswith("lora"):
         raise StageError(
             f"--gguf {gguf}: a GGUF LoRA runs on top of a GGUF of its base model, e.g. llama-cpp-python "

@@ -496,6 +496,29 @@ def resolve_target_modules(model: Any, wanted: list[str] | str) -> list[str]:
     return list(wanted)
 
 
+def check_target_modules(wanted: list[str] | str, folder: Path) -> list[str]:
+    """Resolve `train.target_modules` on the model's architecture without its weights (a meta-device model built
+    from config.json: no memory, a second or so), so `validate` finds a wrong name before any stage runs.
+
+    Args:
+        wanted: the names or preset from the config.
+        folder: the base model's folder.
+
+    Returns:
+        The linear-layer names that would get adapters.
+
+    Raises:
+        StageError: an unknown name (with the valid ones), or a preset that matches nothing.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=False)
+    return resolve_target_modules(model, wanted)
+
+
 def _linear_layers(model: Any) -> list[str]:
     import torch
 

@@ -211,7 +211,10 @@ def check_model_folder(folder: Path, what: str = "base_model", tokenizer: bool =
             "then point base_model at NEW_FOLDER."
         )
     config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StageError(f"{what}: {config_file} is not valid JSON ({exc}); save the model folder again.") from None
     model_type = config.get("model_type")
     known = _known_model_types()
     if known is not None and model_type not in known:

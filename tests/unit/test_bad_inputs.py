@@ -142,6 +142,12 @@ def _unknown_arch(ctx: Ctx) -> list[str]:
     return ["validate", ctx.config(base=str(folder))]
 
 
+def _bad_model_config(ctx: Ctx) -> list[str]:
+    folder = ctx.model_copy("broken-config")
+    (folder / "config.json").write_text('{"model_type": "llama",')
+    return ["validate", ctx.config(base=str(folder))]
+
+
 def _train_unknown_module(ctx: Ctx) -> list[str]:
     key = data_key(ctx)
     return ["stage", "train", ctx.config(), "train.target_modules=[q_projj]", "--input", f"data={key}"]
@@ -324,6 +330,7 @@ CASES = [
     Case("model-truncated-weights", _truncated, 1, "model.safetensors is truncated"),
     Case("model-truncated-validate", _truncated_validate, 1, "model.safetensors is truncated"),
     Case("model-pickle-only", _pickle_only, 1, "holds its weights only as pickle"),
+    Case("model-config-not-json", _bad_model_config, 1, "config.json is not valid JSON"),
     Case("model-unknown-architecture", _unknown_arch, 1, "model_type 'mystery' is not an architecture"),
     Case("model-not-a-folder", lambda c: ["validate", c.config(base=str(c.write("f.txt", "x")))],
          1, "is not a Hugging Face model folder"),

@@ -151,7 +151,7 @@ def _module_files(name: str) -> list[Path]:
     return [*files, PROJECT_ROOT.joinpath(*parts).with_suffix(".py")]
 
 
-def _keyed_dirs(tree: ast.Module | ast.AST) -> list[str]:
+def _keyed_dirs(tree: ast.AST) -> list[str]:
     for node in getattr(tree, "body", []):
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "KEYED_DIRS" for t in node.targets):
             return list(ast.literal_eval(node.value))
@@ -167,11 +167,7 @@ def code_version(source_file: str | Path, libraries: Iterable[str] = ()) -> str:
         digest.update(f"{path.relative_to(PROJECT_ROOT).as_posix()}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     for name in sorted(libraries):
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            version = "absent"
-        digest.update(f"{name}=={version}\0".encode())
+        digest.update(f"{name}=={_installed(name) or 'absent'}\0".encode())
     return digest.hexdigest()[:16]
 
 
@@ -190,11 +186,14 @@ def config_dict(config: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
 
 def library_versions() -> dict[str, str]:
     """Installed versions of the libraries that shape an artifact."""
-    versions = {}
-    for name in TRACKED_LIBRARIES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[name] = importlib.metadata.version(name)
-    return versions
+    return {name: version for name in TRACKED_LIBRARIES if (version := _installed(name)) is not None}
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

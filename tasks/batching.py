@@ -97,6 +97,12 @@ def mean_loss(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: i
     return sum(total for total, _ in sums) / max(sum(count for _, count in sums), 1)
 
 
+def loss_total(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> tuple[float, int]:
+    """The summed loss over the rows' labelled tokens and how many there are, in eval mode."""
+    sums = _loss_sums(model, rows, batch_size, pad_id)
+    return sum(total for total, _ in sums), sum(count for _, count in sums)
+
+
 def row_losses(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[float]:
     """Mean loss over each row's labelled tokens (the answer), in eval mode; NaN for a row with no labels."""
     return [total / count if count else float("nan") for total, count in _loss_sums(model, rows, batch_size, pad_id)]

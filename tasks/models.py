@@ -13,6 +13,7 @@ folder with only pickled `pytorch_model.bin` weights is refused, with the conver
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -418,14 +419,23 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def load_base_as_trained(folder: Path, train_settings: Mapping[str, Any]) -> PreTrainedModel:
-    """Load the base model the way the train stage did: fp32, or through bitsandbytes in 4-bit/8-bit (QLoRA).
+    """Load the base model the way the train stage did: in its precision's dtype (`precision`: fp32, bf16 or
+    fp16, as resolved by the stage; fp32 when absent), or through bitsandbytes in 4-bit/8-bit (QLoRA), with the
+    non-quantized weights in that dtype and 4-bit compute in `compute_dtype`.
 
     Raises:
         StageError: the requested quantization cannot run here (never a silent fallback to full precision).
     """
     quantization = train_settings.get("quantization", "none")
+    precision = train_settings.get("precision") or "fp32"
+    if precision == "auto":  # settings straight from a config (loraforge plan, tests): as the train stage would
+        import torch
+
+        cuda = torch.cuda.is_available()
+        precision = resolve_precision("auto", "cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported())
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     if quantization == "none":
-        return load_causal_lm(folder)
+        return load_causal_lm(folder, dtype)
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -434,7 +444,7 @@ def load_base_as_trained(folder: Path, train_settings: Mapping[str, Any]) -> Pre
             load_in_4bit=True,
             bnb_4bit_quant_type=train_settings.get("quant_type", "nf4"),
             bnb_4bit_use_double_quant=train_settings.get("double_quant", True),
-            bnb_4bit_compute_dtype=getattr(torch, train_settings.get("compute_dtype", "float32")),
+            bnb_4bit_compute_dtype=getattr(torch, _concrete(train_settings.get("compute_dtype"), dtype)),
         )
     else:
         bnb = BitsAndBytesConfig(load_in_8bit=True)
@@ -442,7 +452,7 @@ def load_base_as_trained(folder: Path, train_settings: Mapping[str, Any]) -> Pre
     try:
         import bitsandbytes  # noqa: F401
 
-        model = load_causal_lm(folder, quantization_config=bnb, device_map=device)
+        model = load_causal_lm(folder, dtype, quantization_config=bnb, device_map=device)
     except Exception as exc:  # bitsandbytes missing, no backend for this device, unsupported layer
         raise StageError(
             f"train.quantization={quantization} cannot run on this machine ({device}): {type(exc).__name__}: "
@@ -451,6 +461,42 @@ def load_base_as_trained(folder: Path, train_settings: Mapping[str, Any]) -> Pre
         ) from None
     release_weight_files(model, folder)
     return model
+
+
+def autocast(precision: str, device: str) -> contextlib.AbstractContextManager[Any]:
+    """The forward's autocast for a training precision (bf16/fp16 on the device; nothing for fp32): models
+    trained in bf16/fp16 are run the same way wherever they are evaluated or compared as trained."""
+    import torch
+
+    if precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.split(":")[0], dtype=dtype)
+
+
+def resolve_precision(wanted: str, device: str, cuda_bf16: bool) -> str:
+    """train.precision=auto made concrete: bf16 on a CUDA device that supports it, fp16 on one that does not,
+    and on CPU fp32 (bench/train_throughput.py measured bf16 autocast slower on this CPU at equal loss)."""
+    if wanted != "auto":
+        return wanted
+    if device == "cuda":
+        return "bf16" if cuda_bf16 else "fp16"
+    return "fp32"
+
+
+def _concrete(compute_dtype: str | None, dtype: str) -> str:
+    return dtype if compute_dtype in (None, "auto") else compute_dtype
+
+
+def trained_settings(train_manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The train stage's settings with what it resolved at run time (precision, QLoRA compute dtype): what
+    `load_base_as_trained` needs to rebuild the model the adapter was trained and gated on."""
+    settings = dict(train_manifest["config"])
+    settings["precision"] = train_manifest.get("precision") or "fp32"
+    settings["compute_dtype"] = train_manifest.get("compute_dtype") or _concrete(
+        settings.get("compute_dtype"), "float32"
+    )
+    return settings
 
 
 def release_weight_files(model: Any, folder: Path) -> int:

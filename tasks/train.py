@@ -21,13 +21,17 @@ and produces the same adapter bytes as an uninterrupted run. Resuming unpickles 
 safetensors, the loop state JSON, and optimizer/scheduler/RNG states load with `torch.load(weights_only=True)`.
 With `eval_every`, validation loss is measured during training; `early_stopping_patience` stops when it stops
 improving, and the best weights are kept.
-Fault injection for tests: LORAFORGE_CRASH_AFTER_STEP=N kills the process (exit 137) right after step N.
+Precision (`train.precision`): the base weights are loaded in fp32, bf16 or fp16 and the forward runs under
+torch.autocast in that dtype (fp16 with a gradient scaler); the LoRA/DoRA parameters and their optimizer
+states stay fp32. Several processes (`train.processes`, `train.nnodes`): the stage runs under torchrun, every
+rank the same code below (tasks/distributed.py), each taking its share of every step's micro-batches.
 Run alone: `loraforge stage train CONFIG [key=value ...]`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,17 +41,25 @@ import resource
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.artifacts import Artifact, ArtifactStore, commit_folder
-from tasks.batching import collate, collate_packed, labelled_token_losses, mean_loss, pack_rows, read_split
+from tasks.batching import collate, collate_packed, labelled_token_losses, loss_total, pack_rows, read_split
+from tasks.distributed import SINGLE, Ranks, all_sum, any_rank, broadcast, gather
 from tasks.errors import StageError
+from tasks.models import resolve_precision
 
-RUNTIME_ONLY = {"save_every", "keep_checkpoints", "resume"}  # do not change the result: not part of the key
+RUNTIME_ONLY = {
+    "save_every",
+    "keep_checkpoints",
+    "resume",
+    "rdzv_endpoint",
+}  # do not change the result: not part of the key
 Preset = Literal["attention", "attention+mlp", "all-linear"]
 ATTENTION_PARENTS = ("attn", "attention")
 MLP_PARENTS = ("mlp", "ffn", "feed_forward")
@@ -83,8 +95,25 @@ class TrainConfig(BaseModel):
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (quantization=4bit).")
     double_quant: bool = Field(True, description="4-bit: also quantize the quantization constants.")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype the 4-bit layers compute in (bfloat16 on recent GPUs, float32 on CPU)."
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the 4-bit layers compute in; auto: the training precision's (bf16 -> bfloat16)."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype of the frozen base weights and of the autocast forward (LoRA weights and optimizer "
+        "states stay fp32; fp16 adds a gradient scaler). auto: bf16 on a CUDA device that supports it, fp16 on "
+        "one that does not, fp32 on CPU (where bf16 measured slower; docs/bench.md). A 7B base: 28 GB in fp32, "
+        "14 GB in bf16.",
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes per machine (torchrun; one per GPU): each takes grad_accum / "
+        "(processes x nnodes) micro-batches of every step, so the global batch is unchanged.",
+    )
+    nnodes: int = Field(1, ge=1, description="Machines training together (each runs the same command).")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the rendezvous when nnodes > 1 (torchrun's c10d backend on one machine)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
     save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
@@ -103,6 +132,19 @@ class TrainConfig(BaseModel):
     def _early_stopping_needs_evals(self) -> TrainConfig:
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("early_stopping_patience needs eval_every (how often validation loss is measured)")
+        return self
+
+    @model_validator(mode="after")
+    def _processes_share_the_step(self) -> TrainConfig:
+        world = self.processes * self.nnodes
+        if self.grad_accum % world:
+            raise ValueError(
+                f"grad_accum={self.grad_accum} micro-batches per step cannot be shared by {world} training processes "
+                f"(processes x nnodes); set grad_accum to a multiple of {world} "
+                "and batch_size so that batch_size x grad_accum stays your global batch"
+            )
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port that every machine can reach)")
         return self
 
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
@@ -150,7 +192,14 @@ class TrainConfig(BaseModel):
     log_every: int = Field(5, ge=1, description="Record metrics every N optimizer steps.")
 
 
-def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: ArtifactStore) -> Artifact:
+def train_adapter(
+    config: TrainConfig,
+    base: Artifact,
+    data: Artifact,
+    store: ArtifactStore,
+    *,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> Artifact:
     """Train a LoRA adapter; skipped when the same artifact exists.
 
     Args:
@@ -158,153 +207,325 @@ def train_adapter(config: TrainConfig, base: Artifact, data: Artifact, store: Ar
         base: the base-model artifact.
         data: the data artifact (train and validation splits).
         store: where artifacts live.
+        on_step: called in the training process after each optimizer step with that step's figures (one
+            process only; with several, the ranks run in torchrun's processes).
 
     Returns:
         The train artifact: `adapter/` (peft safetensors + adapter_config.json) and `history.jsonl`.
     """
     import torch
 
-    inputs = {"base": base, "data": data}
     device = _resolve_device(config, torch.cuda.is_available())
-    # The device is part of the key: CPU and CUDA kernels give different bytes for the same config.
-    settings = {**config.model_dump(exclude=RUNTIME_ONLY), "device": device}
-    key, code = store.stage_key("train", __file__, settings, inputs)
+    precision = resolve_precision(config.precision, device, _cuda_bf16())
+    # Device and precision are part of the key: their kernels give different bytes for the same config.
+    settings = {**config.model_dump(exclude=RUNTIME_ONLY), "device": device, "precision": precision}
+    key, code = store.stage_key("train", __file__, settings, {"base": base, "data": data})
     with store.claim("train", key) as hit:
-        return hit or _build_adapter(config, base, data, device, store, key, code)
+        if hit is not None:
+            return hit
+        run = TrainRun(config, base, data, store, key, code, device, precision, time.time())
+        if config.processes * config.nnodes == 1:
+            _build_adapter(run, SINGLE, on_step)
+        else:
+            _launch_ranks(run)
+        return _written(run)
 
 
-def _build_adapter(
-    config: TrainConfig, base: Artifact, data: Artifact, device: str, store: ArtifactStore, key: str, code: str
-) -> Artifact:
-    """Train the adapter of the train artifact `key` (its lock is held: this process alone writes its checkpoints)."""
+@dataclass(frozen=True)
+class TrainRun:
+    """One build of a train artifact: what every training process needs to know."""
+
+    config: TrainConfig
+    base: Artifact
+    data: Artifact
+    store: ArtifactStore
+    key: str
+    code: str
+    device: str
+    precision: str  # fp32, bf16 or fp16 (resolved)
+    started: float  # time.time() after the cache miss
+
+
+def _written(run: TrainRun) -> Artifact:
+    found = run.store.find("train", run.key)
+    if found is None:
+        raise StageError(
+            f"train: the training processes finished but artifact train/{run.key} is not in {run.store.root}; with "
+            "train.nnodes > 1 the machine running rank 0 writes it: give every machine the same store."
+        )
+    return dataclasses.replace(found, cached=False)
+
+
+def _launch_ranks(run: TrainRun) -> None:
+    """Run the stage in train.processes x train.nnodes processes under torchrun; rank 0 writes the artifact."""
+    from tasks import distributed
+
+    config = run.config
+    folder = run.store.root / ".checkpoints" / f"train-{run.key}" / "ranks"
+    distributed.write_spec(folder, {
+        "config": config.model_dump(mode="json"), "store": str(run.store.root), "verify": run.store.verify,
+        "key": run.key, "code": run.code, "device": run.device, "precision": run.precision, "started": run.started,
+        **{name: {"stage": a.stage, "key": a.key, "path": str(a.path), "manifest": a.manifest}
+           for name, a in (("base", run.base), ("data", run.data))},
+    })  # fmt: skip
+    threads = config.threads or max(1, (os.cpu_count() or 1) // config.processes)
+    command = distributed.torchrun_command(folder, config.processes, config.nnodes, config.rdzv_endpoint, run.key)
+    print(f"[train] {config.processes * config.nnodes} processes ({config.processes} per machine, "
+          f"{'nccl' if run.device == 'cuda' else 'gloo'}): {' '.join(command[1:])}")  # fmt: skip
+    distributed.launch(folder, command, threads)
+
+
+def run_rank(spec: dict[str, Any]) -> None:
+    """One rank of a multi-process train stage (`tasks.distributed.main` calls it inside torchrun)."""
+    from tasks import distributed
+
+    def artifact(name: str) -> Artifact:
+        return Artifact(**{**spec[name], "path": Path(spec[name]["path"])})
+
+    config = TrainConfig(**spec["config"])
+    store = ArtifactStore(spec["store"], verify=spec["verify"])
+    run = TrainRun(config, artifact("base"), artifact("data"), store, spec["key"], spec["code"], spec["device"],
+                   spec["precision"], spec["started"])  # fmt: skip
+    _build_adapter(run, distributed.init(run.device), None)
+
+
+def _build_adapter(run: TrainRun, ranks: Ranks, on_step: Callable[[dict[str, Any]], None] | None) -> None:
+    """Train the adapter of the train artifact `run.key`; rank 0 writes it (the key's lock is held)."""
+    setup = _setup(run, ranks)
+    fit = _fit(run, setup, ranks, on_step)
+    if ranks.leader:
+        _save(run, setup, fit)
+        shutil.rmtree(_checkpoints(run), ignore_errors=True)  # the artifact exists: checkpoints are not needed
+
+
+class Setup(NamedTuple):
+    """The model and everything the loop needs, ready for step one."""
+
+    model: Any  # the peft model (what is saved)
+    forward: Any  # what the loop calls: the model, or its DDP wrapper with several processes
+    targets: list[str]
+    variant: str
+    units: list[dict[str, Any]]
+    total_steps: int
+    val_rows: list[dict[str, Any]]
+    pad_id: int
+    optimizer: Any
+    scheduler: Any
+    mixed: Mixed
+
+
+class Fit(NamedTuple):
+    """What the loop produced."""
+
+    history: list[dict[str, Any]]
+    state: dict[str, Any]
+    val_before: float
+    val_after: float
+    seconds: float
+    peak_rss_mb: int
+
+
+def _setup(run: TrainRun, ranks: Ranks) -> Setup:
+    """Load the base in the training precision, attach the adapters, read the data, build the optimizer."""
     import torch
-
-    inputs = {"base": base, "data": data}
-    stage_started = time.time()
-
-    from tqdm import tqdm
 
     from tasks.models import load_tokenizer
 
+    config = run.config
     if config.threads:
         torch.set_num_threads(config.threads)
     _seed_everything(config.seed)
-    model_path = Path(base.manifest["model_path"])
+    model_path = Path(run.base.manifest["model_path"])
     tokenizer = load_tokenizer(model_path)
-    model, targets = trainable_model(config, model_path, device)
+    device = f"cuda:{ranks.local_rank}" if run.device == "cuda" and ranks.world > 1 else run.device
+    model, targets = trainable_model(config, model_path, device, run.precision)
+    if ranks.world > 1:
+        torch.manual_seed(config.seed + 7919 * ranks.rank)  # dropout differs per rank; the init did not
     trainable, total = model.get_nb_trainable_parameters()
     variant = "+".join(
         [{"none": "LoRA", "4bit": f"QLoRA {config.quant_type}", "8bit": "QLoRA int8"}[config.quantization]]
         + ["DoRA"] * config.use_dora + ["rsLoRA"] * config.use_rslora + ["LoRA+"] * bool(config.loraplus_lr_ratio)
     )  # fmt: skip
-    print(
-        f"[train] {variant} r={config.r} on {', '.join(targets)}: "
-        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
-    )
-
-    train_rows = read_split(data.file("train.jsonl"))
-    val_rows = read_split(data.file("validation.jsonl"))
-    capacity = int(data.manifest["config"]["max_length"])
-    units, total_steps = training_units(train_rows, config, capacity)
-    if config.packing:
-        print(f"[train] packed {len(train_rows)} rows into {len(units)} sequences of up to {capacity} tokens")
+    train_rows = read_split(run.data.file("train.jsonl"))
+    units, total_steps = training_units(train_rows, config, int(run.data.manifest["config"]["max_length"]))
+    if ranks.leader:
+        print(f"[train] {variant} r={config.r} on {', '.join(targets)}, {run.precision} on {run.device}: "
+              f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")  # fmt: skip
+        if config.packing:
+            print(f"[train] packed {len(train_rows)} rows into {len(units)} sequences of up to "
+                  f"{run.data.manifest['config']['max_length']} tokens")  # fmt: skip
     optimizer = _optimizer(_param_groups(model, config), config)
-    scheduler = _scheduler(optimizer, config, total_steps)
-    pad_id = tokenizer.pad_token_id
+    forward = model
+    if ranks.world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ranks.local_rank] if run.device == "cuda" else None
+        )
+    return Setup(model, forward, targets, variant, units, total_steps, read_split(run.data.file("validation.jsonl")),
+                 tokenizer.pad_token_id, optimizer, _scheduler(optimizer, config, total_steps),
+                 mixed_precision(run.precision, run.device))  # fmt: skip
 
-    val_loss_before = mean_loss(model, val_rows, config.batch_size, pad_id)
-    checkpoints = store.root / ".checkpoints" / f"train-{key}"
+
+def _checkpoints(run: TrainRun) -> Path:
+    return run.store.root / ".checkpoints" / f"train-{run.key}"
+
+
+def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: Callable[[dict[str, Any]], None] | None) -> Fit:
+    """The training loop: resume if a checkpoint exists, step, log, validate, checkpoint; stop early or on a
+    signal (at the end of a step, every rank at the same one)."""
+    import torch
+    from tqdm import tqdm
+
+    config, params = run.config, {n: p for n, p in setup.model.named_parameters() if p.requires_grad}
+    val_before = _val_loss(setup, config, ranks)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0, "history": [], "best": None, "bad_evals": 0}
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if config.resume and (last := _last_checkpoint(checkpoints)) is not None:
-        state = _load_checkpoint(last, params, optimizer, scheduler)
-        print(f"[train] resuming from {last.name} ({state['step']} of {total_steps} steps done)")
+    last = distributed_path(_last_checkpoint(_checkpoints(run)) if ranks.leader else None, ranks)
+    if config.resume and last is not None:
+        state = _load_checkpoint(last, params, setup.optimizer, setup.scheduler, setup.mixed.scaler, ranks)
+        if ranks.leader:
+            print(f"[train] resuming from {last.name} ({state['step']} of {setup.total_steps} steps done)")
     history: list[dict[str, Any]] = state["history"]
-    model.train()
-    batches = batch_stream(units, config, random.Random(config.seed))
+    setup.forward.train()
+    batches = batch_stream(setup.units, config, random.Random(config.seed))
     for _ in range(state["step"] * config.grad_accum):  # the same data order as an uninterrupted run
         next(batches)
-    tokens_seen = state["tokens"]
-    positions_seen = state.get("positions", 0)  # tokens + padding: the compute actually spent
     started = time.perf_counter() - state["seconds"]
-    live = _live_report(total_steps, state["step"])
-    crash_after = int(os.environ.get("LORAFORGE_CRASH_AFTER_STEP", "0"))
-    progress = tqdm(range(state["step"] + 1, total_steps + 1), desc="train", unit="step", dynamic_ncols=True,
-                    initial=state["step"], total=total_steps)  # fmt: skip
-    with _stop_at_step_end() as stop_asked:
+    report = _live_report(setup.total_steps, state["step"]) if ranks.leader else _ignore
+    progress = tqdm(range(state["step"] + 1, setup.total_steps + 1), desc="train", unit="step", dynamic_ncols=True,
+                    initial=state["step"], total=setup.total_steps, disable=not ranks.leader)  # fmt: skip
+    with _stop_at_step_end(grace_s=5.0 if ranks.world > 1 else 0.0) as stop_asked:
         for step in progress:
-            micro_batches = [
-                collate_micro_batch(next(batches), pad_id, config.packing) for _ in range(config.grad_accum)
-            ]
-            step_loss = accumulate_gradients(model, micro_batches, device)
-            tokens_seen += sum(micro.real_tokens for micro in micro_batches)
-            positions_seen += sum(micro.input_ids.numel() for micro in micro_batches)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
-            if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
+            micro = [collate_micro_batch(next(batches), setup.pad_id, config.packing) for _ in range(config.grad_accum)]
+            step_loss, grad_norm = _optimizer_step(setup, micro, run.device, ranks, config.max_grad_norm)
+            if not math.isfinite(step_loss):
                 raise StageError(
                     f"training diverged at step {step} (loss {step_loss}, grad norm {grad_norm}); "
                     "lower train.learning_rate or raise train.warmup_ratio."
                 )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            state["tokens"] += sum(m.real_tokens for m in micro)  # every rank collates the whole step
+            state["positions"] = state.get("positions", 0) + sum(m.input_ids.numel() for m in micro)  # + padding
             elapsed = time.perf_counter() - started
-            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-            evaluate_now = config.eval_every is not None and (step % config.eval_every == 0 or step == total_steps)
-            record: dict[str, Any] = {}
-            if step % config.log_every == 0 or step == total_steps or evaluate_now:
-                record = {
-                    "step": step, "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": round(grad_norm, 5), "tokens": tokens_seen,
-                    "tokens_per_s": round(tokens_seen / elapsed, 1), "rss_mb": _peak_rss_mb(),
-                    **({"cuda_mb": _cuda_peak_mb()} if device == "cuda" else {}),
-                }  # fmt: skip
-            stop = False
-            if evaluate_now:
-                val = mean_loss(model, val_rows, config.batch_size, pad_id)
-                record["val_loss"] = round(val, 5)
-                if state["best"] is None or val < state["best"]["val_loss"] - config.early_stopping_min_delta:
-                    state["best"] = {"step": step, "val_loss": val}
-                    state["bad_evals"] = 0
-                    if config.keep_best:
-                        state["best_weights"] = {n: p.detach().clone() for n, p in params.items()}
-                else:
-                    state["bad_evals"] += 1
-                    stop = bool(config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience)
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{state['tokens'] / elapsed:.0f}")
+            record, stop = _log_and_validate(setup, config, ranks, state, params, step, step_loss, grad_norm, elapsed)
             if record:
                 history.append(record)
-                live(record)
-            state.update(step=step, tokens=tokens_seen, positions=positions_seen, seconds=elapsed)
-            if config.save_every and (step % config.save_every == 0) and step < total_steps and not stop:
-                _save_checkpoint(checkpoints, state, params, optimizer, scheduler, config.keep_checkpoints)
-            if step == crash_after:
-                os._exit(137)  # simulated kill (tests): no cleanup, like SIGKILL
-            if stop_asked and step < total_steps and not stop:  # a safe point: the step is complete
-                _save_checkpoint(checkpoints, state, params, optimizer, scheduler, max(config.keep_checkpoints, 1))
-                raise KeyboardInterrupt(f"train stopped at step {step} of {total_steps}; checkpoint saved")
+                report(record)
+            state.update(step=step, seconds=elapsed)
+            if config.save_every and (step % config.save_every == 0) and step < setup.total_steps and not stop:
+                _save_checkpoint(_checkpoints(run), state, params, setup, config.keep_checkpoints, ranks)
+            if on_step is not None:  # the step is complete (and checkpointed when due)
+                on_step(record or {"step": step, "loss": round(step_loss, 5)})
+            if any_rank(bool(stop_asked), ranks) and step < setup.total_steps and not stop:  # a safe point
+                _save_checkpoint(_checkpoints(run), state, params, setup, max(config.keep_checkpoints, 1), ranks)
+                raise KeyboardInterrupt(f"train stopped at step {step} of {setup.total_steps}; checkpoint saved")
             if stop:
-                print(f"[train] early stop at step {step}: no validation improvement in {state['bad_evals']} checks")
+                if ranks.leader:
+                    print(
+                        f"[train] early stop at step {step}: no validation improvement in {state['bad_evals']} checks"
+                    )
                 break
     progress.close()
-    train_seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     if state.get("best_weights") is not None and state["best"]["step"] != state["step"]:
         with torch.no_grad():
             for name, weights in state["best_weights"].items():
                 params[name].copy_(weights)
-        print(
-            f"[train] keeping the best weights: step {state['best']['step']} (val loss {state['best']['val_loss']:.4f})"
-        )
-    val_loss_after = mean_loss(model, val_rows, config.batch_size, pad_id)
-    print(f"[train] validation loss {val_loss_before:.4f} -> {val_loss_after:.4f} in {train_seconds:.0f} s")
+        if ranks.leader:
+            print(f"[train] keeping the best weights: step {state['best']['step']} "
+                  f"(val loss {state['best']['val_loss']:.4f})")  # fmt: skip
+    val_after = _val_loss(setup, config, ranks)
+    if ranks.leader:
+        print(f"[train] validation loss {val_before:.4f} -> {val_after:.4f} in {seconds:.0f} s")
+    return Fit(history, state, val_before, val_after, seconds, max(gather(_peak_rss_mb(), ranks)))
 
-    with store.create("train", key, config, inputs, code, started=stage_started) as draft:
-        model.save_pretrained(draft.path / "adapter", safe_serialization=True)
-        draft.extra["target_modules"] = targets
+
+def _ignore(record: dict[str, Any]) -> None:
+    return None
+
+
+def distributed_path(path: Path | None, ranks: Ranks) -> Path | None:
+    """Rank 0's choice of checkpoint, on every rank."""
+    chosen = broadcast(None if path is None else str(path), ranks)
+    return None if chosen is None else Path(chosen)
+
+
+def _log_and_validate(
+    setup: Setup, config: TrainConfig, ranks: Ranks, state: dict[str, Any], params: dict[str, Any],
+    step: int, step_loss: float, grad_norm: float, elapsed: float,
+) -> tuple[dict[str, Any], bool]:  # fmt: skip
+    """The step's history record (every log_every steps, at the end, and at evaluations) and whether early
+    stopping says stop; validation (eval_every) keeps the best weights."""
+    total = setup.total_steps
+    evaluate_now = config.eval_every is not None and (step % config.eval_every == 0 or step == total)
+    record: dict[str, Any] = {}
+    if step % config.log_every == 0 or step == total or evaluate_now:
+        record = {
+            "step": step, "loss": round(step_loss, 5), "lr": setup.scheduler.get_last_lr()[0],
+            "grad_norm": round(grad_norm, 5), "tokens": state["tokens"],
+            "tokens_per_s": round(state["tokens"] / elapsed, 1), "rss_mb": _peak_rss_mb(),
+            **({"cuda_mb": _cuda_peak_mb()} if next(setup.model.parameters()).is_cuda else {}),
+        }  # fmt: skip
+    if not evaluate_now:
+        return record, False
+    val = _val_loss(setup, config, ranks)
+    record["val_loss"] = round(val, 5)
+    if state["best"] is None or val < state["best"]["val_loss"] - config.early_stopping_min_delta:
+        state["best"] = {"step": step, "val_loss": val}
+        state["bad_evals"] = 0
+        if config.keep_best:
+            state["best_weights"] = {n: p.detach().clone() for n, p in params.items()}
+        return record, False
+    state["bad_evals"] += 1
+    return record, bool(config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience)
+
+
+def _val_loss(setup: Setup, config: TrainConfig, ranks: Ranks) -> float:
+    """Token-weighted validation loss; with several processes each measures its share of the rows."""
+    with setup.mixed.autocast():
+        total, count = loss_total(setup.model, setup.val_rows[ranks.rank :: ranks.world], config.batch_size,
+                                  setup.pad_id)  # fmt: skip
+    summed, labelled = all_sum([total, count], ranks)
+    return summed / max(labelled, 1)
+
+
+def _optimizer_step(
+    setup: Setup, micro: list[MicroBatch], device: str, ranks: Ranks, max_grad_norm: float
+) -> tuple[float, float]:
+    """Gradients of the step's micro-batches (this rank's share), clipping, optimizer and scheduler step.
+
+    Returns the step's loss (over all ranks) and the gradient norm. With fp16 a step whose gradients overflow
+    is skipped by the gradient scaler (which then lowers its scale), as in torch's own recipe.
+    """
+    import torch
+
+    step_loss = accumulate_gradients(setup.forward, micro, device, ranks, setup.mixed)
+    scaler = setup.mixed.scaler
+    if scaler is not None:
+        scaler.unscale_(setup.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.model.parameters(), max_grad_norm))
+    if not math.isfinite(grad_norm) and scaler is None:
+        step_loss = float("nan")
+    if scaler is not None:
+        scaler.step(setup.optimizer)
+        scaler.update()
+    else:
+        setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
+def _save(run: TrainRun, setup: Setup, fit: Fit) -> None:
+    """Write the train artifact: the adapter (portable config, sorted target modules), history, curve, metrics."""
+    config, history = run.config, fit.history
+    inputs = {"base": run.base, "data": run.data}
+    with run.store.create("train", run.key, config, inputs, run.code, started=run.started) as draft:
+        setup.model.save_pretrained(draft.path / "adapter", safe_serialization=True)
+        draft.extra["target_modules"] = setup.targets
         # Record the base by its public name, not this machine's path, so the adapter folder is portable
         # (patched after saving: peft would otherwise try to reach the Hub to inspect that name).
         adapter_config = draft.path / "adapter" / "adapter_config.json"
         settings = json.loads(adapter_config.read_text())
-        settings["base_model_name_or_path"] = base.manifest.get("hub_id") or base.manifest["base_model"]
+        settings["base_model_name_or_path"] = run.base.manifest.get("hub_id") or run.base.manifest["base_model"]
         # peft writes target_modules from a set, in an order that changes from process to process (string hash
         # seed): sorted, the same adapter gives the same bytes in every run and container.
         if isinstance(settings.get("target_modules"), list):
@@ -312,25 +533,29 @@ def _build_adapter(
         adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True))
         with (draft.path / "history.jsonl").open("w") as out:
             out.writelines(json.dumps(h) + "\n" for h in history)
-        _plot_curve(history, (val_loss_before, val_loss_after), draft.path / "loss_curve.png",
-                    title=f"train {key} ({variant})")  # fmt: skip
-        draft.extra.update({"device": device, "optimizer": config.optimizer, "packed_sequences": len(units)})
-        if device == "cuda":
+        _plot_curve(history, (fit.val_before, fit.val_after), draft.path / "loss_curve.png",
+                    title=f"train {run.key} ({setup.variant}, {run.precision})")  # fmt: skip
+        draft.extra.update({
+            "device": run.device, "optimizer": config.optimizer, "packed_sequences": len(setup.units),
+            "precision": run.precision, "compute_dtype": compute_dtype(config, run.precision),
+            "processes": config.processes * config.nnodes,
+        })  # fmt: skip
+        if run.device == "cuda":
             draft.metrics["cuda_peak_mb"] = _cuda_peak_mb()
+        trainable, total = setup.model.get_nb_trainable_parameters()
+        state, seconds = fit.state, fit.seconds
         draft.metrics.update({
-            "trainable_params": trainable, "total_params": total, "steps": total_steps,
-            "train_loss": history[-1]["loss"], "val_loss_before": round(val_loss_before, 5),
-            "val_loss": round(val_loss_after, 5), "tokens": tokens_seen,
-            "tokens_per_s": round(tokens_seen / train_seconds, 1), "train_seconds": round(train_seconds, 1),
-            "peak_rss_mb": _peak_rss_mb(), "steps_done": state["step"],
-            "padding_share": round(1 - tokens_seen / max(positions_seen, 1), 4),
+            "trainable_params": trainable, "total_params": total, "steps": setup.total_steps,
+            "train_loss": history[-1]["loss"], "val_loss_before": round(fit.val_before, 5),
+            "val_loss": round(fit.val_after, 5), "tokens": state["tokens"],
+            "tokens_per_s": round(state["tokens"] / seconds, 1), "train_seconds": round(seconds, 1),
+            "peak_rss_mb": fit.peak_rss_mb, "steps_done": state["step"],
+            "padding_share": round(1 - state["tokens"] / max(state.get("positions", 0), 1), 4),
         })  # fmt: skip
         if state["best"] is not None:
             draft.metrics.update(
                 {"best_step": state["best"]["step"], "best_val_loss": round(state["best"]["val_loss"], 5)}
             )
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact exists now; checkpoints are no longer needed
-    return store.get("train", key, fresh=True)
 
 
 def lora_config(config: TrainConfig, targets: list[str]) -> Any:
@@ -352,17 +577,21 @@ def lora_config(config: TrainConfig, targets: list[str]) -> Any:
 
 
 @contextlib.contextmanager
-def _stop_at_step_end() -> Iterator[list[int]]:
+def _stop_at_step_end(grace_s: float = 0.0) -> Iterator[list[int]]:
     """While training, SIGINT/SIGTERM ask the loop to stop at the end of its step: it saves a checkpoint (a re-run
-    resumes from it) and raises KeyboardInterrupt. A second signal interrupts at once. Outside the main thread
-    (where Python cannot take signals) the signals keep their handlers."""
+    resumes from it) and raises KeyboardInterrupt. A second signal interrupts at once, unless it comes within
+    `grace_s` of the first (under torchrun a rank gets the terminal's Ctrl-C and torchrun's SIGTERM: one ask).
+    Outside the main thread (where Python cannot take signals) the signals keep their handlers."""
     asked: list[int] = []
+    first = [0.0]
 
     def ask(signum: int, frame: Any) -> None:
-        if asked:
+        if asked and time.monotonic() - first[0] > grace_s:
             raise KeyboardInterrupt(f"signal {signum} again: stopped without a checkpoint")
+        if not asked:
+            first[0] = time.monotonic()
+            print(f"\n[train] signal {signum}: stopping after this step (checkpoint, then exit; again: stop at once)")
         asked.append(signum)
-        print(f"\n[train] signal {signum}: stopping after this step (checkpoint, then exit; again: stop at once)")
 
     try:
         previous = {signum: signal.signal(signum, ask) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -382,12 +611,16 @@ def _last_checkpoint(folder: Path) -> Path | None:
 
 
 def _save_checkpoint(
-    folder: Path, state: dict[str, Any], trainable: dict[str, Any], optimizer: Any, scheduler: Any, keep: int
+    folder: Path, state: dict[str, Any], trainable: dict[str, Any], setup: Setup, keep: int, ranks: Ranks
 ) -> None:
-    """Write step-N atomically (temporary folder, meta.json last, rename); keep the newest `keep`."""
+    """Write step-N atomically (temporary folder, meta.json last, rename); keep the newest `keep`. Every rank
+    calls it (their RNG states are gathered); rank 0 writes."""
     import torch
     from safetensors.torch import save_file
 
+    rng = gather(torch.get_rng_state(), ranks)  # dropout differs per rank: each resumes its own stream
+    if not ranks.leader:
+        return
     final = folder / f"step-{state['step']:07d}"
     tmp = folder / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -395,8 +628,9 @@ def _save_checkpoint(
     save_file({n: p.detach().contiguous() for n, p in trainable.items()}, tmp / "trainable.safetensors")
     if state.get("best_weights") is not None:
         save_file({n: w.contiguous() for n, w in state["best_weights"].items()}, tmp / "best.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
+    scaler = setup.mixed.scaler
+    torch.save({"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
+                "torch_rng": rng[0], "rank_rngs": rng, "scaler": None if scaler is None else scaler.state_dict(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "state.pt")  # fmt: skip
     meta = {k: v for k, v in state.items() if k != "best_weights"}
@@ -407,7 +641,10 @@ def _save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(folder: Path, trainable: dict[str, Any], optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def _load_checkpoint(
+    folder: Path, trainable: dict[str, Any], optimizer: Any, scheduler: Any, scaler: Any = None,
+    ranks: Ranks = SINGLE,
+) -> dict[str, Any]:  # fmt: skip
     """Restore a checkpoint written by `_save_checkpoint` into the live parameters, optimizer and scheduler.
 
     Checkpoints sit in the shared store, where anyone who can write could plant a file, so nothing in them is
@@ -423,6 +660,8 @@ def _load_checkpoint(folder: Path, trainable: dict[str, Any], optimizer: Any, sc
         trainable: the model's trainable parameters by name (overwritten in place).
         optimizer: the optimizer to restore (same kind and parameter groups as when saved).
         scheduler: the learning-rate scheduler to restore.
+        scaler: fp16's gradient scaler to restore (None otherwise).
+        ranks: this process among the training processes (each restores its own RNG state).
 
     Returns:
         The loop state from meta.json, with `best_weights` when the checkpoint holds them.
@@ -453,7 +692,16 @@ def _load_checkpoint(folder: Path, trainable: dict[str, Any], optimizer: Any, sc
         ) from None
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
+    if scaler is not None and saved.get("scaler") is not None:
+        scaler.load_state_dict(saved["scaler"])
+    rngs = saved.get("rank_rngs") or [saved["torch_rng"]]
+    if len(rngs) != ranks.world:
+        raise StageError(
+            f"train.resume: the checkpoint {folder} was written by {len(rngs)} training processes and this run has "
+            f"{ranks.world}; resume with the same train.processes x train.nnodes, or delete {folder.parent} to "
+            "train from the start."
+        )
+    torch.set_rng_state(rngs[ranks.rank])
     if saved.get("cuda_rng") is not None:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
     state: dict[str, Any] = json.loads((folder / "meta.json").read_text())
@@ -542,14 +790,19 @@ def _param_groups(model: Any, config: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": slow}, {"params": fast, "lr": config.learning_rate * config.loraplus_lr_ratio}]
 
 
-def trainable_model(config: TrainConfig, model_path: Path, device: str) -> tuple[Any, list[str]]:
-    """The base model loaded as configured (fp32, or 4-bit/8-bit through bitsandbytes) with LoRA adapters
-    attached and only they (and `modules_to_save`) trainable; also the resolved target module names."""
+def trainable_model(
+    config: TrainConfig, model_path: Path, device: str, precision: str = "fp32"
+) -> tuple[Any, list[str]]:
+    """The base model loaded as configured (in the training precision's dtype, or 4-bit/8-bit through
+    bitsandbytes) with LoRA adapters attached and only they (and `modules_to_save`) trainable, kept in fp32
+    whatever the base's dtype (so are their optimizer states); also the resolved target module names."""
+    import torch
     from peft import get_peft_model
 
     from tasks.models import load_base_as_trained
 
-    model: Any = load_base_as_trained(model_path, config.model_dump())
+    settings = {**config.model_dump(), "precision": precision, "compute_dtype": compute_dtype(config, precision)}
+    model: Any = load_base_as_trained(model_path, settings)
     if config.quantization == "none":
         model.to(device)  # bitsandbytes models are placed by their loader
     targets = resolve_target_modules(model, config.target_modules)
@@ -561,7 +814,11 @@ def trainable_model(config: TrainConfig, model_path: Path, device: str) -> tuple
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(config, targets)), targets
+    model = get_peft_model(model, lora_config(config, targets))
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model, targets
 
 
 def _keep_4bit_weights_trainable(model: Any) -> None:
@@ -631,24 +888,68 @@ def collate_micro_batch(batch: list[dict[str, Any]], pad_id: int, packed: bool) 
     return MicroBatch(input_ids, labels, mask, {}, int(mask.sum()))
 
 
-def accumulate_gradients(model: Any, micro_batches: list[MicroBatch], device: str) -> float:
-    """Forward and backward over one optimizer step's micro-batches; returns the step's loss.
+def accumulate_gradients(
+    model: Any, micro_batches: list[MicroBatch], device: str, ranks: Ranks = SINGLE, mixed: Mixed | None = None
+) -> float:
+    """Forward and backward over one optimizer step's micro-batches (this rank's share); returns the step's loss.
 
     The loss is the mean over all the step's labelled tokens, not a mean of micro-batch means (which would
     weight a token by how few labelled tokens its micro-batch holds), so the accumulated gradient is that of
     one batch of all the step's rows, while only one micro-batch's activations are alive at a time.
+
+    With several processes every rank collates the whole step and takes every world-th micro-batch; each
+    scales its loss by the world size because DDP averages the gradients over ranks when the last micro-batch's
+    backward runs (the others skip that all-reduce with `no_sync`), so the result is the one-process gradient.
+    The forward runs under autocast in bf16/fp16; fp16 scales the loss (`mixed.scaler`).
     """
+    mixed = mixed or mixed_precision("fp32", device)
     labelled = max(sum(int((micro.labels[:, 1:] != -100).sum()) for micro in micro_batches), 1)
+    mine = micro_batches[ranks.rank :: ranks.world]
     step_loss = 0.0
-    for micro in micro_batches:
-        losses, _ = labelled_token_losses(
-            model, micro.input_ids.to(device), micro.attention_mask.to(device), micro.labels.to(device),
-            **{name: value.to(device) for name, value in micro.extra.items()},
-        )  # fmt: skip
-        loss = losses.sum() / labelled
-        loss.backward()
+    for index, micro in enumerate(mine):
+        last = index == len(mine) - 1
+        with contextlib.ExitStack() as scope:
+            if ranks.world > 1 and not last:
+                scope.enter_context(model.no_sync())
+            with mixed.autocast():
+                losses, _ = labelled_token_losses(
+                    model, micro.input_ids.to(device), micro.attention_mask.to(device), micro.labels.to(device),
+                    **{name: value.to(device) for name, value in micro.extra.items()},
+                )  # fmt: skip
+            loss = losses.float().sum() / labelled
+            (mixed.scaler.scale(loss * ranks.world) if mixed.scaler else loss * ranks.world).backward()
         step_loss += loss.item()
-    return step_loss
+    return all_sum([step_loss], ranks)[0] if ranks.world > 1 else step_loss
+
+
+class Mixed(NamedTuple):
+    """How the forward runs in a precision: an autocast context factory and fp16's gradient scaler."""
+
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+    scaler: Any  # torch.amp.GradScaler for fp16, else None
+
+
+def mixed_precision(precision: str, device: str) -> Mixed:
+    """The autocast (bf16/fp16 on the device; nothing for fp32) and, for fp16, a gradient scaler."""
+    import torch
+
+    from tasks.models import autocast
+
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if precision == "fp16" else None
+    return Mixed(lambda: autocast(precision, device), scaler)
+
+
+def compute_dtype(config: TrainConfig, precision: str) -> str:
+    """The dtype QLoRA's 4-bit layers compute in: train.compute_dtype, or (auto) the training precision's."""
+    if config.compute_dtype != "auto":
+        return config.compute_dtype
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def _scheduler(optimizer: Any, config: TrainConfig, total_steps: int) -> Any:

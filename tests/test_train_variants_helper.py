@@ -10,7 +10,10 @@ from tasks.config import DEMO_CONFIG, load_config
 SMALL = ["train.max_steps=3", "train.batch_size=4", "data.max_rows=24", "eval.max_rows=8", "merge.probe_rows=4"]
 
 
-def train(tiny_model: Path, store: ArtifactStore, *overrides: str) -> Artifact:
+def train(tiny_model: Path, store: ArtifactStore, *overrides: str, kill_after_step: int = 0) -> Artifact:
+    """Train; with `kill_after_step`, the process dies (exit 137, no clean-up, like SIGKILL) right after that step."""
+    import os
+
     from tasks.data import prepare_data
     from tasks.models import provision_base
     from tasks.train import train_adapter
@@ -18,4 +21,9 @@ def train(tiny_model: Path, store: ArtifactStore, *overrides: str) -> Artifact:
     config = load_config(DEMO_CONFIG, [f"base_model={tiny_model}", *SMALL, *overrides])
     base = provision_base(str(tiny_model), store)
     data = prepare_data(config.data, base, store)
-    return train_adapter(config.train, base, data, store)
+
+    def kill(record: dict) -> None:
+        if record["step"] == kill_after_step:
+            os._exit(137)
+
+    return train_adapter(config.train, base, data, store, on_step=kill if kill_after_step else None)

@@ -225,16 +225,15 @@ def test_quantization_that_cannot_run_stops_instead_of_falling_back(
 
 
 def _train_in_subprocess(tiny_model: Path, store_dir: Path, crash_after: int | None, *overrides: str) -> int:
-    import os
     import subprocess
 
     code = (
         "import sys; sys.path.insert(0, 'tests'); from pathlib import Path;"
         "from tasks.artifacts import ArtifactStore; from test_train_variants_helper import train;"
-        f"train(Path({str(tiny_model)!r}), ArtifactStore({str(store_dir)!r}), *sys.argv[1:])"
+        f"train(Path({str(tiny_model)!r}), ArtifactStore({str(store_dir)!r}), *sys.argv[1:], "
+        f"kill_after_step={crash_after or 0})"
     )
-    env = {**os.environ, "LORAFORGE_CRASH_AFTER_STEP": str(crash_after or 0)}
-    return subprocess.run([sys.executable, "-c", code, *overrides], env=env, cwd=Path(__file__).parents[2]).returncode
+    return subprocess.run([sys.executable, "-c", code, *overrides], cwd=Path(__file__).parents[2]).returncode
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])  # the states resume through weights_only loading

@@ -158,7 +158,7 @@ def _build_eval(
     import torch
     from peft import PeftModel
 
-    from tasks.models import load_base_as_trained, load_tokenizer
+    from tasks.models import autocast, load_base_as_trained, load_tokenizer, trained_settings
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -166,7 +166,8 @@ def _build_eval(
     tokenizer = load_tokenizer(model_path)
     tokenizer.chat_template = data.file("chat_template.jinja").read_text() or None  # the template training used
     rows = read_split(data.file("test.jsonl"))[: config.max_rows]
-    base_model = load_base_as_trained(model_path, train.manifest["config"])  # QLoRA: the 4-bit base it trained on
+    trained = trained_settings(train.manifest)
+    base_model = load_base_as_trained(model_path, trained)  # in its training dtype, or QLoRA's 4-bit
     model = PeftModel.from_pretrained(base_model, train.file("adapter"), adapter_name="tuned")
     if published and published.get("commit"):
         model.load_adapter(_download_adapter(published, base), adapter_name="published")
@@ -179,14 +180,16 @@ def _build_eval(
     losses: dict[str, list[float]] = {}
     variants = ["base"] if config.compare_base else []
     variants += ["tuned"] + (["published"] if published and published.get("commit") else [])
+    precision, device = trained["precision"], str(next(model.parameters()).device)  # bf16/fp16: as in training
     for name in variants:
         print(f"[eval] {name} model on {len(rows)} test rows")
         if name == "base":
-            with model.disable_adapter():
+            with model.disable_adapter(), autocast(precision, device):
                 predictions[name], losses[name] = _answer(model, tokenizer, rows, config)
         else:
             model.set_adapter(name)
-            predictions[name], losses[name] = _answer(model, tokenizer, rows, config)
+            with autocast(precision, device):
+                predictions[name], losses[name] = _answer(model, tokenizer, rows, config)
         results[name], per_class[name] = _score(config.metrics, predictions[name], references, losses[name], rows)
 
     flat = {**results["tuned"]}

@@ -78,7 +78,7 @@ def _build_merge(
     import torch
     from peft import PeftModel
 
-    from tasks.models import load_causal_lm, load_tokenizer
+    from tasks.models import load_causal_lm, load_tokenizer, trained_settings
 
     model_path = Path(base.manifest["model_path"])
     tokenizer = load_tokenizer(model_path)
@@ -89,7 +89,7 @@ def _build_merge(
     # Positions whose next token is a labelled (completion) token: where the task's answer is decided.
     answer = torch.zeros_like(mask)
     answer[:, :-1] = (labels[:, 1:] != -100).long()
-    trained = train.manifest["config"]
+    trained = trained_settings(train.manifest)
     qlora = trained.get("quantization", "none") != "none"
     base_model = load_causal_lm(model_path, "float32")
     if qlora and config.qlora_base == "dequantized":
@@ -102,7 +102,8 @@ def _build_merge(
     model.eval()
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits
-        as_trained = _as_trained_logits(model_path, trained, train, ids, mask) if qlora else None
+        compare = qlora or trained["precision"] != "fp32"  # the adapter was trained on other weights than fp32
+        as_trained = _as_trained_logits(model_path, trained, train, ids, mask) if compare else None
         merged = model.merge_and_unload()
         fp32 = merged(input_ids=ids, attention_mask=mask).logits
         bad = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
@@ -120,7 +121,7 @@ def _build_merge(
         "cast_mean_kl": _mean_kl(reference, cast, mask),
         "probe_tokens": int(mask.sum()),
     }
-    if as_trained is not None:  # how far the saved model is from the QLoRA model that was trained and evaluated
+    if as_trained is not None:  # how far the saved model is from the model that was trained and evaluated
         fidelity["vs_trained_top1_agreement"] = _agreement(as_trained, cast, mask)
         fidelity["vs_trained_mean_kl"] = _mean_kl(as_trained, cast, mask)
     problems = []
@@ -200,9 +201,10 @@ def quantization_roundtrip(model: Any, trained: dict[str, Any]) -> None:
 def _as_trained_logits(model_path: Path, trained: dict[str, Any], train: Artifact, ids: Any, mask: Any) -> Any:
     from peft import PeftModel
 
-    from tasks.models import load_base_as_trained
+    from tasks.models import autocast, load_base_as_trained
 
     model = PeftModel.from_pretrained(load_base_as_trained(model_path, trained), train.file("adapter"))
     model.eval()
     device = next(model.parameters()).device  # bitsandbytes places a QLoRA base on CUDA when there is one
-    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+    with autocast(trained["precision"], str(device)):  # bf16/fp16: the forward as in training
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()

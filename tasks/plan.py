@@ -6,8 +6,11 @@ train stage's LoRA config is applied to it with peft itself, so the counts are p
 (`get_nb_trainable_parameters`), and the adapter file size is computed from the exact safetensors layout of
 `get_peft_model_state_dict`.
 
-Peak memory is estimated for four ways of training the same model at the same batch and sequence length:
-LoRA (the configured targets and rank on the fp32 base), QLoRA 4-bit, QLoRA 8-bit and full fine-tuning.
+Peak memory is estimated for five ways of training the same model at the same batch and sequence length:
+LoRA (the configured targets and rank on the fp32 base), LoRA on a bf16/fp16 base (`train.precision`: the base
+weights in 2 bytes; LoRA weights, their states and gradients stay fp32; activations are counted as fp32, an upper
+bound: autocast keeps the matmul outputs in 16 bits but the residual stream and norms in fp32), QLoRA 4-bit,
+QLoRA 8-bit and full fine-tuning.
 Two figures per mode:
 
 * **CPU: the process's peak RSS** (what `resource.getrusage().ru_maxrss` reports and the train stage records
@@ -68,7 +71,7 @@ LOGIT_COPIES = 3
 # RSS growth / counted activation+logit bytes: 1.30 (SmolLM2 LoRA q,v) and 1.44 (all-linear), batch 8 x 74,
 # train stage in its own process (bench/plan_accuracy.py); glibc keeps freed blocks and fragments.
 ALLOCATOR_FACTOR = 1.37
-MODES = ("lora", "qlora-4bit", "qlora-8bit", "full")
+MODES = ("lora", "lora-bf16", "qlora-4bit", "qlora-8bit", "full")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -170,11 +173,17 @@ def plan_training(
         seq_len_source=seq_len_source or ("given" if seq_len else "data.max_length"),
         gradient_checkpointing=train.gradient_checkpointing,
         logit_positions=min(logit_positions or seq_len or config.data.max_length, seq_len or config.data.max_length),
-        configured_mode={"none": "lora", "4bit": "qlora-4bit", "8bit": "qlora-8bit"}[train.quantization],
+        configured_mode=_configured_mode(train.quantization, train.precision),
     )
     for mode in MODES:
         plan.memory[mode] = estimate_memory(plan, mode, meta, config)
     return plan
+
+
+def _configured_mode(quantization: str, precision: str) -> str:
+    if quantization != "none":
+        return {"4bit": "qlora-4bit", "8bit": "qlora-8bit"}[quantization]
+    return "lora-bf16" if precision in ("bf16", "fp16") else "lora"  # auto: fp32 on CPU, bf16 on a recent GPU
 
 
 @dataclass
@@ -352,6 +361,8 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
         weights = linear_params * (0.5 + constants) + other_params * fp32
     elif mode == "qlora-8bit":
         weights = linear_params * 1 + sum(o for _, _, o in meta.linear) * fp32 + other_params * fp32
+    elif mode == "lora-bf16":  # train.precision=bf16 or fp16: every base weight in 2 bytes
+        weights = plan.total_params * 2
     else:
         weights = plan.total_params * fp32
     # LoRA matrices and modules_to_save copies live beside the base weights; in full FT the weights are trained.

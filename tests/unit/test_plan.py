@@ -186,3 +186,13 @@ def test_child_peak_is_its_own_not_the_parents() -> None:
     assert int(output.strip()) // 1024 > 600  # what the child's own ru_maxrss claims
     assert 200 < peak_mb < 400  # its VmHWM: the 200 MB it allocated plus the interpreter
     del ballast
+
+
+def test_bf16_base_halves_the_weights_and_is_marked_when_configured(tiny_model: Path) -> None:
+    fp32 = plan_training(_config(tiny_model))
+    bf16 = plan_training(_config(tiny_model, "train.precision=bf16"))
+    assert (fp32.configured_mode, bf16.configured_mode) == ("lora", "lora-bf16")
+    full, half = bf16.memory["lora"].components_mb, bf16.memory["lora-bf16"].components_mb
+    assert half["weights"] == pytest.approx(full["weights"] / 2, abs=0.1)
+    assert half["adapter_weights"] == full["adapter_weights"] and half["adamw_states"] == full["adamw_states"]
+    assert "lora-bf16 *" in format_plan(bf16)

@@ -65,6 +65,7 @@ EXTRA_RECIPES: dict[str, dict[str, Any]] = {  # opt-in (--recipes); more with --
     "ours+random": {"group_by_length": False},  # random micro-batches, no sorting even within a step
     "ours@b8w16": {"batch_size": 8, "length_group_steps": 16},  # the defaults before 2026-12-02: one micro-batch
     # per step, sorted by length across 16 steps (fast, but each step less representative)
+    "ours+bf16": {"precision": "bf16"},  # base weights in bf16, forward under bf16 autocast (ours: fp32 on CPU)
 }
 PACKING_VARIANTS = ("lora-qv",)  # padding is a property of the data, not of the adapter: packing measured once
 

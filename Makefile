@@ -55,9 +55,10 @@ deploy: setup                ## deploy infra/prefect.yaml (work pools + every de
 hub: setup                   ## a local Hub-compatible server on 127.0.0.1:8765 (repos under .hub/; token: .hub/token)
 	$(PY) infra/hub/server.py --root .hub --port 8765
 
-constraints: setup           ## re-pin every installed package into constraints.txt
+constraints: setup           ## re-pin every installed package into constraints.txt (CPU), then constraints-cuda.txt from it
 	{ echo "# Exact pins for every package in the environment (pip install -c constraints.txt). Regenerate: make constraints"; \
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^loraforge' | sed 's/ @ file.*//; s/^llama_cpp_python$$/llama_cpp_python==0.3.36/'; } > constraints.txt
+	$(PY) infra/constraints_cuda.py  # the same pins with PyPI's CUDA torch and its nvidia-* libraries (pip resolves them)
 
 clean:                       ## remove the virtualenv and local artifacts (the model/wheel cache stays)
 	rm -rf $(VENV) artifacts .hub .pytest_cache .mypy_cache .ruff_cache

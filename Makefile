@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers
+.PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers gpu-check
 
 setup:                       ## virtualenv, torch 2.13.0 CPU first, llama-cpp-python wheel built once, pinned deps
 	bash infra/bootstrap.sh
@@ -42,6 +42,9 @@ images: setup                ## podman images per stage from a debootstrapped De
 
 test-containers: images      ## every stage in its own container through a Prefect Docker worker on podman's socket
 	$(PY) -m pytest -m containers tests/containers $(PYTEST_ARGS)
+
+gpu-check: setup             ## on a CUDA machine (LORAFORGE_TORCH=cuda make setup): gpu tests + QLoRA/LoRA bf16/fp32 figures, one JSON (< 8 min)
+	$(PY) bench/gpu_check.py $(ARGS)
 
 stack: setup                 ## local stack: PostgreSQL, Prefect server on it, workers, artifact volume, Hub; deployed
 	bash infra/stack/up.sh

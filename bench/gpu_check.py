@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gpu_check.py              # = make gpu-check (LORAFORGE_TORCH=cuda make setup first)
     .venv/bin/python bench/gpu_check.py --size 1b    # force a model size (tiny, 1b, 7b)
-    .venv/bin/python bench/gpu_check.py --smoke      # the same code on CPU: tiny model, 2 steps (tests/unit)
+    .venv/bin/python bench/gpu_check.py --smoke      # the same code on CPU, in this process: tiny model, 2 steps
 
 Without CUDA it says so and exits 0: GPU figures are then not measured. With CUDA, in order, within --budget
 seconds (each part has its own timeout and is recorded as "timeout" when it runs out):
@@ -119,7 +119,7 @@ def _check(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
         report["device"], report["gpus"] = "cpu", 0
         report["gpu_tests"] = {"status": "skipped", "reason": "smoke run on CPU"}
     peak = _peak_flops(device)
-    report["peak_bf16_tflops"] = {k: (round(v / 1e12, 1) if v else None) for k, v in peak.items() if k != "used"}
+    report["peak_bf16_tflops"] = {k: (round(v / 1e12, 3) if v else None) for k, v in peak.items() if k != "used"}
     report["mfu_against"] = peak["used"]
     size = args.size or ("tiny" if args.smoke else _pick_size(free, run["batch"] * run["seq"]))
     report["model"] = {"size": size, **_shape(size), "params_matmul": _matmul_params(size)}
@@ -127,7 +127,10 @@ def _check(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     variants = {}
     for variant in VARIANTS:
         job = {"variant": variant, "size": size, "device": device, **run}
-        result = _run_child(["--child", json.dumps(job)], min(120.0, deadline - time.monotonic()))
+        if args.smoke:  # in this process: quick, and a tiny model's figures on CPU mean nothing anyway
+            result = _child(job)
+        else:
+            result = _run_child(["--child", json.dumps(job)], min(120.0, deadline - time.monotonic()))
         if result.get("status") == "ok":
             result.update(_mfu(result, size, peak[peak["used"]]))
         variants[variant] = result
@@ -153,9 +156,7 @@ def _peak_flops(device: str) -> dict[str, Any]:
     """The bf16 peak from the table (by device name) and from a GEMM probe; `used` names the one MFU divides by."""
     import torch
 
-    name = torch.cuda.get_device_name() if device == "cuda" else ""
-    matches = sorted((k for k in PEAK_BF16_TFLOPS if k in name), key=len, reverse=True)
-    table = PEAK_BF16_TFLOPS[matches[0]] * 1e12 if matches else None
+    table = _table_peak(torch.cuda.get_device_name()) if device == "cuda" else None
     size = 8192 if device == "cuda" else 256
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
@@ -168,6 +169,12 @@ def _peak_flops(device: str) -> dict[str, Any]:
         if i >= 3:
             best = min(best, time.perf_counter() - started)
     return {"table": table, "probe": 2 * size**3 / best, "used": "table" if table else "probe"}
+
+
+def _table_peak(device_name: str) -> float | None:
+    """The dense bf16 FLOP/s of the table entry with the longest name found in the device's name, if any."""
+    matches = sorted((k for k in PEAK_BF16_TFLOPS if k in device_name), key=len, reverse=True)
+    return PEAK_BF16_TFLOPS[matches[0]] * 1e12 if matches else None
 
 
 def _shape(size: str) -> dict[str, Any]:
@@ -259,6 +266,7 @@ def _build(size: str, variant: str, device: str) -> Any:
     model.requires_grad_(False)
     if variant.startswith("qlora"):
         _quantize_4bit(model, device)
+        setattr(model, "is_loaded_in_4bit", True)  # as transformers' bnb loader marks it: peft then wraps with its 4-bit LoRA
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
@@ -291,7 +299,7 @@ def _train_steps(model: Any, job: dict[str, Any]) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (job["batch"], job["seq"]), device=device, generator=None)
+    ids = torch.randint(0, vocab, (job["batch"], job["seq"]), device=device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses = []
@@ -313,7 +321,16 @@ def _train_steps(model: Any, job: dict[str, Any]) -> dict[str, Any]:
     return {"tokens_per_s": round(job["steps"] * job["batch"] * job["seq"] / seconds, 1),
             "peak_mb": round(peak_mb), "peak_is": "cuda max_memory_allocated" if device == "cuda" else "process RSS",
             "step_s": round(seconds / job["steps"], 4), "trainable_params": sum(p.numel() for p in trainable),
-            "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)]}  # fmt: skip
+            "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)],
+            "quantized_layers": _quantized_layers(model)}  # fmt: skip
+
+
+def _quantized_layers(model: Any) -> int:
+    """bitsandbytes Linear4bit layers whose weight is quantized (peft's wrappers share it: not counted)."""
+    return sum(
+        type(m).__module__.startswith("bitsandbytes") and bool(getattr(m.weight, "bnb_quantized", False))
+        for m in model.modules()
+    )
 
 
 def _sync(device: str) -> None:

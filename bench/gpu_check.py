@@ -266,7 +266,8 @@ def _build(size: str, variant: str, device: str) -> Any:
     model.requires_grad_(False)
     if variant.startswith("qlora"):
         _quantize_4bit(model, device)
-        setattr(model, "is_loaded_in_4bit", True)  # as transformers' bnb loader marks it: peft then wraps with its 4-bit LoRA
+        # Marked as transformers' bitsandbytes loader marks a model: peft then wraps with its 4-bit LoRA layers.
+        model.is_loaded_in_4bit = True  # type: ignore[assignment]
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 

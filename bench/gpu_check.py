@@ -168,6 +168,9 @@ def _peak_flops(device: str) -> dict[str, Any]:
         _sync(device)
         if i >= 3:
             best = min(best, time.perf_counter() - started)
+    del a, b
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the variants run in child processes: leave them the memory
     return {"table": table, "probe": 2 * size**3 / best, "used": "table" if table else "probe"}
 
 

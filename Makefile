@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers
+.PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers gpu-check
 
 setup:                       ## virtualenv, torch 2.13.0 CPU first, llama-cpp-python wheel built once, pinned deps
 	bash infra/bootstrap.sh
@@ -43,6 +43,9 @@ images: setup                ## podman images per stage from a debootstrapped De
 test-containers: images      ## every stage in its own container through a Prefect Docker worker on podman's socket
 	$(PY) -m pytest -m containers tests/containers $(PYTEST_ARGS)
 
+gpu-check: setup             ## on a CUDA machine (LORAFORGE_TORCH=cuda make setup): gpu tests + QLoRA/LoRA bf16/fp32 figures, one JSON (< 8 min)
+	$(PY) bench/gpu_check.py $(ARGS)
+
 stack: setup                 ## local stack: PostgreSQL, Prefect server on it, workers, artifact volume, Hub; deployed
 	bash infra/stack/up.sh
 
@@ -55,9 +58,10 @@ deploy: setup                ## deploy infra/prefect.yaml (work pools + every de
 hub: setup                   ## a local Hub-compatible server on 127.0.0.1:8765 (repos under .hub/; token: .hub/token)
 	$(PY) infra/hub/server.py --root .hub --port 8765
 
-constraints: setup           ## re-pin every installed package into constraints.txt
+constraints: setup           ## re-pin every installed package into constraints.txt (CPU), then constraints-cuda.txt from it
 	{ echo "# Exact pins for every package in the environment (pip install -c constraints.txt). Regenerate: make constraints"; \
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^loraforge' | sed 's/ @ file.*//; s/^llama_cpp_python$$/llama_cpp_python==0.3.36/'; } > constraints.txt
+	$(PY) infra/constraints_cuda.py  # the same pins with PyPI's CUDA torch and its nvidia-* libraries (pip resolves them)
 
 clean:                       ## remove the virtualenv and local artifacts (the model/wheel cache stays)
 	rm -rf $(VENV) artifacts .hub .pytest_cache .mypy_cache .ruff_cache

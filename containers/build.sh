@@ -3,11 +3,13 @@
 #
 #   containers/build.sh                  the base and every stage image (data train eval merge quantize publish)
 #   containers/build.sh train publish    only these (and the base they start from)
-#   make images                          the same as the first line
+#   containers/build.sh train-cuda       the GPU train image: PyPI's CUDA torch, pins from constraints-cuda.txt
+#   make images                          the same as the first line (IMAGES="train-cuda" for the GPU image)
 #
 # Images: localhost/loraforge-{base-deps,base,data,train,eval,merge,quantize,publish}, each tagged with the git
 # sha (12 hex; "-dirty" appended when the tree has uncommitted changes under flows/ tasks/ containers/ or the
-# pins) and `latest`. Idempotent: when every image already carries this build's context hash (a label over the
+# pins) and `latest`; train-cuda is localhost/loraforge-train tagged <sha>-cuda and latest-cuda (built on
+# localhost/loraforge-base-deps-cuda: base-deps with the CUDA pin set). Idempotent: when every image already carries this build's context hash (a label over the
 # source, the Containerfiles, the wheels and the build arguments) nothing is built (~2 s); otherwise podman's
 # layer cache rebuilds only what changed (a source edit: the last two layers of each image).
 #
@@ -19,9 +21,8 @@
 # Environment:
 #   LORAFORGE_CACHE   cache folder (default ~/.cache/loraforge): the Debian rootfs tarball and the build context
 #   DEBIAN_MIRROR     for debootstrap (default http://deb.debian.org/debian)
-#   TRAIN_TORCH_SPEC  torch for the train image (default torch==2.13.0+cpu from the wheel on disk). The GPU image:
-#                     TRAIN_TORCH_SPEC=torch==2.13.0 (PyPI's CUDA 12 build), tagged <sha>-cuda and latest-cuda
-#   TORCH_INDEX_URL   an extra index for torch (e.g. https://download.pytorch.org/whl/cu128 with torch==2.13.0+cu128)
+#   TORCH_INDEX_URL   an extra index for the CPU torch wheel (https://download.pytorch.org/whl/cpu); not used
+#                     by train-cuda, whose torch (`torch===2.13.0` in constraints-cuda.txt) comes from PyPI
 #   IMAGE_TAG         tag instead of the git sha
 #   CA_BUNDLE         CA bundle pip trusts inside builds (default: the host's /etc/ssl/certs/ca-certificates.crt)
 set -euo pipefail
@@ -34,6 +35,7 @@ TORCH_VERSION=2.13.0
 DEBIAN_IMAGE=localhost/loraforge-debian:bookworm
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 ALL_STAGES=(data train eval merge quantize publish)
+EXTRA_IMAGES=(train-cuda) # built only when named: several GB of CUDA wheels
 PODMAN=(containers/podman.sh)
 VENV_PY="${LORAFORGE_VENV:-.venv}/bin/python"
 log() { echo "[images] $*"; }
@@ -42,7 +44,8 @@ die() { echo "[images] error: $*" >&2; exit 1; }
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${ALL_STAGES[@]}")
 for s in "${stages[@]}"; do
-  [[ " ${ALL_STAGES[*]} " == *" $s "* ]] || die "unknown image '$s'; images: ${ALL_STAGES[*]}"
+  [[ " ${ALL_STAGES[*]} ${EXTRA_IMAGES[*]} " == *" $s "* ]] \
+    || die "unknown image '$s'; images: ${ALL_STAGES[*]} ${EXTRA_IMAGES[*]}"
 done
 
 # --- tools ---------------------------------------------------------------------------------------------------
@@ -98,16 +101,17 @@ mkdir -p "$ctx/wheels" "$ctx/llama.cpp"
 # Only what the images run: the package, its metadata and the pins (no tests, docs, .venv or artifacts).
 new_src="$ctx/src.new"
 rm -rf "$new_src" && mkdir -p "$new_src"
-git ls-files -co --exclude-standard -- pyproject.toml constraints.txt README.md LICENSE flows tasks \
+git ls-files -co --exclude-standard -- pyproject.toml constraints.txt constraints-cuda.txt README.md LICENSE flows tasks \
   | while IFS= read -r f; do [ -f "$f" ] && printf '%s\n' "$f"; done \
   | tar -cf - -T - | tar -xf - -C "$new_src"
 rm -rf "$ctx/src" && mv "$new_src" "$ctx/src"
 cp containers/entrypoint.sh "$ctx/entrypoint.sh"
 # The images' pins: constraints.txt restricted to loraforge's runtime dependency closure (as installed in the
 # venv), without torch (each image installs its own build). Dev-only pins (pytest, linters, the Docker worker)
-# then never invalidate the image layers.
+# then never invalidate the image layers. The CUDA set (constraints-image-cuda.txt, for train-cuda): the same
+# closure from constraints-cuda.txt, plus torch's CUDA build and the CUDA libraries only that set pins.
 [ -x "$VENV_PY" ] || die "no $VENV_PY: run make setup first"
-"$VENV_PY" - constraints.txt "$ctx/constraints-image.txt.part" <<'PY'
+"$VENV_PY" - constraints.txt "$ctx/constraints-image.txt.part" constraints-cuda.txt "$ctx/constraints-image-cuda.txt.part" <<'PY'
 import importlib.metadata as md
 import sys
 
@@ -129,14 +133,24 @@ while todo:
         if req.marker is None or req.marker.evaluate({"extra": ""}):
             todo.append(req.name)
 closure -= {"loraforge", "torch"}
-with open(sys.argv[1]) as src, open(sys.argv[2], "w") as out:
+
+
+def pins(path):
+    with open(path) as src:
+        return {canonicalize_name(line.split("=")[0].strip()): line for line in src if line.strip()[:1] not in ("", "#")}
+
+
+cpu, cuda = pins(sys.argv[1]), pins(sys.argv[3])
+with open(sys.argv[2], "w") as out:
     out.write("# constraints.txt restricted to loraforge's runtime dependencies, torch aside (containers/build.sh)\n")
-    for line in src:
-        name = line.split("==")[0].strip()
-        if name and not name.startswith("#") and canonicalize_name(name) in closure:
-            out.write(line)
+    out.writelines(line for name, line in cpu.items() if name in closure)
+with open(sys.argv[4], "w") as out:
+    out.write("# constraints-cuda.txt restricted to the same, with torch's CUDA build and its CUDA libraries\n")
+    out.writelines(line for name, line in cuda.items() if name in closure or name == "torch" or name not in cpu)
 PY
 mv "$ctx/constraints-image.txt.part" "$ctx/constraints-image.txt"
+mv "$ctx/constraints-image-cuda.txt.part" "$ctx/constraints-image-cuda.txt"
+CUDA_TORCH_SPEC=$(grep -m1 '^torch===' constraints-cuda.txt) || die "constraints-cuda.txt pins no torch===: make constraints"
 
 torch_wheel=$(ls "$ctx/wheels"/torch-"$TORCH_VERSION"+cpu-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$torch_wheel" ]; then
@@ -156,22 +170,22 @@ cp -a "$converter" "$ctx/llama.cpp/"
 
 # --- tags, build arguments, the context hash ------------------------------------------------------------------
 sha=$(git rev-parse --short=12 HEAD 2>/dev/null || echo nogit)
-if [ -n "$(git status --porcelain -- flows tasks containers pyproject.toml constraints.txt 2>/dev/null)" ]; then
+if [ -n "$(git status --porcelain -- flows tasks containers pyproject.toml constraints.txt constraints-cuda.txt 2>/dev/null)" ]; then
   sha="$sha-dirty"
 fi
 TAG="${IMAGE_TAG:-$sha}"
 CA_BUNDLE="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
-TRAIN_TORCH_SPEC="${TRAIN_TORCH_SPEC:-torch==$TORCH_VERSION+cpu}"
 common=(--network host --pull=never --layers)
 if [ -f "$CA_BUNDLE" ]; then
   common+=(-v "$CA_BUNDLE:/etc/ssl/certs/loraforge-host-ca.crt:ro" --build-arg PIP_CERT=/etc/ssl/certs/loraforge-host-ca.crt)
 fi
-[ -n "${TORCH_INDEX_URL:-}" ] && common+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+cpu_torch=() # the CPU images' torch index (train-cuda takes PyPI's torch)
+[ -n "${TORCH_INDEX_URL:-}" ] && cpu_torch+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 hash=$({
-  (cd "$ctx" && find src llama.cpp entrypoint.sh constraints-image.txt -type f -print0 | sort -z | xargs -0 sha256sum)
+  (cd "$ctx" && find src llama.cpp entrypoint.sh constraints-image*.txt -type f -print0 | sort -z | xargs -0 sha256sum)
   (cd "$ctx/wheels" && ls -l --time-style=+ -- *.whl | awk '{print $5, $NF}')
   sha256sum containers/*.Containerfile
-  echo "$TRAIN_TORCH_SPEC ${TORCH_INDEX_URL:-} $TAG"
+  echo "${TORCH_INDEX_URL:-} $TAG"
 } | sha256sum | cut -c1-16)
 
 current() { # the image is there with this build's context hash
@@ -207,15 +221,17 @@ build base base.Containerfile "$TAG" latest -- --build-arg "BASE_IMAGE=$DEBIAN_I
 for stage in "${stages[@]}"; do
   case "$stage" in
     publish) build publish publish.Containerfile "$TAG" latest -- --build-arg "BASE=localhost/loraforge-base:$TAG" ;;
-    train)
-      if [[ "$TRAIN_TORCH_SPEC" == *+cpu ]]; then
-        build train train.Containerfile "$TAG" latest -- --build-arg "BASE=localhost/loraforge-base-deps:$TAG"
-      else
-        build train train.Containerfile "$TAG-cuda" latest-cuda -- \
-          --build-arg "BASE=localhost/loraforge-base-deps:$TAG" --build-arg "TORCH_SPEC=$TRAIN_TORCH_SPEC"
+    train-cuda)
+      # base-deps with the CUDA pin set as /opt/loraforge/constraints-image.txt, then train.Containerfile as is:
+      # its torch step installs torch===2.13.0 (the local +cpu wheel never matches ===) and the nvidia-* pins.
+      if ! current "localhost/loraforge-train:$TAG-cuda"; then
+        build base-deps-cuda base.Containerfile "$TAG" latest -- --target deps-cuda --build-arg "BASE_IMAGE=$DEBIAN_IMAGE"
       fi
+      build train train.Containerfile "$TAG-cuda" latest-cuda -- \
+        --build-arg "BASE=localhost/loraforge-base-deps-cuda:$TAG" --build-arg "TORCH_SPEC=$CUDA_TORCH_SPEC"
       ;;
-    *) build "$stage" "$stage.Containerfile" "$TAG" latest -- --build-arg "BASE=localhost/loraforge-base-deps:$TAG" ;;
+    *) build "$stage" "$stage.Containerfile" "$TAG" latest -- "${cpu_torch[@]}" \
+         --build-arg "BASE=localhost/loraforge-base-deps:$TAG" ;;
   esac
 done
 log "done in $((SECONDS - started)) s (tag $TAG):"

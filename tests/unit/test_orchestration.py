@@ -61,14 +61,36 @@ def test_every_stage_has_a_flow_and_a_deployment_in_prefect_yaml() -> None:
         artifacts = upstream - {"config", "store", "spec", "name", "pipeline_name", "approval_required"}
         assert params == {f"{name.rstrip('_')}_key" for name in artifacts}
         assert d["work_pool"]["name"] == ("loraforge-gpu" if stage == "train" else "loraforge-cpu")
-    gpu = deployments["train"]["work_pool"]["job_variables"]["container_create_kwargs"]["device_requests"]
-    assert gpu[0]["driver"] == "nvidia" and gpu[0]["capabilities"] == [["gpu"]]
     pipeline_deployment = deployments["pipeline"]
     assert pipeline_deployment["entrypoint"] == "flows/pipeline.py:run_pipeline"
     assert [s["cron"] for s in pipeline_deployment["schedules"]] == ["0 2 * * *"]
     (trigger,) = pipeline_deployment["triggers"]
     assert trigger["expect"] == ["loraforge.data.registered"]
     assert trigger["parameters"] == {"data_file": "{{ event.payload.path }}"}
+
+
+def test_the_gpu_train_deployment_runs_the_cuda_image_with_every_gpu() -> None:
+    """The train deployment (loraforge-gpu pool) takes the CUDA build of the train image (`<tag>-cuda`, from
+    `containers/build.sh train-cuda`) and asks a Docker engine for every NVIDIA GPU; every other stage runs its
+    CPU image with no device request."""
+    from docker.types import DeviceRequest, HostConfig
+
+    spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    train = deployments["train"]["work_pool"]
+    assert train["name"] == "loraforge-gpu"
+    assert train["job_variables"]["image"] == (
+        "{{ $LORAFORGE_IMAGE_PREFIX }}loraforge-train:{{ $LORAFORGE_IMAGE_TAG }}-cuda"
+    )
+    requests = train["job_variables"]["container_create_kwargs"]["device_requests"]
+    # What Prefect's Docker worker hands docker-py (containers.create(**container_create_kwargs)): the engine's
+    # DeviceRequests of `docker run --gpus all`.
+    host = HostConfig(version="1.41", device_requests=requests)
+    assert host["DeviceRequests"] == [DeviceRequest(driver="nvidia", count=-1, capabilities=[["gpu"]])]
+    for name, d in deployments.items():
+        if name != "train":
+            assert not d["work_pool"]["job_variables"]["image"].endswith("-cuda"), name
+            assert "container_create_kwargs" not in d["work_pool"]["job_variables"], name
 
 
 def test_register_data_refuses_a_missing_file_and_a_missing_server(

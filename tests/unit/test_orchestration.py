@@ -57,7 +57,9 @@ def test_every_stage_has_a_flow_and_a_deployment_in_prefect_yaml() -> None:
         assert DEPLOYMENTS[stage] == f"{stage_flow.name}/{d['name']}"
         # The pipeline passes each upstream key as <stage>_key: the stage flow must take exactly those.
         params = set(inspect.signature(stage_flow.fn).parameters) - {"config", "only"}
-        upstream = set(inspect.signature(IN_PROCESS[stage].fn).parameters)  # the stage function's arguments
+        upstream = {  # the stage function's positional arguments (keyword-only ones, like on_step, are options)
+            name for name, p in inspect.signature(IN_PROCESS[stage].fn).parameters.items() if p.kind != p.KEYWORD_ONLY
+        }
         artifacts = upstream - {"config", "store", "spec", "name", "pipeline_name", "approval_required"}
         assert params == {f"{name.rstrip('_')}_key" for name in artifacts}
         assert d["work_pool"]["name"] == ("loraforge-gpu" if stage == "train" else "loraforge-cpu")

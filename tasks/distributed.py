@@ -16,12 +16,14 @@ the end of the same step, save a checkpoint and exit; the calling process then r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,92 @@ def broadcast(value: Any, ranks: Ranks) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def wrap(model: Any, ranks: Ranks, device: str, fsdp: bool) -> Any:
+    """What the loop calls forward on: the model itself with one process; with several, DDP around it (every rank
+    holds the whole model, gradients all-reduced) or, with `fsdp`, the model sharded in place with FSDP2
+    (`fully_shard` on every decoder layer, then the root: each rank holds 1/world of every weight, gathered per
+    layer for its forward and backward, gradients reduce-scattered)."""
+    if ranks.world == 1:
+        return model
+    import torch
+
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ranks.local_rank] if device == "cuda" else None
+        )
+    from torch.distributed.fsdp import fully_shard
+
+    layer_kinds = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in layer_kinds]
+    if not layers:
+        raise StageError(
+            f"train.fsdp: found no decoder layers to shard in {type(model.get_base_model()).__name__} (transformers "
+            "lists none in _no_split_modules); set train.fsdp=false (DDP: every process holds the whole model)."
+        )
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def sharded(model: Any) -> bool:
+    """Whether the model's weights are sharded over the ranks (FSDP2)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def no_sync(forward: Any) -> Iterator[None]:
+    """Backward without the gradient all-reduce (DDP) or reduce-scatter (FSDP2): for every micro-batch of a step
+    but the last, whose backward then reduces the accumulated gradients once."""
+    if hasattr(forward, "no_sync"):
+        with forward.no_sync():
+            yield
+        return
+    forward.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        forward.set_requires_gradient_sync(True)
+
+
+def full(tensor: Any) -> Any:
+    """The whole tensor (a collective on every rank for a sharded one)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def assign(params: dict[str, Any], weights: dict[str, Any]) -> None:
+    """Copy whole tensors into the parameters, sharding them as each parameter is."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in params.items():
+            value = weights[name]
+            if hasattr(param, "full_tensor") and not hasattr(value, "full_tensor"):
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+            param.copy_(value)
+
+
+def optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """The optimizer state as whole tensors (gathered from the shards under FSDP; a collective then)."""
+    if not sharded(model):
+        return dict(optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return dict(get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True)))
+
+
+def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Restore what `optimizer_state` returned (sharding it again under FSDP)."""
+    if not sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def write_spec(run_folder: Path, spec: dict[str, Any]) -> None:

@@ -445,6 +445,8 @@ def load_base_as_trained(folder: Path, train_settings: Mapping[str, Any]) -> Pre
             bnb_4bit_quant_type=train_settings.get("quant_type", "nf4"),
             bnb_4bit_use_double_quant=train_settings.get("double_quant", True),
             bnb_4bit_compute_dtype=getattr(torch, _concrete(train_settings.get("compute_dtype"), dtype)),
+            # FSDP shards every weight as one dtype: the packed 4-bit weights are stored in the others' dtype
+            bnb_4bit_quant_storage=getattr(torch, dtype) if train_settings.get("fsdp") else torch.uint8,
         )
     else:
         bnb = BitsAndBytesConfig(load_in_8bit=True)

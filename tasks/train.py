@@ -50,7 +50,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.artifacts import Artifact, ArtifactStore, commit_folder
 from tasks.batching import collate, collate_packed, labelled_token_losses, loss_total, pack_rows, read_split
-from tasks.distributed import SINGLE, Ranks, all_sum, any_rank, broadcast, gather
+from tasks.distributed import (
+    SINGLE,
+    Ranks,
+    all_sum,
+    any_rank,
+    assign,
+    broadcast,
+    full,
+    gather,
+    load_optimizer_state,
+    no_sync,
+    optimizer_state,
+    sharded,
+    wrap,
+)
 from tasks.errors import StageError
 from tasks.models import resolve_precision
 
@@ -112,6 +126,11 @@ class TrainConfig(BaseModel):
         "(processes x nnodes) micro-batches of every step, so the global batch is unchanged.",
     )
     nnodes: int = Field(1, ge=1, description="Machines training together (each runs the same command).")
+    fsdp: bool = Field(
+        False,
+        description="With several processes: shard the base weights over them (FSDP2, per decoder layer) instead "
+        "of a whole copy in each (DDP); for a base that does not fit one GPU.",
+    )
     rdzv_endpoint: str | None = Field(
         None, description="host:port of the rendezvous when nnodes > 1 (torchrun's c10d backend on one machine)."
     )
@@ -143,6 +162,8 @@ class TrainConfig(BaseModel):
                 f"(processes x nnodes); set grad_accum to a multiple of {world} "
                 "and batch_size so that batch_size x grad_accum stays your global batch"
             )
+        if self.fsdp and world == 1:
+            raise ValueError("fsdp shards the model over several training processes: set processes (or nnodes) > 1")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port that every machine can reach)")
         return self
@@ -293,8 +314,9 @@ def _build_adapter(run: TrainRun, ranks: Ranks, on_step: Callable[[dict[str, Any
     """Train the adapter of the train artifact `run.key`; rank 0 writes it (the key's lock is held)."""
     setup = _setup(run, ranks)
     fit = _fit(run, setup, ranks, on_step)
+    adapter = {n: full(p.detach()) for n, p in setup.model.named_parameters() if p.requires_grad}  # FSDP: gathered
     if ranks.leader:
-        _save(run, setup, fit)
+        _save(run, setup, fit, adapter)
         shutil.rmtree(_checkpoints(run), ignore_errors=True)  # the artifact exists: checkpoints are not needed
 
 
@@ -354,12 +376,8 @@ def _setup(run: TrainRun, ranks: Ranks) -> Setup:
         if config.packing:
             print(f"[train] packed {len(train_rows)} rows into {len(units)} sequences of up to "
                   f"{run.data.manifest['config']['max_length']} tokens")  # fmt: skip
-    optimizer = _optimizer(_param_groups(model, config), config)
-    forward = model
-    if ranks.world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ranks.local_rank] if run.device == "cuda" else None
-        )
+    forward = wrap(model, ranks, run.device, config.fsdp)  # DDP or FSDP2 with several processes
+    optimizer = _optimizer(_param_groups(model, config), config)  # after sharding: it holds the shards
     return Setup(model, forward, targets, variant, units, total_steps, read_split(run.data.file("validation.jsonl")),
                  tokenizer.pad_token_id, optimizer, _scheduler(optimizer, config, total_steps),
                  mixed_precision(run.precision, run.device))  # fmt: skip
@@ -372,7 +390,6 @@ def _checkpoints(run: TrainRun) -> Path:
 def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: Callable[[dict[str, Any]], None] | None) -> Fit:
     """The training loop: resume if a checkpoint exists, step, log, validate, checkpoint; stop early or on a
     signal (at the end of a step, every rank at the same one)."""
-    import torch
     from tqdm import tqdm
 
     config, params = run.config, {n: p for n, p in setup.model.named_parameters() if p.requires_grad}
@@ -380,7 +397,7 @@ def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: Callable[[dict[str,
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0, "history": [], "best": None, "bad_evals": 0}
     last = distributed_path(_last_checkpoint(_checkpoints(run)) if ranks.leader else None, ranks)
     if config.resume and last is not None:
-        state = _load_checkpoint(last, params, setup.optimizer, setup.scheduler, setup.mixed.scaler, ranks)
+        state = _load_checkpoint(last, params, setup.optimizer, setup.scheduler, setup.mixed.scaler, ranks, setup.model)
         if ranks.leader:
             print(f"[train] resuming from {last.name} ({state['step']} of {setup.total_steps} steps done)")
     history: list[dict[str, Any]] = state["history"]
@@ -426,9 +443,7 @@ def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: Callable[[dict[str,
     progress.close()
     seconds = time.perf_counter() - started
     if state.get("best_weights") is not None and state["best"]["step"] != state["step"]:
-        with torch.no_grad():
-            for name, weights in state["best_weights"].items():
-                params[name].copy_(weights)
+        assign(params, state["best_weights"])
         if ranks.leader:
             print(f"[train] keeping the best weights: step {state['best']['step']} "
                   f"(val loss {state['best']['val_loss']:.4f})")  # fmt: skip
@@ -479,11 +494,13 @@ def _log_and_validate(
 
 
 def _val_loss(setup: Setup, config: TrainConfig, ranks: Ranks) -> float:
-    """Token-weighted validation loss; with several processes each measures its share of the rows."""
+    """Token-weighted validation loss; with several processes each measures its share of the rows (under FSDP
+    every rank runs every row: its forwards gather weights together, so all ranks must run the same number)."""
+    whole = sharded(setup.model)
+    rows = setup.val_rows if whole else setup.val_rows[ranks.rank :: ranks.world]
     with setup.mixed.autocast():
-        total, count = loss_total(setup.model, setup.val_rows[ranks.rank :: ranks.world], config.batch_size,
-                                  setup.pad_id)  # fmt: skip
-    summed, labelled = all_sum([total, count], ranks)
+        total, count = loss_total(setup.model, rows, config.batch_size, setup.pad_id)
+    summed, labelled = (total, count) if whole else all_sum([total, count], ranks)
     return summed / max(labelled, 1)
 
 
@@ -501,7 +518,7 @@ def _optimizer_step(
     scaler = setup.mixed.scaler
     if scaler is not None:
         scaler.unscale_(setup.optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.model.parameters(), max_grad_norm))
+    grad_norm = float(full(torch.nn.utils.clip_grad_norm_(setup.model.parameters(), max_grad_norm)))
     if not math.isfinite(grad_norm) and scaler is None:
         step_loss = float("nan")
     if scaler is not None:
@@ -514,12 +531,12 @@ def _optimizer_step(
     return step_loss, grad_norm
 
 
-def _save(run: TrainRun, setup: Setup, fit: Fit) -> None:
+def _save(run: TrainRun, setup: Setup, fit: Fit, adapter: dict[str, Any]) -> None:
     """Write the train artifact: the adapter (portable config, sorted target modules), history, curve, metrics."""
     config, history = run.config, fit.history
     inputs = {"base": run.base, "data": run.data}
     with run.store.create("train", run.key, config, inputs, run.code, started=run.started) as draft:
-        setup.model.save_pretrained(draft.path / "adapter", safe_serialization=True)
+        setup.model.save_pretrained(draft.path / "adapter", state_dict=adapter, safe_serialization=True)
         draft.extra["target_modules"] = setup.targets
         # Record the base by its public name, not this machine's path, so the adapter folder is portable
         # (patched after saving: peft would otherwise try to reach the Hub to inspect that name).
@@ -619,17 +636,20 @@ def _save_checkpoint(
     from safetensors.torch import save_file
 
     rng = gather(torch.get_rng_state(), ranks)  # dropout differs per rank: each resumes its own stream
+    weights = {n: full(p.detach()).contiguous() for n, p in trainable.items()}  # whole tensors under FSDP too
+    best = {n: full(w).contiguous() for n, w in (state.get("best_weights") or {}).items()}
+    optimizer = optimizer_state(setup.model, setup.optimizer)
     if not ranks.leader:
         return
     final = folder / f"step-{state['step']:07d}"
     tmp = folder / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: p.detach().contiguous() for n, p in trainable.items()}, tmp / "trainable.safetensors")
-    if state.get("best_weights") is not None:
-        save_file({n: w.contiguous() for n, w in state["best_weights"].items()}, tmp / "best.safetensors")
+    save_file(weights, tmp / "trainable.safetensors")
+    if best:
+        save_file(best, tmp / "best.safetensors")
     scaler = setup.mixed.scaler
-    torch.save({"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
+    torch.save({"optimizer": optimizer, "scheduler": setup.scheduler.state_dict(),
                 "torch_rng": rng[0], "rank_rngs": rng, "scaler": None if scaler is None else scaler.state_dict(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "state.pt")  # fmt: skip
@@ -643,7 +663,7 @@ def _save_checkpoint(
 
 def _load_checkpoint(
     folder: Path, trainable: dict[str, Any], optimizer: Any, scheduler: Any, scaler: Any = None,
-    ranks: Ranks = SINGLE,
+    ranks: Ranks = SINGLE, model: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Restore a checkpoint written by `_save_checkpoint` into the live parameters, optimizer and scheduler.
 
@@ -662,6 +682,7 @@ def _load_checkpoint(
         scheduler: the learning-rate scheduler to restore.
         scaler: fp16's gradient scaler to restore (None otherwise).
         ranks: this process among the training processes (each restores its own RNG state).
+        model: the model the optimizer steps (needed to shard the optimizer state again under FSDP).
 
     Returns:
         The loop state from meta.json, with `best_weights` when the checkpoint holds them.
@@ -673,10 +694,7 @@ def _load_checkpoint(
     import torch
     from safetensors.torch import load_file
 
-    weights = load_file(folder / "trainable.safetensors")
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(weights[name])
+    assign(trainable, load_file(folder / "trainable.safetensors"))
     try:
         saved = torch.load(folder / "state.pt", weights_only=True)
     except Exception as exc:  # UnpicklingError (a refused object), RuntimeError (not a torch file), OSError
@@ -690,7 +708,10 @@ def _load_checkpoint(
             f"not executed. Delete {folder.parent} to train from the start (or set train.resume=false), and check "
             "who can write to the store."
         ) from None
-    optimizer.load_state_dict(saved["optimizer"])
+    if model is None:
+        optimizer.load_state_dict(saved["optimizer"])
+    else:
+        load_optimizer_state(model, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler") is not None:
         scaler.load_state_dict(saved["scaler"])
@@ -910,7 +931,7 @@ def accumulate_gradients(
         last = index == len(mine) - 1
         with contextlib.ExitStack() as scope:
             if ranks.world > 1 and not last:
-                scope.enter_context(model.no_sync())
+                scope.enter_context(no_sync(model))
             with mixed.autocast():
                 losses, _ = labelled_token_losses(
                     model, micro.input_ids.to(device), micro.attention_mask.to(device), micro.labels.to(device),

@@ -73,17 +73,21 @@ def test_fp16_scales_the_loss_and_its_checkpoint_resumes(tiny_model: Path, tmp_p
     assert resumed.metrics["val_loss"] < resumed.metrics["val_loss_before"]
 
 
-def test_two_processes_train_what_one_process_trains(tiny_model: Path, tmp_path: Path) -> None:
-    """Same global batch (2 rows x 4 micro-batches), same data order: each of 2 ranks takes 2 micro-batches.
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_train_what_one_process_trains(tiny_model: Path, tmp_path: Path, sharding: str) -> None:
+    """Same global batch (2 rows x 4 micro-batches), same data order: each of 2 ranks takes 2 micro-batches,
+    with DDP (whole model per rank) or FSDP2 (weights sharded per decoder layer).
 
     Only the order of the gradient sum differs ((g1+g2)+(g3+g4) summed over ranks vs ((g1+g2)+g3)+g4), so
     the runs agree to float32 rounding: measured max relative differences 1e-7..1e-6 in the losses and
-    gradient norms after 6 steps, 2e-6 of the largest weight; the bounds leave 10x room and would catch any
-    lost micro-batch, double-counted rank or unscaled loss (those change the loss in the 2nd-3rd digit).
+    gradient norms after 6 steps, 5e-7 (FSDP) to 2e-6 of the largest weight; the bounds leave 10x room and
+    would catch any lost micro-batch, double-counted rank or unscaled loss (those change the loss in the
+    2nd-3rd digit).
     """
     settings = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=4", "train.log_every=1"]
     one = _train(tiny_model, ArtifactStore(tmp_path / "one"), *settings)
-    two = _train(tiny_model, ArtifactStore(tmp_path / "two"), *settings, "train.processes=2")
+    two = _train(tiny_model, ArtifactStore(tmp_path / "two"), *settings, "train.processes=2",
+                 f"train.fsdp={sharding == 'fsdp'}")  # fmt: skip
     assert (one.manifest["processes"], two.manifest["processes"]) == (1, 2)
     assert two.key != one.key  # the sum order differs in the last bits: not the same artifact
     first, second = _learning(one), _learning(two)
@@ -129,9 +133,12 @@ def _wait_for(path_glob: tuple[Path, str], process: subprocess.Popen, timeout: f
     raise AssertionError(f"nothing matched {pattern} in {timeout} s")
 
 
-def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(
+    tiny_model: Path, tmp_path: Path, sharding: str
+) -> None:
     settings = ["train.processes=2", "train.max_steps=150", "train.save_every=10", "train.batch_size=2",
-                "train.grad_accum=2", "train.learning_rate=0.01"]  # fmt: skip
+                "train.grad_accum=2", "train.learning_rate=0.01", f"train.fsdp={sharding == 'fsdp'}"]  # fmt: skip
     run = _start(tiny_model, tmp_path / "stopped", *settings)
     _wait_for((tmp_path / "stopped" / ".checkpoints", "train-*/step-0000010"), run)
     run.send_signal(signal.SIGTERM)
@@ -150,6 +157,23 @@ def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(tiny_m
     straight = _train(tiny_model, ArtifactStore(tmp_path / "straight"), *settings)
     assert sha256_file(resumed.path / WEIGHTS) == sha256_file(straight.path / WEIGHTS)
     assert _learning(resumed) == _learning(straight)
+
+
+def test_qlora_shards_under_fsdp_with_its_storage_dtype(tiny_model: Path, tmp_path: Path) -> None:
+    """QLoRA under FSDP stores the packed 4-bit weights in the precision's dtype (bitsandbytes quant_storage), so
+    every weight of a layer shards as one dtype; it trains in 2 processes."""
+    import torch
+
+    from tasks.models import load_base_as_trained
+
+    base = load_base_as_trained(tiny_model, {"quantization": "4bit", "precision": "bf16", "fsdp": True})
+    packed = base.model.layers[0].self_attn.q_proj.weight
+    assert type(packed).__name__ == "Params4bit" and packed.dtype == torch.bfloat16
+    settings = ["train.processes=2", "train.fsdp=true", "train.quantization=4bit", "train.precision=bf16",
+                "train.max_steps=4", "train.learning_rate=0.01"]  # fmt: skip
+    trained = _train(tiny_model, ArtifactStore(tmp_path / "store"), *settings)
+    assert trained.manifest["processes"] == 2 and trained.manifest["compute_dtype"] == "bfloat16"
+    assert trained.metrics["val_loss"] < trained.metrics["val_loss_before"]
 
 
 def _rank_pid(store_dir: Path, rank: int) -> int:

@@ -42,6 +42,8 @@ def test_processes_must_share_every_step_and_nodes_need_a_rendezvous() -> None:
     assert "set grad_accum to a multiple of 8" in message
     with pytest.raises(ConfigError, match="nnodes > 1 needs rdzv_endpoint"):
         load_config(DEMO_CONFIG, ["train.nnodes=2", "train.grad_accum=2"])
+    with pytest.raises(ConfigError, match="fsdp shards the model over several training processes"):
+        load_config(DEMO_CONFIG, ["train.fsdp=true"])
     assert load_config(DEMO_CONFIG, ["train.processes=2", "train.grad_accum=4"]).train.processes == 2
 
 

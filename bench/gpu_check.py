@@ -17,8 +17,7 @@ seconds (each part has its own timeout and is recorded as "timeout" when it runs
    allocator): LoRA r=16, alpha 32 on all linear layers (peft's all-linear: not the output head), AdamW on the
    adapters, batch 4 x 512 random tokens, no activation checkpointing, 3 warm-up steps then 8 timed steps;
 3. with 2 or more GPUs, the project's train stage with `train.processes=N` against `train.processes=1` (a
-   random-weight SmolLM2-360M shape on the demo data), skipped with a message while tasks.train.TrainConfig
-   has no `processes` field.
+   random-weight SmolLM2-360M shape on the demo data, N micro-batches per step in both: the same global batch).
 
 Figures per variant: peak GPU memory (torch.cuda.max_memory_allocated over the training steps: weights,
 activations, gradients and optimizer states; the build's transients are excluded), tokens/s over the timed
@@ -348,13 +347,10 @@ def _multi_gpu(gpus: int, deadline: float) -> dict[str, Any]:
     """With 2+ GPUs: the train stage with train.processes=N, then =1, on the same model and data."""
     if gpus < 2:
         return {"status": "skipped", "reason": f"{gpus} GPU(s): train.processes=N needs 2 or more"}
-    from tasks.train import TrainConfig
-
-    if "processes" not in TrainConfig.model_fields:
-        return {"status": "skipped", "reason": "tasks.train.TrainConfig has no `processes` field yet"}
     runs = {}
-    for processes in (gpus, 1):
-        job = {"processes": processes, "models": str(Path(tempfile.gettempdir()) / "loraforge-bench-models"),
+    for processes in (gpus, 1):  # the same global batch: gpus micro-batches per step in both runs
+        job = {"processes": processes, "grad_accum": gpus,
+               "models": str(Path(tempfile.gettempdir()) / "loraforge-bench-models"),
                "store": tempfile.mkdtemp(prefix=f"loraforge-gpu-check-p{processes}-")}  # fmt: skip
         runs[f"processes={processes}"] = _run_child(["--train-stage", json.dumps(job)],
                                                     min(120.0, deadline - time.monotonic()))  # fmt: skip
@@ -375,7 +371,8 @@ def _train_stage(job: dict[str, Any]) -> dict[str, Any]:
 
     model = build_preset("smollm2-360m", Path(job["models"]))
     overrides = [f"base_model={model}", f"store={job['store']}", f"train.processes={job['processes']}",
-                 "train.max_steps=16", "train.log_every=16", "train.device=cuda"]  # fmt: skip
+                 f"train.grad_accum={job['grad_accum']}", "train.max_steps=16", "train.log_every=16",
+                 "train.device=cuda"]  # fmt: skip
     config = load_config(DEMO_CONFIG, overrides)
     store = ArtifactStore(config.store)
     base = provision_base(config.base_model, store)

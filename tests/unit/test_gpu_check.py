@@ -8,7 +8,6 @@ import importlib.util
 import json
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +76,12 @@ def test_mfu_counts_lora_work_and_the_6n_convention(gpu_check: Any) -> None:
     assert figures["mfu_6n"] == round(1000 * 6 * n / 989e12, 4)
 
 
-def test_multi_gpu_part_waits_for_train_processes(gpu_check: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_multi_gpu_part_runs_n_processes_against_one_on_the_same_global_batch(
+    gpu_check: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert gpu_check._multi_gpu(1, time.monotonic() + 60)["status"] == "skipped"
-    monkeypatch.setitem(sys.modules, "tasks.train", types.SimpleNamespace(TrainConfig=types.SimpleNamespace(
-        model_fields={"r": None})))  # fmt: skip
-    result = gpu_check._multi_gpu(2, time.monotonic() + 60)
-    assert result == {"status": "skipped", "reason": "tasks.train.TrainConfig has no `processes` field yet"}
+    jobs: list[dict] = []
+    monkeypatch.setattr(gpu_check, "_run_child", lambda args, timeout: jobs.append(json.loads(args[1])) or {})
+    result = gpu_check._multi_gpu(4, time.monotonic() + 60)
+    assert result["status"] == "ok" and list(result["runs"]) == ["processes=4", "processes=1"]
+    assert [(j["processes"], j["grad_accum"]) for j in jobs] == [(4, 4), (1, 4)]

@@ -279,9 +279,17 @@ def _written(run: TrainRun) -> Artifact:
 
 def _launch_ranks(run: TrainRun) -> None:
     """Run the stage in train.processes x train.nnodes processes under torchrun; rank 0 writes the artifact."""
+    import torch
+
     from tasks import distributed
 
     config = run.config
+    if run.device == "cuda" and config.processes > torch.cuda.device_count():
+        raise StageError(
+            f"train.processes={config.processes} runs one process per GPU and this machine has "
+            f"{torch.cuda.device_count()}; set train.processes={torch.cuda.device_count()} (and grad_accum to a "
+            "multiple of it)."
+        )
     folder = run.store.root / ".checkpoints" / f"train-{run.key}" / "ranks"
     distributed.write_spec(folder, {
         "config": config.model_dump(mode="json"), "store": str(run.store.root), "verify": run.store.verify,

@@ -139,6 +139,11 @@ def judge_fidelity(fidelity: dict[str, Any], config: MergeConfig) -> list[str]:
         problems.append(
             f"{config.dtype} mean KL {fidelity['cast_mean_kl']:.2e} > merge.max_mean_kl={config.max_mean_kl}"
         )
+    if config.dtype == "float16" and any(p.startswith("float16") for p in problems):
+        problems.append(
+            "float16 overflows on some models trained in bfloat16 (Gemma 3 270M: top-1 agreement 0.38 in float16, "
+            "0.97 in bfloat16): set merge.dtype=bfloat16 (or float32), or relax the limit"
+        )
     return problems
 
 

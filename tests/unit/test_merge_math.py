@@ -137,3 +137,18 @@ def test_streamed_figures_equal_the_all_at_once_figures(tiny_model, tmp_path, ba
     assert {k: figures[k] for k in exact} == {k: expected[k] for k in exact}
     assert figures == pytest.approx(expected, rel=1e-6, abs=0)
     assert len(list((tmp_path / "adapter").iterdir())) == -(-len(rows) // batch_size)  # one file per micro-batch
+
+
+def test_verdict_names_each_limit_broken_and_the_fix_for_float16() -> None:
+    from tasks.merge import MergeConfig, judge_fidelity
+
+    good = {"fp32_max_abs_logit_diff": 2e-4, "cast_top1_agreement": 0.972, "cast_mean_kl": 7e-3}
+    assert judge_fidelity(good, MergeConfig(dtype="bfloat16")) == []
+    gemma_fp16 = {**good, "cast_top1_agreement": 0.379}  # measured: Gemma 3 270M merged and cast to float16
+    problems = judge_fidelity(gemma_fp16, MergeConfig())
+    assert problems[0] == "float16 top-1 agreement 0.379 < merge.min_top1_agreement=0.95"
+    assert "set merge.dtype=bfloat16" in problems[1] and len(problems) == 2
+    # re-judged with other limits, without measuring again
+    assert judge_fidelity(gemma_fp16, MergeConfig(min_top1_agreement=0.3)) == []
+    far = {"fp32_max_abs_logit_diff": 1.0, "cast_top1_agreement": 1.0, "cast_mean_kl": 0.5}
+    assert [p.split(" ")[0] for p in judge_fidelity(far, MergeConfig(dtype="bfloat16"))] == ["fp32", "bfloat16"]

@@ -375,6 +375,20 @@ class ArtifactStore:
         return self.get(folder.parent.name, folder.name)
 
     @contextlib.contextmanager
+    def scratch(self, stage: str, key: str) -> Iterator[Path]:
+        """An empty folder for a stage's intermediate files (not part of any artifact), on the store's disk beside
+        the drafts, removed when the block ends. Named like a draft of (stage, key), so one that a killed run left
+        is removed with that key's drafts (`claim`, `clean_drafts`)."""
+        tmp_root = self.root / ".tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        folder = tmp_root / f"{stage}-{key}-scratch_{uuid.uuid4().hex[:8]}"
+        folder.mkdir()
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @contextlib.contextmanager
     def create(
         self,
         stage: str,

@@ -71,7 +71,16 @@ LOGIT_COPIES = 3
 # RSS growth / counted activation+logit bytes: 1.30 (SmolLM2 LoRA q,v) and 1.44 (all-linear), batch 8 x 74,
 # train stage in its own process (bench/plan_accuracy.py); glibc keeps freed blocks and fragments.
 ALLOCATOR_FACTOR = 1.37
+# Copies of one micro-batch's logits each check holds at its peak (tasks/merge.py, tasks/quantize.py,
+# tasks/batching.py): eval's loss pass keeps the logits and cross_entropy's log-softmax; the merge check the
+# model's logits, the adapter model's read back and two log-softmax temporaries (tests/unit/test_merge_memory.py
+# measures 4); a GGUF check llama.cpp's scores copied out, their log-softmax, the merged model's read back and the
+# three temporaries of the KL.
+EVAL_LOGIT_COPIES = 2
+MERGE_LOGIT_COPIES = 4
+GGUF_ROW_COPIES = 6
 MODES = ("lora", "lora-bf16", "qlora-4bit", "qlora-8bit", "full")
+STAGES = ("train", "eval", "merge", "quantize")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -103,6 +112,17 @@ class MemoryEstimate:
 
 
 @dataclass
+class StageMemory:
+    """Peak memory of one stage's process (CPU peak RSS): the terms (MB), their total, and the scratch disk it
+    fills meanwhile (MB; files that stand in for logits it would otherwise hold in memory)."""
+
+    stage: str
+    components_mb: dict[str, float]
+    peak_rss_mb: float
+    scratch_disk_mb: float = 0.0
+
+
+@dataclass
 class Plan:
     """What `loraforge plan` prints and returns."""
 
@@ -121,6 +141,7 @@ class Plan:
     logit_positions: int = 0  # per row: positions the output head runs on in the train stage (0: all seq_len)
     memory: dict[str, MemoryEstimate] = field(default_factory=dict)
     configured_mode: str = "lora"
+    stages: dict[str, StageMemory] = field(default_factory=dict)  # peak of each stage, train = configured mode
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every figure."""
@@ -177,6 +198,7 @@ def plan_training(
     )
     for mode in MODES:
         plan.memory[mode] = estimate_memory(plan, mode, meta, config)
+    plan.stages = estimate_stages(plan, config)
     return plan
 
 
@@ -406,6 +428,51 @@ def estimate_memory(plan: Plan, mode: str, meta: _Meta, config: PipelineConfig) 
     )
 
 
+def estimate_stages(plan: Plan, config: PipelineConfig) -> dict[str, StageMemory]:
+    """Peak RSS of each stage's process: train (the configured mode, `estimate_memory`), eval, merge and the
+    quantize stage's checks. The checks hold the weights and a few copies of one micro-batch's logits, never the
+    logits of all their rows (those wait on disk: `scratch_disk_mb`). Rows are planned at `plan.seq_len`
+    tokens (the probe rows are padded to the longest of them, at most data.max_length).
+
+    - eval: weights as trained (the 4/8-bit base for QLoRA) + adapter, and the loss pass over eval.batch_size
+      rows: EVAL_LOGIT_COPIES x batch x head positions x V x 4 B (the head runs on labelled positions only, as in
+      training). Generation keeps the last position's logits only.
+    - merge: fp32 weights (+ the quantized model as trained, loaded beside them for a QLoRA adapter) + adapter,
+      and MERGE_LOGIT_COPIES x merge.probe_batch_size x seq x V x 4 B; the adapter model's logits of all
+      merge.probe_rows wait on disk.
+    - quantize (the checks in this process; the converter and llama.cpp's tools run in their own): the larger of
+      the merged model in fp32 scoring one fidelity row (logits and log-softmax: 2 x seq x V x 4 B), and a GGUF
+      (the f16 file, the largest checked) with llama-cpp-python's score buffers (logits_all: n_ctx x V x 4 B, and
+      llama.cpp's own as large) and one fidelity row's comparison (GGUF_ROW_COPIES x seq x V x 4 B). The merged
+      model's log-probs of all quantize.fidelity_rows wait on disk.
+    """
+    arch, fp32 = plan.architecture, 4
+    row = plan.seq_len * arch.vocab * fp32 / MB  # one row's logits
+    heads = plan.logit_positions or plan.seq_len
+    trained = plan.memory[plan.configured_mode].components_mb
+    full = plan.memory["lora"].components_mb  # fp32 weights
+    overhead = {"process_overhead": float(PROCESS_OVERHEAD_MB)}
+    adapter = {"adapter_weights": trained["adapter_weights"]}
+    n_ctx = config.data.max_length + config.quantize.max_new_tokens
+    parts = {
+        "eval": {**overhead, "weights": trained["weights"], **adapter,
+                 "logits": EVAL_LOGIT_COPIES * config.eval.batch_size * heads * arch.vocab * fp32 / MB},
+        "merge": {**overhead, "weights": full["weights"], **adapter,
+                  "as_trained_weights": trained["weights"] if plan.configured_mode != "lora" else 0.0,
+                  "logits": MERGE_LOGIT_COPIES * min(config.merge.probe_batch_size, config.merge.probe_rows) * row},
+    }  # fmt: skip
+    scoring = {"weights": full["weights"], "logits": 2 * row}  # the merged HF model on one fidelity row
+    checking = {"gguf_weights": full["weights"] / 2, "llama_cpp_scores": 2 * n_ctx * arch.vocab * fp32 / MB,
+                "logits": GGUF_ROW_COPIES * row}  # fmt: skip  # a GGUF file checked on one fidelity row
+    parts["quantize"] = {**overhead, **(scoring if sum(scoring.values()) > sum(checking.values()) else checking)}
+    disk = {"merge": config.merge.probe_rows * row, "quantize": config.quantize.fidelity_rows * row}
+    stages = {"train": StageMemory("train", trained, plan.memory[plan.configured_mode].peak_rss_mb)}
+    for stage, terms in parts.items():
+        stages[stage] = StageMemory(stage, {k: round(v, 1) for k, v in terms.items()}, round(sum(terms.values()), 1),
+                                    round(disk.get(stage, 0.0), 1))  # fmt: skip
+    return stages
+
+
 def run_measuring_peak_rss(
     command: list[str], env: dict[str, str] | None = None, echo: Callable[[str], Any] | None = None
 ) -> tuple[int, float, str]:
@@ -488,6 +555,16 @@ def format_plan(plan: Plan) -> str:
             f"{est.cuda_mb / 1024:>8.2f} GiB   {terms}"
         )
     lines.append("  * the configured mode. CPU: process peak RSS; CUDA: torch-allocated bytes (+~0.5 GB context).")
+    lines += [
+        "",
+        f"peak memory per stage (CPU peak RSS; train in the configured mode; checks at {plan.seq_len} tokens a row,"
+        " one micro-batch of logits at a time):",
+        f"  {'stage':<12}{'CPU peak RSS':>14}{'scratch disk':>14}   terms (MiB)",
+    ]
+    for stage, mem in plan.stages.items():
+        terms = ", ".join(f"{k} {v:.0f}" for k, v in mem.components_mb.items() if v) if stage != "train" else "above"
+        disk = f"{mem.scratch_disk_mb / 1024:>10.2f} GiB" if mem.scratch_disk_mb else f"{'-':>14}"
+        lines.append(f"  {stage:<12}{mem.peak_rss_mb / 1024:>10.2f} GiB{disk}   {terms}")
     if plan.gradient_checkpointing:
         lines.append(
             "  with gradient checkpointing the CPU figure reads low (SmolLM2-135M all-linear: 20% under the measured"

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -225,7 +226,8 @@ def _build_gguf(
             base_gguf = draft.path / ".base-F16.gguf"  # only to check the adapter on; not part of the artifact
             _convert_lora(converter, store, merge, files[qtype], base_gguf, qtype, name, config.tool_timeout_s)
         n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
-        tokenizer, reference = _hf_reference(model_dir, data, fidelity_rows, probes, config)
+        logprobs = draft.path / ".hf-logprobs"  # not part of the artifact: removed after the checks
+        tokenizer, reference = _hf_reference(model_dir, data, fidelity_rows, probes, config, logprobs)
         checks = {}
         for qtype, path in files.items():
             model_file, lora_file = (base_gguf, path) if qtype in LORA_TYPES and base_gguf else (path, None)
@@ -248,6 +250,7 @@ def _build_gguf(
             )
         if base_gguf is not None:
             base_gguf.unlink()
+        shutil.rmtree(logprobs)
         if "imatrix" in draft.extra:
             draft.extra["imatrix"]["used_for"] = [q for q in config.types if q in used_imatrix]
         modelfiles: dict[str, str] = {}
@@ -490,9 +493,12 @@ def _hf_reference(
     fidelity_rows: list[dict[str, Any]],
     probes: list[dict[str, Any]],
     config: QuantizeConfig,
+    logprobs: Path,
 ) -> tuple[Any, dict[str, Any]]:
-    """The merged HF model's side of every check: its log-probs on the fidelity rows, its greedy answers to the
-    probe rows, and the tokenizer with the chat template training used (from the data artifact)."""
+    """The merged HF model's side of every check: its log-probs on the fidelity rows (one file per row in the
+    folder `logprobs`, read back one row at a time by each check: a row's are tokens x vocabulary x 4 B), its
+    greedy answers to the probe rows, and the tokenizer with the chat template training used (from the data
+    artifact)."""
     import torch
 
     from tasks.batching import generate_answers
@@ -507,14 +513,17 @@ def _hf_reference(
     tokenizer.stop_token_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
     model = load_causal_lm(model_dir, "float32")
     model.eval()
-    logprobs = []
+    logprobs.mkdir()
+    files = []
     with torch.no_grad():
-        for row in fidelity_rows:
+        for index, row in enumerate(fidelity_rows):
             logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].float()
-            logprobs.append(torch.log_softmax(logits, dim=-1))
+            files.append(logprobs / f"{index}.pt")
+            torch.save(torch.log_softmax(logits, dim=-1), files[-1])
+            del logits
     answers = generate_answers(model, tokenizer, [r["messages"][:-1] for r in probes], config.max_new_tokens, 8)
     del model
-    return tokenizer, {"logprobs": logprobs, "accuracy": _accuracy(answers, probes)}
+    return tokenizer, {"logprobs": files, "accuracy": _accuracy(answers, probes)}
 
 
 def _accuracy(answers: list[str], rows: list[dict[str, Any]]) -> float:
@@ -553,7 +562,8 @@ def _check(
             f"{path.name}: the GGUF does not prompt the model the way training did:\n  - " + "\n  - ".join(problems)
         )
     kl_sum, agree, positions, nll_hf, nll_q, targets = 0.0, 0, 0, 0.0, 0.0, 0
-    for row, ref in zip(fidelity_rows, reference["logprobs"], strict=True):
+    for row, ref_file in zip(fidelity_rows, reference["logprobs"], strict=True):
+        ref = torch.load(ref_file, weights_only=True)  # one row's log-probs at a time: memory bounded by one row
         ids = row["input_ids"]
         llm.reset()
         llm.eval(ids)

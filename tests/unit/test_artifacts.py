@@ -94,3 +94,17 @@ def test_lookup_by_prefix_and_run_records(tmp_path: Path) -> None:
         store.lookup("zzz")
     store.record_run("r1", {"run_id": "r1"})
     assert store.load_run("latest") == {"run_id": "r1"}
+
+
+def test_scratch_folder_is_removed_after_the_block_and_after_a_killed_run(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    with pytest.raises(RuntimeError), store.scratch("merge", "k1") as scratch:
+        (scratch / "0.pt").write_bytes(b"logits")
+        assert scratch.parent == store.root / ".tmp"
+        raise RuntimeError("the check failed")
+    assert not scratch.exists()
+    # One a killed run left (no cleanup ran) is named like a draft of its key: the next claim removes it.
+    left = store.root / ".tmp" / f"merge-k1-{scratch.name.rsplit('-', 1)[1]}"
+    left.mkdir()
+    with store.claim("merge", "k1"):
+        assert not left.exists()

@@ -196,3 +196,31 @@ def test_bf16_base_halves_the_weights_and_is_marked_when_configured(tiny_model: 
     assert half["weights"] == pytest.approx(full["weights"] / 2, abs=0.1)
     assert half["adapter_weights"] == full["adapter_weights"] and half["adamw_states"] == full["adamw_states"]
     assert "lora-bf16 *" in format_plan(bf16)
+
+
+def test_every_stage_has_a_peak_and_the_checks_grow_with_their_micro_batch(tiny_model: Path) -> None:
+    from tasks.plan import EVAL_LOGIT_COPIES, MERGE_LOGIT_COPIES, STAGES
+
+    plan = plan_training(_config(tiny_model, "merge.probe_rows=16", "merge.probe_batch_size=4"), seq_len=64)
+    more_rows = plan_training(_config(tiny_model, "merge.probe_rows=64", "merge.probe_batch_size=4"), seq_len=64)
+    wider = plan_training(_config(tiny_model, "merge.probe_rows=16", "merge.probe_batch_size=8"), seq_len=64)
+    assert list(plan.stages) == list(STAGES)
+    assert plan.stages["train"].peak_rss_mb == plan.memory[plan.configured_mode].peak_rss_mb
+    row = 64 * 49152 * 4 / 2**20  # one probe row's logits, MiB
+    merge = plan.stages["merge"]
+    assert merge.components_mb["logits"] == pytest.approx(MERGE_LOGIT_COPIES * 4 * row, abs=0.1)
+    assert merge.peak_rss_mb == pytest.approx(sum(merge.components_mb.values()), abs=0.5)
+    # the probe rows wait on disk: more rows cost disk, not memory; a wider micro-batch costs memory
+    assert more_rows.stages["merge"].peak_rss_mb == merge.peak_rss_mb
+    assert more_rows.stages["merge"].scratch_disk_mb == pytest.approx(4 * merge.scratch_disk_mb, abs=0.5)
+    assert wider.stages["merge"].components_mb["logits"] == pytest.approx(2 * merge.components_mb["logits"], abs=0.1)
+    config = _config(tiny_model)
+    eval_logits = EVAL_LOGIT_COPIES * config.eval.batch_size * 64 * 49152 * 4 / 2**20
+    assert plan.stages["eval"].components_mb["logits"] == pytest.approx(eval_logits, abs=0.1)
+    assert plan.stages["quantize"].scratch_disk_mb == pytest.approx(config.quantize.fidelity_rows * row, abs=0.1)
+    printed = format_plan(plan)
+    assert "peak memory per stage" in printed
+    for stage in STAGES:
+        assert f"\n  {stage:<12}{plan.stages[stage].peak_rss_mb / 1024:>10.2f} GiB" in printed
+    saved = plan.to_json()["stages"]
+    assert saved["merge"]["scratch_disk_mb"] == merge.scratch_disk_mb

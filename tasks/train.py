@@ -116,7 +116,7 @@ class TrainConfig(BaseModel):
         "auto",
         description="dtype of the frozen base weights and of the autocast forward (LoRA weights and optimizer "
         "states stay fp32; fp16 adds a gradient scaler). auto: bf16 on a CUDA device that supports it, fp16 on "
-        "one that does not, fp32 on CPU (where bf16 measured slower; docs/bench.md). A 7B base: 28 GB in fp32, "
+        "one that does not, fp32 on CPU (where bf16 measured 23x slower; docs/bench.md). A 7B base: 28 GB in fp32, "
         "14 GB in bf16.",
     )
     processes: int = Field(
@@ -241,11 +241,18 @@ def train_adapter(
     # Device and precision are part of the key: their kernels give different bytes for the same config.
     settings = {**config.model_dump(exclude=RUNTIME_ONLY), "device": device, "precision": precision}
     key, code = store.stage_key("train", __file__, settings, {"base": base, "data": data})
+    run = TrainRun(config, base, data, store, key, code, device, precision, time.time())
+    if config.nnodes > 1:  # every machine runs this for one job: none may wait on another's lock of the key
+        found = store.find("train", key)
+        if found is not None:
+            return found
+        _launch_ranks(run)
+        return _written(run)
     with store.claim("train", key) as hit:
         if hit is not None:
             return hit
-        run = TrainRun(config, base, data, store, key, code, device, precision, time.time())
-        if config.processes * config.nnodes == 1:
+        run = dataclasses.replace(run, started=time.time())  # after the wait for another build of the key
+        if config.processes == 1:
             _build_adapter(run, SINGLE, on_step)
         else:
             _launch_ranks(run)
@@ -326,6 +333,7 @@ def _build_adapter(run: TrainRun, ranks: Ranks, on_step: Callable[[dict[str, Any
     if ranks.leader:
         _save(run, setup, fit, adapter)
         shutil.rmtree(_checkpoints(run), ignore_errors=True)  # the artifact exists: checkpoints are not needed
+    all_sum([0.0], ranks)  # no rank ends before the artifact is written (other machines look for it then)
 
 
 class Setup(NamedTuple):

@@ -176,6 +176,27 @@ def test_qlora_shards_under_fsdp_with_its_storage_dtype(tiny_model: Path, tmp_pa
     assert trained.metrics["val_loss"] < trained.metrics["val_loss_before"]
 
 
+def test_two_machines_join_one_job_through_the_rendezvous(tiny_model: Path, tmp_path: Path) -> None:
+    """Two "machines" (two parent processes here, each with train.processes=1) run the same command with
+    train.nnodes=2 and a c10d rendezvous on 127.0.0.1: one job of 2 ranks, whose adapter is bit for bit the one
+    a single machine with 2 processes trains; both get the artifact from the shared store."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2"]
+    nodes = [_start(tiny_model, tmp_path / "shared", *settings, "train.nnodes=2",
+                    f"train.rdzv_endpoint=127.0.0.1:{port}") for _ in range(2)]  # fmt: skip
+    outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert sum("--nnodes=2" in output for output in outputs) == 2
+    (trained,) = [p for p in (tmp_path / "shared" / "train").iterdir() if not p.name.startswith(".")]
+    one_machine = _train(tiny_model, ArtifactStore(tmp_path / "one"), *settings, "train.processes=2")
+    assert json.loads((trained / "manifest.json").read_text())["processes"] == 2
+    assert sha256_file(trained / WEIGHTS) == sha256_file(one_machine.path / WEIGHTS)
+
+
 def _rank_pid(store_dir: Path, rank: int) -> int:
     """The process of `rank` among the ranks training into this store (found through /proc)."""
     for proc in Path("/proc").iterdir():

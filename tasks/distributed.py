@@ -274,7 +274,7 @@ def assign(params: dict[str, Any], weights: dict[str, Any]) -> None:
 
 def optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
     """The optimizer state as whole tensors (gathered from the shards under FSDP; a collective then)."""
-    if not sharded(model):
+    if model is None or not sharded(model):
         return dict(optimizer.state_dict())
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 

@@ -444,11 +444,13 @@ def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: Callable[[dict[str,
                 report(record)
             state.update(step=step, seconds=elapsed)
             if config.save_every and (step % config.save_every == 0) and step < setup.total_steps and not stop:
-                _save_checkpoint(_checkpoints(run), state, params, setup, config.keep_checkpoints, ranks)
+                _save_checkpoint(_checkpoints(run), state, params, setup.optimizer, setup.scheduler,
+                                 config.keep_checkpoints, setup.mixed.scaler, ranks, setup.model)  # fmt: skip
             if on_step is not None:  # the step is complete (and checkpointed when due)
                 on_step(record or {"step": step, "loss": round(step_loss, 5)})
             if any_rank(bool(stop_asked), ranks) and step < setup.total_steps and not stop:  # a safe point
-                _save_checkpoint(_checkpoints(run), state, params, setup, max(config.keep_checkpoints, 1), ranks)
+                _save_checkpoint(_checkpoints(run), state, params, setup.optimizer, setup.scheduler,
+                                 max(config.keep_checkpoints, 1), setup.mixed.scaler, ranks, setup.model)  # fmt: skip
                 raise KeyboardInterrupt(f"train stopped at step {step} of {setup.total_steps}; checkpoint saved")
             if stop:
                 if ranks.leader:
@@ -644,17 +646,19 @@ def _last_checkpoint(folder: Path) -> Path | None:
 
 
 def _save_checkpoint(
-    folder: Path, state: dict[str, Any], trainable: dict[str, Any], setup: Setup, keep: int, ranks: Ranks
-) -> None:
-    """Write step-N atomically (temporary folder, meta.json last, rename); keep the newest `keep`. Every rank
-    calls it (their RNG states are gathered); rank 0 writes."""
+    folder: Path, state: dict[str, Any], trainable: dict[str, Any], optimizer: Any, scheduler: Any, keep: int,
+    scaler: Any = None, ranks: Ranks = SINGLE, model: Any = None,
+) -> None:  # fmt: skip
+    """Write step-N atomically (temporary folder, meta.json last, rename); keep the newest `keep`. With several
+    processes every rank calls it (their RNG states are gathered, FSDP shards gathered from `model`); rank 0
+    writes. `_load_checkpoint` takes the same arguments back."""
     import torch
     from safetensors.torch import save_file
 
     rng = gather(torch.get_rng_state(), ranks)  # dropout differs per rank: each resumes its own stream
     weights = {n: full(p.detach()).contiguous() for n, p in trainable.items()}  # whole tensors under FSDP too
     best = {n: full(w).contiguous() for n, w in (state.get("best_weights") or {}).items()}
-    optimizer = optimizer_state(setup.model, setup.optimizer)
+    optimizer_states = optimizer_state(model, optimizer)
     if not ranks.leader:
         return
     final = folder / f"step-{state['step']:07d}"
@@ -664,8 +668,7 @@ def _save_checkpoint(
     save_file(weights, tmp / "trainable.safetensors")
     if best:
         save_file(best, tmp / "best.safetensors")
-    scaler = setup.mixed.scaler
-    torch.save({"optimizer": optimizer, "scheduler": setup.scheduler.state_dict(),
+    torch.save({"optimizer": optimizer_states, "scheduler": scheduler.state_dict(),
                 "torch_rng": rng[0], "rank_rngs": rng, "scaler": None if scaler is None else scaler.state_dict(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "state.pt")  # fmt: skip

@@ -431,8 +431,7 @@ def load_base_as_trained(folder: Path, train_settings: Mapping[str, Any]) -> Pre
     if precision == "auto":  # settings straight from a config (loraforge plan, tests): as the train stage would
         import torch
 
-        cuda = torch.cuda.is_available()
-        precision = resolve_precision("auto", "cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported())
+        precision = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu", cuda_bf16())
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     if quantization == "none":
         return load_causal_lm(folder, dtype)
@@ -484,6 +483,13 @@ def resolve_precision(wanted: str, device: str, cuda_bf16: bool) -> str:
     if device == "cuda":
         return "bf16" if cuda_bf16 else "fp16"
     return "fp32"
+
+
+def cuda_bf16() -> bool:
+    """Whether a CUDA device with bf16 support is here (what train.precision=auto resolves on)."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def _concrete(compute_dtype: str | None, dtype: str) -> str:

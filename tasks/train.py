@@ -66,7 +66,7 @@ from tasks.distributed import (
     wrap,
 )
 from tasks.errors import StageError
-from tasks.models import resolve_precision
+from tasks.models import cuda_bf16, resolve_precision
 
 RUNTIME_ONLY = {
     "save_every",
@@ -237,7 +237,7 @@ def train_adapter(
     import torch
 
     device = _resolve_device(config, torch.cuda.is_available())
-    precision = resolve_precision(config.precision, device, _cuda_bf16())
+    precision = resolve_precision(config.precision, device, cuda_bf16())
     # Device and precision are part of the key: their kernels give different bytes for the same config.
     settings = {**config.model_dump(exclude=RUNTIME_ONLY), "device": device, "precision": precision}
     key, code = store.stage_key("train", __file__, settings, {"base": base, "data": data})
@@ -984,12 +984,6 @@ def compute_dtype(config: TrainConfig, precision: str) -> str:
     if config.compute_dtype != "auto":
         return config.compute_dtype
     return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
-
-
-def _cuda_bf16() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def _scheduler(optimizer: Any, config: TrainConfig, total_steps: int) -> Any:

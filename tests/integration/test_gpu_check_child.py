@@ -3,24 +3,16 @@ tiny model's QLoRA variant on CPU through `--child`, its JSON read back by the p
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_script import load_bench_script
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_a_variant_in_its_own_process() -> None:
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    gpu_check = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = gpu_check
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_bench_script("gpu_check")
     job = {"variant": "qlora-nf4-bf16", "size": "tiny", "device": "cpu", "batch": 2, "seq": 32, "warmup": 1, "steps": 1}
     result = gpu_check._run_child(["--child", json.dumps(job)], timeout=180)
     assert result["status"] == "ok" and result["quantized_layers"] == 14 and result["tokens_per_s"] > 0, result

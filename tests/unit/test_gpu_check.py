@@ -4,26 +4,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_script import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def gpu_check() -> Any:
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("gpu_check")
 
 
 def test_smoke_run_prints_one_json_with_every_variant(gpu_check: Any, tmp_path: Path, capsys: Any) -> None:

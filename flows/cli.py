@@ -411,8 +411,7 @@ def _show(args: argparse.Namespace) -> int:
     from tasks.artifacts import ArtifactStore
 
     store = ArtifactStore(args.store)
-    runs = store.root / "runs"
-    if args.ref == "latest" or (runs / f"{args.ref}.json").is_file() or any(runs.glob(f"{args.ref}*.json")):
+    if store.has_run(args.ref):
         print(json.dumps(store.load_run(args.ref), indent=2))
         return 0
     artifact = store.lookup(args.ref)

@@ -134,8 +134,8 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
     finally:
         try:
             store.record_run(run["run_id"], run)
-        except OSError as exc:  # never mask the run's own outcome with a failure to write its record
-            print(f"[store] could not write the run record to {store.root / 'runs'}: {exc}")
+        except (OSError, StageError) as exc:  # never mask the run's own outcome with a failure to write its record
+            print(f"[store] could not write the run record to {store.where}/runs: {exc}")
 
 
 @flow(name="loraforge-run", log_prints=True, persist_result=True)

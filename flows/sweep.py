@@ -75,12 +75,9 @@ def sweep(variants: list[tuple[dict[str, str], PipelineConfig]], sweep_id: str |
         print(f"[sweep] {point}: {_summary(rows[-1])}")
     store = ArtifactStore(variants[0][1].store, variants[0][1].store_verify)
     record = {"sweep_id": sweep_id, "store": store.url, "rows": rows}
-    folder = store.root / "sweeps"
-    folder.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(rows)
-    (folder / f"{sweep_id}.md").write_text(markdown)
-    (folder / f"{sweep_id}.json").write_text(json.dumps(record, indent=2))
-    record.update(json=str(folder / f"{sweep_id}.json"), markdown=str(folder / f"{sweep_id}.md"))
+    where_md = store.write_record(f"sweeps/{sweep_id}.md", markdown)
+    record.update(json=store.write_record(f"sweeps/{sweep_id}.json", record), markdown=where_md)
     create_table_artifact(table=rows, key="sweep", description=f"sweep {sweep_id}: {len(rows)} variants")
     create_markdown_artifact(markdown=markdown, key="sweep-table", description=f"sweep {sweep_id}")
     return record
@@ -118,12 +115,11 @@ def _train(
     train = train_task(config.train, base, data, store)  # the child wrote it: a cache hit here
     if train.key != child["key"]:
         raise StageError(f"sweep: the child made train artifact {child['key']}, this process expects {train.key}")
-    record = store.root / "sweeps" / "peaks" / f"{train.key}.json"
+    record = f"sweeps/peaks/{train.key}.json"
     if not child["cached"]:
         print(f"[sweep] train {train.key}: peak RSS of its process {peak_mb:.0f} MB (VmHWM)")
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"train_key": train.key, "peak_rss_mb": round(peak_mb, 1)}))
-    recorded = json.loads(record.read_text())["peak_rss_mb"] if record.is_file() else None
+        store.write_record(record, {"train_key": train.key, "peak_rss_mb": round(peak_mb, 1)})
+    recorded = (store.read_record(record) or {}).get("peak_rss_mb")
     return train, not child["cached"], recorded
 
 

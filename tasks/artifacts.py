@@ -12,7 +12,15 @@ runs of one key never build it twice: the second waits and takes the first's art
 reuse is verified against the manifest (sizes, and sha256 unless the store was opened with verify="size"); a
 damaged artifact is set aside under `.damaged/` and rebuilt.
 
-The store is addressed by URL (`file:///abs/path` or a plain path); only local folders are implemented.
+The store is addressed by URL: a plain path or `file:///abs/path` (a local folder), or `s3://bucket/prefix`
+(S3-compatible object storage, tasks/objectstore.py). An S3 store keeps the same keys and layout of manifests
+(`<stage>/<key>/manifest.json`); file contents go to `blobs/<sha256[:2]>/<sha256>` (a name that only those bytes
+can have, so two writers of one key can never mix their files) and the manifest is uploaded last: it is the
+commit, S3 having no rename. Stages read through a local copy of the store (`root`, under LORAFORGE_CACHE): an
+artifact is downloaded once per machine, every file checked against the manifest's sha256 on the way in.
+Locks, drafts and checkpoints stay on the local disk; a lease object in the bucket (`.leases/`) keeps
+machines from building the same key at once (best effort: S3 has no atomic create, so two machines may rarely
+both build a key; the last manifest then wins and both are complete).
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import importlib.metadata
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -38,6 +48,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel
 
 from tasks.errors import StageError
+from tasks.objectstore import ObjectStore
 
 MANIFEST = "manifest.json"
 STAGES = ("base", "data", "train", "eval", "merge", "quantize", "publish")
@@ -64,6 +75,7 @@ KEY_LIBRARIES: dict[str, tuple[str, ...]] = {
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds the `tasks` package (a checkout or site-packages)
 KEYED_PACKAGES = ("tasks",)  # flows/ only wires stages together: it never shapes an artifact's bytes
 Verify = Literal["sha256", "size"]
+LEASE_S = 120.0  # an S3 lease not renewed for this long is a dead writer's (renewed every LEASE_S / 4)
 TRACKED_LIBRARIES = (
     "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "evaluate",
     "huggingface-hub", "llama-cpp-python", "prefect", "loraforge",
@@ -218,18 +230,27 @@ class ArtifactStore:
 
     def __init__(self, url: str | Path, verify: Verify = "sha256") -> None:
         """Open the store at `url`; `verify` is how much a reused artifact is checked against its manifest:
-        "sha256" (every file's size and hash, the default) or "size" (sizes only, for huge stores)."""
+        "sha256" (every file's size and hash, the default) or "size" (sizes only, for huge stores).
+
+        For an `s3://` store, `root` is this machine's local copy of it (LORAFORGE_STORE_CACHE, default
+        `$LORAFORGE_CACHE/stores/<bucket>-<hash of endpoint and URL>`).
+        """
         self.verify = verify
         text = str(url)
         parsed = urlparse(text)
+        self.remote: ObjectStore | None = None
         if parsed.scheme in ("", "file"):
             self.root = Path(parsed.path if parsed.scheme == "file" else text).expanduser().resolve()
+            self.url = self.root.as_uri()
+        elif parsed.scheme == "s3":
+            self.remote = ObjectStore(text)
+            self.url = self.remote.url
+            self.root = _local_copy(self.remote)
         else:
             raise StageError(
-                f"store: {text!r} uses the scheme {parsed.scheme!r}; only local folders "
-                "(a path or file:///abs/path) are supported."
+                f"store: {text!r} uses the scheme {parsed.scheme!r}; supported: local folders (a path or "
+                "file:///abs/path) and S3-compatible object storage (s3://bucket/prefix)."
             )
-        self.url = self.root.as_uri()
         self.writable: frozenset[str] | None = None  # None: every stage may write; else only these
 
     def restricted_to(self, *stages: str) -> ArtifactStore:
@@ -241,12 +262,22 @@ class ArtifactStore:
         view.writable = frozenset(stages)
         return view
 
+    @property
+    def where(self) -> str:
+        """The store as users name it, for messages: its folder, or its s3:// URL."""
+        return self.url if self.remote is not None else str(self.root)
+
     def check_writable(self) -> None:
         """Make sure artifacts can be written here (before any work), else say which folder and why.
 
         Raises:
-            StageError: the store folder cannot be created or written.
+            StageError: the store folder (or its local copy) cannot be created or written, or the bucket
+                cannot be written with the credentials at hand.
         """
+        if self.remote is not None:
+            name = f".probe/{uuid.uuid4().hex}"
+            self.remote.put(name, b"")
+            self.remote.delete(name)
         try:
             (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
             probe = self.root / ".tmp" / f".probe-{uuid.uuid4().hex[:8]}"
@@ -268,14 +299,17 @@ class ArtifactStore:
         Its files are checked against the manifest (`verify`); a damaged artifact is set aside under
         `.damaged/` with a message saying what was wrong, and None is returned so the stage rebuilds it.
         """
-        folder = self.path(stage, key)
-        if not (folder / MANIFEST).is_file():
-            return None
-        manifest, problems = _verified_manifest(folder, self.verify)
-        if problems:
+        for _ in range(2 if self.remote is not None else 1):  # a damaged local copy is downloaded again, once
+            if self.remote is not None and not self._fetch(stage, key):
+                return None
+            folder = self.path(stage, key)
+            if not (folder / MANIFEST).is_file():
+                return None
+            manifest, problems = _verified_manifest(folder, self.verify)
+            if not problems:
+                return Artifact(stage, key, folder, manifest, cached=True)
             self._set_aside(stage, key, problems)
-            return None
-        return Artifact(stage, key, folder, manifest, cached=True)
+        return None
 
     def get(self, stage: str, key: str, fresh: bool = False) -> Artifact:
         """The artifact, or an error that says which stage should have produced it.
@@ -284,9 +318,7 @@ class ArtifactStore:
         """
         found = self.find(stage, key)
         if found is None:
-            raise StageError(
-                f"no {stage} artifact with key {key} in {self.root}: run {PRODUCERS[stage]} first with the same config."
-            )
+            raise self._missing(stage, key)
         return dataclasses.replace(found, cached=False) if fresh else found
 
     @contextlib.contextmanager
@@ -313,13 +345,48 @@ class ArtifactStore:
                     shutil.rmtree(draft, ignore_errors=True)
                 hit = self.find(stage, key)
                 if hit is None and self.writable is not None and stage not in self.writable:
-                    raise StageError(
-                        f"no {stage} artifact with key {key} in {self.root}: run {PRODUCERS[stage]} first with "
-                        "the same config."
-                    )
-                yield hit
+                    raise self._missing(stage, key)
+                if hit is not None or self.remote is None:
+                    yield hit
+                else:
+                    with self._lease(stage, key) as hit:
+                        yield hit
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _lease(self, stage: str, key: str) -> Iterator[Artifact | None]:
+        """The bucket-wide counterpart of the local lock: a lease object other machines see, renewed while the
+        key is built. Waits while another machine's lease is alive (then usually takes its artifact as a hit).
+        """
+        assert self.remote is not None
+        remote, name = self.remote, f".leases/{stage}-{key}.json"
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        said = False
+        while True:
+            if (hit := self.find(stage, key)) is not None:
+                yield hit
+                return
+            holder = _json_or_none(remote.get(name))
+            if holder and holder.get("owner") != owner and float(holder.get("expires", 0)) > time.time():
+                if not said:
+                    print(f"[store] {stage}/{key} is being built by {holder.get('owner')} ({self.url}); waiting")
+                    said = True
+                time.sleep(min(5.0, LEASE_S / 8))
+                continue
+            remote.put(name, _lease_record(owner))
+            time.sleep(1.0)  # a machine that wrote its lease at the same moment: the last write wins, both see it
+            if (_json_or_none(remote.get(name)) or {}).get("owner") == owner:
+                break
+        stop = threading.Event()
+        renew = threading.Thread(target=_renew_lease, args=(remote, name, owner, stop), daemon=True)
+        renew.start()
+        try:
+            yield None
+        finally:
+            stop.set()
+            renew.join()
+            remote.delete(name)
 
     def clean_drafts(self) -> list[str]:
         """Remove the drafts of runs that were killed (their key's lock is free); returns their names."""
@@ -342,6 +409,76 @@ class ArtifactStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return removed
 
+    def _missing(self, stage: str, key: str) -> StageError:
+        return StageError(
+            f"no {stage} artifact with key {key} in {self.where}: run {PRODUCERS[stage]} first with the same config."
+        )
+
+    def _fetch(self, stage: str, key: str) -> bool:
+        """Make the local copy of (stage, key) the bucket's artifact; False when the bucket has none (or a
+        damaged one, then set aside). Downloads only what the local copy lacks: nothing when it is current."""
+        assert self.remote is not None
+        raw, folder = self.remote.get(f"{stage}/{key}/{MANIFEST}"), self.path(stage, key)
+        if raw is None:
+            shutil.rmtree(folder, ignore_errors=True)  # a copy of an artifact the bucket no longer has
+            return False
+        if (folder / MANIFEST).is_file() and (folder / MANIFEST).read_bytes() == raw:
+            return True
+        try:
+            listed = {name: (e["sha256"], int(e["size"])) for name, e in json.loads(raw)["files"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._set_aside_remote(stage, key, raw, [f"{MANIFEST} is unreadable ({type(exc).__name__}: {exc})"], [])
+            return False
+        tmp = self.root / ".downloads" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            problems, bad = [], []
+            for name, (digest, size) in listed.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                got = self.remote.download(blob_name(digest), tmp / name)
+                if got is None:
+                    problems.append(f"{name} is missing ({blob_name(digest)})")
+                elif got != digest or (tmp / name).stat().st_size != size:
+                    problems.append(f"{name} has sha256 {got[:12]}..., the manifest says {digest[:12]}...")
+                    bad.append(blob_name(digest))
+            if problems:
+                self._set_aside_remote(stage, key, raw, problems, bad)
+                return False
+            (tmp / MANIFEST).write_bytes(raw)
+            shutil.rmtree(folder, ignore_errors=True)  # an older copy: another machine's build of this key won
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):  # another process on this machine put the same copy there first
+                commit_folder(tmp, folder)
+            return True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _upload(self, folder: Path, stage: str, key: str) -> None:
+        """Upload a finished draft: every file as a blob (skipped when the bucket has it), the manifest last."""
+        assert self.remote is not None
+        manifest = (folder / MANIFEST).read_bytes()
+        for name, entry in json.loads(manifest)["files"].items():
+            if self.remote.size(blob_name(entry["sha256"])) != entry["size"]:
+                self.remote.upload(blob_name(entry["sha256"]), folder / name)
+        self.remote.put(f"{stage}/{key}/{MANIFEST}", manifest)  # the commit: from here on readers see it
+
+    def _set_aside_remote(self, stage: str, key: str, raw: bytes, problems: list[str], bad: list[str]) -> None:
+        """Take a damaged artifact out of the bucket's view (its manifest moves to `.damaged/`, the objects that
+        do not match are deleted so that the rebuild uploads them again) and say so."""
+        assert self.remote is not None
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        aside = f".damaged/{stage}-{key}-{stamp}-{uuid.uuid4().hex[:6]}"
+        self.remote.put(f"{aside}/{MANIFEST}", raw)
+        self.remote.put(f"{aside}/DAMAGED.txt", ("\n".join(problems) + "\n").encode())
+        self.remote.delete(f"{stage}/{key}/{MANIFEST}")
+        for name in bad:
+            self.remote.delete(name)
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        print(
+            f"[store] {self.url}/{stage}/{key} does not match its manifest ({shown}): manifest set aside to "
+            f"{self.url}/{aside} and the artifact rebuilt. Something changed objects in the bucket; artifacts are "
+            "read-only once written."
+        )
+
     def _set_aside(self, stage: str, key: str, problems: list[str]) -> None:
         """Move a damaged artifact out of the way (never delete what a user may want to inspect) and say so."""
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
@@ -361,18 +498,22 @@ class ArtifactStore:
     def lookup(self, ref: str) -> Artifact:
         """Find an artifact by `stage/key`, a key or a unique key prefix."""
         stage, _, key = ref.rpartition("/")
-        candidates = [
-            self.path(s, p.name)
-            for s in ([stage] if stage else STAGES)
-            if (self.root / s).is_dir()
-            for p in (self.root / s).iterdir()
-            if p.name.startswith(key) and (p / MANIFEST).is_file()
-        ]
+        candidates = sorted({(s, k) for s in ([stage] if stage else STAGES) for k in self._keys(s, key)})
         if len(candidates) != 1:
             what = "no artifact" if not candidates else f"{len(candidates)} artifacts"
-            raise StageError(f"{what} in {self.root} match {ref!r}; give stage/key or a longer key prefix.")
-        folder = candidates[0]
-        return self.get(folder.parent.name, folder.name)
+            raise StageError(f"{what} in {self.where} match {ref!r}; give stage/key or a longer key prefix.")
+        return self.get(*candidates[0])
+
+    def _keys(self, stage: str, prefix: str) -> list[str]:
+        """The keys of the stage's finished artifacts that start with `prefix`."""
+        if self.remote is not None:
+            ending = f"/{MANIFEST}"
+            listed = self.remote.list(f"{stage}/{prefix}")
+            return [o.name.split("/")[1] for o in listed if o.name.endswith(ending) and o.name.count("/") == 2]
+        folder = self.root / stage
+        if not folder.is_dir():
+            return []
+        return [p.name for p in folder.iterdir() if p.name.startswith(prefix) and (p / MANIFEST).is_file()]
 
     @contextlib.contextmanager
     def scratch(self, stage: str, key: str) -> Iterator[Path]:
@@ -406,9 +547,7 @@ class ArtifactStore:
         duration_s; without it the duration covers only the writing inside this block.
         """
         if self.writable is not None and stage not in self.writable:
-            raise StageError(
-                f"no {stage} artifact with key {key} in {self.root}: run {PRODUCERS[stage]} first with the same config."
-            )
+            raise self._missing(stage, key)
         tmp_root = self.root / ".tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         tmp = tmp_root / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
@@ -433,6 +572,9 @@ class ArtifactStore:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
             final = self.path(stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)
+            if self.remote is not None:
+                self._upload(tmp, stage, key)
+                shutil.rmtree(final, ignore_errors=True)  # the local copy follows the bucket
             if final.exists():  # another process finished the same key first; keys are content, so keep it
                 shutil.rmtree(tmp)
             else:
@@ -441,27 +583,54 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def record_run(self, run_id: str, record: Mapping[str, Any]) -> Path:
-        """Write a pipeline run record (atomically) and return its path."""
-        runs = self.root / "runs"
-        runs.mkdir(parents=True, exist_ok=True)
-        target = runs / f"{run_id}.json"
-        part = target.with_suffix(".json.part")
-        part.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    def write_record(self, name: str, record: Mapping[str, Any] | str) -> str:
+        """Write a small record (JSON, or text as given) beside the artifacts, atomically: `runs/<id>.json`,
+        `approvals/...`, `sweeps/...`. Returns where it is (a path, or an s3:// URL for an S3 store)."""
+        text = record if isinstance(record, str) else json.dumps(record, indent=2, sort_keys=True, default=str)
+        target = self.root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.part")
+        part.write_text(text)
         fsync_tree(part)
         os.replace(part, target)
-        fsync_tree(runs, files=False)
-        return target
+        fsync_tree(target.parent, files=False)
+        if self.remote is None:
+            return str(target)
+        self.remote.put(name, text.encode())
+        return f"{self.url}/{name}"
+
+    def read_record(self, name: str) -> dict[str, Any] | None:
+        """A JSON record written by `write_record`, or None when there is none."""
+        if self.remote is not None:
+            return _json_or_none(self.remote.get(name))
+        path = self.root / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def records(self, folder: str) -> list[str]:
+        """The names of the JSON records in `folder` (e.g. "runs"), oldest first."""
+        if self.remote is not None:
+            listed = [o for o in self.remote.list(f"{folder}/") if o.name.endswith(".json")]
+            return [o.name for o in sorted(listed, key=lambda o: (o.modified, o.name))]
+        found = (self.root / folder).glob("*.json") if (self.root / folder).is_dir() else []
+        return [f"{folder}/{p.name}" for p in sorted(found, key=lambda p: (p.stat().st_mtime, p.name))]
+
+    def record_run(self, run_id: str, record: Mapping[str, Any]) -> str:
+        """Write a pipeline run record (atomically) and return where it is."""
+        return self.write_record(f"runs/{run_id}.json", record)
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether `run_id` (`latest`, an id or a prefix of one) names a recorded run."""
+        names = self.records("runs")
+        return bool(names) and (run_id == "latest" or any(Path(n).stem.startswith(run_id) for n in names))
 
     def load_run(self, run_id: str) -> dict[str, Any]:
         """A run record by id or unique prefix (`latest` for the newest)."""
-        runs = sorted((self.root / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
-        if run_id == "latest" and runs:
-            return json.loads(runs[-1].read_text())
-        matches = [p for p in runs if p.stem.startswith(run_id)]
-        if len(matches) != 1:
-            raise StageError(f"{len(matches)} runs in {self.root / 'runs'} match {run_id!r}.")
-        return json.loads(matches[0].read_text())
+        runs = self.records("runs")
+        matches = runs[-1:] if run_id == "latest" else [n for n in runs if Path(n).stem.startswith(run_id)]
+        record = self.read_record(matches[0]) if len(matches) == 1 else None
+        if record is None:
+            raise StageError(f"{len(matches)} runs in {self.where}/runs match {run_id!r}.")
+        return record
 
     def stage_key(
         self, stage: str, source_file: str, config: BaseModel | Mapping[str, Any], inputs: Mapping[str, Any]
@@ -470,6 +639,39 @@ class ArtifactStore:
         code = code_version(source_file, KEY_LIBRARIES[stage])
         input_keys = {n: (a.key if isinstance(a, Artifact) else str(a)) for n, a in inputs.items()}
         return compute_key(stage, code, config_dict(config), input_keys), code
+
+
+def blob_name(sha256: str) -> str:
+    """Where an S3 store keeps the file with these contents."""
+    return f"blobs/{sha256[:2]}/{sha256}"
+
+
+def _local_copy(remote: ObjectStore) -> Path:
+    """This machine's folder for an S3 store's local copy (one per endpoint and URL)."""
+    configured = os.environ.get("LORAFORGE_STORE_CACHE")
+    if configured:
+        return Path(configured).expanduser().resolve()
+    cache = Path(os.environ.get("LORAFORGE_CACHE") or Path.home() / ".cache" / "loraforge").expanduser()
+    tag = hashlib.sha256(f"{remote.endpoint}\0{remote.url}".encode()).hexdigest()[:10]
+    return (cache / "stores" / f"{remote.bucket}-{tag}").resolve()
+
+
+def _json_or_none(raw: bytes | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _lease_record(owner: str) -> bytes:
+    return json.dumps({"owner": owner, "expires": time.time() + LEASE_S}).encode()
+
+
+def _renew_lease(remote: ObjectStore, name: str, owner: str, stop: threading.Event) -> None:
+    while not stop.wait(LEASE_S / 4):
+        with contextlib.suppress(StageError):  # a missed renewal is retried; the lease lasts 4 periods
+            remote.put(name, _lease_record(owner))
 
 
 def fsync_tree(path: Path, files: bool = True) -> None:

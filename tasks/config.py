@@ -61,13 +61,16 @@ class PipelineConfig(BaseModel):
     )
     store: str = Field(
         "./artifacts",
-        description="Artifact store URL: a folder path (relative to the working directory) or file:///abs.",
+        description="Artifact store URL: a folder path (relative to the working directory), file:///abs, or "
+        "s3://bucket/prefix on S3-compatible object storage (credentials and endpoint from AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION; a local copy under LORAFORGE_STORE_CACHE).",
     )
     store_verify: Literal["sha256", "size"] = Field(
         "sha256",
         description="How a reused artifact is checked against its manifest before a cache hit: sha256 of every "
         "file (default, like git) or only sizes (for stores too large to hash on every run). A mismatch sets the "
-        "artifact aside under <store>/.damaged/ and rebuilds it.",
+        "artifact aside under <store>/.damaged/ and rebuilds it. Files downloaded from an s3:// store are always "
+        "checked against their sha256.",
     )
     data: DataConfig = Field(description="The data stage: input files, chat template, tokenization, splits.")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(), description="The train stage (LoRA).")

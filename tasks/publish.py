@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks import hubclient
-from tasks.artifacts import KEY_LIBRARIES, Artifact, ArtifactStore, compute_key, fsync_tree, hash_files
+from tasks.artifacts import KEY_LIBRARIES, Artifact, ArtifactStore, compute_key, hash_files
 from tasks.errors import GateFailed, StageError
 from tasks.evaluate import check_gate
 from tasks.hubclient import (
@@ -199,28 +199,20 @@ def _build_publish(
     return store.get("publish", key, fresh=True)
 
 
-def record_approval(store: ArtifactStore, eval_: Artifact, quantize: Artifact, answer: dict[str, Any]) -> Path:
-    """Record that a reviewer approved publishing these eval and quantize artifacts (what publish then checks)."""
-    target = _approval_path(store, eval_, quantize)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_suffix(".part")
-    part.write_text(json.dumps({"eval": eval_.key, "quantize": quantize.key, **answer}, indent=2, sort_keys=True))
-    fsync_tree(part)
-    part.replace(target)
-    return target
+def record_approval(store: ArtifactStore, eval_: Artifact, quantize: Artifact, answer: dict[str, Any]) -> str:
+    """Record that a reviewer approved publishing these eval and quantize artifacts (what publish then checks);
+    returns where the record is."""
+    return store.write_record(_approval_name(eval_, quantize), {"eval": eval_.key, "quantize": quantize.key, **answer})
 
 
 def approval(store: ArtifactStore, eval_: Artifact, quantize: Artifact) -> dict[str, Any] | None:
     """The reviewer's approval of publishing these artifacts, or None when there is none."""
-    path = _approval_path(store, eval_, quantize)
-    if not path.is_file():
-        return None
-    answer: dict[str, Any] = json.loads(path.read_text())
-    return answer if answer.get("approved") is True else None
+    answer = store.read_record(_approval_name(eval_, quantize))
+    return answer if answer is not None and answer.get("approved") is True else None
 
 
-def _approval_path(store: ArtifactStore, eval_: Artifact, quantize: Artifact) -> Path:
-    return store.root / "approvals" / f"{eval_.key}-{quantize.key}.json"
+def _approval_name(eval_: Artifact, quantize: Artifact) -> str:
+    return f"approvals/{eval_.key}-{quantize.key}.json"
 
 
 def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: str) -> str:

@@ -278,7 +278,7 @@ def _written(run: TrainRun) -> Artifact:
     found = run.store.find("train", run.key)
     if found is None:
         raise StageError(
-            f"train: the training processes finished but artifact train/{run.key} is not in {run.store.root}; with "
+            f"train: the training processes finished but artifact train/{run.key} is not in {run.store.where}; with "
             "train.nnodes > 1 the machine running rank 0 writes it: give every machine the same store."
         )
     return dataclasses.replace(found, cached=False)
@@ -299,7 +299,7 @@ def _launch_ranks(run: TrainRun) -> None:
         )
     folder = run.store.root / ".checkpoints" / f"train-{run.key}" / "ranks"
     distributed.write_spec(folder, {
-        "config": config.model_dump(mode="json"), "store": str(run.store.root), "verify": run.store.verify,
+        "config": config.model_dump(mode="json"), "store": run.store.url, "verify": run.store.verify,
         "key": run.key, "code": run.code, "device": run.device, "precision": run.precision, "started": run.started,
         **{name: {"stage": a.stage, "key": a.key, "path": str(a.path), "manifest": a.manifest}
            for name, a in (("base", run.base), ("data", run.data))},

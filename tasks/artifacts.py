@@ -430,6 +430,7 @@ class ArtifactStore:
             self._set_aside_remote(stage, key, raw, [f"{MANIFEST} is unreadable ({type(exc).__name__}: {exc})"], [])
             return False
         tmp = self.root / ".downloads" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
         try:
             problems, bad = [], []
             for name, (digest, size) in listed.items():

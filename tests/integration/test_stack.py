@@ -40,7 +40,8 @@ def stack() -> Iterator[dict[str, str]]:
     # Not under pytest's 0700 temp folders: as root, PostgreSQL runs as `postgres`, which must reach its folder.
     folder = Path(tempfile.mkdtemp(prefix="loraforge-stack-"))
     folder.chmod(0o755)
-    ports = {"STACK_PG_PORT": free_port(), "STACK_PREFECT_PORT": free_port(), "STACK_HUB_PORT": free_port()}
+    ports = {"STACK_PG_PORT": free_port(), "STACK_PREFECT_PORT": free_port(), "STACK_HUB_PORT": free_port(),
+             "STACK_S3_PORT": free_port()}  # fmt: skip
     env = {**os.environ, "STACK_DIR": str(folder / "stack"), "PYTHON": sys.executable,
            **{k: str(v) for k, v in ports.items()}}  # fmt: skip
     env.pop("PREFECT_API_URL", None)
@@ -75,7 +76,15 @@ def test_stack_runs_prefect_on_postgres_with_a_worker(stack: dict[str, str], tin
                              timeout=600, poll_interval=1)  # fmt: skip
     assert run.state is not None and run.state.is_completed(), run.state
     key = run.state.result()["key"]
-    assert (Path(stack["LORAFORGE_STORE"]) / "base" / key / "manifest.json").is_file()
+    # The artifact is in the stack's S3 server (the worker uploaded it): read it from a fresh local copy.
+    assert stack["LORAFORGE_STORE"] == "s3://loraforge/artifacts"
+    s3 = {k: v for k, v in stack.items() if k.startswith(("AWS_", "LORAFORGE_STORE"))}
+    reader = (f"import sys; from tasks.artifacts import ArtifactStore; "
+              f"print(ArtifactStore({stack['LORAFORGE_STORE']!r}).get('base', {key!r}).manifest['stage'])")  # fmt: skip
+    env = {**os.environ, **s3, "LORAFORGE_STORE_CACHE": str(Path(stack["STACK_DIR"]) / "test-reader")}
+    read = subprocess.run([sys.executable, "-c", reader], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert read.returncode == 0 and read.stdout.strip() == "base", read.stdout + read.stderr
+    assert any((Path(stack["STACK_DIR"]) / "s3" / "loraforge" / "artifacts" / "base").iterdir())
 
     # The server's state is in PostgreSQL: the run is a row of its flow_run table there.
     password = (Path(stack["STACK_DIR"]) / "pg-password").read_text().strip()

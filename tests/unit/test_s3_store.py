@@ -67,6 +67,8 @@ def test_an_artifact_written_on_one_machine_is_read_verified_on_another(machine)
     again = two.find("data", "k1")
     assert again is not None and {p: p.stat().st_mtime_ns for p in again.path.rglob("*")} == before
     assert two.lookup("k1").key == "k1" and two.lookup("data/k").key == "k1"
+    _write(one, "k2", {}, stage="base")  # an artifact of a manifest alone (the base model's)
+    assert machine("three").get("base", "k2").manifest["files"] == {}
     names = [o.name for o in two.remote.list("")]  # type: ignore[union-attr]
     assert "data/k1/manifest.json" in names and blob_name(found.manifest["files"]["a.txt"]["sha256"]) in names
 

@@ -188,23 +188,24 @@ def _differences(given: Any, kept: Any, path: str) -> list[str]:
     return []
 
 
-def manifest_problems(manifest: dict[str, Any]) -> list[str]:
-    """Everything the Kubernetes API models object to in a Job manifest; [] when it is a valid V1Job.
+def manifest_problems(manifest: dict[str, Any], model: str = "V1Job") -> list[str]:
+    """Everything the Kubernetes API models object to in `manifest`; [] when it is a valid `model` (a class of
+    kubernetes.client: V1Job, V1Deployment, V1Role, ...).
 
-    kubernetes.client.V1Job.from_dict checks types and required fields (pydantic models, kubernetes>=35) but
-    drops unknown keys silently; serializing back (ApiClient.sanitize_for_serialization) and comparing with the
-    input finds those, and any value the models coerced. Paths are dotted (list items by index); a type or
-    required-field error names the model it is in (`V1JobSpec.backoffLimit: ...`) and stops the check there.
+    `model`.from_dict checks types and required fields (pydantic models, kubernetes>=35) but drops unknown keys
+    silently; serializing back (ApiClient.sanitize_for_serialization) and comparing with the input finds those,
+    and any value the models coerced. Paths are dotted (list items by index); a type or required-field error
+    names the model it is in (`V1JobSpec.backoffLimit: ...`) and stops the check there.
     """
-    from kubernetes.client import ApiClient, V1Job
+    import kubernetes.client
     from pydantic import ValidationError
 
     try:
-        job = V1Job.from_dict(manifest)
+        parsed = getattr(kubernetes.client, model).from_dict(manifest)
     except ValidationError as exc:
         # Each model validates its own fields: the location starts at the model named in exc.title.
         return [f"{exc.title}.{'.'.join(map(str, e['loc']))}: {e['msg']} (given {e['input']!r})" for e in exc.errors()]
-    return _differences(manifest, ApiClient().sanitize_for_serialization(job), "")
+    return _differences(manifest, kubernetes.client.ApiClient().sanitize_for_serialization(parsed), "")
 
 
 def main(argv: list[str]) -> int:

@@ -144,6 +144,27 @@ def test_every_other_stage_is_a_valid_job_on_the_cpu_pool(deployment: str, deplo
     assert "nvidia.com/gpu" not in container.resources.limits and container.env_from[0].secret_ref.name
 
 
+def test_worker_manifests_are_valid_and_bound_to_the_role() -> None:
+    """infra/k8s/worker.yaml (what `kubectl apply` would send): every object a valid Kubernetes object, the worker's
+    service account bound to a Role that may manage Jobs and read Pods and logs, in the pool's namespace."""
+    docs = list(yaml.safe_load_all((ROOT / "infra" / "k8s" / "worker.yaml").read_text()))
+    assert {d["kind"]: pool.manifest_problems(d, f"V1{d['kind']}") for d in docs} == {
+        "ServiceAccount": [], "Role": [], "RoleBinding": [], "Deployment": []
+    }  # fmt: skip
+    objects = {d["kind"]: d for d in docs}
+    assert {d["metadata"]["namespace"] for d in docs} == {
+        template("gpu")["variables"]["properties"]["namespace"]["default"]
+    }
+    rules = {(r["apiGroups"][0], res): set(r["verbs"]) for r in objects["Role"]["rules"] for res in r["resources"]}
+    assert {"create", "get", "watch", "delete"} <= rules[("batch", "jobs")] and "get" in rules[("", "pods/log")]
+    (subject,) = objects["RoleBinding"]["subjects"]
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert subject["name"] == objects["ServiceAccount"]["metadata"]["name"] == pod["serviceAccountName"]
+    args = pod["containers"][0]["args"]
+    assert args[:3] == ["prefect", "worker", "start"] and args[args.index("--pool") + 1] == "loraforge-gpu"
+    assert "--type" in args and args[args.index("--type") + 1] == "kubernetes"
+
+
 def _pod(manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest["spec"]["template"]["spec"]
 

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers gpu-check
+.PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers gpu-check k8s-templates k8s-manifest
 
 setup:                       ## virtualenv, torch 2.13.0 CPU first, llama-cpp-python wheel built once, pinned deps
 	bash infra/bootstrap.sh
@@ -54,6 +54,12 @@ stack-down:                  ## stop the local stack (data stays in .stack/; bas
 
 deploy: setup                ## deploy infra/prefect.yaml (work pools + every deployment) to PREFECT_API_URL
 	bash infra/stack/deploy.sh
+
+k8s-templates: setup         ## regenerate infra/k8s/{gpu,cpu}-pool.json from prefect-kubernetes' default job template
+	$(PY) infra/k8s/pool.py write
+
+k8s-manifest: setup          ## the Job a Kubernetes worker would create for the train deployment (DEPLOYMENT=data ...), checked
+	$(PY) infra/k8s/pool.py manifest $(DEPLOYMENT)
 
 hub: setup                   ## a local Hub-compatible server on 127.0.0.1:8765 (repos under .hub/; token: .hub/token)
 	$(PY) infra/hub/server.py --root .hub --port 8765

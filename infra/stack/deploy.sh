@@ -2,7 +2,11 @@
 # Create loraforge's work pools (if missing) and deploy every deployment in infra/prefect.yaml.
 #   bash infra/stack/deploy.sh            (make deploy; make stack runs it too)
 # Needs PREFECT_API_URL. Settings, all with defaults (see the header of infra/prefect.yaml):
-#   LORAFORGE_POOL_TYPE     process (default: workers run stages as processes from LORAFORGE_CODE_DIR) or docker
+#   LORAFORGE_POOL_TYPE     process (default: workers run stages as processes from LORAFORGE_CODE_DIR), docker or
+#                           kubernetes (pools from infra/k8s/{cpu,gpu}-pool.json; docs/operations.md, Kubernetes)
+#   LORAFORGE_CPU_POOL_TYPE / LORAFORGE_GPU_POOL_TYPE   the type of loraforge-cpu / loraforge-gpu alone
+#                           (default: LORAFORGE_POOL_TYPE), e.g. LORAFORGE_GPU_POOL_TYPE=kubernetes: train on a cluster
+#   LORAFORGE_GPUS          train runs at once: loraforge-gpu's concurrency limit, set on every deploy (default: 1)
 #   LORAFORGE_CODE_DIR      where the project is on the workers       (default: this checkout)
 #   LORAFORGE_CONFIG        config of the scheduled/triggered runs    (default: flows/configs/demo.yaml)
 #   LORAFORGE_STORE         the artifact store all workers share      (default: ./artifacts, absolute)
@@ -18,27 +22,45 @@ export LORAFORGE_IMAGE_PREFIX="${LORAFORGE_IMAGE_PREFIX:-localhost/}"
 export LORAFORGE_IMAGE_TAG="${LORAFORGE_IMAGE_TAG:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo dev)}"
 POOL_TYPE="${LORAFORGE_POOL_TYPE:-process}"
 
-"$PY" - "$POOL_TYPE" loraforge-cpu loraforge-gpu <<'PYEOF'
+"$PY" - "${LORAFORGE_GPUS:-1}" "loraforge-cpu=${LORAFORGE_CPU_POOL_TYPE:-$POOL_TYPE}" \
+  "loraforge-gpu=${LORAFORGE_GPU_POOL_TYPE:-$POOL_TYPE}" <<'PYEOF'
+import json
 import sys
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.base import BaseWorker
 
-pool_type, *names = sys.argv[1:]
-worker = BaseWorker.get_worker_class_from_type(pool_type)
-if worker is None:
-    sys.exit(f"deploy: no Prefect worker type {pool_type!r} installed (process is built in; docker needs prefect-docker)")
+gpus, *pools = sys.argv[1:]
+if not gpus.isdigit() or int(gpus) < 1:
+    sys.exit(f"deploy: LORAFORGE_GPUS must be a whole number of train runs at once (1 or more), got {gpus!r}")
+
+
+def base_job_template(name: str, pool_type: str) -> dict:
+    """loraforge's own template for a kubernetes pool (infra/k8s/), else the worker type's default."""
+    if pool_type == "kubernetes":
+        return json.loads(open(f"infra/k8s/{name.removeprefix('loraforge-')}-pool.json").read())
+    worker = BaseWorker.get_worker_class_from_type(pool_type)
+    if worker is None:
+        sys.exit(f"deploy: no Prefect worker type {pool_type!r} installed (process is built in; docker needs "
+                 "prefect-docker; kubernetes uses infra/k8s/)")
+    return worker.get_default_base_job_template()
+
+
 with get_client(sync_client=True) as client:
-    for name in names:
+    for name, pool_type in (p.split("=", 1) for p in pools):
         try:
             pool = client.read_work_pool(name)
-            print(f"work pool {name} ({pool.type}) exists")
+            note = "" if pool.type == pool_type else f"; not {pool_type}: delete it to change its type"
+            print(f"work pool {name} ({pool.type}) exists{note}")
         except ObjectNotFound:
-            template = worker.get_default_base_job_template()
+            template = base_job_template(name, pool_type)
             client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
             print(f"work pool {name} ({pool_type}) created")
+    # One train per GPU: however the pool runs its jobs, at most LORAFORGE_GPUS of them at once.
+    client.update_work_pool("loraforge-gpu", WorkPoolUpdate(concurrency_limit=int(gpus)))
+    print(f"work pool loraforge-gpu: concurrency limit {gpus}")
 PYEOF
 
 "$PY" -m prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml

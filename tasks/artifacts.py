@@ -368,7 +368,8 @@ class ArtifactStore:
                 yield hit
                 return
             holder = _json_or_none(remote.get(name))
-            if holder and holder.get("owner") != owner and float(holder.get("expires", 0)) > time.time():
+            alive = holder and float(holder.get("expires", 0)) > time.time() and not _dead_here(holder)
+            if holder and alive and holder.get("owner") != owner:
                 if not said:
                     print(f"[store] {stage}/{key} is being built by {holder.get('owner')} ({self.url}); waiting")
                     said = True
@@ -663,6 +664,21 @@ def _json_or_none(raw: bytes | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _dead_here(holder: Mapping[str, Any]) -> bool:
+    """Whether a lease's owner was a process of this machine that is gone (killed: its lease need not expire)."""
+    host, _, rest = str(holder.get("owner", "")).partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _lease_record(owner: str) -> bytes:

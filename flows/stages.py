@@ -5,6 +5,9 @@ in the shared store, calls the stage function and returns the key it produced (w
 hit). The pipeline flow (flows/pipeline.py) calls them through `run_deployment` when
 `orchestration.stages: deployments`; a stage gives the same key and bytes in-process or here.
 
+A stage's prints reach its flow run's logs (the Prefect UI); a run stops itself once it has run for
+`orchestration.stage_timeout_s` (state TimedOut, flows/stage_runs.py).
+
 Results are persisted (Prefect's local result storage, PREFECT_RESULTS_LOCAL_STORAGE_PATH) so that the
 parent flow can read the returned key: workers and the parent must see that folder, like the store.
 """
@@ -15,6 +18,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.stage_runs import within_stage_timeout
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig
 from tasks.data import prepare_data
@@ -50,20 +54,23 @@ def _result(artifact: Artifact) -> StageResult:
     return {"stage": artifact.stage, "key": artifact.key, "cached": artifact.cached}
 
 
-@flow(name="loraforge-base", persist_result=True)
+@flow(name="loraforge-base", persist_result=True, log_prints=True)
+@within_stage_timeout
 def base_flow(config: PipelineConfig, only: str | None = None) -> StageResult:
     """Provision the base model (`base_model`) and record it as the base artifact."""
     return _result(provision_base(config.base_model, _store(config, only)))
 
 
-@flow(name="loraforge-data", persist_result=True)
+@flow(name="loraforge-data", persist_result=True, log_prints=True)
+@within_stage_timeout
 def data_flow(config: PipelineConfig, base_key: str, only: str | None = None) -> StageResult:
     """The data stage: validate, template, tokenize and split the dataset."""
     store = _store(config, only)
     return _result(prepare_data(config.data, _base(config, store, base_key), store))
 
 
-@flow(name="loraforge-train", persist_result=True)
+@flow(name="loraforge-train", persist_result=True, log_prints=True)
+@within_stage_timeout
 def train_flow(config: PipelineConfig, base_key: str, data_key: str, only: str | None = None) -> StageResult:
     """The train stage: the LoRA adapter."""
     store = _store(config, only)
@@ -71,7 +78,8 @@ def train_flow(config: PipelineConfig, base_key: str, data_key: str, only: str |
     return _result(train_adapter(config.train, base, store.get("data", data_key), store))
 
 
-@flow(name="loraforge-eval", persist_result=True)
+@flow(name="loraforge-eval", persist_result=True, log_prints=True)
+@within_stage_timeout
 def eval_flow(
     config: PipelineConfig, base_key: str, data_key: str, train_key: str, only: str | None = None
 ) -> StageResult:
@@ -82,7 +90,8 @@ def eval_flow(
     return _result(evaluate_adapter(config.eval, base, data, train, store))
 
 
-@flow(name="loraforge-merge", persist_result=True)
+@flow(name="loraforge-merge", persist_result=True, log_prints=True)
+@within_stage_timeout
 def merge_flow(
     config: PipelineConfig, base_key: str, data_key: str, train_key: str, only: str | None = None
 ) -> StageResult:
@@ -93,7 +102,8 @@ def merge_flow(
     return _result(merge_adapter(config.merge, base, data, train, store))
 
 
-@flow(name="loraforge-quantize", persist_result=True)
+@flow(name="loraforge-quantize", persist_result=True, log_prints=True)
+@within_stage_timeout
 def quantize_flow(config: PipelineConfig, data_key: str, merge_key: str, only: str | None = None) -> StageResult:
     """The quantize stage: GGUF files of the merged model, each checked in llama-cpp-python."""
     store = _store(config, only)
@@ -101,7 +111,8 @@ def quantize_flow(config: PipelineConfig, data_key: str, merge_key: str, only: s
     return _result(quantize_gguf(config.quantize, config.name, data, merge, store))
 
 
-@flow(name="loraforge-publish", persist_result=True)
+@flow(name="loraforge-publish", persist_result=True, log_prints=True)
+@within_stage_timeout
 def publish_flow(
     config: PipelineConfig,
     base_key: str,

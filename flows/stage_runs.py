@@ -1,6 +1,9 @@
-"""How a stage's Prefect run ends: `TimedOut` when it ran past `orchestration.stage_timeout_s`.
+"""How a stage's Prefect run ends: `Cached` when the store already had its artifact, `TimedOut` when it ran past
+`orchestration.stage_timeout_s`.
 
-Used by the per-stage flows of the deployments (flows/stages.py).
+Used by the pipeline's in-process stage tasks (flows/pipeline.py) and the per-stage flows of the deployments
+(flows/stages.py). Caching stays the artifact store's: the `Cached` state only shows in the Prefect UI what the
+store decided, so a re-run that recomputed nothing reads as such.
 """
 
 from __future__ import annotations
@@ -11,15 +14,43 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from prefect.client.schemas.objects import State
+from prefect.states import Completed
+
+from tasks.artifacts import Artifact
+
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class StageTimeout(TimeoutError):
     """A stage ran past `orchestration.stage_timeout_s`. A TimeoutError: Prefect ends the flow run `TimedOut`."""
+
+
+def cached_state(artifact: Artifact, value: T) -> T | State[T]:
+    """What a stage's task or flow returns to Prefect for `artifact`.
+
+    Args:
+        artifact: the stage's artifact, as the stage function returned it.
+        value: what the run's caller is to get (the artifact itself, or a stage flow's result).
+
+    Returns:
+        A Completed state named `Cached` holding `value` when the artifact was a cache hit (Prefect takes a
+        returned state as the run's final state), else `value` itself (Prefect makes that `Completed`). A flow's
+        caller gets the value either way; a task's caller gets the state: `unwrap` it.
+    """
+    if not artifact.cached:
+        return value
+    return Completed(name="Cached", data=value, message=f"{artifact.stage} {artifact.key} was already in the store")
+
+
+def unwrap(value: T | State[T]) -> T:
+    """The value a stage task returned, out of the `Cached` state it may be wrapped in (`cached_state`)."""
+    return value.result() if isinstance(value, State) else value
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """The loraforge pipeline as a Prefect flow: base -> data -> train -> eval (gate) -> merge -> quantize -> publish.
 
 Each stage is a Prefect task wrapping the plain stage function from tasks/; the flow only wires artifacts from
-one stage to the next. Caching is the artifact store's (content keys), not Prefect's.
+one stage to the next. Caching is the artifact store's (content keys), not Prefect's; a stage that was a cache hit
+shows as a `Cached` task run (flows/stage_runs.py).
 
 With `orchestration.stages: deployments` each stage instead runs as a flow run of its own deployment
 (flows/stages.py, infra/prefect.yaml) through `run_deployment`, on whichever worker serves that deployment's
@@ -12,17 +13,21 @@ With `orchestration.approval: true` the flow pauses before publish until a revie
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
-from prefect import flow, task
+from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.input import RunInput
+from prefect.runtime import flow_run as prefect_run
 
+from flows.stage_runs import cached_state, unwrap
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig, load_config
 from tasks.data import prepare_data
@@ -36,14 +41,31 @@ from tasks.train import train_adapter
 
 STAGES = ("data", "train", "eval", "merge", "quantize", "publish")
 
-base_task = task(name="base", cache_policy=NO_CACHE)(provision_base)
-data_task = task(name="data", cache_policy=NO_CACHE)(prepare_data)
-train_task = task(name="train", cache_policy=NO_CACHE)(train_adapter)
-eval_task = task(name="eval", cache_policy=NO_CACHE)(evaluate_adapter)
-merge_task = task(name="merge", cache_policy=NO_CACHE)(merge_adapter)
-quantize_task = task(name="quantize", cache_policy=NO_CACHE)(quantize_gguf)
-publish_task = task(name="publish", cache_policy=NO_CACHE)(publish_model)
-IN_PROCESS: dict[str, Callable[..., Artifact]] = {
+StageCall = Callable[..., Artifact | State[Artifact]]  # a stage's task (or its deployment's stand-in)
+
+
+def _stage_task(name: str, produce: Callable[..., Artifact]) -> Task[..., Artifact | State[Artifact]]:
+    """The stage function as a Prefect task whose run ends `Cached` when the store already had the artifact.
+
+    Calling the task gives that state on a cache hit, else the artifact: `unwrap` it (the pipeline's `step` does).
+    """
+
+    @functools.wraps(produce)
+    def run(*args: Any, **kwargs: Any) -> Artifact | State[Artifact]:
+        artifact = produce(*args, **kwargs)
+        return cached_state(artifact, artifact)
+
+    return task(name=name, cache_policy=NO_CACHE)(run)
+
+
+base_task = _stage_task("base", provision_base)
+data_task = _stage_task("data", prepare_data)
+train_task = _stage_task("train", train_adapter)
+eval_task = _stage_task("eval", evaluate_adapter)
+merge_task = _stage_task("merge", merge_adapter)
+quantize_task = _stage_task("quantize", quantize_gguf)
+publish_task = _stage_task("publish", publish_model)
+IN_PROCESS: dict[str, StageCall] = {
     "base": base_task, "data": data_task, "train": train_task, "eval": eval_task, "merge": merge_task,
     "quantize": quantize_task, "publish": publish_task,
 }  # fmt: skip
@@ -62,7 +84,7 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
 
     Returns:
         The run record: per stage its key, path, whether it was a cache hit and its wall time; eval metrics
-        and the gate verdict. The record is also written to `<store>/runs/<run-id>.json`.
+        and the gate verdict; the Prefect flow run's id. The record is also written to `<store>/runs/<run-id>.json`.
 
     Raises:
         GateFailed: the eval gate failed (nothing after eval runs, nothing is published).
@@ -75,7 +97,7 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
         store = store.restricted_to("base", only)
     if config.orchestration.approval or config.orchestration.stages == "deployments":
         _require_server(config)
-    stages = IN_PROCESS
+    stages: dict[str, StageCall] = IN_PROCESS
     if config.orchestration.stages == "deployments":
         stages = {name: _deployed(name, config, store, only) for name in IN_PROCESS}
     run: dict[str, Any] = {
@@ -83,12 +105,13 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
         "name": config.name,
         "store": store.url,
         "stages": {},
+        "flow_run_id": prefect_run.id,  # this run in the Prefect UI (None when called as pipeline.fn)
     }
     run["config"] = config.model_dump(mode="json")
 
-    def step(name: str, produce: Any, *args: Any) -> Artifact:
+    def step(name: str, produce: StageCall, *args: Any) -> Artifact:
         started = time.perf_counter()
-        artifact: Artifact = produce(*args, store)
+        artifact = unwrap(produce(*args, store))
         run["stages"][name] = {
             "key": artifact.key, "path": str(artifact.path), "cached": artifact.cached,
             "seconds": round(time.perf_counter() - started, 1),

@@ -5,6 +5,9 @@ in the shared store, calls the stage function and returns the key it produced (w
 hit). The pipeline flow (flows/pipeline.py) calls them through `run_deployment` when
 `orchestration.stages: deployments`; a stage gives the same key and bytes in-process or here.
 
+A stage's prints reach its flow run's logs (the Prefect UI); a run stops itself once it has run for
+`orchestration.stage_timeout_s` (state TimedOut) and a cache hit ends `Cached` (flows/stage_runs.py).
+
 Results are persisted (Prefect's local result storage, PREFECT_RESULTS_LOCAL_STORAGE_PATH) so that the
 parent flow can read the returned key: workers and the parent must see that folder, like the store.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
+from flows.stage_runs import cached_state, within_stage_timeout
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig
 from tasks.data import prepare_data
@@ -27,6 +32,7 @@ from tasks.quantize import quantize_gguf
 from tasks.train import train_adapter
 
 StageResult = dict[str, Any]  # {"stage": ..., "key": ..., "cached": bool}
+StageOutcome = StageResult | State[StageResult]  # the result, or a `Cached` state holding it
 
 
 def _store(config: PipelineConfig, only: str | None) -> ArtifactStore:
@@ -46,35 +52,40 @@ def _base(config: PipelineConfig, store: ArtifactStore, key: str) -> Artifact:
     return base
 
 
-def _result(artifact: Artifact) -> StageResult:
-    return {"stage": artifact.stage, "key": artifact.key, "cached": artifact.cached}
+def _result(artifact: Artifact) -> StageOutcome:
+    """The flow's result; a cache hit's run ends in a `Cached` state holding it (flows/stage_runs.py)."""
+    return cached_state(artifact, {"stage": artifact.stage, "key": artifact.key, "cached": artifact.cached})
 
 
-@flow(name="loraforge-base", persist_result=True)
-def base_flow(config: PipelineConfig, only: str | None = None) -> StageResult:
+@flow(name="loraforge-base", persist_result=True, log_prints=True)
+@within_stage_timeout
+def base_flow(config: PipelineConfig, only: str | None = None) -> StageOutcome:
     """Provision the base model (`base_model`) and record it as the base artifact."""
     return _result(provision_base(config.base_model, _store(config, only)))
 
 
-@flow(name="loraforge-data", persist_result=True)
-def data_flow(config: PipelineConfig, base_key: str, only: str | None = None) -> StageResult:
+@flow(name="loraforge-data", persist_result=True, log_prints=True)
+@within_stage_timeout
+def data_flow(config: PipelineConfig, base_key: str, only: str | None = None) -> StageOutcome:
     """The data stage: validate, template, tokenize and split the dataset."""
     store = _store(config, only)
     return _result(prepare_data(config.data, _base(config, store, base_key), store))
 
 
-@flow(name="loraforge-train", persist_result=True)
-def train_flow(config: PipelineConfig, base_key: str, data_key: str, only: str | None = None) -> StageResult:
+@flow(name="loraforge-train", persist_result=True, log_prints=True)
+@within_stage_timeout
+def train_flow(config: PipelineConfig, base_key: str, data_key: str, only: str | None = None) -> StageOutcome:
     """The train stage: the LoRA adapter."""
     store = _store(config, only)
     base = _base(config, store, base_key)
     return _result(train_adapter(config.train, base, store.get("data", data_key), store))
 
 
-@flow(name="loraforge-eval", persist_result=True)
+@flow(name="loraforge-eval", persist_result=True, log_prints=True)
+@within_stage_timeout
 def eval_flow(
     config: PipelineConfig, base_key: str, data_key: str, train_key: str, only: str | None = None
-) -> StageResult:
+) -> StageOutcome:
     """The eval stage: base vs tuned on the test split and the gate verdict (the pipeline enforces it)."""
     store = _store(config, only)
     base = _base(config, store, base_key)
@@ -82,10 +93,11 @@ def eval_flow(
     return _result(evaluate_adapter(config.eval, base, data, train, store))
 
 
-@flow(name="loraforge-merge", persist_result=True)
+@flow(name="loraforge-merge", persist_result=True, log_prints=True)
+@within_stage_timeout
 def merge_flow(
     config: PipelineConfig, base_key: str, data_key: str, train_key: str, only: str | None = None
-) -> StageResult:
+) -> StageOutcome:
     """The merge stage: the adapter merged into the base model, checked against the adapter."""
     store = _store(config, only)
     base = _base(config, store, base_key)
@@ -93,15 +105,17 @@ def merge_flow(
     return _result(merge_adapter(config.merge, base, data, train, store))
 
 
-@flow(name="loraforge-quantize", persist_result=True)
-def quantize_flow(config: PipelineConfig, data_key: str, merge_key: str, only: str | None = None) -> StageResult:
+@flow(name="loraforge-quantize", persist_result=True, log_prints=True)
+@within_stage_timeout
+def quantize_flow(config: PipelineConfig, data_key: str, merge_key: str, only: str | None = None) -> StageOutcome:
     """The quantize stage: GGUF files of the merged model, each checked in llama-cpp-python."""
     store = _store(config, only)
     data, merge = store.get("data", data_key), store.get("merge", merge_key)
     return _result(quantize_gguf(config.quantize, config.name, data, merge, store))
 
 
-@flow(name="loraforge-publish", persist_result=True)
+@flow(name="loraforge-publish", persist_result=True, log_prints=True)
+@within_stage_timeout
 def publish_flow(
     config: PipelineConfig,
     base_key: str,
@@ -111,7 +125,7 @@ def publish_flow(
     merge_key: str,
     quantize_key: str,
     only: str | None = None,
-) -> StageResult:
+) -> StageOutcome:
     """The publish stage: bundle, model card and lineage, pushed to the Hub when a token is set.
 
     The base artifact is read from the store (its manifest only): this stage never loads weights.

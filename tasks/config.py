@@ -37,7 +37,10 @@ class OrchestrationConfig(BaseModel):
         "workers that share the artifact store; needs a Prefect server (PREFECT_API_URL).",
     )
     stage_timeout_s: float | None = Field(
-        None, gt=0, description="deployments mode: seconds to wait for one stage's flow run (None: no limit)."
+        None,
+        gt=0,
+        description="deployments mode: seconds to wait for one stage's flow run, which is then cancelled; the stage "
+        "flow also stops itself once it has run this long (state TimedOut), whoever waits for it (None: no limit).",
     )
     approval: bool = Field(
         False,

@@ -31,6 +31,21 @@ def _ran(record: dict) -> set[str]:
     return {stage for stage, info in record["stages"].items() if not info["cached"]}
 
 
+def task_run_states(flow_run_id: str) -> dict[str, str]:
+    """The state name of each task run of a flow run, by task name (e.g. {"train": "Cached"}), from Prefect's API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return {run.name.rsplit("-", 1)[0]: str(run.state_name) for run in runs}
+
+    return asyncio.run(read())
+
+
 def copy_stages(first_run: dict, target: Path, *stages: str) -> tuple[ArtifactStore, dict[str, Artifact]]:
     """Copy the first run's artifacts of these stages into a store of their own (to damage them safely)."""
     for stage in stages:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import REPO, TOKEN, _config, _ran, _run
+from pipeline_fixtures import REPO, TOKEN, _config, _ran, _run, task_run_states
 
 from tasks.config import DEMO_CONFIG
 from tasks.errors import GateFailed
@@ -87,6 +87,9 @@ def test_second_run_is_all_cache_hits(first_run: dict, tiny_model: Path, workdir
     again = _run(_config(tiny_model, workdir, hub))
     assert _ran(again) == set()
     assert {s: i["key"] for s, i in again["stages"].items()} == {s: i["key"] for s, i in first_run["stages"].items()}
+    # What the Prefect UI shows: each stage's task run ends Cached on the re-run, Completed when it computed.
+    assert task_run_states(first_run["flow_run_id"]) == dict.fromkeys(first_run["stages"], "Completed")
+    assert task_run_states(again["flow_run_id"]) == dict.fromkeys(first_run["stages"], "Cached")
 
 
 def test_changing_one_stage_reruns_it_and_its_dependents_only(

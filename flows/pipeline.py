@@ -203,6 +203,8 @@ def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: st
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
+    from flows.stages import stage_run_record
+
     shared = config.model_copy(update={"store": store.url}).model_dump(mode="json")
 
     def run_stage(*args: Any) -> Artifact:
@@ -227,7 +229,12 @@ def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: st
             )
         if not state.is_completed():
             raise StageError(f"{stage} stage: flow run {flow_run.name} ended {state.type.value}: {state.message}")
-        result = cast(dict[str, Any], state.result())
+        result = store.read_record(stage_run_record(str(flow_run.id)))
+        if result is None:
+            raise StageError(
+                f"{stage} stage: flow run {flow_run.name} completed but left no result in the store {store.where}: "
+                "the workers must use the same store as the pipeline (for s3://, the same AWS_ENDPOINT_URL)."
+            )
         return dataclasses.replace(store.get(stage, result["key"]), cached=bool(result["cached"]))
 
     return run_stage

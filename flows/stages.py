@@ -8,8 +8,8 @@ hit). The pipeline flow (flows/pipeline.py) calls them through `run_deployment` 
 A stage's prints reach its flow run's logs (the Prefect UI); a run stops itself once it has run for
 `orchestration.stage_timeout_s` (state TimedOut) and a cache hit ends `Cached` (flows/stage_runs.py).
 
-Results are persisted (Prefect's local result storage, PREFECT_RESULTS_LOCAL_STORAGE_PATH) so that the
-parent flow can read the returned key: workers and the parent must see that folder, like the store.
+Each flow also leaves its result in the store (`stage-runs/<flow run id>.json`), where the parent reads it:
+workers share nothing but the store (a folder, or an s3:// bucket), not Prefect's result storage.
 """
 
 from __future__ import annotations
@@ -52,16 +52,28 @@ def _base(config: PipelineConfig, store: ArtifactStore, key: str) -> Artifact:
     return base
 
 
-def _result(artifact: Artifact) -> StageOutcome:
-    """The flow's result; a cache hit's run ends in a `Cached` state holding it (flows/stage_runs.py)."""
-    return cached_state(artifact, {"stage": artifact.stage, "key": artifact.key, "cached": artifact.cached})
+def _result(store: ArtifactStore, artifact: Artifact) -> StageOutcome:
+    """The flow's result, also written to the store as `stage-runs/<flow run id>.json`: the pipeline reads it
+    there, so workers need share nothing but the store (no Prefect result storage). A cache hit's run ends in a
+    `Cached` state holding it (flows/stage_runs.py)."""
+    from prefect.runtime import flow_run
+
+    result = {"stage": artifact.stage, "key": artifact.key, "cached": artifact.cached}
+    store.write_record(stage_run_record(str(flow_run.id)), result)
+    return cached_state(artifact, result)
+
+
+def stage_run_record(flow_run_id: str) -> str:
+    """The store record where a stage flow run leaves its result."""
+    return f"stage-runs/{flow_run_id}.json"
 
 
 @flow(name="loraforge-base", persist_result=True, log_prints=True)
 @within_stage_timeout
 def base_flow(config: PipelineConfig, only: str | None = None) -> StageOutcome:
     """Provision the base model (`base_model`) and record it as the base artifact."""
-    return _result(provision_base(config.base_model, _store(config, only)))
+    store = _store(config, only)
+    return _result(store, provision_base(config.base_model, store))
 
 
 @flow(name="loraforge-data", persist_result=True, log_prints=True)
@@ -69,7 +81,7 @@ def base_flow(config: PipelineConfig, only: str | None = None) -> StageOutcome:
 def data_flow(config: PipelineConfig, base_key: str, only: str | None = None) -> StageOutcome:
     """The data stage: validate, template, tokenize and split the dataset."""
     store = _store(config, only)
-    return _result(prepare_data(config.data, _base(config, store, base_key), store))
+    return _result(store, prepare_data(config.data, _base(config, store, base_key), store))
 
 
 @flow(name="loraforge-train", persist_result=True, log_prints=True)
@@ -78,7 +90,7 @@ def train_flow(config: PipelineConfig, base_key: str, data_key: str, only: str |
     """The train stage: the LoRA adapter."""
     store = _store(config, only)
     base = _base(config, store, base_key)
-    return _result(train_adapter(config.train, base, store.get("data", data_key), store))
+    return _result(store, train_adapter(config.train, base, store.get("data", data_key), store))
 
 
 @flow(name="loraforge-eval", persist_result=True, log_prints=True)
@@ -90,7 +102,7 @@ def eval_flow(
     store = _store(config, only)
     base = _base(config, store, base_key)
     data, train = store.get("data", data_key), store.get("train", train_key)
-    return _result(evaluate_adapter(config.eval, base, data, train, store))
+    return _result(store, evaluate_adapter(config.eval, base, data, train, store))
 
 
 @flow(name="loraforge-merge", persist_result=True, log_prints=True)
@@ -102,7 +114,7 @@ def merge_flow(
     store = _store(config, only)
     base = _base(config, store, base_key)
     data, train = store.get("data", data_key), store.get("train", train_key)
-    return _result(merge_adapter(config.merge, base, data, train, store))
+    return _result(store, merge_adapter(config.merge, base, data, train, store))
 
 
 @flow(name="loraforge-quantize", persist_result=True, log_prints=True)
@@ -111,7 +123,7 @@ def quantize_flow(config: PipelineConfig, data_key: str, merge_key: str, only: s
     """The quantize stage: GGUF files of the merged model, each checked in llama-cpp-python."""
     store = _store(config, only)
     data, merge = store.get("data", data_key), store.get("merge", merge_key)
-    return _result(quantize_gguf(config.quantize, config.name, data, merge, store))
+    return _result(store, quantize_gguf(config.quantize, config.name, data, merge, store))
 
 
 @flow(name="loraforge-publish", persist_result=True, log_prints=True)
@@ -137,8 +149,9 @@ def publish_flow(
         store.get("merge", merge_key),
         store.get("quantize", quantize_key),
     )
-    return _result(publish_model(config.publish, config.name, config.orchestration.approval, base, data, train, eval_,
-                                 merge, quantize, store))  # fmt: skip
+    published = publish_model(config.publish, config.name, config.orchestration.approval, base, data, train, eval_,
+                              merge, quantize, store)  # fmt: skip
+    return _result(store, published)
 
 
 STAGE_FLOWS = {

@@ -151,7 +151,7 @@ fi
 # Workers: stage flow runs are child processes that inherit this environment (the store's S3 settings, pushes
 # to the local Hub; each worker has its own local copy of the store, as separate machines would).
 for pool in cpu gpu; do
-  PREFECT_RESULTS_LOCAL_STORAGE_PATH="$STACK_DIR/artifacts/.prefect-results" HF_ENDPOINT="$HUB" HF_TOKEN="$HUB_TOKEN" \
+  HF_ENDPOINT="$HUB" HF_TOKEN="$HUB_TOKEN" \
     HF_HUB_DISABLE_XET=1 PREFECT_WORKER_QUERY_SECONDS=2 LORAFORGE_STORE_CACHE="$STACK_DIR/worker-$pool-store" \
     AWS_ENDPOINT_URL="$S3" AWS_ACCESS_KEY_ID="$S3_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET" AWS_REGION=us-east-1 \
     start "worker-$pool" "$PY" -m prefect worker start --pool "loraforge-$pool" --type process --name "stack-$pool"

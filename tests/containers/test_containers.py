@@ -6,6 +6,10 @@ loraforge-gpu) on that socket, and the stage deployments of infra/prefect.yaml o
 demo pipeline (tiny model) with `orchestration.stages=deployments`: each stage is a flow run in a container of its
 own image. Its artifacts must have the same keys and the same bytes as an in-process run of the same config.
 
+The containers share no volume: the artifacts are in an S3-compatible server (`rclone serve s3`), the base model
+and the dataset come from the project's Hub server (both on 127.0.0.1, reached through the host network), and
+each stage flow reports its key through the store.
+
 Slow (image builds; ~20 s of container start per stage): `make test-containers` or `pytest -m containers`.
 """
 
@@ -24,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hub import stop
+from hub import TOKEN, hub_server, s3_server, stop
 
 pytestmark = pytest.mark.containers
 
 ROOT = Path(__file__).resolve().parents[2]
 PODMAN = [str(ROOT / "containers" / "podman.sh")]
 STAGES = ("base", "data", "train", "eval", "merge", "quantize", "publish")
-MODELS = Path(os.environ.get("LORAFORGE_CACHE", Path.home() / ".cache" / "loraforge")) / "models"
+MODEL_REPO, DATA_REPO = "loraforge/tiny-llama", "loraforge/tickets"
+CONTAINED_STORE = "s3://loraforge/containers"
 # The demo config made small (as the integration tests do): tiny model, few eval/probe rows, no push.
 SMALL = [
     "name=tiny-router", "eval.gate=[loss_delta < 0]", "eval.max_rows=16", "data.max_rows=64",
@@ -62,17 +67,14 @@ def timings() -> Iterator[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One folder mounted at the same path in every container: stores, Prefect results, the tiny model and the
-    dataset (the pipeline hands each stage the config with absolute paths, so the data must be shared too)."""
-    folder = tmp_path_factory.mktemp("containers")
-    shutil.copytree(ROOT / "flows" / "data" / "tickets", folder / "data")
-    return folder
+    """This side's folder: the in-process store, logs, the podman socket. No container mounts it."""
+    return tmp_path_factory.mktemp("containers")
 
 
-def _small(workdir: Path, model: Path) -> list[str]:
-    """The overrides that make the demo small, on the shared copy of its data."""
-    data = [f"data.{split}_file={workdir / 'data' / (split + '.jsonl')}" for split in ("train", "validation", "test")]
-    return [f"base_model={model}", *data, *SMALL]
+def _small() -> list[str]:
+    """The overrides that make the demo small, with the model and the dataset from the Hub server."""
+    data = [f"data.{split}_file=hub:{DATA_REPO}#{split}" for split in ("train", "validation", "test")]
+    return [f"base_model={MODEL_REPO}", *data, *SMALL]
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +100,37 @@ def source(image_tag: str, workdir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(workdir: Path) -> Path:
+def hub(workdir: Path) -> Iterator[str]:
+    """The project's Hub server with the tiny model and the demo dataset (its three splits) pushed to it: where
+    every stage container gets its inputs, as workers would from huggingface.co."""
+    from huggingface_hub import HfApi
     from tiny import build_tiny_model
 
-    return build_tiny_model(workdir / "tiny-llama")
+    model = build_tiny_model(workdir / "tiny-llama")
+    dataset = workdir / "tickets"
+    for split in ("train", "validation", "test"):
+        target = dataset / "data" / f"{split}-00000-of-00001.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "flows" / "data" / "tickets" / f"{split}.jsonl", target)
+    with hub_server(workdir / "hub" / "repos", TOKEN) as url:
+        api = HfApi(endpoint=url, token=TOKEN)
+        api.create_repo(MODEL_REPO)
+        api.upload_folder(repo_id=MODEL_REPO, folder_path=model)
+        api.create_repo(DATA_REPO, repo_type="dataset")
+        api.upload_folder(repo_id=DATA_REPO, repo_type="dataset", folder_path=dataset)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def s3(workdir: Path) -> Iterator[dict[str, str]]:
+    """The S3-compatible server holding the containers' store."""
+    with s3_server(workdir / "s3" / "buckets") as settings:
+        yield settings
+
+
+def _inputs_env(hub: str, s3: dict[str, str]) -> dict[str, str]:
+    """What a process needs to reach the inputs (Hub) and the S3 store: the same on both sides."""
+    return {"HF_ENDPOINT": hub, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", **s3}
 
 
 @pytest.fixture(scope="module")
@@ -138,20 +167,20 @@ def prefect_api(workdir: Path) -> Iterator[str]:
         yield api
 
 
-def _pool_template(workdir: Path) -> dict[str, Any]:
-    """Prefect's Docker job template with what every loraforge stage container shares: the work folder (stores,
-    results, model) at the same path, the base-model cache read-only at /cache/models, host networking (the
-    Prefect API on 127.0.0.1), local images only, removed when done."""
+def _pool_template(inputs_env: dict[str, str]) -> dict[str, Any]:
+    """Prefect's Docker job template for every loraforge stage container: no volume at all, host networking
+    (the Prefect API, the Hub and the S3 server on 127.0.0.1), their settings as environment, local images only,
+    removed when done."""
     out = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "get-default-base-job-template",
                           "--type", "docker"], capture_output=True, text=True, check=True)  # fmt: skip
     template: dict[str, Any] = json.loads(out.stdout)
     props = template["variables"]["properties"]
-    props["volumes"]["default"] = [f"{workdir}:{workdir}", f"{MODELS}:/cache/models:ro"]
+    props["volumes"]["default"] = []
     props["network_mode"]["default"] = "host"
     props["image_pull_policy"]["default"] = "Never"
     props["auto_remove"]["default"] = True
     props["stream_output"]["default"] = True
-    props["env"]["default"] = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "results"), **_pool_template_env()}
+    props["env"]["default"] = {**inputs_env, **_pool_template_env()}
     return template
 
 
@@ -178,19 +207,25 @@ def _cpu_train(workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def deployed(
-    workdir: Path, image_tag: str, docker_host: str, prefect_api: str, timings: dict[str, float]
+    workdir: Path,
+    image_tag: str,
+    docker_host: str,
+    prefect_api: str,
+    hub: str,
+    s3: dict[str, str],
+    timings: dict[str, float],
 ) -> Iterator[dict[str, str]]:
     """Docker work pools, one worker each on podman's socket, and infra/prefect.yaml's deployments on the images.
 
     Yields the environment a client of that stack runs with.
     """
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "DOCKER_HOST": docker_host,
-           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "results"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "LORAFORGE_CODE_DIR": "/opt/loraforge", "LORAFORGE_IMAGE_PREFIX": "localhost/",
-           "LORAFORGE_IMAGE_TAG": image_tag, "LORAFORGE_CONFIG": "flows/configs/demo.yaml",
-           "LORAFORGE_STORE": str(workdir / "store-containers")}  # fmt: skip
+    env = {**os.environ, **_inputs_env(hub, s3), "PREFECT_API_URL": prefect_api, "DOCKER_HOST": docker_host,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LORAFORGE_CODE_DIR": "/opt/loraforge",
+           "LORAFORGE_IMAGE_PREFIX": "localhost/", "LORAFORGE_IMAGE_TAG": image_tag,
+           "LORAFORGE_CONFIG": "flows/configs/demo.yaml", "LORAFORGE_STORE": CONTAINED_STORE,
+           "LORAFORGE_STORE_CACHE": str(workdir / "parent-copy")}  # fmt: skip
     template = workdir / "docker-pool.json"
-    template.write_text(json.dumps(_pool_template(workdir)))
+    template.write_text(json.dumps(_pool_template(_inputs_env(hub, s3))))
     prefect = [sys.executable, "-m", "prefect"]
     for pool in ("loraforge-cpu", "loraforge-gpu"):
         _timed(f"pool {pool}", timings, [*prefect, "work-pool", "create", pool, "--type", "docker",
@@ -206,16 +241,17 @@ def deployed(
         yield env
 
 
-def _run_pipeline(source: Path, store: Path, model: Path, env: dict[str, str], *extra: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "flows.cli", "run", "flows/configs/demo.yaml", *_small(store.parent, model),
-           f"store={store}", *extra]  # fmt: skip
+def _run_pipeline(source: Path, store: str, env: dict[str, str], *extra: str) -> dict[str, Any]:
+    from tasks.artifacts import ArtifactStore
+
+    cmd = [sys.executable, "-m", "flows.cli", "run", "flows/configs/demo.yaml", *_small(), f"store={store}", *extra]
     env = {**env, "PYTHONPATH": str(source)}
     result = subprocess.run(cmd, cwd=source, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    runs = sorted((store / "runs").glob("*.json"))
+    reader = ArtifactStore(store)
+    runs = reader.records("runs")
     assert len(runs) == 1, runs
-    record: dict[str, Any] = json.loads(runs[0].read_text())
-    return record
+    return reader.load_run("latest")
 
 
 def _without(value: Any, fields: set[str]) -> Any:
@@ -235,10 +271,14 @@ def _content(path: Path) -> Any:
 
 
 def _compare(local: Path, contained: Path, record: dict[str, Any]) -> list[str]:
-    """Every difference between the two stores' artifacts for the run's keys (empty: identical)."""
+    """Every difference between the two stores' artifacts for the run's keys (empty: identical); `contained` is
+    a local copy of the S3 store, filled by reading each artifact from the bucket (every file's sha256 checked)."""
+    from tasks.artifacts import ArtifactStore
+
     problems = []
     for stage in STAGES:
         key = record["stages"][stage]["key"]
+        ArtifactStore(CONTAINED_STORE).get(stage, key)  # downloads into LORAFORGE_STORE_CACHE = contained
         a = json.loads((local / stage / key / "manifest.json").read_text())
         b = json.loads((contained / stage / key / "manifest.json").read_text())
         if a["files"].keys() != b["files"].keys():
@@ -280,7 +320,7 @@ def test_images_carry_only_what_their_stage_needs(image_tag: str) -> None:
 
 
 def test_every_stage_in_its_own_container_gives_the_in_process_artifacts(
-    deployed: dict[str, str], source: Path, model: Path, workdir: Path, timings: dict[str, float]
+    deployed: dict[str, str], source: Path, workdir: Path, timings: dict[str, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local_env = {k: v for k, v in deployed.items() if not k.startswith(("PREFECT_API_URL", "DOCKER_HOST"))}
     local_env["PREFECT_HOME"] = str(workdir / "prefect-local")
@@ -288,11 +328,14 @@ def test_every_stage_in_its_own_container_gives_the_in_process_artifacts(
     # order, so byte-equal adapters need the same count on both sides.
     local_env.update(_pool_template_env())
     started = time.perf_counter()
-    local = _run_pipeline(source, workdir / "store-local", model, local_env)
+    local = _run_pipeline(source, str(workdir / "store-local"), local_env)
     timings["pipeline in-process"] = round(time.perf_counter() - started, 1)
 
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        monkeypatch.setenv(name, deployed[name])  # this process reads the containers' store too
+    monkeypatch.setenv("LORAFORGE_STORE_CACHE", str(workdir / "store-containers"))
     started = time.perf_counter()
-    contained = _run_pipeline(source, workdir / "store-containers", model, deployed, "orchestration.stages=deployments")
+    contained = _run_pipeline(source, CONTAINED_STORE, deployed, "orchestration.stages=deployments")
     timings["pipeline in containers"] = round(time.perf_counter() - started, 1)
     (workdir / "timings.json").write_text(json.dumps(timings))
 
@@ -315,7 +358,7 @@ def test_every_stage_in_its_own_container_gives_the_in_process_artifacts(
 
 
 def test_stage_entrypoint_on_given_keys(
-    deployed: dict[str, str], image_tag: str, model: Path, workdir: Path, timings: dict[str, float]
+    deployed: dict[str, str], image_tag: str, workdir: Path, timings: dict[str, float]
 ) -> None:
     """`podman run loraforge-publish CONFIG --input ...` (no Prefect) rebuilds the publish artifact of the
     in-process run byte for byte from its upstream keys."""
@@ -327,7 +370,7 @@ def test_stage_entrypoint_on_given_keys(
     shutil.copytree(local, copy, ignore=shutil.ignore_patterns("publish", "runs"))
     inputs = [f"--input={s}={record['stages'][s]['key']}" for s in STAGES[:-1]]
     cmd = [*PODMAN, "run", "--rm", "--network=none", "-v", f"{workdir}:{workdir}",
-           f"localhost/loraforge-publish:{image_tag}", "flows/configs/demo.yaml", *_small(workdir, model),
+           f"localhost/loraforge-publish:{image_tag}", "flows/configs/demo.yaml", *_small(),
            "--store", str(copy), *inputs, "--output", str(workdir / "publish.json")]  # fmt: skip
     result = _timed("publish entrypoint", timings, cmd)
     produced = json.loads((workdir / "publish.json").read_text())

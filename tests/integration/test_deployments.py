@@ -72,7 +72,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         api = servers.__enter__()
     try:
         env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(home / "client"),
-               "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"), "PREFECT_WORKER_QUERY_SECONDS": "1",
+               "PREFECT_WORKER_QUERY_SECONDS": "1",
                "LORAFORGE_CODE_DIR": str(ROOT), "LORAFORGE_CONFIG": str(DEMO_CONFIG),
                "LORAFORGE_STORE": str(home / "nightly-store"), "LORAFORGE_IMAGE_TAG": "test",
                "PYTHON": sys.executable}  # fmt: skip

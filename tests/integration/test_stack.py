@@ -75,12 +75,13 @@ def test_stack_runs_prefect_on_postgres_with_a_worker(stack: dict[str, str], tin
         run = run_deployment("loraforge-base/base", parameters={"config": config.model_dump(mode="json")},
                              timeout=600, poll_interval=1)  # fmt: skip
     assert run.state is not None and run.state.is_completed(), run.state
-    key = run.state.result()["key"]
-    # The artifact is in the stack's S3 server (the worker uploaded it): read it from a fresh local copy.
+    # The worker left the run's result and its artifact in the stack's S3 server: read both from a fresh local copy.
     assert stack["LORAFORGE_STORE"] == "s3://loraforge/artifacts"
     s3 = {k: v for k, v in stack.items() if k.startswith(("AWS_", "LORAFORGE_STORE"))}
-    reader = (f"import sys; from tasks.artifacts import ArtifactStore; "
-              f"print(ArtifactStore({stack['LORAFORGE_STORE']!r}).get('base', {key!r}).manifest['stage'])")  # fmt: skip
+    reader = ("from tasks.artifacts import ArtifactStore; "
+              f"store = ArtifactStore({stack['LORAFORGE_STORE']!r}); "
+              f"key = store.read_record('stage-runs/{run.id}.json')['key']; "
+              "print(store.get('base', key).manifest['stage'])")  # fmt: skip
     env = {**os.environ, **s3, "LORAFORGE_STORE_CACHE": str(Path(stack["STACK_DIR"]) / "test-reader")}
     read = subprocess.run([sys.executable, "-c", reader], cwd=ROOT, env=env, capture_output=True, text=True)
     assert read.returncode == 0 and read.stdout.strip() == "base", read.stdout + read.stderr

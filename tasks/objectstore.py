@@ -81,7 +81,7 @@ class ObjectStore:
 
             custom = self.endpoint != "AWS S3"
             config = Config(
-                retries={"max_attempts": int(os.environ.get("LORAFORGE_S3_ATTEMPTS", "8")), "mode": "standard"},
+                retries={"total_max_attempts": int(os.environ.get("LORAFORGE_S3_ATTEMPTS", "8")), "mode": "standard"},
                 s3={"addressing_style": "path" if custom else "auto"},
                 connect_timeout=10,
                 read_timeout=120,

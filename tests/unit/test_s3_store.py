@@ -196,3 +196,25 @@ def test_unusable_settings_are_clear_errors(machine, monkeypatch: pytest.MonkeyP
     with pytest.raises(StageError, match=r"'s3://\*\*\*@bucket/x': it carries credentials") as caught:
         ArtifactStore("s3://AKIA:hunter2@bucket/x")
     assert "hunter2" not in str(caught.value)
+
+
+def test_transient_server_failures_are_retried_and_a_dead_server_is_a_clear_error(
+    machine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flaky import DROP, Flaky
+
+    one = machine("one")
+    server = os.environ["AWS_ENDPOINT_URL"]
+    with Flaky(server, [503, 500, DROP]) as flaky:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.url)
+        _write(ArtifactStore(one.url), "k1", {"a.txt": b"hello", "b.bin": b"b" * 100_000})
+    assert len(flaky.seen) >= 3 + 4, flaky.seen  # the three failures were tried again
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server)
+    found = machine("two").find("data", "k1")
+    assert found is not None and (found.path / "b.bin").read_bytes() == b"b" * 100_000
+    monkeypatch.setenv("LORAFORGE_S3_ATTEMPTS", "2")
+    with Flaky(server, [503] * 10) as down:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", down.url)
+        with pytest.raises(StageError, match=rf"store {one.url} \({down.url}\): cannot read data/k1/manifest.json"):
+            machine("three").find("data", "k1")
+    assert len(down.seen) == 2

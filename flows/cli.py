@@ -315,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
 # The upstream artifacts each stage takes (the arguments of its function in tasks/, in order).
 STAGE_INPUTS = {
     "data": ("base",), "train": ("base", "data"), "eval": ("base", "data", "train"),
-    "merge": ("base", "data", "train"), "quantize": ("data", "merge"),
+    "merge": ("base", "data", "train"), "quantize": ("base", "data", "train", "merge"),
     "publish": ("base", "data", "train", "eval", "merge", "quantize"),
 }  # fmt: skip
 
@@ -400,7 +400,7 @@ def _stage_from_keys(config: Any, name: str, given: list[str]) -> Any:
     if name == "quantize":
         from tasks.quantize import quantize_gguf
 
-        return quantize_gguf(config.quantize, config.name, a["data"], a["merge"], store)
+        return quantize_gguf(config.quantize, config.name, a["base"], a["data"], a["train"], a["merge"], store)
     from tasks.publish import publish_model
 
     return publish_model(config.publish, config.name, config.orchestration.approval, a["base"], a["data"], a["train"],

@@ -143,7 +143,7 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
         merge = step("merge", stages["merge"], config.merge, base, data, train)
         if only == "merge":
             return run
-        quantize = step("quantize", stages["quantize"], config.quantize, config.name, data, merge)
+        quantize = step("quantize", stages["quantize"], config.quantize, config.name, base, data, train, merge)
         run["gguf"] = quantize.manifest.get("gguf", {})
         _report_gguf(quantize)
         if only == "quantize":

@@ -119,11 +119,15 @@ def merge_flow(
 
 @flow(name="loraforge-quantize", persist_result=True, log_prints=True)
 @within_stage_timeout
-def quantize_flow(config: PipelineConfig, data_key: str, merge_key: str, only: str | None = None) -> StageOutcome:
-    """The quantize stage: GGUF files of the merged model, each checked in llama-cpp-python."""
+def quantize_flow(
+    config: PipelineConfig, base_key: str, data_key: str, train_key: str, merge_key: str, only: str | None = None
+) -> StageOutcome:
+    """The quantize stage: GGUF files of the merged model (and of the adapter, against the base provisioned on
+    this worker), each checked in llama-cpp-python."""
     store = _store(config, only)
-    data, merge = store.get("data", data_key), store.get("merge", merge_key)
-    return _result(store, quantize_gguf(config.quantize, config.name, data, merge, store))
+    base = _base(config, store, base_key)
+    data, train, merge = store.get("data", data_key), store.get("train", train_key), store.get("merge", merge_key)
+    return _result(store, quantize_gguf(config.quantize, config.name, base, data, train, merge, store))
 
 
 @flow(name="loraforge-publish", persist_result=True, log_prints=True)

@@ -151,28 +151,54 @@ class QuantizeConfig(BaseModel):
         return {**defaults, **value} if isinstance(value, dict) else value
 
 
-def quantize_gguf(config: QuantizeConfig, name: str, data: Artifact, merge: Artifact, store: ArtifactStore) -> Artifact:
+def quantize_gguf(
+    config: QuantizeConfig,
+    name: str,
+    base: Artifact,
+    data: Artifact,
+    train: Artifact,
+    merge: Artifact,
+    store: ArtifactStore,
+) -> Artifact:
     """Write `<name>-<TYPE>.gguf` for each type and check each with llama-cpp-python; skipped when cached.
 
     Args:
         config: the quantize section of the pipeline config.
         name: model name used in file names and GGUF metadata (GGUF naming convention: NAME-Q4_K_M.gguf,
             NAME-F16-LoRA.gguf).
+        base: the base-model artifact as provisioned on this machine (the adapter GGUF types convert against it).
         data: the data artifact (probe rows from the test split).
-        merge: the merge artifact (the HF folder to convert).
+        train: the train artifact (the adapter GGUF types convert its adapter).
+        merge: the merge artifact (the HF folder to convert), made from `base` and `train`.
         store: where artifacts live.
 
     Returns:
         The quantize artifact with the GGUF files and per-type checks in the manifest metrics.
+
+    Raises:
+        StageError: `base` or `train` are not the artifacts `merge` was made from.
     """
-    inputs = {"data": data, "merge": merge}
+    made_from = merge.manifest["inputs"]
+    wrong = [f"{a.stage} {a.key} (the merge artifact {merge.key} was made from {made_from[a.stage]['key']})"
+             for a in (base, train) if made_from[a.stage]["key"] != a.key]  # fmt: skip
+    if wrong:
+        raise StageError(f"quantize: given {' and '.join(wrong)}; pass the artifacts the merge was made from.")
+    inputs = {"data": data, "merge": merge}  # base and train are the merge's inputs: its key covers them
     key, code = store.stage_key("quantize", __file__, _settings(config, name), inputs)
     with store.claim("quantize", key) as hit:
-        return hit or _build_gguf(config, name, data, merge, store, key, code)
+        return hit or _build_gguf(config, name, base, data, train, merge, store, key, code)
 
 
 def _build_gguf(
-    config: QuantizeConfig, name: str, data: Artifact, merge: Artifact, store: ArtifactStore, key: str, code: str
+    config: QuantizeConfig,
+    name: str,
+    base: Artifact,
+    data: Artifact,
+    train: Artifact,
+    merge: Artifact,
+    store: ArtifactStore,
+    key: str,
+    code: str,
 ) -> Artifact:
     """Convert, quantize and check the GGUF files of the quantize artifact `key` (its lock is held)."""
     inputs = {"data": data, "merge": merge}
@@ -224,7 +250,7 @@ def _build_gguf(
                 draft.path / f"{slug}-{LORA_TYPES[qtype].upper()}-LoRA.gguf"
             )  # GGUF naming: <name>-<encoding>-<type>
             base_gguf = draft.path / ".base-F16.gguf"  # only to check the adapter on; not part of the artifact
-            _convert_lora(converter, store, merge, files[qtype], base_gguf, qtype, name, config.tool_timeout_s)
+            _convert_lora(converter, base, train, files[qtype], base_gguf, qtype, name, config.tool_timeout_s)
         n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
         logprobs = draft.path / ".hf-logprobs"  # not part of the artifact: removed after the checks
         tokenizer, reference = _hf_reference(model_dir, data, fidelity_rows, probes, config, logprobs)
@@ -435,21 +461,17 @@ def _run_tool(cmd: list[str], out: Path, failure: str, timeout: float, env: dict
 
 def _convert_lora(
     converter: Path,
-    store: ArtifactStore,
-    merge: Artifact,
+    base: Artifact,
+    train: Artifact,
     out: Path,
     base_gguf: Path,
     qtype: str,
     name: str,
     timeout: float,
 ) -> None:
-    """The adapter as a GGUF LoRA (llama.cpp applies it at load time), and an f16 GGUF of the base to check it on.
-
-    The train and base artifacts are the merge artifact's own inputs, so the quantize key already covers them.
-    """
-    inputs = merge.manifest["inputs"]
-    train = store.get("train", inputs["train"]["key"])
-    base_dir = Path(store.get("base", inputs["base"]["key"]).manifest["model_path"])
+    """The adapter as a GGUF LoRA (llama.cpp applies it at load time), and an f16 GGUF of the base to check it on
+    (`base` as provisioned on this machine: its model_path is a folder here)."""
+    base_dir = Path(base.manifest["model_path"])
     if train.manifest["config"].get("use_dora"):
         raise StageError(
             f"quantize.types has {qtype}, but llama.cpp's LoRA GGUF cannot hold DoRA magnitudes; drop {qtype} "

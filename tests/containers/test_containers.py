@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hub import TOKEN, hub_server, s3_server, stop
+from hub import hub_server, s3_server, stop
 
 pytestmark = pytest.mark.containers
 
@@ -37,6 +37,7 @@ PODMAN = [str(ROOT / "containers" / "podman.sh")]
 STAGES = ("base", "data", "train", "eval", "merge", "quantize", "publish")
 MODEL_REPO, DATA_REPO = "loraforge/tiny-llama", "loraforge/tickets"
 CONTAINED_STORE = "s3://loraforge/containers"
+TOKEN = "hf_containers_test_token"
 # The demo config made small (as the integration tests do): tiny model, few eval/probe rows, no push.
 SMALL = [
     "name=tiny-router", "eval.gate=[loss_delta < 0]", "eval.max_rows=16", "data.max_rows=64",

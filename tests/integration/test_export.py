@@ -27,14 +27,14 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
     from tasks.data import prepare_data
     from tasks.quantize import quantize_gguf
 
-    store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "merge")
+    store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
     config = _config(tiny_model, workdir, hub)
     system = "Route the ticket to one category."
     data = prepare_data(config.data.model_copy(update={"system_prompt": system}), a["base"], store)
     runs = {}
     for mode in ("on", "off", "auto"):
         quantize = config.quantize.model_copy(update={"types": ["q4_0", "q4_k_m", "q8_0"], "imatrix": mode})
-        runs[mode] = quantize_gguf(quantize, "tiny-router", data, a["merge"], store)
+        runs[mode] = quantize_gguf(quantize, "tiny-router", a["base"], data, a["train"], a["merge"], store)
     on, off, auto = runs["on"], runs["off"], runs["auto"]
     assert len({on.key, off.key, auto.key}) == 3 and on.manifest["config"]["imatrix"] == "on"
 

@@ -264,9 +264,10 @@ CASES = [
     Case("quantize-no-types", lambda c: ["validate", c.config(), "quantize.types=[]"], 1, "quantize.types"),
     Case("quantize-probe-rows", lambda c: ["validate", c.config(), "quantize.probe_rows=0"], 1, "quantize.probe_rows"),
     Case("quantize-needs-merge", lambda c: ["stage", "quantize", c.config(), "--input", "data=abc"],
-         1, "the quantize stage needs --input merge=KEY"),
+         1, "the quantize stage needs --input train=KEY merge=KEY"),
     Case("quantize-unknown-keys",
-         lambda c: ["stage", "quantize", c.config(), "--input", "data=abc", "--input", "merge=def"],
+         lambda c: ["stage", "quantize", c.config(), "--input", "data=abc", "--input", "train=t",
+                    "--input", "merge=def"],
          1, "no data artifact with key abc"),
     # stage inputs
     Case("input-syntax", lambda c: ["stage", "train", c.config(), "--input", "data"], 1, "expected STAGE=KEY"),

@@ -549,6 +549,27 @@ def _optimizer_step(
     return step_loss, grad_norm
 
 
+def _make_portable(folder: Path, base: Artifact) -> None:
+    """Make a saved adapter folder the same bytes on every machine: the base named by its public name (the Hub id,
+    else `base_model` as configured), not the folder it was loaded from here, in adapter_config.json and in
+    peft's README (patched after saving: peft would otherwise try to reach the Hub to inspect that name), and
+    target_modules sorted (peft writes them from a set, in an order that changes with the string hash seed)."""
+    public = base.manifest.get("hub_id") or base.manifest["base_model"]
+    adapter_config = folder / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = public
+    if isinstance(settings.get("target_modules"), list):
+        settings["target_modules"] = sorted(settings["target_modules"])
+    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    readme = folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text()
+        local = {base.manifest["model_path"], str(Path(base.manifest["model_path"]).resolve())}
+        for path in sorted(local, key=len, reverse=True):
+            text = text.replace(path, public)
+        readme.write_text(text)
+
+
 def _save(run: TrainRun, setup: Setup, fit: Fit, adapter: dict[str, Any]) -> None:
     """Write the train artifact: the adapter (portable config, sorted target modules), history, curve, metrics."""
     config, history = run.config, fit.history
@@ -556,16 +577,7 @@ def _save(run: TrainRun, setup: Setup, fit: Fit, adapter: dict[str, Any]) -> Non
     with run.store.create("train", run.key, config, inputs, run.code, started=run.started) as draft:
         setup.model.save_pretrained(draft.path / "adapter", state_dict=adapter, safe_serialization=True)
         draft.extra["target_modules"] = setup.targets
-        # Record the base by its public name, not this machine's path, so the adapter folder is portable
-        # (patched after saving: peft would otherwise try to reach the Hub to inspect that name).
-        adapter_config = draft.path / "adapter" / "adapter_config.json"
-        settings = json.loads(adapter_config.read_text())
-        settings["base_model_name_or_path"] = run.base.manifest.get("hub_id") or run.base.manifest["base_model"]
-        # peft writes target_modules from a set, in an order that changes from process to process (string hash
-        # seed): sorted, the same adapter gives the same bytes in every run and container.
-        if isinstance(settings.get("target_modules"), list):
-            settings["target_modules"] = sorted(settings["target_modules"])
-        adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        _make_portable(draft.path / "adapter", run.base)
         with (draft.path / "history.jsonl").open("w") as out:
             out.writelines(json.dumps(h) + "\n" for h in history)
         _plot_curve(history, (fit.val_before, fit.val_after), draft.path / "loss_curve.png",

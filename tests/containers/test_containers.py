@@ -370,7 +370,9 @@ def test_stage_entrypoint_on_given_keys(
     copy = workdir / "store-entrypoint"
     shutil.copytree(local, copy, ignore=shutil.ignore_patterns("publish", "runs"))
     inputs = [f"--input={s}={record['stages'][s]['key']}" for s in STAGES[:-1]]
+    # The Hub the in-process run named (publish.endpoint defaults to HF_ENDPOINT; it is in the key), not reached.
     cmd = [*PODMAN, "run", "--rm", "--network=none", "-v", f"{workdir}:{workdir}",
+           "-e", f"HF_ENDPOINT={deployed['HF_ENDPOINT']}",
            f"localhost/loraforge-publish:{image_tag}", "flows/configs/demo.yaml", *_small(),
            "--store", str(copy), *inputs, "--output", str(workdir / "publish.json")]  # fmt: skip
     result = _timed("publish entrypoint", timings, cmd)

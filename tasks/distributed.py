@@ -76,6 +76,7 @@ def launcher_main(run_folder: Path, torchrun_args: list[str]) -> int:
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         record = {"rank": rank, "exitcode": failure.exitcode, "signal": failure.signal_name()}
+        run_folder.mkdir(parents=True, exist_ok=True)  # rank 0 removed it with the checkpoints if it wrote the artifact
         (run_folder / "failure.json").write_text(json.dumps(record))
         return 1
     except SignalException:  # SIGTERM/SIGINT: torchrun has passed it on to the ranks and waited for them

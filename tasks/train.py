@@ -308,7 +308,15 @@ def _launch_ranks(run: TrainRun) -> None:
     command = distributed.torchrun_command(folder, config.processes, config.nnodes, config.rdzv_endpoint, run.key)
     print(f"[train] {config.processes * config.nnodes} processes ({config.processes} per machine, "
           f"{'nccl' if run.device == 'cuda' else 'gloo'}): {' '.join(command[1:])}")  # fmt: skip
-    distributed.launch(folder, command, threads)
+    try:
+        distributed.launch(folder, command, threads)
+    except StageError as exc:
+        if run.store.find("train", run.key) is None:
+            raise
+        # Rank 0 commits the artifact (manifest last) before the ranks leave; a rank that crashes while exiting
+        # after that (seen once: gloo's teardown aborting, exit -6) cannot have changed it.
+        print(f"[train] warning: a training process failed after the artifact train/{run.key} was written in full; "
+              f"it is kept ({exc})")  # fmt: skip
 
 
 def run_rank(spec: dict[str, Any]) -> None:

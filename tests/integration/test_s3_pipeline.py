@@ -144,3 +144,24 @@ def test_a_stage_killed_mid_run_leaves_nothing_a_reader_takes_and_resumes(
     assert "being built by" not in done.stdout and time.monotonic() - started < 600
     new = [n for n in _objects(s3) if n.startswith("train/") and n not in before]
     assert len(new) == 1 and not [n for n in _objects(s3) if n.startswith(".leases/")]
+
+
+def test_a_sweep_runs_on_the_bucket(s3_run: dict, s3: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    """`loraforge sweep` on the S3 store: its training child reads and writes the bucket too; the table and the
+    peak-memory record are records in the bucket, and a re-run finds every artifact there."""
+    from flows.cli import main
+
+    _on(s3, "six")
+    args = ["sweep", str(DEMO_CONFIG), f"base_model={tiny_model}", f"store={URL}", *SMALL, "eval.gate=[loss > 0]",
+            "eval.max_rows=16", "--r", "2", "--json", str(tmp_path / "sweep.json")]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    (row,) = record["rows"]
+    assert row["trained_now"] and record["json"].startswith(f"{URL}/sweeps/")
+    names = _objects(s3)
+    assert f"train/{row['train_key']}/manifest.json" in names and f"eval/{row['eval_key']}/manifest.json" in names
+    assert f"sweeps/peaks/{row['train_key']}.json" in names and f"sweeps/{record['sweep_id']}.md" in names
+    _on(s3, "seven")  # another machine: every stage a hit, the peak read back from the bucket
+    assert main(args) == 0
+    (again,) = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert again["cached"] and not again["trained_now"] and again["peak_rss_mb"] == row["peak_rss_mb"]

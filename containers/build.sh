@@ -34,10 +34,11 @@ LLAMA_CPP_VERSION=0.3.36
 TORCH_VERSION=2.13.0
 DEBIAN_IMAGE=localhost/loraforge-debian:bookworm
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-ALL_STAGES=(data train eval merge quantize publish)
 EXTRA_IMAGES=(train-cuda) # built only when named: several GB of CUDA wheels
 PODMAN=(containers/podman.sh)
 VENV_PY="${LORAFORGE_VENV:-.venv}/bin/python"
+mapfile -t ALL_STAGES < <("$VENV_PY" -m tasks.registry) # one image per runnable stage (tasks/registry.py)
+[ ${#ALL_STAGES[@]} -gt 0 ] || { echo "[images] error: no stages from $VENV_PY -m tasks.registry" >&2; exit 1; }
 log() { echo "[images] $*"; }
 die() { echo "[images] error: $*" >&2; exit 1; }
 

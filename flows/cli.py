@@ -34,9 +34,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tasks import registry
 from tasks.errors import ConfigError, GateFailed, LoraforgeError, StageError
 
-STAGE_NAMES = ("data", "train", "eval", "merge", "quantize", "publish")
 EXIT_USER, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("items", nargs="*", metavar="CONFIG|key=value", help="a YAML config and/or overrides")
     run.set_defaults(handler=_run)
     stage = sub.add_parser("stage", help="run one stage on existing upstream artifacts")
-    stage.add_argument("name", choices=STAGE_NAMES)
+    stage.add_argument("name", choices=registry.RUNNABLE)
     stage.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     stage.add_argument(
         "--input", dest="inputs", action="append", default=[], metavar="STAGE=KEY",
@@ -312,14 +312,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-# The upstream artifacts each stage takes (the arguments of its function in tasks/, in order).
-STAGE_INPUTS = {
-    "data": ("base",), "train": ("base", "data"), "eval": ("base", "data", "train"),
-    "merge": ("base", "data", "train"), "quantize": ("base", "data", "train", "merge"),
-    "publish": ("base", "data", "train", "eval", "merge", "quantize"),
-}  # fmt: skip
-
-
 def _stage(args: argparse.Namespace) -> int:
     """`loraforge stage`: through the flow on the config's upstream artifacts, or (--input) on given keys."""
     items = [*args.items, *([f"store={args.store}"] if args.store else [])]
@@ -328,83 +320,53 @@ def _stage(args: argparse.Namespace) -> int:
             raise LoraforgeError("--output goes with --input (a stage run on given upstream keys)")
         return _run(argparse.Namespace(**{**vars(args), "items": items}))
     config = _load(items)
-    artifact = _stage_from_keys(config, args.name, args.inputs)
+    stage = registry.stage(args.name)
+    artifact = _stage_from_keys(config, stage, args.inputs)
     result = {"stage": artifact.stage, "key": artifact.key, "path": str(artifact.path), "cached": artifact.cached}
     if args.output:
         Path(args.output).write_text(json.dumps(result) + "\n")
     print(json.dumps(result))
-    if args.name == "eval":
-        from tasks.evaluate import check_gate
-
-        check_gate(artifact)  # the artifact is written either way, as in the pipeline; a failed gate exits 2
+    stage.verify(artifact)  # written either way, as in the pipeline; a failed eval gate exits 2
     return 0
 
 
-def _stage_from_keys(config: Any, name: str, given: list[str]) -> Any:
-    """Run one stage on the upstream artifacts named by key (`STAGE=KEY`); only `name` may write to the store.
+def _stage_from_keys(config: Any, stage: registry.Stage, given: list[str]) -> Any:
+    """Run one stage on the upstream artifacts named by key (`STAGE=KEY`); only that stage may write to the store.
 
     The base is provisioned from `base_model` (the model cache must be reachable: in a container, a volume)
     and, when its key is given too, checked against it; the publish stage only reads the base's manifest.
     """
+    from flows.stages import upstream
     from tasks.artifacts import ArtifactStore
-    from tasks.models import provision_base
 
-    wanted = STAGE_INPUTS[name]
     keys: dict[str, str] = {}
     problems = []
     for item in given:
-        stage, sep, key = item.partition("=")
+        name, sep, key = item.partition("=")
         if not sep or not key:
             problems.append(f"--input {item!r}: expected STAGE=KEY, e.g. --input data=<key of the data artifact>")
-        elif stage not in wanted:
-            problems.append(f"--input {item!r}: the {name} stage takes {', '.join(wanted)}")
+        elif name not in stage.inputs:
+            problems.append(f"--input {item!r}: the {stage.name} stage takes {', '.join(stage.inputs)}")
         else:
-            keys[stage] = key
-    missing = [s for s in wanted if s not in keys and s != "base"]
+            keys[name] = key
+    missing = [s for s in stage.inputs if s not in keys and s != "base"]
     if missing:
-        problems.append(f"the {name} stage needs --input " + " ".join(f"{s}=KEY" for s in missing))
+        problems.append(f"the {stage.name} stage needs --input " + " ".join(f"{s}=KEY" for s in missing))
     if problems:
         raise LoraforgeError("; ".join(problems))
     store = ArtifactStore(config.store, config.store_verify)
     store.check_writable()  # a store under /proc or read-only: said before anything is looked up or provisioned
-    inputs = {s: store.get(s, k) for s, k in keys.items() if s != "base"}
-    if "base" in wanted:
-        if name == "publish" and "base" in keys:
-            inputs["base"] = store.get("base", keys["base"])
-        else:
-            base = provision_base(config.base_model, store)
-            if keys.get("base", base.key) != base.key:
-                raise LoraforgeError(
-                    f"--input base={keys['base']}: the base model here ({config.base_model} at "
-                    f"{base.manifest['model_path']}) has key {base.key}; mount the same model cache, or pass its key."
-                )
-            inputs["base"] = base
-    store = store.restricted_to(name)
-    a = inputs
-    if name == "data":
-        from tasks.data import prepare_data
+    if "base" in stage.inputs and "base" not in keys and not stage.weights:
+        keys["base"] = _provisioned_base_key(config, store)
+    artifacts = upstream(stage, config, store, keys, option="--input ")
+    return stage.run(config, artifacts, store.restricted_to(stage.name))
 
-        return prepare_data(config.data, a["base"], store)
-    if name == "train":
-        from tasks.train import train_adapter
 
-        return train_adapter(config.train, a["base"], a["data"], store)
-    if name == "eval":
-        from tasks.evaluate import evaluate_adapter
+def _provisioned_base_key(config: Any, store: Any) -> str:
+    """The key of base_model provisioned here (for a stage that reads only the base manifest, given no key)."""
+    from tasks.models import provision_base
 
-        return evaluate_adapter(config.eval, a["base"], a["data"], a["train"], store)
-    if name == "merge":
-        from tasks.merge import merge_adapter
-
-        return merge_adapter(config.merge, a["base"], a["data"], a["train"], store)
-    if name == "quantize":
-        from tasks.quantize import quantize_gguf
-
-        return quantize_gguf(config.quantize, config.name, a["base"], a["data"], a["train"], a["merge"], store)
-    from tasks.publish import publish_model
-
-    return publish_model(config.publish, config.name, config.orchestration.approval, a["base"], a["data"], a["train"],
-                         a["eval"], a["merge"], a["quantize"], store)  # fmt: skip
+    return str(provision_base(config.base_model, store).key)
 
 
 def _show(args: argparse.Namespace) -> int:

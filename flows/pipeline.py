@@ -30,45 +30,36 @@ from prefect.runtime import flow_run as prefect_run
 from flows.stage_runs import cached_state, unwrap
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig, load_config
-from tasks.data import prepare_data
 from tasks.errors import ConfigError, GateFailed, StageError
-from tasks.evaluate import check_gate, evaluate_adapter
-from tasks.merge import merge_adapter
-from tasks.models import provision_base
-from tasks.publish import publish_model, record_approval
-from tasks.quantize import quantize_gguf
-from tasks.train import train_adapter
-
-STAGES = ("data", "train", "eval", "merge", "quantize", "publish")
+from tasks.evaluate import read_gate
+from tasks.publish import record_approval
+from tasks.registry import STAGES, Stage
 
 StageCall = Callable[..., Artifact | State[Artifact]]  # a stage's task (or its deployment's stand-in)
 
 
-def _stage_task(name: str, produce: Callable[..., Artifact]) -> Task[..., Artifact | State[Artifact]]:
+def _stage_task(stage: Stage) -> Task[..., Artifact | State[Artifact]]:
     """The stage function as a Prefect task whose run ends `Cached` when the store already had the artifact.
 
     Calling the task gives that state on a cache hit, else the artifact: `unwrap` it (the pipeline's `step` does).
     """
+    produce = stage.function()
 
     @functools.wraps(produce)
     def run(*args: Any, **kwargs: Any) -> Artifact | State[Artifact]:
         artifact = produce(*args, **kwargs)
         return cached_state(artifact, artifact)
 
-    return task(name=name, cache_policy=NO_CACHE)(run)
+    return task(name=stage.name, cache_policy=NO_CACHE)(run)
 
 
-base_task = _stage_task("base", provision_base)
-data_task = _stage_task("data", prepare_data)
-train_task = _stage_task("train", train_adapter)
-eval_task = _stage_task("eval", evaluate_adapter)
-merge_task = _stage_task("merge", merge_adapter)
-quantize_task = _stage_task("quantize", quantize_gguf)
-publish_task = _stage_task("publish", publish_model)
-IN_PROCESS: dict[str, StageCall] = {
-    "base": base_task, "data": data_task, "train": train_task, "eval": eval_task, "merge": merge_task,
-    "quantize": quantize_task, "publish": publish_task,
-}  # fmt: skip
+IN_PROCESS: dict[str, StageCall] = {s.name: _stage_task(s) for s in STAGES}
+
+
+def call_stage(call: StageCall, stage: Stage, config: PipelineConfig, artifacts: dict[str, Artifact],
+               store: ArtifactStore) -> Artifact:  # fmt: skip
+    """Run one stage's task (or its deployment's stand-in) on its upstream artifacts: the artifact it made or found."""
+    return unwrap(call(*stage.arguments(config, artifacts), store))
 
 
 class Approval(RunInput):
@@ -109,50 +100,32 @@ def pipeline(config: PipelineConfig, only: str | None = None, run_id: str | None
     }
     run["config"] = config.model_dump(mode="json")
 
-    def step(name: str, produce: StageCall, *args: Any) -> Artifact:
+    def step(stage: Stage, artifacts: dict[str, Artifact]) -> Artifact:
         started = time.perf_counter()
-        artifact = unwrap(produce(*args, store))
-        run["stages"][name] = {
+        artifact = call_stage(stages[stage.name], stage, config, artifacts, store)
+        run["stages"][stage.name] = {
             "key": artifact.key, "path": str(artifact.path), "cached": artifact.cached,
             "seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
         print(
-            f"[{name}] {'cache hit' if artifact.cached else 'done'}: {artifact.key} "
-            f"({run['stages'][name]['seconds']} s)"
+            f"[{stage.name}] {'cache hit' if artifact.cached else 'done'}: {artifact.key} "
+            f"({run['stages'][stage.name]['seconds']} s)"
         )
         store.record_run(run["run_id"], run)
         return artifact
 
+    artifacts: dict[str, Artifact] = {}
     try:
-        base = step("base", stages["base"], config.base_model)
-        data = step("data", stages["data"], config.data, base)
-        _report_data(data)
-        if only == "data":
-            return run
-        train = step("train", stages["train"], config.train, base, data)
-        _report_train(train)
-        if only == "train":
-            return run
-        eval_ = step("eval", stages["eval"], config.eval, base, data, train)
-        run["eval"] = eval_.metrics
-        run["gate"] = eval_.manifest["gate"]
-        _report_eval(eval_)
-        check_gate(eval_)
-        if only == "eval":
-            return run
-        merge = step("merge", stages["merge"], config.merge, base, data, train)
-        if only == "merge":
-            return run
-        quantize = step("quantize", stages["quantize"], config.quantize, config.name, base, data, train, merge)
-        run["gguf"] = quantize.manifest.get("gguf", {})
-        _report_gguf(quantize)
-        if only == "quantize":
-            return run
-        if config.orchestration.approval:
-            run["approval"] = _await_approval(config, store, eval_, quantize)
-        publish = step("publish", stages["publish"], config.publish, config.name, config.orchestration.approval,
-                       base, data, train, eval_, merge, quantize)  # fmt: skip
-        run["publish"] = {k: publish.manifest.get(k) for k in ("mode", "repo_id", "endpoint", "tag", "commit")}
+        for stage in STAGES:
+            if stage.approval and config.orchestration.approval:
+                run["approval"] = _await_approval(config, store, artifacts["eval"], artifacts["quantize"])
+            artifacts[stage.name] = step(stage, artifacts)
+            run.update(RECORDS.get(stage.name, _nothing)(artifacts[stage.name]))
+            if report := REPORTS.get(stage.name):
+                report(artifacts[stage.name])
+            stage.verify(artifacts[stage.name])
+            if only == stage.name:
+                break
         return run
     finally:
         try:
@@ -208,10 +181,10 @@ def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: st
     shared = config.model_copy(update={"store": store.url}).model_dump(mode="json")
 
     def run_stage(*args: Any) -> Artifact:
-        upstream = {f"{a.stage}_key": a.key for a in args if isinstance(a, Artifact)}
+        upstream = {a.stage: a.key for a in args if isinstance(a, Artifact)}
         try:
             flow_run = cast(FlowRun, run_deployment(  # called from sync code: the FlowRun itself
-                DEPLOYMENTS[stage], parameters={"config": shared, "only": only, **upstream},
+                DEPLOYMENTS[stage], parameters={"config": shared, "inputs": upstream, "only": only},
                 timeout=config.orchestration.stage_timeout_s, poll_interval=2,
             ))  # fmt: skip
         except ObjectNotFound:
@@ -256,7 +229,7 @@ def _await_approval(
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
 
-    verdict = ", ".join(f"{c['check']} [{c['value']}]" for c in eval_.manifest["gate"]["checks"])
+    verdict = read_gate(eval_).summary()
     gguf = ", ".join(q for q, g in quantize.manifest.get("gguf", {}).items() if g.get("passed", True))
     description = (
         f"Publish **{config.name}** to `{config.publish.repo_id}`? Gate passed: {verdict}. GGUF: {gguf or 'none'}. "
@@ -325,3 +298,21 @@ def _report_gguf(quantize: Artifact) -> None:
     )
     rows = [{"type": q, **{c: g.get(c) for c in columns}} for q, g in quantize.manifest.get("gguf", {}).items()]
     create_table_artifact(table=rows, key="gguf-fidelity", description=f"quantize {quantize.key}")
+
+
+def _nothing(artifact: Artifact) -> dict[str, Any]:
+    return {}
+
+
+# What a stage adds to the run record beside its key (`loraforge show`, the CLI summary) ...
+RECORDS: dict[str, Callable[[Artifact], dict[str, Any]]] = {
+    "eval": lambda eval_: {"eval": eval_.metrics, "gate": read_gate(eval_)._asdict()},
+    "quantize": lambda quantize: {"gguf": quantize.manifest.get("gguf", {})},
+    "publish": lambda publish: {
+        "publish": {k: publish.manifest.get(k) for k in ("mode", "repo_id", "endpoint", "tag", "commit")}
+    },
+}
+# ... and what it shows in the Prefect UI (markdown and table artifacts). A stage with neither needs no entry.
+REPORTS: dict[str, Callable[[Artifact], None]] = {
+    "data": _report_data, "train": _report_train, "eval": _report_eval, "quantize": _report_gguf,
+}  # fmt: skip

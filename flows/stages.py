@@ -16,40 +16,58 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import Flow, flow
 from prefect.client.schemas.objects import State
 
 from flows.stage_runs import cached_state, within_stage_timeout
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig
-from tasks.data import prepare_data
-from tasks.errors import StageError
-from tasks.evaluate import evaluate_adapter
-from tasks.merge import merge_adapter
-from tasks.models import provision_base
-from tasks.publish import publish_model
-from tasks.quantize import quantize_gguf
-from tasks.train import train_adapter
+from tasks.errors import ConfigError
+from tasks.registry import STAGES, Stage
 
 StageResult = dict[str, Any]  # {"stage": ..., "key": ..., "cached": bool}
 StageOutcome = StageResult | State[StageResult]  # the result, or a `Cached` state holding it
+
+
+def upstream(
+    stage: Stage, config: PipelineConfig, store: ArtifactStore, keys: dict[str, str], option: str = "inputs "
+) -> dict[str, Artifact]:
+    """The stage's upstream artifacts from their keys (`{"data": KEY, ...}`), looked up in the store.
+
+    The base is provisioned here from `base_model` when the stage needs its weights, and must then have the
+    key given (when one is; `option` names where it was given, in the message): otherwise this machine sees
+    other weights than the run it belongs to. A stage that
+    needs only the base's manifest (publish) reads it from the store.
+
+    Raises:
+        ConfigError: a key for a stage this one does not take, or a missing one; every problem at once.
+    """
+    from tasks.models import provision_base, read_base
+
+    problems = [f"the {stage.name} stage takes no {name} artifact (it takes {', '.join(stage.inputs)})"
+                for name in keys if name not in stage.inputs]  # fmt: skip
+    missing = [name for name in stage.inputs if name not in keys and not (name == "base" and stage.weights)]
+    if missing:
+        problems.append(f"the {stage.name} stage needs the key of its " + ", ".join(missing) + " artifact(s)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    artifacts = {name: store.get(name, key) for name, key in keys.items() if name != "base" or not stage.weights}
+    if "base" in stage.inputs and stage.weights:
+        base = provision_base(config.base_model, store)
+        if keys.get("base", base.key) != base.key:
+            raise ConfigError(
+                f"{option}base={keys['base']}: the base model here ({config.base_model} at "
+                f"{read_base(base).model_path}) has the key {base.key}: this machine sees other weights than the run "
+                "it belongs to; give every worker the same model files (or mount the same model cache)."
+            )
+        artifacts["base"] = base
+    return artifacts
 
 
 def _store(config: PipelineConfig, only: str | None) -> ArtifactStore:
     """The shared store; with `only`, a view in which just that stage (and base) may write, as in-process."""
     store = ArtifactStore(config.store, config.store_verify)
     return store.restricted_to("base", only) if only is not None else store
-
-
-def _base(config: PipelineConfig, store: ArtifactStore, key: str) -> Artifact:
-    """The base model provisioned on this worker; it must be the one the pipeline started from."""
-    base = provision_base(config.base_model, store)
-    if base.key != key:
-        raise StageError(
-            f"base_model {config.base_model!r} on this worker has the key {base.key}, the pipeline started from "
-            f"{key}: the workers see different weights; give every worker the same model files (or cache)."
-        )
-    return base
 
 
 def _result(store: ArtifactStore, artifact: Artifact) -> StageOutcome:
@@ -68,102 +86,17 @@ def stage_run_record(flow_run_id: str) -> str:
     return f"stage-runs/{flow_run_id}.json"
 
 
-@flow(name="loraforge-base", persist_result=True, log_prints=True)
-@within_stage_timeout
-def base_flow(config: PipelineConfig, only: str | None = None) -> StageOutcome:
-    """Provision the base model (`base_model`) and record it as the base artifact."""
-    store = _store(config, only)
-    return _result(store, provision_base(config.base_model, store))
+def _stage_flow(stage: Stage) -> Flow[..., StageOutcome]:
+    """The stage as a flow `loraforge-<stage>` taking the config and its upstream keys (`inputs`)."""
+
+    def run(config: PipelineConfig, inputs: dict[str, str] | None = None, only: str | None = None) -> StageOutcome:
+        store = _store(config, only)
+        return _result(store, stage.run(config, upstream(stage, config, store, inputs or {}), store))
+
+    run.__name__ = run.__qualname__ = f"{stage.name}_flow"  # its entrypoint: flows/stages.py:<stage>_flow
+    run.__doc__ = f"The {stage.name} stage: {stage.produces}."
+    return flow(name=f"loraforge-{stage.name}", persist_result=True, log_prints=True)(within_stage_timeout(run))
 
 
-@flow(name="loraforge-data", persist_result=True, log_prints=True)
-@within_stage_timeout
-def data_flow(config: PipelineConfig, base_key: str, only: str | None = None) -> StageOutcome:
-    """The data stage: validate, template, tokenize and split the dataset."""
-    store = _store(config, only)
-    return _result(store, prepare_data(config.data, _base(config, store, base_key), store))
-
-
-@flow(name="loraforge-train", persist_result=True, log_prints=True)
-@within_stage_timeout
-def train_flow(config: PipelineConfig, base_key: str, data_key: str, only: str | None = None) -> StageOutcome:
-    """The train stage: the LoRA adapter."""
-    store = _store(config, only)
-    base = _base(config, store, base_key)
-    return _result(store, train_adapter(config.train, base, store.get("data", data_key), store))
-
-
-@flow(name="loraforge-eval", persist_result=True, log_prints=True)
-@within_stage_timeout
-def eval_flow(
-    config: PipelineConfig, base_key: str, data_key: str, train_key: str, only: str | None = None
-) -> StageOutcome:
-    """The eval stage: base vs tuned on the test split and the gate verdict (the pipeline enforces it)."""
-    store = _store(config, only)
-    base = _base(config, store, base_key)
-    data, train = store.get("data", data_key), store.get("train", train_key)
-    return _result(store, evaluate_adapter(config.eval, base, data, train, store))
-
-
-@flow(name="loraforge-merge", persist_result=True, log_prints=True)
-@within_stage_timeout
-def merge_flow(
-    config: PipelineConfig, base_key: str, data_key: str, train_key: str, only: str | None = None
-) -> StageOutcome:
-    """The merge stage: the adapter merged into the base model, checked against the adapter."""
-    store = _store(config, only)
-    base = _base(config, store, base_key)
-    data, train = store.get("data", data_key), store.get("train", train_key)
-    return _result(store, merge_adapter(config.merge, base, data, train, store))
-
-
-@flow(name="loraforge-quantize", persist_result=True, log_prints=True)
-@within_stage_timeout
-def quantize_flow(
-    config: PipelineConfig, base_key: str, data_key: str, train_key: str, merge_key: str, only: str | None = None
-) -> StageOutcome:
-    """The quantize stage: GGUF files of the merged model (and of the adapter, against the base provisioned on
-    this worker), each checked in llama-cpp-python."""
-    store = _store(config, only)
-    base = _base(config, store, base_key)
-    data, train, merge = store.get("data", data_key), store.get("train", train_key), store.get("merge", merge_key)
-    return _result(store, quantize_gguf(config.quantize, config.name, base, data, train, merge, store))
-
-
-@flow(name="loraforge-publish", persist_result=True, log_prints=True)
-@within_stage_timeout
-def publish_flow(
-    config: PipelineConfig,
-    base_key: str,
-    data_key: str,
-    train_key: str,
-    eval_key: str,
-    merge_key: str,
-    quantize_key: str,
-    only: str | None = None,
-) -> StageOutcome:
-    """The publish stage: bundle, model card and lineage, pushed to the Hub when a token is set.
-
-    The base artifact is read from the store (its manifest only): this stage never loads weights.
-    """
-    store = _store(config, only)
-    base, data, train = store.get("base", base_key), store.get("data", data_key), store.get("train", train_key)
-    eval_, merge, quantize = (
-        store.get("eval", eval_key),
-        store.get("merge", merge_key),
-        store.get("quantize", quantize_key),
-    )
-    published = publish_model(config.publish, config.name, config.orchestration.approval, base, data, train, eval_,
-                              merge, quantize, store)  # fmt: skip
-    return _result(store, published)
-
-
-STAGE_FLOWS = {
-    "base": base_flow,
-    "data": data_flow,
-    "train": train_flow,
-    "eval": eval_flow,
-    "merge": merge_flow,
-    "quantize": quantize_flow,
-    "publish": publish_flow,
-}
+STAGE_FLOWS = {s.name: _stage_flow(s) for s in STAGES}
+globals().update({f"{name}_flow": f for name, f in STAGE_FLOWS.items()})  # the deployments' entrypoints

@@ -26,22 +26,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
+from flows.pipeline import IN_PROCESS, call_stage
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig
-from tasks.data import prepare_data
 from tasks.errors import StageError
-from tasks.evaluate import evaluate_adapter
-from tasks.models import provision_base
-from tasks.train import train_adapter
+from tasks.registry import stage
 
-base_task = task(name="base", cache_policy=NO_CACHE)(provision_base)
-data_task = task(name="data", cache_policy=NO_CACHE)(prepare_data)
-train_task = task(name="train", cache_policy=NO_CACHE)(train_adapter)
-eval_task = task(name="eval", cache_policy=NO_CACHE)(evaluate_adapter)
 TABLE_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "loss", "perplexity")
 
 
@@ -67,10 +60,11 @@ def sweep(variants: list[tuple[dict[str, str], PipelineConfig]], sweep_id: str |
     rows: list[dict[str, Any]] = []
     for point, config in variants:
         store = ArtifactStore(config.store, config.store_verify)
-        base = base_task(config.base_model, store)
-        data = data_task(config.data, base, store)
-        train, trained_now, peak = _train(config, base, data, store)
-        evaluated = eval_task(config.eval, base, data, train, store)
+        artifacts: dict[str, Artifact] = {}
+        for name in ("base", "data"):
+            artifacts[name] = _stage(name, config, artifacts, store)
+        train, trained_now, peak = _train(config, artifacts["base"], artifacts["data"], store)
+        evaluated = _stage("eval", config, {**artifacts, "train": train}, store)
         rows.append(_row(point, config, train, evaluated, trained_now, peak))
         print(f"[sweep] {point}: {_summary(rows[-1])}")
     store = ArtifactStore(variants[0][1].store, variants[0][1].store_verify)
@@ -81,6 +75,11 @@ def sweep(variants: list[tuple[dict[str, str], PipelineConfig]], sweep_id: str |
     create_table_artifact(table=rows, key="sweep", description=f"sweep {sweep_id}: {len(rows)} variants")
     create_markdown_artifact(markdown=markdown, key="sweep-table", description=f"sweep {sweep_id}")
     return record
+
+
+def _stage(name: str, config: PipelineConfig, artifacts: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+    """One of the pipeline's stage tasks (a cache hit shows `Cached`), on the variant's upstream artifacts."""
+    return call_stage(IN_PROCESS[name], stage(name), config, artifacts, store)
 
 
 def _train(
@@ -112,7 +111,7 @@ def _train(
         tail = "\n".join(lines[-6:])
         raise StageError(f"sweep: training the variant with train.r={config.train.r} failed (exit {code}):\n{tail}")
     child = json.loads(lines[-1])
-    train = train_task(config.train, base, data, store)  # the child wrote it: a cache hit here
+    train = _stage("train", config, {"base": base, "data": data}, store)  # the child wrote it: a cache hit here
     if train.key != child["key"]:
         raise StageError(f"sweep: the child made train artifact {child['key']}, this process expects {train.key}")
     record = f"sweeps/peaks/{train.key}.json"
@@ -185,9 +184,10 @@ def _train_child(spec: Path) -> int:
     config = PipelineConfig.model_validate_json(spec.read_text())
     store = ArtifactStore(config.store, config.store_verify)
     try:
-        base = provision_base(config.base_model, store)
-        data = prepare_data(config.data, base, store)
-        train = train_adapter(config.train, base, data, store)
+        artifacts: dict[str, Artifact] = {}
+        for name in ("base", "data", "train"):  # the plain stage functions: no Prefect run in the child
+            artifacts[name] = stage(name).run(config, artifacts, store)
+        train = artifacts["train"]
     except LoraforgeError as exc:
         print(f"loraforge: {exc}", file=sys.stderr)
         return 1

@@ -49,31 +49,18 @@ from pydantic import BaseModel
 
 from tasks.errors import StageError
 from tasks.objectstore import ObjectStore
+from tasks.registry import NAMES
+from tasks.registry import STAGES as REGISTERED
 
 MANIFEST = "manifest.json"
-STAGES = ("base", "data", "train", "eval", "merge", "quantize", "publish")
-PRODUCERS = {
-    "base": "the base-model provisioning step (base_model in the config)",
-    "data": "the data stage (`loraforge stage data CONFIG`)",
-    "train": "the train stage (`loraforge stage train CONFIG`)",
-    "eval": "the eval stage (`loraforge stage eval CONFIG`)",
-    "merge": "the merge stage (`loraforge stage merge CONFIG`)",
-    "quantize": "the quantize stage (`loraforge stage quantize CONFIG`)",
-    "publish": "the publish stage (`loraforge stage publish CONFIG`)",
-}
-# The libraries whose versions shape each stage's bytes: part of its key (a new torch retrains, a new llama.cpp
-# re-quantizes). Libraries that only move data (prefect, huggingface-hub) stay out; all versions go in manifests.
-KEY_LIBRARIES: dict[str, tuple[str, ...]] = {
-    "base": (),  # keyed by the model folder's content, whichever library converted it (every image agrees)
-    "data": ("transformers", "tokenizers", "jinja2", "datasets"),
-    "train": ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors"),
-    "eval": ("torch", "transformers", "peft", "bitsandbytes", "evaluate"),
-    "merge": ("torch", "transformers", "peft", "bitsandbytes", "safetensors"),
-    "quantize": ("llama-cpp-python", "torch", "transformers", "numpy"),  # the converter comes with llama.cpp's sdist
-    "publish": (),
-}
+STAGES = NAMES  # every artifact folder's stage, in pipeline order (tasks/registry.py)
+PRODUCERS = {s.name: s.producer for s in REGISTERED}  # for "run X first" messages
+KEY_LIBRARIES = {s.name: s.libraries for s in REGISTERED}  # the libraries in each stage's key (tasks/registry.py)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds the `tasks` package (a checkout or site-packages)
 KEYED_PACKAGES = ("tasks",)  # flows/ only wires stages together: it never shapes an artifact's bytes
+# Declarations that only wire stages (which function runs on what): not in any key. What they could change in
+# the bytes is keyed anyway (the config values and artifacts a stage is given, the versions of its libraries).
+WIRING_MODULES = ("tasks.registry",)
 Verify = Literal["sha256", "size"]
 LEASE_S = 120.0  # an S3 lease not renewed for this long is a dead writer's (renewed every LEASE_S / 4)
 TRACKED_LIBRARIES = (
@@ -157,7 +144,7 @@ def _imported_modules(tree: ast.AST) -> Iterator[str]:
 def _module_files(name: str) -> list[Path]:
     """The files Python executes to import the project module `name` (its packages' __init__ files too)."""
     parts = name.split(".")
-    if parts[0] not in KEYED_PACKAGES:
+    if parts[0] not in KEYED_PACKAGES or any(name == m or name.startswith(f"{m}.") for m in WIRING_MODULES):
         return []
     files = [PROJECT_ROOT.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts) + 1)]
     return [*files, PROJECT_ROOT.joinpath(*parts).with_suffix(".py")]

@@ -126,6 +126,22 @@ class DataConfig(BaseModel):
         return name
 
 
+class DataSpec(NamedTuple):
+    """What the data artifact tells the other stages (read it with `read_data`)."""
+
+    max_length: int  # tokens per row at most (training, and the context the GGUF check needs)
+    system_prompt: str | None  # the system message every row was templated with
+    special_tokens: dict[str, dict[str, Any]]  # bos/eos/pad: {"id", "text"} as training saw them
+    settings: dict[str, Any]  # the data section it was made with (lineage, model card)
+
+
+def read_data(data: Artifact) -> DataSpec:
+    """The data artifact's settings and special tokens."""
+    m = data.manifest
+    config = dict(m["config"])
+    return DataSpec(int(config["max_length"]), config.get("system_prompt"), dict(m["special_tokens"]), config)
+
+
 def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Artifact:
     """Validate, template, tokenize and split the dataset; skipped when the same artifact exists.
 
@@ -173,13 +189,14 @@ def _build_data(
     rows = {name: _read_rows(source["files"], config) for name, source in sources.items()}
     splits = _split(rows, config)
 
-    from tasks.models import load_tokenizer
+    from tasks.models import load_tokenizer, read_base
 
-    tokenizer = load_tokenizer(Path(base.manifest["model_path"]))
+    model_path = read_base(base).model_path
+    tokenizer = load_tokenizer(model_path)
     template = CHAT_TEMPLATES.get(config.chat_template) or tokenizer.chat_template or ""
     if not template and config.format != "text":
         raise DataError(
-            f"the base model's tokenizer ({base.manifest['model_path']}) has no chat template; set "
+            f"the base model's tokenizer ({model_path}) has no chat template; set "
             f"data.chat_template to one of {', '.join(CHAT_TEMPLATES)} (or use an instruct/chat base model)."
         )
     tokenizer.chat_template = template or None

@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -158,15 +158,16 @@ def _build_eval(
     import torch
     from peft import PeftModel
 
-    from tasks.models import autocast, load_base_as_trained, load_tokenizer, trained_settings
+    from tasks.models import autocast, load_base_as_trained, load_tokenizer, read_base
+    from tasks.train import read_train
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    model_path = Path(base.manifest["model_path"])
+    model_path = read_base(base).model_path
     tokenizer = load_tokenizer(model_path)
     tokenizer.chat_template = data.file("chat_template.jinja").read_text() or None  # the template training used
     rows = read_split(data.file("test.jsonl"))[: config.max_rows]
-    trained = trained_settings(train.manifest)
+    trained = read_train(train).settings
     base_model = load_base_as_trained(model_path, trained)  # in its training dtype, or QLoRA's 4-bit
     model = PeftModel.from_pretrained(base_model, train.file("adapter"), adapter_name="tuned")
     if published and published.get("commit"):
@@ -383,13 +384,32 @@ def _prompt(row: dict[str, Any]) -> str:
     return row["messages"][-2]["content"] if "messages" in row else row["text"][:200]
 
 
+class Gate(NamedTuple):
+    """The eval artifact's verdict (read it with `read_gate`)."""
+
+    passed: bool
+    checks: list[dict[str, Any]]  # {"check": "accuracy >= 0.9", "value": 0.93, "passed": true}, in gate order
+
+    def failures(self) -> str:
+        """The failed checks with their values, on one line."""
+        return "; ".join(f"{c['check']} (got {c['value']})" for c in self.checks if not c["passed"])
+
+    def summary(self) -> str:
+        """Every check with its value, on one line."""
+        return ", ".join(f"{c['check']} [{c['value']}]" for c in self.checks)
+
+
+def read_gate(eval_: Artifact) -> Gate:
+    """The gate verdict the eval stage recorded."""
+    verdict = eval_.manifest["gate"]
+    return Gate(bool(verdict["passed"]), list(verdict["checks"]))
+
+
 def check_gate(artifact: Artifact) -> None:
     """Raise GateFailed with a one-line reason when the eval artifact's gate did not pass."""
-    verdict = artifact.manifest["gate"]
-    if not verdict["passed"]:
-        failed = [c for c in verdict["checks"] if not c["passed"]]
-        reason = "; ".join(f"{c['check']} (got {c['value']})" for c in failed)
-        raise GateFailed(f"eval gate failed: {reason}")
+    gate = read_gate(artifact)
+    if not gate.passed:
+        raise GateFailed(f"eval gate failed: {gate.failures()}")
 
 
 def _score(

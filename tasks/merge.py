@@ -85,14 +85,15 @@ def _build_merge(
     inputs = {"base": base, "data": data, "train": train}
     started = time.time()
 
-    from tasks.models import load_tokenizer, trained_settings
+    from tasks.models import load_tokenizer, read_base
+    from tasks.train import read_train
 
-    model_path = Path(base.manifest["model_path"])
+    model_path = read_base(base).model_path
     tokenizer = load_tokenizer(model_path)
     # The merged model (and the GGUF made from it) prompts as training did: the data artifact's template.
     tokenizer.chat_template = data.file("chat_template.jinja").read_text() or tokenizer.chat_template
     probes = read_split(data.file("validation.jsonl"))[: config.probe_rows]
-    trained = trained_settings(train.manifest)
+    trained = read_train(train).settings
     qlora = trained.get("quantization", "none") != "none"
     onto = "the original base weights"
     if qlora and config.qlora_base == "dequantized":
@@ -312,10 +313,11 @@ def _adapter_model(model_path: Path, train: Artifact, dequantized: bool) -> Any:
     from peft import PeftModel
 
     from tasks.models import load_causal_lm
+    from tasks.train import read_train
 
     base_model = load_causal_lm(model_path, "float32")
     if dequantized:
-        quantization_roundtrip(base_model, train.manifest["config"])
+        quantization_roundtrip(base_model, read_train(train).settings)
     model = PeftModel.from_pretrained(base_model, train.file("adapter"))
     model.eval()
     return model
@@ -349,9 +351,10 @@ def _as_trained_model(model_path: Path, train: Artifact) -> tuple[Any, str]:
     training precision its forward runs under."""
     from peft import PeftModel
 
-    from tasks.models import load_base_as_trained, trained_settings
+    from tasks.models import load_base_as_trained
+    from tasks.train import read_train
 
-    settings = trained_settings(train.manifest)
+    settings = read_train(train).settings
     model = PeftModel.from_pretrained(load_base_as_trained(model_path, settings), train.file("adapter"))
     model.eval()
     return model, settings["precision"]

@@ -380,6 +380,26 @@ def load_causal_lm(folder: Path, dtype: str = "float32", **kwargs: Any) -> PreTr
     return model
 
 
+@dataclasses.dataclass(frozen=True)
+class BaseModelRef:
+    """What the base artifact tells the other stages (read it with `read_base`)."""
+
+    model_path: Path  # the model folder on this machine
+    spec: str  # base_model as the config gives it
+    hub_id: str | None  # the Hub repository it came from, when known
+
+    @property
+    def public_name(self) -> str:
+        """How cards and adapter configs name the base: its Hub id, else base_model as given."""
+        return self.hub_id or self.spec
+
+
+def read_base(base: Artifact) -> BaseModelRef:
+    """The base artifact's model folder and names."""
+    m = base.manifest
+    return BaseModelRef(Path(m["model_path"]), str(m["base_model"]), m.get("hub_id"))
+
+
 def provision_base(spec: str, store: ArtifactStore) -> Artifact:
     """Resolve `base_model` into a local folder and record it as the `base` artifact.
 
@@ -494,17 +514,6 @@ def cuda_bf16() -> bool:
 
 def _concrete(compute_dtype: str | None, dtype: str) -> str:
     return dtype if compute_dtype in (None, "auto") else compute_dtype
-
-
-def trained_settings(train_manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The train stage's settings with what it resolved at run time (precision, QLoRA compute dtype): what
-    `load_base_as_trained` needs to rebuild the model the adapter was trained and gated on."""
-    settings = dict(train_manifest["config"])
-    settings["precision"] = train_manifest.get("precision") or "fp32"
-    settings["compute_dtype"] = train_manifest.get("compute_dtype") or _concrete(
-        settings.get("compute_dtype"), "float32"
-    )
-    return settings
 
 
 def release_weight_files(model: Any, folder: Path) -> int:

@@ -601,7 +601,7 @@ def data_logit_positions(config: PipelineConfig) -> int:
 
     from tasks.artifacts import ArtifactStore
     from tasks.batching import read_split
-    from tasks.data import prepare_data
+    from tasks.data import prepare_data, read_data
     from tasks.models import provision_base
     from tasks.train import batch_stream, training_units
 
@@ -609,7 +609,7 @@ def data_logit_positions(config: PipelineConfig) -> int:
     store = ArtifactStore(config.store, config.store_verify)
     data = prepare_data(config.data, provision_base(config.base_model, store), store)
     rows = read_split(data.file("train.jsonl"))
-    units, steps = training_units(rows, train, int(data.manifest["config"]["max_length"]))
+    units, steps = training_units(rows, train, read_data(data).max_length)
     batches = batch_stream(units, train, random.Random(train.seed))
     most = 0
     for _ in range(min(steps * train.grad_accum, 100_000)):

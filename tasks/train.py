@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.artifacts import Artifact, ArtifactStore, commit_folder
 from tasks.batching import collate, collate_packed, labelled_token_losses, loss_total, pack_rows, read_split
+from tasks.data import read_data
 from tasks.distributed import (
     SINGLE,
     Ranks,
@@ -66,7 +67,7 @@ from tasks.distributed import (
     wrap,
 )
 from tasks.errors import StageError
-from tasks.models import cuda_bf16, resolve_precision
+from tasks.models import cuda_bf16, read_base, resolve_precision
 
 RUNTIME_ONLY = {
     "save_every",
@@ -381,7 +382,7 @@ def _setup(run: TrainRun, ranks: Ranks) -> Setup:
     if config.threads:
         torch.set_num_threads(config.threads)
     _seed_everything(config.seed)
-    model_path = Path(run.base.manifest["model_path"])
+    model_path = read_base(run.base).model_path
     tokenizer = load_tokenizer(model_path)
     device = f"cuda:{ranks.local_rank}" if run.device == "cuda" and ranks.world > 1 else run.device
     model, targets = trainable_model(config, model_path, device, run.precision)
@@ -393,13 +394,14 @@ def _setup(run: TrainRun, ranks: Ranks) -> Setup:
         + ["DoRA"] * config.use_dora + ["rsLoRA"] * config.use_rslora + ["LoRA+"] * bool(config.loraplus_lr_ratio)
     )  # fmt: skip
     train_rows = read_split(run.data.file("train.jsonl"))
-    units, total_steps = training_units(train_rows, config, int(run.data.manifest["config"]["max_length"]))
+    max_length = read_data(run.data).max_length
+    units, total_steps = training_units(train_rows, config, max_length)
     if ranks.leader:
         print(f"[train] {variant} r={config.r} on {', '.join(targets)}, {run.precision} on {run.device}: "
               f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")  # fmt: skip
         if config.packing:
             print(f"[train] packed {len(train_rows)} rows into {len(units)} sequences of up to "
-                  f"{run.data.manifest['config']['max_length']} tokens")  # fmt: skip
+                  f"{max_length} tokens")  # fmt: skip
     forward = wrap(model, ranks, run.device, config.fsdp)  # DDP or FSDP2 with several processes
     optimizer = _optimizer(_param_groups(model, config), config)  # after sharding: it holds the shards
     return Setup(model, forward, targets, variant, units, total_steps, read_split(run.data.file("validation.jsonl")),
@@ -557,12 +559,38 @@ def _optimizer_step(
     return step_loss, grad_norm
 
 
+class TrainedAdapter(NamedTuple):
+    """What the train artifact tells the other stages (read it with `read_train`)."""
+
+    # The train section with what it resolved at run time (precision, QLoRA compute dtype): what
+    # `load_base_as_trained` needs to rebuild the model the adapter was trained and gated on.
+    settings: dict[str, Any]
+    adapter_sha256: str | None  # of adapter/adapter_model.safetensors
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the adapter is DoRA (magnitude vectors: llama.cpp's LoRA converter cannot take it)."""
+        return bool(self.settings.get("use_dora"))
+
+
+def read_train(train: Artifact) -> TrainedAdapter:
+    """The train artifact's resolved settings and adapter hash."""
+    m = train.manifest
+    settings = dict(m["config"])
+    settings["precision"] = m.get("precision") or "fp32"
+    declared = settings.get("compute_dtype")
+    settings["compute_dtype"] = m.get("compute_dtype") or ("float32" if declared in (None, "auto") else declared)
+    sha = m.get("files", {}).get("adapter/adapter_model.safetensors", {}).get("sha256")
+    return TrainedAdapter(settings, sha)
+
+
 def _make_portable(folder: Path, base: Artifact) -> None:
     """Make a saved adapter folder the same bytes on every machine: the base named by its public name (the Hub id,
     else `base_model` as configured), not the folder it was loaded from here, in adapter_config.json and in
     peft's README (patched after saving: peft would otherwise try to reach the Hub to inspect that name), and
     target_modules sorted (peft writes them from a set, in an order that changes with the string hash seed)."""
-    public = base.manifest.get("hub_id") or base.manifest["base_model"]
+    ref = read_base(base)
+    public = ref.public_name
     adapter_config = folder / "adapter_config.json"
     settings = json.loads(adapter_config.read_text())
     settings["base_model_name_or_path"] = public
@@ -572,7 +600,7 @@ def _make_portable(folder: Path, base: Artifact) -> None:
     readme = folder / "README.md"
     if readme.is_file():
         text = readme.read_text()
-        local = {base.manifest["model_path"], str(Path(base.manifest["model_path"]).resolve())}
+        local = {str(ref.model_path), str(ref.model_path.resolve())}
         for path in sorted(local, key=len, reverse=True):
             text = text.replace(path, public)
         readme.write_text(text)

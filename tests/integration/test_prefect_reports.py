@@ -5,7 +5,6 @@ task runs, Completed then Cached on a re-run, are checked in test_pipeline.py's 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import socket
 import threading
@@ -50,12 +49,14 @@ def test_a_stage_flow_that_was_a_cache_hit_ends_cached(
     from flows.stages import STAGE_FLOWS, base_flow
 
     config = _config(tiny_model, workdir, hub)
-    keys = {f"{stage}_key": info["key"] for stage, info in first_run["stages"].items()}
+    from tasks.registry import stage as declared
+
+    keys = {stage: info["key"] for stage, info in first_run["stages"].items()}
     for stage, stage_flow in STAGE_FLOWS.items():
-        upstream = {k: v for k, v in keys.items() if k in inspect.signature(stage_flow.fn).parameters}
-        state = stage_flow(config=config, **upstream, return_state=True)
+        inputs = {name: keys[name] for name in declared(stage).inputs}
+        state = stage_flow(config=config, inputs=inputs, return_state=True)
         assert (state.type.value, state.name) == ("COMPLETED", "Cached"), (stage, state)
-        assert state.result() == {"stage": stage, "key": keys[f"{stage}_key"], "cached": True}
+        assert state.result() == {"stage": stage, "key": keys[stage], "cached": True}
     fresh = base_flow(config=config.model_copy(update={"store": str(tmp_path / "store")}), return_state=True)
     assert fresh.name == "Completed" and fresh.result()["cached"] is False
 

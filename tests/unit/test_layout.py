@@ -12,23 +12,29 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from tasks.registry import RUNNABLE
+from tasks.registry import stage as declared
+
 ROOT = Path(__file__).resolve().parents[2]
-# stage: (module in tasks/, its config model, its entry point)
-STAGES = {
-    "data": ("data", "DataConfig", "prepare_data"),
-    "train": ("train", "TrainConfig", "train_adapter"),
-    "eval": ("evaluate", "EvalConfig", "evaluate_adapter"),
-    "merge": ("merge", "MergeConfig", "merge_adapter"),
-    "quantize": ("quantize", "QuantizeConfig", "quantize_gguf"),
-    "publish": ("publish", "PublishConfig", "publish_model"),
-}
 
 
-@pytest.mark.parametrize("stage", STAGES)
+def _section(stage: str) -> type[BaseModel]:
+    """The config model of the stage's section (the first config value it takes), from PipelineConfig."""
+    from tasks.config import PipelineConfig
+
+    annotation = PipelineConfig.model_fields[declared(stage).config[0]].annotation
+    assert isinstance(annotation, type) and issubclass(annotation, BaseModel), stage
+    return annotation
+
+
+@pytest.mark.parametrize("stage", RUNNABLE)
 def test_every_stage_has_its_pieces(stage: str) -> None:
-    module_name, config_name, entry = STAGES[stage]
-    module = importlib.import_module(f"tasks.{module_name}")
-    config = getattr(module, config_name)
+    """Each registered stage: one module in tasks/ holding its config model and its entry point, a Containerfile,
+    a stage flow, a deployment and a test that calls it."""
+    module_name, _, entry = declared(stage).entry.partition(":")
+    module = importlib.import_module(module_name)
+    config = _section(stage)
+    assert config.__module__ == module_name, f"{stage}: its config model lives in {config.__module__}"
     assert config.model_config.get("frozen") and config.model_config.get("extra") == "forbid"
     function = getattr(module, entry)
     assert inspect.signature(function).return_annotation in ("Artifact", "'Artifact'"), entry
@@ -48,8 +54,7 @@ def _models() -> list[type[BaseModel]]:
     from tasks.config import OrchestrationConfig, PipelineConfig
 
     found: list[type[BaseModel]] = [PipelineConfig, OrchestrationConfig]
-    for module_name, config_name, _ in STAGES.values():
-        found.append(getattr(importlib.import_module(f"tasks.{module_name}"), config_name))
+    found += [_section(stage) for stage in RUNNABLE]
     return found
 
 

@@ -55,13 +55,9 @@ def test_every_stage_has_a_flow_and_a_deployment_in_prefect_yaml() -> None:
         d = deployments[stage]
         assert d["entrypoint"] == f"flows/stages.py:{stage_flow.fn.__name__}"
         assert DEPLOYMENTS[stage] == f"{stage_flow.name}/{d['name']}"
-        # The pipeline passes each upstream key as <stage>_key: the stage flow must take exactly those.
-        params = set(inspect.signature(stage_flow.fn).parameters) - {"config", "only"}
-        upstream = {  # the stage function's positional arguments (keyword-only ones, like on_step, are options)
-            name for name, p in inspect.signature(IN_PROCESS[stage].fn).parameters.items() if p.kind != p.KEYWORD_ONLY
-        }
-        artifacts = upstream - {"config", "store", "spec", "name", "pipeline_name", "approval_required"}
-        assert params == {f"{name.rstrip('_')}_key" for name in artifacts}
+        # The pipeline passes the upstream keys as `inputs`: the flow takes them and nothing per stage.
+        assert list(inspect.signature(stage_flow.fn).parameters) == ["config", "inputs", "only"]
+        assert stage_flow.name == f"loraforge-{stage}" and stage_flow.fn.__doc__
         assert d["work_pool"]["name"] == ("loraforge-gpu" if stage == "train" else "loraforge-cpu")
     pipeline_deployment = deployments["pipeline"]
     assert pipeline_deployment["entrypoint"] == "flows/pipeline.py:run_pipeline"

@@ -38,15 +38,19 @@ def _versions(project: Path) -> dict[str, str]:
     }
 
 
-# Which stages run each helper (imports inside functions included); what a reader of the code expects.
+# Which stages run each helper (imports inside functions included); what a reader of the code expects. A stage
+# that reads an upstream artifact through that stage's typed reader (read_data, read_train, read_gate) runs that
+# module too: its key moves with it, as it would anyway through the upstream artifact's own key.
 HELPER_USERS = {
     "batching.py": {"train", "eval", "merge", "quantize", "publish"},  # publish runs eval's gate reader
     "modelfile.py": {"quantize"},
-    "hubclient.py": {"data", "eval", "publish"},
-    "data.py": {"data", "eval", "publish"},  # eval gates on the data artifact's leaked_prompts (its reader)
+    "hubclient.py": {"data", "train", "eval", "merge", "publish"},  # data fetches Hub datasets; train reads data
+    "data.py": {"data", "train", "eval", "merge", "publish"},  # train reads the data artifact (read_data)
+    "train.py": {"train", "eval", "merge", "publish"},  # eval and merge rebuild the trained model (read_train)
     "merge.py": {"merge"},
     "metrics/accuracy/accuracy.py": {"eval", "publish"},  # loaded by path: evaluate.KEYED_DIRS
     "models.py": {"base", "data", "train", "eval", "merge", "quantize", "publish"},
+    "registry.py": set(),  # wiring only (artifacts.WIRING_MODULES): the stage flows, CLI and pipeline follow it
 }
 
 

@@ -47,6 +47,7 @@ HELPER_USERS = {
     "merge.py": {"merge"},
     "metrics/accuracy/accuracy.py": {"eval", "publish"},  # loaded by path: evaluate.KEYED_DIRS
     "models.py": {"base", "data", "train", "eval", "merge", "quantize", "publish"},
+    "templates/model_card.md.j2": {"publish"},  # read by path: publish.KEYED_FILES
 }
 
 

@@ -116,7 +116,9 @@ def code_files(source_file: str | Path) -> list[Path]:
 
     Imports are read from the syntax tree (imports inside functions count: stages import heavy helpers late),
     with each package's `__init__.py`; a module that runs code loaded by path (eval's metric modules) names
-    those folders in a module-level `KEYED_DIRS` tuple, and every .py file below them counts too.
+    those folders in a module-level `KEYED_DIRS` tuple, and every .py file below them counts too; files a module
+    reads at run time to shape what it writes (publish's model card template) are named, relative to the module,
+    in a module-level `KEYED_FILES` tuple.
     """
     todo, seen = [Path(source_file).resolve()], set[Path]()
     while todo:
@@ -124,11 +126,14 @@ def code_files(source_file: str | Path) -> list[Path]:
         if path in seen or not path.is_file():
             continue
         seen.add(path)
+        if path.suffix != ".py":  # a KEYED_FILES file: hashed, not parsed
+            continue
         tree = ast.parse(path.read_bytes(), filename=str(path))
         for name in _imported_modules(tree):
             todo.extend(_module_files(name))
-        for folder in _keyed_dirs(tree):
+        for folder in _module_tuple(tree, "KEYED_DIRS"):
             todo.extend((path.parent / folder).rglob("*.py"))
+        todo.extend(path.parent / name for name in _module_tuple(tree, "KEYED_FILES"))
     return sorted(seen)
 
 
@@ -150,9 +155,10 @@ def _module_files(name: str) -> list[Path]:
     return [*files, PROJECT_ROOT.joinpath(*parts).with_suffix(".py")]
 
 
-def _keyed_dirs(tree: ast.AST) -> list[str]:
+def _module_tuple(tree: ast.AST, name: str) -> list[str]:
+    """The value of the module-level tuple `name` (KEYED_DIRS, KEYED_FILES) in a module's syntax tree."""
     for node in getattr(tree, "body", []):
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "KEYED_DIRS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return list(ast.literal_eval(node.value))
     return []
 

@@ -352,6 +352,8 @@ def _lineage(name: str, inputs: dict[str, Artifact], tag: str) -> dict[str, Any]
 
 
 CARD_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity")  # eval metrics in model-index
+CARD_TEMPLATE = "model_card.md.j2"  # in tasks/templates/
+KEYED_FILES = ("templates/model_card.md.j2",)  # the card's template: part of the publish key's code version
 
 
 def base_license(base: Artifact) -> str:
@@ -375,14 +377,29 @@ def base_license(base: Artifact) -> str:
 def _model_card(
     config: PublishConfig, lineage: dict[str, Any], base: Artifact, eval_: Artifact, quantize: Artifact
 ) -> str:
+    """The bundle's README.md: tasks/templates/model_card.md.j2 rendered with `_card_context`."""
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return environment.get_template(CARD_TEMPLATE).render(_card_context(config, lineage, base, eval_))
+
+
+def _card_context(config: PublishConfig, lineage: dict[str, Any], base: Artifact, eval_: Artifact) -> dict[str, Any]:
+    """What the model card shows, as plain values: the card's metadata (YAML front matter), the eval and GGUF
+    tables, what was published and the lineage summary."""
     import yaml
 
     base_id = base.manifest.get("hub_id") or base.manifest["base_model"]
     metrics = eval_.metrics
-    published = [q for q in config.include_gguf if (lineage["quantize"]["gguf"] or {}).get(q, {}).get("passed", True)]
     gguf_meta = lineage["quantize"]["gguf"] or {}
+    published = [q for q in config.include_gguf if gguf_meta.get(q, {}).get("passed", True)]
     modelfiles = [gguf_meta[q]["modelfile"] for q in published if "modelfile" in gguf_meta.get(q, {})]
     datasets = lineage["datasets"]
+    short_name = config.repo_id.split("/")[-1]
     card_meta: dict[str, Any] = {
         "base_model": base_id,
         "library_name": "peft",
@@ -393,7 +410,7 @@ def _model_card(
     if datasets:  # Hub dataset ids only (the Hub links them); local data is named in the lineage below
         card_meta["datasets"] = datasets
     card_meta["model-index"] = [{
-        "name": config.repo_id.split("/")[-1],
+        "name": short_name,
         "results": [{
             "task": {"type": "text-generation", "name": "Text Generation"},
             "dataset": {"name": f"{lineage['pipeline']} (test split)", "type": datasets[0] if datasets else "custom",
@@ -401,128 +418,44 @@ def _model_card(
             "metrics": [{"type": m, "name": m, "value": metrics[m]} for m in CARD_METRICS if m in metrics],
         }],
     }]  # fmt: skip
-    rows = "\n".join(
-        f"| {m} | {metrics.get('base_' + m, float('nan')):.4f} | {metrics[m]:.4f} |"
-        for m in CARD_METRICS
-        if m in metrics
-    )
-    gguf = "\n".join(
-        f"| {q} | `{g['file']}` | {g['size_mb']} MB | {'yes' if g.get('imatrix') else 'no'} | "
-        f"{g.get('mean_kl', float('nan')):.4f} | {g.get('top1_agreement', float('nan')):.3f} | "
-        f"{g.get('ppl_ratio', float('nan')):.4f} | {g['accuracy']:.3f} | "
-        f"{'pass' if g.get('passed', True) else 'failed: ' + g['reason']} |"
-        for q, g in gguf_meta.items()
-    )
+    nan = float("nan")
+    gguf_rows = [{"qtype": q, "file": g["file"], "size_mb": g["size_mb"], "imatrix": bool(g.get("imatrix")),
+                  "mean_kl": g.get("mean_kl", nan), "top1_agreement": g.get("top1_agreement", nan),
+                  "ppl_ratio": g.get("ppl_ratio", nan), "accuracy": g["accuracy"], "passed": g.get("passed", True),
+                  "reason": "" if g.get("passed", True) else g["reason"]}
+                 for q, g in gguf_meta.items()]  # fmt: skip
+    gate = lineage["eval"]["gate"] or {}
     imatrix = lineage["quantize"].get("imatrix")
-    imatrix_text = (
-        f"An importance matrix was computed by llama-imatrix on the fine-tuning data itself ({imatrix['chunks']} "
-        f"chunks of {imatrix['ctx']} tokens of the train split; sha256 `{imatrix['sha256']}`) for "
-        f"{', '.join(imatrix['types'])}; the imatrix column says which files use it"
-        + (
-            " (each was quantized both ways and the one with the lower mean KL kept; both figures are in the lineage)"
-            if lineage["config"]["quantize"].get("imatrix") == "auto"
-            else ""
-        )
-        + "."
-        if imatrix
-        else "No importance matrix was used."
-    )
-    ollama = ""
-    short = config.repo_id.split("/")[-1]
-    if modelfiles:
-        first = modelfiles[0]
-        system = ", the training system prompt as `SYSTEM`" if lineage["config"]["data"].get("system_prompt") else ""
-        ollama = f"""
-### Ollama
-
-Each merged GGUF has a Modelfile beside it (`FROM` the file, the chat template as Ollama's Go `TEMPLATE`, one
-`PARAMETER stop` per stop token{system}):
-{", ".join(f"`gguf/{m}`" for m in modelfiles)}.
-
-```bash
-hf download {config.repo_id} --revision {lineage["tag"]} --include "gguf/*" --local-dir {short}
-ollama create {short.lower()} -f {short}/gguf/{first}
-ollama run {short.lower()}
-```
-"""
-    lora = [gguf_meta[q]["file"] for q in published if q.startswith("lora")]
-    lora_text = (
-        f"\n`gguf/{lora[0]}` is the adapter alone as a GGUF LoRA: apply it to a GGUF of the base model "
-        f"(`llama-cli -m BASE.gguf --lora {lora[0]}`, Ollama `ADAPTER ./{lora[0]}` after `FROM` a GGUF of the base, "
-        "so it has no Modelfile of its own).\n"
-        if lora
-        else ""
-    )
-    merged_gguf = [gguf_meta[q]["file"] for q in published if not q.startswith("lora")]
-    llama_text = (
-        f"""
-```python
-from huggingface_hub import hf_hub_download
-from llama_cpp import Llama
-
-llm = Llama(model_path=hf_hub_download("{config.repo_id}", "gguf/{merged_gguf[0]}", revision="{lineage["tag"]}"))
-print(llm.create_chat_completion(messages=[{{"role": "user", "content": "..."}}]))
-```
-"""
-        if merged_gguf
-        else ""
-    )
-    merged = ", the merged model under `merged/`" if config.include_merged else ""
-    gates = ", ".join(f"{q} {'passed' if ok else 'failed'}" for q, ok in lineage["gates"]["gguf"].items())
-    data_files = ", ".join(f"`{v}`" for v in lineage["data"]["files"].values())
-    return f"""---
-{yaml.safe_dump(card_meta, sort_keys=False, allow_unicode=True).strip()}
----
-
-# {config.repo_id.split("/")[-1]}
-
-A LoRA adapter for [{base_id}](https://huggingface.co/{base_id}) trained by loraforge
-(pipeline `{lineage["pipeline"]}`) on {data_files}.
-
-## Use
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-base = AutoModelForCausalLM.from_pretrained("{base_id}")
-model = PeftModel.from_pretrained(base, "{config.repo_id}", revision="{lineage["tag"]}")
-tokenizer = AutoTokenizer.from_pretrained("{config.repo_id}", revision="{lineage["tag"]}")
-```
-
-Repo layout: the adapter at the root, GGUF files and their Ollama Modelfiles under `gguf/`{merged}, the lineage
-under `loraforge/`: one commit, tagged `{lineage["tag"]}`. `loraforge pull {config.repo_id}@{lineage["tag"]}` downloads
-and checks every file against the sha256 list in `loraforge/lineage.json`.
-
-## Evaluation (test split)
-
-| metric | base | tuned |
-|---|---|---|
-{rows}
-
-Gate: {"passed" if (lineage["eval"]["gate"] or {}).get("passed") else "failed"}
-({", ".join(c["check"] for c in (lineage["eval"]["gate"] or {}).get("checks", []))}).
-
-## GGUF (llama.cpp {lineage["quantize"]["llama_cpp_version"]})
-
-Each file checked against the merged model in llama-cpp-python: mean KL and top-1 agreement of next-token
-distributions and the perplexity ratio on validation rows, task accuracy on test rows. Only files that
-passed are published (under `gguf/`). {imatrix_text}
-
-| type | file | size | imatrix | mean KL | top-1 | ppl ratio | probe accuracy | fidelity |
-|---|---|---|---|---|---|---|---|---|
-{gguf}
-
-{llama_text}{lora_text}{ollama}
-## Lineage
-
-- data sha256: `{json.dumps(lineage["data"]["sha256"])}`
-- chat template sha256: `{lineage["data"]["template_sha256"]}`
-- adapter sha256: `{lineage["train"]["adapter_sha256"]}`
-- merge: {lineage["merge"]["policy"]}
-- gates: eval {"passed" if lineage["gates"]["eval"] else "failed"}, merge fidelity passed, GGUF fidelity {gates}
-- code versions (sha256 of each stage's source): `{json.dumps(lineage["code_versions"])}`
-- artifact keys: `{json.dumps(lineage["artifacts"])}`
-
-Full lineage (every stage's config, metrics and file hashes): `loraforge/lineage.json`.
-"""
+    return {
+        "front_matter": yaml.safe_dump(card_meta, sort_keys=False, allow_unicode=True).strip(),
+        "short_name": short_name,
+        "base_id": base_id,
+        "repo_id": config.repo_id,
+        "tag": lineage["tag"],
+        "pipeline": lineage["pipeline"],
+        "data_files": list(lineage["data"]["files"].values()),
+        "include_merged": config.include_merged,
+        "eval_rows": [
+            {"metric": m, "base": metrics.get("base_" + m, nan), "tuned": metrics[m]}
+            for m in CARD_METRICS
+            if m in metrics
+        ],
+        "gate_passed": bool(gate.get("passed")),
+        "gate_checks": [c["check"] for c in gate.get("checks", [])],
+        "llama_cpp_version": lineage["quantize"]["llama_cpp_version"],
+        "imatrix": imatrix or None,
+        "imatrix_auto": bool(imatrix) and lineage["config"]["quantize"].get("imatrix") == "auto",
+        "gguf_rows": gguf_rows,
+        "merged_gguf": next((gguf_meta[q]["file"] for q in published if not q.startswith("lora")), None),
+        "lora_gguf": next((gguf_meta[q]["file"] for q in published if q.startswith("lora")), None),
+        "modelfiles": modelfiles,
+        "system_prompt": bool(modelfiles) and bool(lineage["config"]["data"].get("system_prompt")),
+        "data_sha256": json.dumps(lineage["data"]["sha256"]),
+        "template_sha256": lineage["data"]["template_sha256"],
+        "adapter_sha256": lineage["train"]["adapter_sha256"],
+        "merge_policy": lineage["merge"]["policy"],
+        "eval_gate_passed": bool(lineage["gates"]["eval"]),
+        "gguf_gates": lineage["gates"]["gguf"],
+        "code_versions": json.dumps(lineage["code_versions"]),
+        "artifact_keys": json.dumps(lineage["artifacts"]),
+    }

@@ -8,7 +8,8 @@ Checks per GGUF file, run in llama-cpp-python on the file itself:
   distributions, top-1 agreement and the perplexity ratio, all over every position;
 - the task: greedy answers to test rows, accuracy compared with the merged HF model on the same rows.
 A type past its limits (`quantize.max_*`/`min_*`, per type) is marked failed with the reason and is not
-published; `on_failure: fail` stops the stage instead.
+published; `on_failure: fail` stops the stage instead. Measuring (`measure_gguf`) returns figures and the pure
+`verdict(figures, limits)` judges them: the figures a manifest records can be re-judged with other limits.
 
 Importance matrix: for the low-bit types (IMATRIX_TYPES) llama.cpp's `llama-imatrix` measures, on the
 fine-tuning data itself (the data artifact's train split, as the token text training saw), how strongly each weight
@@ -39,12 +40,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from tasks.artifacts import Artifact, ArtifactStore
+from tasks.artifacts import Artifact, ArtifactStore, Draft
 from tasks.batching import read_split
 from tasks.errors import StageError
 from tasks.modelfile import Translation, modelfile, translate_chat_template
@@ -81,6 +84,16 @@ DEFAULT_MAX_PPL_RATIO: dict[QuantType, float] = {
     "f16": 1.01, "bf16": 1.03, "q8_0": 1.05, "q6_k": 1.07, "q5_k_m": 1.10, "q4_k_m": 1.15, "q4_0": 1.25,
     "lora_f16": 1.03,
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GgufLimits:
+    """The limits one GGUF type is judged by (`verdict`); `QuantizeConfig.limits(qtype)` gives them."""
+
+    max_mean_kl: float
+    min_top1_agreement: float
+    max_ppl_ratio: float
+    max_accuracy_drop: float
 
 
 class QuantizeConfig(BaseModel):
@@ -150,6 +163,12 @@ class QuantizeConfig(BaseModel):
                     "max_ppl_ratio": DEFAULT_MAX_PPL_RATIO}[info.field_name or ""]  # fmt: skip
         return {**defaults, **value} if isinstance(value, dict) else value
 
+    def limits(self, qtype: str) -> GgufLimits:
+        """The limits a GGUF file of type `qtype` is judged by."""
+        qt = cast(QuantType, qtype)
+        return GgufLimits(self.max_mean_kl[qt], self.min_top1_agreement[qt], self.max_ppl_ratio[qt],
+                          self.max_accuracy_drop)  # fmt: skip
+
 
 def quantize_gguf(
     config: QuantizeConfig,
@@ -189,6 +208,48 @@ def quantize_gguf(
         return hit or _build_gguf(config, name, base, data, train, merge, store, key, code)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every step of one quantize build shares: the settings, where the files go, llama.cpp's tools."""
+
+    config: QuantizeConfig
+    name: str  # the model name in GGUF metadata
+    slug: str  # the model name as file names use it
+    folder: Path  # the draft folder: every file is written here
+    converter: Path  # llama.cpp's convert_*_to_gguf.py scripts (`_converter_dir`)
+    model_dir: Path  # the merged HF model
+    tools: Path | None  # llama-imatrix and llama-quantize, when an importance matrix is used
+
+    def gguf(self, qtype: str) -> Path:
+        """Where the GGUF of a merged type goes (GGUF naming: NAME-Q4_K_M.gguf)."""
+        return self.folder / f"{self.slug}-{qtype.upper()}.gguf"
+
+
+@dataclass
+class _GgufFile:
+    """One GGUF type of the artifact through the build: made, measured, judged, recorded in the manifest."""
+
+    qtype: str
+    path: Path
+    fallback_tensors: str = "0"  # llama.cpp's 'N of M' tensors that needed a fallback type
+    imatrix: bool = False  # the kept file was quantized with the importance matrix
+    candidate: Path | None = None  # imatrix=auto: the imatrix-quantized file, measured beside the plain one
+    check: dict[str, Any] = field(default_factory=dict)  # measured figures and their verdict (passed, reason)
+    modelfile: str | None = None  # the Ollama Modelfile beside it (merged types)
+
+
+@dataclass
+class HFReference:
+    """The merged HF model's side of every check (`_hf_reference`): what each GGUF file is measured against."""
+
+    tokenizer: Any  # with the chat template and special tokens training used (the data artifact's), stop ids
+    probes: list[dict[str, Any]]  # test rows answered greedily (task accuracy; template parity)
+    fidelity_rows: list[dict[str, Any]]  # validation rows whose next-token distributions are compared
+    logprobs: list[Path]  # the HF model's log-probs on each fidelity row, one file per row
+    accuracy: float  # the HF model's accuracy on the probe rows
+    n_ctx: int  # llama.cpp's context: the longest training row and an answer
+
+
 def _build_gguf(
     config: QuantizeConfig,
     name: str,
@@ -200,12 +261,13 @@ def _build_gguf(
     key: str,
     code: str,
 ) -> Artifact:
-    """Convert, quantize and check the GGUF files of the quantize artifact `key` (its lock is held)."""
-    inputs = {"data": data, "merge": merge}
-    started = time.time()
-
+    """Make, measure and judge the GGUF files of the quantize artifact `key` (its lock is held): convert and
+    quantize, take the merged HF model's side of the checks, measure each file, judge its figures against the
+    limits, write the Modelfiles and the manifest."""
     import llama_cpp
 
+    inputs = {"data": data, "merge": merge}
+    started = time.time()
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     converter = _converter_dir(llama_cpp.__version__)
     model_dir = merge.file("model")
@@ -215,95 +277,131 @@ def _build_gguf(
     translation = _ollama_translation(data) if config.modelfile else None  # before any work: fail fast
     imatrix_types = [t for t in config.types if t in IMATRIX_TYPES] if config.imatrix != "off" else []
     tools = _tools_dir(llama_cpp.__version__) if imatrix_types else None
-    used_imatrix: set[str] = set()
     with store.create("quantize", key, _settings(config, name), inputs, code, started=started) as draft:
-        files: dict[str, Path] = {}
-        needs_f16 = "f16" in config.types or any(t in LLAMA_FTYPES for t in config.types)
-        for qtype in [t for t in CONVERTER_TYPES if t in config.types or (t == "f16" and needs_f16)]:
-            files[qtype] = draft.path / f"{slug}-{qtype.upper()}.gguf"
-            _convert(converter, model_dir, files[qtype], qtype, name, config.tool_timeout_s)
-        fallbacks: dict[str, str] = {}
+        job = _Job(config, name, slug, draft.path, converter, model_dir, tools)
+        ggufs = _convert_types(job)
         imatrix: Path | None = None
         if tools is not None:
             imatrix = draft.path / f"{slug}-imatrix.gguf"
-            draft.extra["imatrix"] = _imatrix(tools, files["f16"], model_dir, data, imatrix, config)
-        candidates: dict[str, Path] = {}  # auto: the imatrix version, checked beside the plain one
-        for qtype in [t for t in config.types if t in LLAMA_FTYPES]:
-            files[qtype] = draft.path / f"{slug}-{qtype.upper()}.gguf"
-            if tools is not None and imatrix is not None and qtype in imatrix_types:
-                target = (
-                    files[qtype] if config.imatrix == "on" else draft.path / f".{slug}-{qtype.upper()}-imatrix.gguf"
-                )
-                fallbacks[qtype] = _quantize_with_imatrix(tools, files["f16"], target, qtype, imatrix, config)
-                print(f"[quantize] {qtype} from f16 with the importance matrix ({fallbacks[qtype]} fallback tensors)")
-                if config.imatrix == "on":
-                    used_imatrix.add(qtype)
-                    continue
-                candidates[qtype] = target
-            fallbacks[qtype] = _quantize(files["f16"], files[qtype], qtype)
-            print(f"[quantize] {qtype} from f16, plain ({fallbacks[qtype]} tensors needed a fallback type)")
-        if "f16" in files and "f16" not in config.types:  # only an intermediate for llama_model_quantize
-            files.pop("f16").unlink()
-        base_gguf: Path | None = None
-        for qtype in [t for t in config.types if t in LORA_TYPES]:
-            files[qtype] = (
-                draft.path / f"{slug}-{LORA_TYPES[qtype].upper()}-LoRA.gguf"
-            )  # GGUF naming: <name>-<encoding>-<type>
-            base_gguf = draft.path / ".base-F16.gguf"  # only to check the adapter on; not part of the artifact
-            _convert_lora(converter, base, train, files[qtype], base_gguf, qtype, name, config.tool_timeout_s)
-        n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
+            draft.extra["imatrix"] = _imatrix(tools, job.gguf("f16"), model_dir, data, imatrix, config)
+        _quantize_types(job, ggufs, imatrix)
+        base_gguf = _lora_types(job, ggufs, base, train)
         logprobs = draft.path / ".hf-logprobs"  # not part of the artifact: removed after the checks
-        tokenizer, reference = _hf_reference(model_dir, data, fidelity_rows, probes, config, logprobs)
-        checks = {}
-        for qtype, path in files.items():
-            model_file, lora_file = (base_gguf, path) if qtype in LORA_TYPES and base_gguf else (path, None)
-            checks[qtype] = _check(model_file, lora_file, qtype, probes, fidelity_rows, tokenizer, reference, config,
-                                   n_ctx)  # fmt: skip
-            if qtype in candidates:  # auto: keep the imatrix file only where it is closer to the merged model
-                checks[qtype], chosen = _choose_imatrix(
-                    checks[qtype], _check(candidates[qtype], None, qtype, probes, fidelity_rows, tokenizer, reference,
-                                          config, n_ctx))  # fmt: skip
-                if chosen:
-                    candidates[qtype].replace(path)
-                    used_imatrix.add(qtype)
-                else:
-                    candidates[qtype].unlink()
-            c = checks[qtype]
-            print(
-                f"[quantize] {qtype}: {c['size_mb']} MB, KL {c['mean_kl']:.4f}, top-1 {c['top1_agreement']:.3f}, "
-                f"ppl ratio {c['ppl_ratio']:.4f}, probe accuracy {c['accuracy']:.3f} "
-                f"(HF {reference['accuracy']:.3f}): {'pass' if c['passed'] else 'FAIL: ' + c['reason']}"
-            )
+        reference = _hf_reference(model_dir, data, fidelity_rows, probes, config, logprobs)
+        for gguf in ggufs.values():
+            _measure_and_judge(gguf, base_gguf, reference, config)
         if base_gguf is not None:
             base_gguf.unlink()
         shutil.rmtree(logprobs)
         if "imatrix" in draft.extra:
-            draft.extra["imatrix"]["used_for"] = [q for q in config.types if q in used_imatrix]
-        modelfiles: dict[str, str] = {}
+            draft.extra["imatrix"]["used_for"] = [q for q in config.types if q in ggufs and ggufs[q].imatrix]
         if translation is not None:
-            stops = [tokenizer.convert_ids_to_tokens(i)
-                     for i in sorted(set(tokenizer.stop_token_ids) | {tokenizer.eos_token_id})]  # fmt: skip
-            system = data.manifest["config"].get("system_prompt")
-            for qtype in [q for q in files if q not in LORA_TYPES]:
-                target = files[qtype].with_suffix(".Modelfile")
-                target.write_text(modelfile(files[qtype].name, translation, stops, system))
-                modelfiles[qtype] = target.name
-        failed = {q: c["reason"] for q, c in checks.items() if not c["passed"]}
-        if failed and config.on_failure == "fail":
-            raise StageError(
-                "GGUF fidelity check failed (quantize.on_failure=fail):\n  - "
-                + "\n  - ".join(f"{q}: {r}" for q, r in failed.items())
-            )
-        numeric = ("size_mb", "mean_kl", "top1_agreement", "ppl_ratio", "accuracy")
-        draft.metrics.update({f"{q}_{k}": c[k] for q, c in checks.items() for k in numeric})
-        draft.metrics["hf_accuracy"] = reference["accuracy"]
-        draft.extra["gguf"] = {
-            q: {"file": p.name, **checks[q], "fallback_tensors": fallbacks.get(q, "0"), "imatrix": q in used_imatrix,
-                **({"modelfile": modelfiles[q]} if q in modelfiles else {})}
-            for q, p in files.items()
-        }  # fmt: skip
-        draft.extra["llama_cpp_version"] = llama_cpp.__version__
+            _write_modelfiles(ggufs, translation, reference.tokenizer, data.manifest["config"].get("system_prompt"))
+        _stop_on_failure(ggufs, config)
+        _record(draft, ggufs, reference, llama_cpp.__version__)
     return store.get("quantize", key, fresh=True)
+
+
+def _convert_types(job: _Job) -> dict[str, _GgufFile]:
+    """The types llama.cpp's converter writes (f16, bf16), f16 also when llama_model_quantize needs it."""
+    types = job.config.types
+    needs_f16 = "f16" in types or any(t in LLAMA_FTYPES for t in types)
+    ggufs: dict[str, _GgufFile] = {}
+    for qtype in [t for t in CONVERTER_TYPES if t in types or (t == "f16" and needs_f16)]:
+        ggufs[qtype] = _GgufFile(qtype, job.gguf(qtype))
+        _convert(job.converter, job.model_dir, ggufs[qtype].path, qtype, job.name, job.config.tool_timeout_s)
+    return ggufs
+
+
+def _quantize_types(job: _Job, ggufs: dict[str, _GgufFile], imatrix: Path | None) -> None:
+    """The llama_model_quantize types, from the f16 file: with the importance matrix (imatrix=on), plain, or both
+    (auto: the imatrix file is a candidate, measured beside the plain one). Then the f16 file goes if it was only
+    their source."""
+    config, f16 = job.config, job.gguf("f16")
+    for qtype in [t for t in config.types if t in LLAMA_FTYPES]:
+        gguf = ggufs[qtype] = _GgufFile(qtype, job.gguf(qtype))
+        if job.tools is not None and imatrix is not None and qtype in IMATRIX_TYPES:
+            target = gguf.path if config.imatrix == "on" else job.folder / f".{job.slug}-{qtype.upper()}-imatrix.gguf"
+            gguf.fallback_tensors = _quantize_with_imatrix(job.tools, f16, target, qtype, imatrix, config)
+            print(f"[quantize] {qtype} from f16 with the importance matrix ({gguf.fallback_tensors} fallback tensors)")
+            if config.imatrix == "on":
+                gguf.imatrix = True
+                continue
+            gguf.candidate = target
+        gguf.fallback_tensors = _quantize(f16, gguf.path, qtype)  # auto: the plain file's count is recorded
+        print(f"[quantize] {qtype} from f16, plain ({gguf.fallback_tensors} tensors needed a fallback type)")
+    if "f16" in ggufs and "f16" not in config.types:  # only an intermediate for llama_model_quantize
+        ggufs.pop("f16").path.unlink()
+
+
+def _lora_types(job: _Job, ggufs: dict[str, _GgufFile], base: Artifact, train: Artifact) -> Path | None:
+    """The adapter-only types (GGUF naming: <name>-<encoding>-LoRA) and the f16 GGUF of the base they are
+    checked on, which is not part of the artifact; returns that base file (None without adapter types)."""
+    base_gguf: Path | None = None
+    for qtype in [t for t in job.config.types if t in LORA_TYPES]:
+        ggufs[qtype] = _GgufFile(qtype, job.folder / f"{job.slug}-{LORA_TYPES[qtype].upper()}-LoRA.gguf")
+        base_gguf = job.folder / ".base-F16.gguf"
+        _convert_lora(job.converter, base, train, ggufs[qtype].path, base_gguf, qtype, job.name,
+                      job.config.tool_timeout_s)  # fmt: skip
+    return base_gguf
+
+
+def _measure_and_judge(gguf: _GgufFile, base_gguf: Path | None, reference: HFReference, config: QuantizeConfig) -> None:
+    """Measure one type's file against the merged model and judge the figures; with imatrix=auto, measure and
+    judge the imatrix candidate too and keep the file closer to the merged model (`_choose_imatrix`)."""
+    limits = config.limits(gguf.qtype)
+    model_file, lora_file = (base_gguf, gguf.path) if gguf.qtype in LORA_TYPES and base_gguf else (gguf.path, None)
+    gguf.check = _judged(measure_gguf(model_file, lora_file, reference, config), limits)
+    if gguf.candidate is not None:
+        candidate = _judged(measure_gguf(gguf.candidate, None, reference, config), limits)
+        gguf.check, gguf.imatrix = _choose_imatrix(gguf.check, candidate)
+        if gguf.imatrix:
+            gguf.candidate.replace(gguf.path)
+        else:
+            gguf.candidate.unlink()
+    c = gguf.check
+    print(
+        f"[quantize] {gguf.qtype}: {c['size_mb']} MB, KL {c['mean_kl']:.4f}, top-1 {c['top1_agreement']:.3f}, "
+        f"ppl ratio {c['ppl_ratio']:.4f}, probe accuracy {c['accuracy']:.3f} "
+        f"(HF {reference.accuracy:.3f}): {'pass' if c['passed'] else 'FAIL: ' + c['reason']}"
+    )
+
+
+def _write_modelfiles(
+    ggufs: dict[str, _GgufFile], translation: Translation, tokenizer: Any, system: str | None
+) -> None:
+    """An Ollama Modelfile beside each merged GGUF (not the adapter types: they are applied to a base GGUF)."""
+    stops = [tokenizer.convert_ids_to_tokens(i)
+             for i in sorted(set(tokenizer.stop_token_ids) | {tokenizer.eos_token_id})]  # fmt: skip
+    for gguf in ggufs.values():
+        if gguf.qtype not in LORA_TYPES:
+            target = gguf.path.with_suffix(".Modelfile")
+            target.write_text(modelfile(gguf.path.name, translation, stops, system))
+            gguf.modelfile = target.name
+
+
+def _stop_on_failure(ggufs: dict[str, _GgufFile], config: QuantizeConfig) -> None:
+    """quantize.on_failure=fail: a type past its limits stops the stage (drop: it is only not published)."""
+    failed = {q: g.check["reason"] for q, g in ggufs.items() if not g.check["passed"]}
+    if failed and config.on_failure == "fail":
+        raise StageError(
+            "GGUF fidelity check failed (quantize.on_failure=fail):\n  - "
+            + "\n  - ".join(f"{q}: {r}" for q, r in failed.items())
+        )
+
+
+def _record(draft: Draft, ggufs: dict[str, _GgufFile], reference: HFReference, llama_cpp_version: str) -> None:
+    """The manifest's GGUF part: per type its file, figures, verdict and how it was made; the numeric figures
+    also as flat metrics."""
+    numeric = ("size_mb", "mean_kl", "top1_agreement", "ppl_ratio", "accuracy")
+    draft.metrics.update({f"{q}_{k}": g.check[k] for q, g in ggufs.items() for k in numeric})
+    draft.metrics["hf_accuracy"] = reference.accuracy
+    draft.extra["gguf"] = {
+        q: {"file": g.path.name, **g.check, "fallback_tensors": g.fallback_tensors, "imatrix": g.imatrix,
+            **({"modelfile": g.modelfile} if g.modelfile else {})}
+        for q, g in ggufs.items()
+    }  # fmt: skip
+    draft.extra["llama_cpp_version"] = llama_cpp_version
 
 
 def _quantize(source: Path, target: Path, qtype: str) -> str:
@@ -516,7 +614,7 @@ def _hf_reference(
     probes: list[dict[str, Any]],
     config: QuantizeConfig,
     logprobs: Path,
-) -> tuple[Any, dict[str, Any]]:
+) -> HFReference:
     """The merged HF model's side of every check: its log-probs on the fidelity rows (one file per row in the
     folder `logprobs`, read back one row at a time by each check: a row's are tokens x vocabulary x 4 B), its
     greedy answers to the probe rows, and the tokenizer with the chat template training used (from the data
@@ -545,7 +643,8 @@ def _hf_reference(
             del logits
     answers = generate_answers(model, tokenizer, [r["messages"][:-1] for r in probes], config.max_new_tokens, 8)
     del model
-    return tokenizer, {"logprobs": files, "accuracy": _accuracy(answers, probes)}
+    n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
+    return HFReference(tokenizer, probes, fidelity_rows, files, _accuracy(answers, probes), n_ctx)
 
 
 def _accuracy(answers: list[str], rows: list[dict[str, Any]]) -> float:
@@ -554,44 +653,68 @@ def _accuracy(answers: list[str], rows: list[dict[str, Any]]) -> float:
     return round(hits / max(len(rows), 1), 4)
 
 
-def _check(
-    path: Path,
-    lora: Path | None,
-    qtype: str,
-    probes: list[dict[str, Any]],
-    fidelity_rows: list[dict[str, Any]],
-    tokenizer: Any,
-    reference: dict[str, Any],
-    config: QuantizeConfig,
-    n_ctx: int,
-) -> dict[str, Any]:
-    """Load a GGUF in llama-cpp-python and check it: template parity (fails the stage), logits against the
-    merged HF model, and greedy answers to the probe rows with the prompt as the GGUF's own template renders it.
+def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: QuantizeConfig) -> dict[str, Any]:
+    """Load a GGUF in llama-cpp-python and measure it against the merged HF model: template parity, the logits on
+    the fidelity rows, and greedy answers to the probe rows with the prompt as the GGUF's own template renders it.
+    Judging the figures is `verdict`'s.
+
+    Args:
+        path: the GGUF file; for an adapter type, the base GGUF the adapter is applied to.
+        lora: the adapter GGUF of an adapter type, else None.
+        reference: the merged HF model's side (`_hf_reference`).
+        config: llama.cpp threads and the answer length.
 
     Returns:
-        Figures and the verdict: passed, and the reason when not.
+        The figures: size_mb, mean_kl, top1_agreement, ppl_ratio, fidelity_positions, accuracy, hf_accuracy,
+        sample_answer, template_parity.
+
+    Raises:
+        StageError: the GGUF does not prompt the model the way training did (every type shares the template, so
+            this stops the stage rather than failing one type), or llama.cpp's logits are not finite.
     """
-    import numpy as np
-    import torch
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_threads=config.n_threads,
-                verbose=False, seed=0, logits_all=True)  # fmt: skip
-    path = lora or path  # the file this check is about
-    problems, prompts = _template_parity(llm, tokenizer, [row["messages"][:-1] for row in probes])
+    llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=reference.n_ctx,
+                n_threads=config.n_threads, verbose=False, seed=0, logits_all=True)  # fmt: skip
+    path = lora or path  # the file measured
+    conversations = [row["messages"][:-1] for row in reference.probes]
+    problems, prompts = _template_parity(llm, reference.tokenizer, conversations)
     if problems:
         raise StageError(
             f"{path.name}: the GGUF does not prompt the model the way training did:\n  - " + "\n  - ".join(problems)
         )
+    closeness = _logit_figures(llm, reference, path.name)
+    answers = []
+    for prompt in prompts:
+        llm.reset()
+        reply = llm.create_completion(prompt, max_tokens=config.max_new_tokens, temperature=0.0, top_k=1)
+        answers.append(reply["choices"][0]["text"].strip())  # type: ignore[index]
+    del llm
+    return {
+        "size_mb": round(path.stat().st_size / 2**20, 1),
+        **closeness,
+        "accuracy": _accuracy(answers, reference.probes),
+        "hf_accuracy": reference.accuracy,
+        "sample_answer": answers[0] if answers else "",
+        "template_parity": f"{len(prompts)} prompts identical",
+    }
+
+
+def _logit_figures(llm: Any, reference: HFReference, name: str) -> dict[str, Any]:
+    """How the GGUF's next-token distributions follow the merged model's over every position of the fidelity
+    rows: mean KL(HF || GGUF), top-1 agreement, perplexity ratio GGUF / HF."""
+    import numpy as np
+    import torch
+
     kl_sum, agree, positions, nll_hf, nll_q, targets = 0.0, 0, 0, 0.0, 0.0, 0
-    for row, ref_file in zip(fidelity_rows, reference["logprobs"], strict=True):
+    for row, ref_file in zip(reference.fidelity_rows, reference.logprobs, strict=True):
         ref = torch.load(ref_file, weights_only=True)  # one row's log-probs at a time: memory bounded by one row
         ids = row["input_ids"]
         llm.reset()
         llm.eval(ids)
         scores = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
         if not torch.isfinite(scores).all():
-            raise StageError(f"{path.name}: llama.cpp produced NaN/inf logits; the file is corrupt.")
+            raise StageError(f"{name}: llama.cpp produced NaN/inf logits; the file is corrupt.")
         logq = torch.log_softmax(scores, dim=-1)
         kl_sum += float((ref.exp() * (ref - logq)).sum())
         agree += int((ref.argmax(-1) == logq.argmax(-1)).sum())
@@ -600,35 +723,40 @@ def _check(
         nll_hf -= float(ref[:-1].gather(1, nxt[:, None]).sum())
         nll_q -= float(logq[:-1].gather(1, nxt[:, None]).sum())
         targets += len(ids) - 1
-    answers = []
-    for prompt in prompts:
-        llm.reset()
-        reply = llm.create_completion(prompt, max_tokens=config.max_new_tokens, temperature=0.0, top_k=1)
-        answers.append(reply["choices"][0]["text"].strip())  # type: ignore[index]
-    del llm
     mean_kl = max(kl_sum, 0.0) / max(positions, 1)  # KL >= 0; float noise can dip below for identical files
-    figures = {
-        "size_mb": round(path.stat().st_size / 2**20, 1),
+    return {
         "mean_kl": float(f"{mean_kl:.4g}"),  # 4 significant digits: tiny values stay > 0
         "top1_agreement": round(agree / max(positions, 1), 4),
         "ppl_ratio": round(math.exp((nll_q - nll_hf) / max(targets, 1)), 5),
-        "accuracy": _accuracy(answers, probes),
-        "hf_accuracy": reference["accuracy"],
-        "sample_answer": answers[0] if answers else "",
-        "template_parity": f"{len(prompts)} prompts identical",
         "fidelity_positions": positions,
     }
-    qt = cast(QuantType, qtype)
-    limits = [
-        ("mean_kl", figures["mean_kl"] <= config.max_mean_kl[qt], f"<= {config.max_mean_kl[qt]}"),
-        ("top1_agreement", figures["top1_agreement"] >= config.min_top1_agreement[qt],
-         f">= {config.min_top1_agreement[qt]}"),
-        ("ppl_ratio", figures["ppl_ratio"] <= config.max_ppl_ratio[qt], f"<= {config.max_ppl_ratio[qt]}"),
-        ("accuracy_drop", reference["accuracy"] - figures["accuracy"] <= config.max_accuracy_drop + 1e-9,
-         f"<= {config.max_accuracy_drop}"),
+
+
+def verdict(figures: Mapping[str, Any], limits: GgufLimits) -> list[str]:
+    """The verdict on one GGUF's measured figures (`measure_gguf`): one reason per limit they break, none when
+    they pass. Pure: a changed limit re-judges the same figures. A limit holds at its boundary; a NaN figure
+    breaks its limit (no comparison with NaN is true).
+
+    Args:
+        figures: mean_kl, top1_agreement, ppl_ratio, accuracy and hf_accuracy (a quantize manifest's `gguf`
+            entry has them).
+        limits: the type's limits (`QuantizeConfig.limits`).
+    """
+    drop = figures["hf_accuracy"] - figures["accuracy"]
+    checks = [
+        ("mean_kl", figures["mean_kl"], figures["mean_kl"] <= limits.max_mean_kl, f"<= {limits.max_mean_kl}"),
+        ("top1_agreement", figures["top1_agreement"], figures["top1_agreement"] >= limits.min_top1_agreement,
+         f">= {limits.min_top1_agreement}"),
+        ("ppl_ratio", figures["ppl_ratio"], figures["ppl_ratio"] <= limits.max_ppl_ratio, f"<= {limits.max_ppl_ratio}"),
+        # accuracies are shares of a few rows: a drop equal to the limit must not fail on float rounding
+        ("accuracy_drop", round(drop, 4), drop <= limits.max_accuracy_drop + 1e-9, f"<= {limits.max_accuracy_drop}"),
     ]  # fmt: skip
-    shown = {**figures, "accuracy_drop": round(reference["accuracy"] - figures["accuracy"], 4)}
-    reasons = [f"{name} {shown[name]} (limit {limit})" for name, ok, limit in limits if not ok]
+    return [f"{name} {value} (limit {limit})" for name, value, holds, limit in checks if not holds]
+
+
+def _judged(figures: dict[str, Any], limits: GgufLimits) -> dict[str, Any]:
+    """The figures with their verdict as the manifest records it: passed, and the reasons joined when not."""
+    reasons = verdict(figures, limits)
     return {**figures, "passed": not reasons, "reason": "; ".join(reasons)}
 
 

@@ -51,6 +51,7 @@ HELPER_USERS = {
     "metrics/accuracy/accuracy.py": {"eval", "publish"},  # loaded by path: evaluate.KEYED_DIRS
     "models.py": {"base", "data", "train", "eval", "merge", "quantize", "publish"},
     "registry.py": set(),  # wiring only (artifacts.WIRING_MODULES): the stage flows, CLI and pipeline follow it
+    "templates/model_card.md.j2": {"publish"},  # read by path: publish.KEYED_FILES
 }
 
 

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers gpu-check k8s-templates k8s-manifest
+.PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers gpu-check k8s-templates k8s-manifest settings-doc
 
 setup:                       ## virtualenv, torch 2.13.0 CPU first, llama-cpp-python wheel built once, pinned deps
 	bash infra/bootstrap.sh
@@ -33,6 +33,9 @@ lint: setup
 
 typecheck: setup
 	$(VENV)/bin/mypy flows tasks
+
+settings-doc:                ## regenerate docs/settings.md from the config models' field descriptions (a unit test checks it)
+	$(PY) -m tasks.settings_doc
 
 dataset:                     ## regenerate the bundled demo dataset (deterministic; --check verifies it)
 	$(PY) flows/data/make_demo_dataset.py

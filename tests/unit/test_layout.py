@@ -1,5 +1,6 @@
 """The project mirrors itself: every stage has its config model, one public entry point, a Containerfile, a
-deployment and a stage flow; every config field is described; every path in the README's layout tree exists."""
+deployment and a stage flow; every config field is described; every path in the layout trees (the README's
+top-level one, the one line per file in docs/development.md) exists."""
 
 from __future__ import annotations
 
@@ -64,9 +65,9 @@ def test_every_config_field_is_described(model: type[BaseModel]) -> None:
     assert not missing, f"{model.__name__}: fields without a description: {missing}"
 
 
-def _readme_tree() -> list[str]:
-    """The paths named in the README's layout block (indentation = nesting; wrapped descriptions skipped)."""
-    text = (ROOT / "README.md").read_text()
+def _layout_tree(page: str) -> list[str]:
+    """The paths named in a page's layout block (indentation = nesting; wrapped descriptions skipped)."""
+    text = (ROOT / page).read_text()
     block = text.split("## Layout", 1)[1].split("```", 2)[1]
     paths, parents = [], []
     for line in block.splitlines():
@@ -84,8 +85,9 @@ def _readme_tree() -> list[str]:
     return paths
 
 
-def test_every_path_in_the_readme_tree_exists() -> None:
-    paths = _readme_tree()
-    assert len(paths) > 30 and "tasks/train.py" in paths and "flows/configs/demo.yaml" in paths
-    missing = [p for p in paths if not (ROOT / p).exists()]
-    assert not missing, f"README layout names paths that do not exist: {missing}"
+def test_every_path_in_the_layout_trees_exists() -> None:
+    full, top = _layout_tree("docs/development.md"), _layout_tree("README.md")
+    assert len(full) > 30 and "tasks/train.py" in full and "flows/configs/demo.yaml" in full
+    assert {"flows", "tasks", "infra", "tests", "docs"} <= set(top)
+    missing = [p for p in [*full, *top] if not (ROOT / p).exists()]
+    assert not missing, f"layout trees (README.md, docs/development.md) name paths that do not exist: {missing}"

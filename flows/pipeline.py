@@ -32,7 +32,8 @@ from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig, load_config
 from tasks.errors import ConfigError, GateFailed, StageError
 from tasks.evaluate import read_gate
-from tasks.publish import record_approval
+from tasks.publish import read_publish, record_approval
+from tasks.quantize import read_quantize
 from tasks.registry import STAGES, Stage
 
 StageCall = Callable[..., Artifact | State[Artifact]]  # a stage's task (or its deployment's stand-in)
@@ -230,7 +231,7 @@ def _await_approval(
     from prefect.flow_runs import pause_flow_run
 
     verdict = read_gate(eval_).summary()
-    gguf = ", ".join(q for q, g in quantize.manifest.get("gguf", {}).items() if g.get("passed", True))
+    gguf = ", ".join(read_quantize(quantize).passed())
     description = (
         f"Publish **{config.name}** to `{config.publish.repo_id}`? Gate passed: {verdict}. GGUF: {gguf or 'none'}. "
         "Eval report: the `eval-report` artifact. Set approve=true to publish."
@@ -296,7 +297,7 @@ def _report_gguf(quantize: Artifact) -> None:
         "passed",
         "reason",
     )
-    rows = [{"type": q, **{c: g.get(c) for c in columns}} for q, g in quantize.manifest.get("gguf", {}).items()]
+    rows = [{"type": q, **{c: g.get(c) for c in columns}} for q, g in read_quantize(quantize).gguf.items()]
     create_table_artifact(table=rows, key="gguf-fidelity", description=f"quantize {quantize.key}")
 
 
@@ -307,10 +308,8 @@ def _nothing(artifact: Artifact) -> dict[str, Any]:
 # What a stage adds to the run record beside its key (`loraforge show`, the CLI summary) ...
 RECORDS: dict[str, Callable[[Artifact], dict[str, Any]]] = {
     "eval": lambda eval_: {"eval": eval_.metrics, "gate": read_gate(eval_)._asdict()},
-    "quantize": lambda quantize: {"gguf": quantize.manifest.get("gguf", {})},
-    "publish": lambda publish: {
-        "publish": {k: publish.manifest.get(k) for k in ("mode", "repo_id", "endpoint", "tag", "commit")}
-    },
+    "quantize": lambda quantize: {"gguf": read_quantize(quantize).gguf},
+    "publish": lambda publish: {"publish": read_publish(publish)._asdict()},
 }
 # ... and what it shows in the Prefect UI (markdown and table artifacts). A stage with neither needs no entry.
 REPORTS: dict[str, Callable[[Artifact], None]] = {

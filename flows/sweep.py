@@ -33,6 +33,7 @@ from flows.pipeline import IN_PROCESS, call_stage
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig
 from tasks.errors import StageError
+from tasks.evaluate import read_gate
 from tasks.registry import stage
 
 TABLE_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "loss", "perplexity")
@@ -145,7 +146,7 @@ def _row(
     }
     row.update({k: evaluated.metrics[k] for k in TABLE_METRICS if k in evaluated.metrics})
     row.update({
-        "gate_passed": evaluated.manifest.get("gate", {}).get("passed"),
+        "gate_passed": read_gate(evaluated).passed,
         "train_key": train.key, "eval_key": evaluated.key,
         "cached": not trained_now and evaluated.cached,
     })  # fmt: skip

@@ -84,6 +84,11 @@ class Artifact:
         """The metrics the stage recorded."""
         return dict(self.manifest.get("metrics", {}))
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The stage settings it was made with (every manifest records them)."""
+        return dict(self.manifest.get("config") or {})
+
     def file(self, name: str) -> Path:
         """A file inside the artifact; a clear error names the producing stage when it is missing."""
         path = self.path / name

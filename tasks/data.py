@@ -133,13 +133,16 @@ class DataSpec(NamedTuple):
     system_prompt: str | None  # the system message every row was templated with
     special_tokens: dict[str, dict[str, Any]]  # bos/eos/pad: {"id", "text"} as training saw them
     settings: dict[str, Any]  # the data section it was made with (lineage, model card)
+    data_sha256: str | None  # of the rows it was made from
+    template_sha256: str | None  # of the chat template it rendered them with
 
 
 def read_data(data: Artifact) -> DataSpec:
     """The data artifact's settings and special tokens."""
     m = data.manifest
     config = dict(m["config"])
-    return DataSpec(int(config["max_length"]), config.get("system_prompt"), dict(m["special_tokens"]), config)
+    return DataSpec(int(config["max_length"]), config.get("system_prompt"), dict(m["special_tokens"]), config,
+                    m.get("data_sha256"), m.get("template_sha256"))  # fmt: skip
 
 
 def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Artifact:

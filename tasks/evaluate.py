@@ -357,7 +357,10 @@ def _download_adapter(published: dict[str, Any], base: Artifact) -> str:
                 f"{expected[name][:16]}…; the published files were changed after publishing: republish."
             )
     adapter_config = json.loads((Path(folder) / "adapter_config.json").read_text())
-    names = {base.manifest.get("hub_id"), base.manifest.get("base_model"), base.manifest.get("model_path")}
+    from tasks.models import read_base
+
+    ref = read_base(base)
+    names = {ref.hub_id, ref.spec, str(ref.model_path)}
     if adapter_config.get("base_model_name_or_path") not in names:
         raise StageError(
             f"eval.compare_published: {published['repo_id']}@{published['commit'][:12]} is an adapter for "

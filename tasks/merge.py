@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,6 +59,21 @@ class MergeConfig(BaseModel):
     max_mean_kl: float = Field(
         0.01, gt=0, description="Largest mean KL(adapter || cast merged) of next-token distributions (nats/token)."
     )
+
+
+class MergedModel(NamedTuple):
+    """What the merge artifact tells the other stages (read it with `read_merge`)."""
+
+    dtype: str  # the merged weights' dtype
+    policy: str | None  # how it was merged (onto which weights, then cast)
+    made_from: dict[str, str]  # stage -> key of the artifacts it was merged from (base, data, train)
+
+
+def read_merge(merge: Artifact) -> MergedModel:
+    """The merge artifact's dtype, policy and inputs."""
+    m = merge.manifest
+    made_from = {stage: str(info["key"]) for stage, info in m["inputs"].items()}
+    return MergedModel(str(m["config"]["dtype"]), m.get("merge_policy"), made_from)
 
 
 def merge_adapter(

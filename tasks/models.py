@@ -387,6 +387,9 @@ class BaseModelRef:
     model_path: Path  # the model folder on this machine
     spec: str  # base_model as the config gives it
     hub_id: str | None  # the Hub repository it came from, when known
+    license: str | None  # the license its provisioning record names (the bundled base), when it does
+    fingerprint: str  # the content hash of the weights (the base key is made from it)
+    architecture: str | None  # the transformers architecture its config.json names
 
     @property
     def public_name(self) -> str:
@@ -397,7 +400,9 @@ class BaseModelRef:
 def read_base(base: Artifact) -> BaseModelRef:
     """The base artifact's model folder and names."""
     m = base.manifest
-    return BaseModelRef(Path(m["model_path"]), str(m["base_model"]), m.get("hub_id"))
+    license_ = (m.get("source") or {}).get("license")
+    return BaseModelRef(Path(m["model_path"]), str(m["base_model"]), m.get("hub_id"), license_,
+                        str(m["fingerprint"]), m.get("architecture"))  # fmt: skip
 
 
 def provision_base(spec: str, store: ArtifactStore) -> Artifact:

@@ -24,14 +24,15 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks import hubclient
 from tasks.artifacts import KEY_LIBRARIES, Artifact, ArtifactStore, compute_key, hash_files
+from tasks.data import read_data
 from tasks.errors import GateFailed, StageError
-from tasks.evaluate import check_gate
+from tasks.evaluate import check_gate, read_gate
 from tasks.hubclient import (
     REPO_ID,
     REPO_ID_RULE,
@@ -42,6 +43,10 @@ from tasks.hubclient import (
     is_transient,
     with_retries,
 )
+from tasks.merge import read_merge
+from tasks.models import read_base
+from tasks.quantize import read_quantize
+from tasks.train import read_train
 
 
 class PublishConfig(BaseModel):
@@ -86,6 +91,22 @@ class PublishConfig(BaseModel):
         if not re.fullmatch(REPO_ID, value):
             raise ValueError(f"not a Hub repo id ({REPO_ID_RULE}), e.g. acme/ticket-router-lora")
         return value
+
+
+class Published(NamedTuple):
+    """What the publish artifact tells a run's record (read it with `read_publish`)."""
+
+    mode: str | None  # push, or bundle (written, not pushed)
+    repo_id: str | None
+    endpoint: str | None
+    tag: str | None  # the version tag of what was published
+    commit: str | None  # the Hub commit, when pushed
+
+
+def read_publish(publish: Artifact) -> Published:
+    """Where and as what the publish stage put the bundle."""
+    m = publish.manifest
+    return Published(m.get("mode"), m.get("repo_id"), m.get("endpoint"), m.get("tag"), m.get("commit"))
 
 
 def publish_model(
@@ -149,13 +170,13 @@ def _build_publish(
     mode, endpoint = settings["mode"], settings["endpoint"]
     started = time.time()
 
-    missing = [t for t in config.include_gguf if t not in quantize.manifest.get("gguf", {})]
+    gguf = read_quantize(quantize).gguf
+    missing = [t for t in config.include_gguf if t not in gguf]
     if missing:
         raise StageError(
             f"publish.include_gguf asks for {', '.join(missing)} but the quantize stage produced "
-            f"{', '.join(quantize.manifest.get('gguf', {}))}; add them to quantize.types."
+            f"{', '.join(gguf)}; add them to quantize.types."
         )
-    gguf = quantize.manifest.get("gguf", {})
     withheld = {q: gguf[q]["reason"] for q in config.include_gguf if not gguf[q].get("passed", True)}
     for qtype, reason in withheld.items():
         print(f"[publish] not publishing {qtype} GGUF: it failed its fidelity check ({reason})")
@@ -277,7 +298,7 @@ def hub_datasets(data: Artifact) -> list[str]:
 
     found: list[str] = []
     for field in ("train_file", "validation_file", "test_file"):
-        value = data.manifest["config"].get(field)
+        value = read_data(data).settings.get(field)
         if not value:
             continue
         if str(value).startswith("hub:"):  # the data stage read a Hub dataset repo: hub:ORG/NAME[@REV][#SPLIT]
@@ -320,29 +341,26 @@ def _lineage(name: str, inputs: dict[str, Artifact], tag: str) -> dict[str, Any]
     base, data, train, eval_, merge, quantize = (
         inputs[k] for k in ("base", "data", "train", "eval", "merge", "quantize")
     )
-    gguf = quantize.manifest.get("gguf") or {}
-    gate = eval_.manifest.get("gate") or {}
+    ref, spec, gate, merged, ggufs = (read_base(base), read_data(data), read_gate(eval_), read_merge(merge),
+                                      read_quantize(quantize))  # fmt: skip
     return _without_run_figures({
         "pipeline": name,
         "tag": tag,
         "artifacts": {stage: a.key for stage, a in inputs.items()},
-        "base_model": {k: base.manifest.get(k) for k in ("base_model", "hub_id", "fingerprint", "architecture")},
-        "data": {"sha256": data.manifest.get("data_sha256"), "template_sha256": data.manifest.get("template_sha256"),
-                 "files": {k: Path(str(v)).name for k, v in data.manifest["config"].items()
-                           if k.endswith("_file") and v},
+        "base_model": {"base_model": ref.spec, "hub_id": ref.hub_id, "fingerprint": ref.fingerprint,
+                       "architecture": ref.architecture},
+        "data": {"sha256": spec.data_sha256, "template_sha256": spec.template_sha256,
+                 "files": {k: Path(str(v)).name for k, v in spec.settings.items() if k.endswith("_file") and v},
                  "rows": data.metrics},
-        "train": {"config": train.manifest["config"], "metrics": train.metrics,
-                  "adapter_sha256": train.manifest["files"].get("adapter/adapter_model.safetensors", {}).get("sha256")},
-        "eval": {"metrics": eval_.metrics, "gate": gate},
-        "merge": {"policy": merge.manifest.get("merge_policy"), "fidelity": merge.metrics,
-                  "dtype": merge.manifest["config"]["dtype"]},
-        "quantize": {"llama_cpp_version": quantize.manifest.get("llama_cpp_version"), "gguf": gguf,
-                     "imatrix": quantize.manifest.get("imatrix")},
+        "train": {"config": train.config, "metrics": train.metrics, "adapter_sha256": read_train(train).adapter_sha256},
+        "eval": {"metrics": eval_.metrics, "gate": gate._asdict()},
+        "merge": {"policy": merged.policy, "fidelity": merge.metrics, "dtype": merged.dtype},
+        "quantize": {"llama_cpp_version": ggufs.llama_cpp_version, "gguf": ggufs.gguf, "imatrix": ggufs.imatrix},
         # Every gate between the data and this repo: eval's thresholds, the merge's fidelity limits (the merge
         # artifact exists only when they held) and each GGUF's fidelity limits.
-        "gates": {"eval": bool(gate.get("passed")), "merge": True,
-                  "gguf": {q: bool(g.get("passed", True)) for q, g in gguf.items()}},
-        "config": {stage: a.manifest.get("config") for stage, a in inputs.items()},
+        "gates": {"eval": gate.passed, "merge": True,
+                  "gguf": {q: bool(g.get("passed", True)) for q, g in ggufs.gguf.items()}},
+        "config": {stage: a.config for stage, a in inputs.items()},
         "code_versions": {stage: a.manifest.get("code_version") for stage, a in inputs.items()},
         # The libraries in the keys (KEY_LIBRARIES), as each stage recorded them: the same keys, the same versions.
         # Other installed libraries (prefect, huggingface-hub...) say where a run happened, not what it made.
@@ -361,9 +379,10 @@ def base_license(base: Artifact) -> str:
     model folder's own card (README.md front matter, as a Hub snapshot has), else 'other'."""
     import yaml
 
-    if license_ := (base.manifest.get("source") or {}).get("license"):
-        return str(license_)
-    readme = Path(str(base.manifest.get("model_path", ""))) / "README.md"
+    ref = read_base(base)
+    if ref.license:
+        return ref.license
+    readme = ref.model_path / "README.md"
     if readme.is_file() and (text := readme.read_text(errors="replace")).startswith("---"):
         try:
             meta = yaml.safe_load(text.split("---")[1]) or {}
@@ -393,7 +412,7 @@ def _card_context(config: PublishConfig, lineage: dict[str, Any], base: Artifact
     tables, what was published and the lineage summary."""
     import yaml
 
-    base_id = base.manifest.get("hub_id") or base.manifest["base_model"]
+    base_id = read_base(base).public_name
     metrics = eval_.metrics
     gguf_meta = lineage["quantize"]["gguf"] or {}
     published = [q for q in config.include_gguf if gguf_meta.get(q, {}).get("passed", True)]

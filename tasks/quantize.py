@@ -43,12 +43,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tasks.artifacts import Artifact, ArtifactStore, Draft
 from tasks.batching import read_split
+from tasks.data import read_data
 from tasks.errors import StageError
 from tasks.modelfile import Translation, modelfile, translate_chat_template
 
@@ -170,6 +171,24 @@ class QuantizeConfig(BaseModel):
                           self.max_accuracy_drop)  # fmt: skip
 
 
+class GgufFiles(NamedTuple):
+    """What the quantize artifact tells the other stages (read it with `read_quantize`)."""
+
+    gguf: dict[str, dict[str, Any]]  # type -> file, size, figures, passed/reason, Modelfile
+    llama_cpp_version: str | None
+    imatrix: dict[str, Any] | None  # the importance matrix, when one was made
+
+    def passed(self) -> list[str]:
+        """The types whose file passed its checks (the publishable ones), in recorded order."""
+        return [q for q, g in self.gguf.items() if g.get("passed", True)]
+
+
+def read_quantize(quantize: Artifact) -> GgufFiles:
+    """The quantize artifact's GGUF files and their checks."""
+    m = quantize.manifest
+    return GgufFiles(dict(m.get("gguf") or {}), m.get("llama_cpp_version"), m.get("imatrix"))
+
+
 def quantize_gguf(
     config: QuantizeConfig,
     name: str,
@@ -197,9 +216,11 @@ def quantize_gguf(
     Raises:
         StageError: `base` or `train` are not the artifacts `merge` was made from.
     """
-    made_from = merge.manifest["inputs"]
-    wrong = [f"{a.stage} {a.key} (the merge artifact {merge.key} was made from {made_from[a.stage]['key']})"
-             for a in (base, train) if made_from[a.stage]["key"] != a.key]  # fmt: skip
+    from tasks.merge import read_merge
+
+    made_from = read_merge(merge).made_from
+    wrong = [f"{a.stage} {a.key} (the merge artifact {merge.key} was made from {made_from[a.stage]})"
+             for a in (base, train) if made_from[a.stage] != a.key]  # fmt: skip
     if wrong:
         raise StageError(f"quantize: given {' and '.join(wrong)}; pass the artifacts the merge was made from.")
     inputs = {"data": data, "merge": merge}  # base and train are the merge's inputs: its key covers them
@@ -296,7 +317,7 @@ def _build_gguf(
         if "imatrix" in draft.extra:
             draft.extra["imatrix"]["used_for"] = [q for q in config.types if q in ggufs and ggufs[q].imatrix]
         if translation is not None:
-            _write_modelfiles(ggufs, translation, reference.tokenizer, data.manifest["config"].get("system_prompt"))
+            _write_modelfiles(ggufs, translation, reference.tokenizer, read_data(data).system_prompt)
         _stop_on_failure(ggufs, config)
         _record(draft, ggufs, reference, llama_cpp.__version__)
     return store.get("quantize", key, fresh=True)
@@ -449,7 +470,7 @@ def _choose_imatrix(plain: dict[str, Any], with_imatrix: dict[str, Any]) -> tupl
 
 def _ollama_translation(data: Artifact) -> Translation:
     """The training chat template (the data artifact's) as an Ollama Go template, checked on probe conversations."""
-    special = data.manifest.get("special_tokens", {})
+    special = read_data(data).special_tokens
     return translate_chat_template(
         data.file("chat_template.jinja").read_text(),
         bos_token=(special.get("bos") or {}).get("text") or "",
@@ -569,8 +590,11 @@ def _convert_lora(
 ) -> None:
     """The adapter as a GGUF LoRA (llama.cpp applies it at load time), and an f16 GGUF of the base to check it on
     (`base` as provisioned on this machine: its model_path is a folder here)."""
-    base_dir = Path(base.manifest["model_path"])
-    if train.manifest["config"].get("use_dora"):
+    from tasks.models import read_base
+    from tasks.train import read_train
+
+    base_dir = read_base(base).model_path
+    if read_train(train).use_dora:
         raise StageError(
             f"quantize.types has {qtype}, but llama.cpp's LoRA GGUF cannot hold DoRA magnitudes; drop {qtype} "
             "(the merged GGUF types carry DoRA fine) or train with train.use_dora=false."
@@ -626,7 +650,7 @@ def _hf_reference(
 
     tokenizer = load_tokenizer(model_dir)  # then made to prompt exactly as training did (the data artifact)
     tokenizer.chat_template = data.file("chat_template.jinja").read_text()
-    for name, token in data.manifest["special_tokens"].items():
+    for name, token in read_data(data).special_tokens.items():
         setattr(tokenizer, f"{name}_token", token["text"])
     generation = model_dir / "generation_config.json"  # HF generation stops at these; llama.cpp must too
     eos_ids = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
@@ -643,7 +667,7 @@ def _hf_reference(
             del logits
     answers = generate_answers(model, tokenizer, [r["messages"][:-1] for r in probes], config.max_new_tokens, 8)
     del model
-    n_ctx = data.manifest["config"]["max_length"] + config.max_new_tokens
+    n_ctx = read_data(data).max_length + config.max_new_tokens
     return HFReference(tokenizer, probes, fidelity_rows, files, _accuracy(answers, probes), n_ctx)
 
 

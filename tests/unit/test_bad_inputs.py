@@ -162,13 +162,13 @@ def _publish(ctx: Ctx, *overrides: str, gate: bool = True, token: str | None = N
     check = {"check": "accuracy >= 0.5", "value": 0.75 if gate else 0.25, "passed": gate}
     extra = {
         "base": {"base_model": str(ctx.model), "hub_id": None, "fingerprint": "f" * 64, "architecture": "Llama",
-                 "source": {"license": "apache-2.0"}},
-        "data": {"data_sha256": {"train_file": "a" * 64}, "template_sha256": "b" * 64},
+                 "source": {"license": "apache-2.0"}, "model_path": str(ctx.model)},
+        "data": {"data_sha256": {"train_file": "a" * 64}, "template_sha256": "b" * 64, "special_tokens": {}},
         "eval": {"gate": {"passed": gate, "checks": [check]}},
         "merge": {"merge_policy": "fp32 merge"},
         "quantize": {"llama_cpp_version": "0.3.36", "gguf": {}, "imatrix": None},
     }  # fmt: skip
-    configs = {"data": {"train_file": "train.jsonl"}, "merge": {"dtype": "float32"}}
+    configs = {"data": {"train_file": "train.jsonl", "max_length": 512}, "merge": {"dtype": "float32"}}
     for stage in ("base", "data", "train", "eval", "merge", "quantize"):
         with store.create(stage, f"{stage}-key", configs.get(stage, {}), {}, "code") as draft:
             draft.extra.update(extra.get(stage, {}))

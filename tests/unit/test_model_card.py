@@ -86,18 +86,20 @@ def _render(case: dict[str, Any]) -> str:
         "data": {"data_sha256": {"train_file": "a" * 64}, "template_sha256": "b" * 64, "metrics": {"train_rows": 8},
                  "config": {"train_file": "/data/train.jsonl" if case.get("data_files", True) else None,
                             "validation_file": "/data/val.jsonl" if case.get("data_files", True) else None,
-                            "test_file": None, "system_prompt": case["system_prompt"]}},
+                            "test_file": None, "system_prompt": case["system_prompt"], "max_length": 512},
+                 "special_tokens": {"eos": {"id": 2, "text": "<|im_end|>"}}},
         "train": {"config": {"r": 8}, "metrics": {"val_loss": 1.5},
                   "files": {"adapter/adapter_model.safetensors": {"sha256": "c" * 64}}},
         "eval": {"metrics": case["metrics"], "gate": gate, "config": {}},
         "merge": {"merge_policy": "fp32 merge, cast to bfloat16", "metrics": {"max_abs_dlogit": 1e-5},
-                  "config": {"dtype": "bfloat16"}},
+                  "config": {"dtype": "bfloat16"},
+                  "inputs": {s: {"stage": s, "key": f"{s}-key"} for s in ("base", "data", "train")}},
         "quantize": {"llama_cpp_version": "0.3.36", "gguf": case["gguf"], "imatrix": case["imatrix"],
                      "config": {"imatrix": case["imatrix_mode"]}},
     }  # fmt: skip
     inputs = {
         stage: SimpleNamespace(key=f"{stage}-key", manifest={**m, "code_version": f"{stage}-code", "versions": {}},
-                               metrics=m.get("metrics", {}))
+                               metrics=m.get("metrics", {}), config=m.get("config", {}))
         for stage, m in manifests.items()
     }  # fmt: skip
     config = PublishConfig(**case["publish"])

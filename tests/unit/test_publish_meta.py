@@ -9,11 +9,16 @@ from typing import Any
 
 import pytest
 
+from tasks.artifacts import Artifact
 from tasks.publish import base_license, hub_datasets
 
 
 def _artifact(**manifest: Any) -> Any:
-    return SimpleNamespace(manifest=manifest)
+    """A data or base artifact with the fields those stages always write, and `manifest`'s."""
+    always = {"special_tokens": {}, "base_model": "base", "fingerprint": "f" * 64, "model_path": "/nonexistent"}
+    if "config" in manifest:
+        manifest["config"] = {"max_length": 512, **manifest["config"]}
+    return Artifact("any", "key", Path("."), {**always, **manifest})
 
 
 def test_hub_dataset_ids_come_from_a_datasets_folder_saved_from_the_hub(tmp_path: Path) -> None:
@@ -53,21 +58,25 @@ def _inputs(run: int) -> dict[str, Any]:
                      "peak_rss_mb": 900 + run}  # fmt: skip
     manifests = {
         "base": {"base_model": "bundled:smollm2-135m-instruct", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                 "fingerprint": "f" * 64, "architecture": "LlamaForCausalLM", "source": {"license": "apache-2.0"}},
+                 "fingerprint": "f" * 64, "architecture": "LlamaForCausalLM", "source": {"license": "apache-2.0"},
+                 "model_path": "/nonexistent/base"},
         "data": {"data_sha256": {"train_file": "a" * 64}, "template_sha256": "b" * 64, "metrics": {"train_rows": 8},
-                 "config": {"train_file": "/data/train.jsonl", "validation_file": None, "test_file": None}},
+                 "config": {"train_file": "/data/train.jsonl", "validation_file": None, "test_file": None,
+                            "max_length": 512}, "special_tokens": {}},
         "train": {"config": {"r": 8}, "metrics": train_metrics,
                   "files": {"adapter/adapter_model.safetensors": {"sha256": "c" * 64}}},
         "eval": {"metrics": {"accuracy": 0.75}, "gate": {"passed": True, "checks": [{"check": "accuracy >= 0.5"}]},
                  "config": {}},
-        "merge": {"merge_policy": "fp32 merge", "metrics": {"max_abs_dlogit": 1e-5}, "config": {"dtype": "float32"}},
+        "merge": {"merge_policy": "fp32 merge", "metrics": {"max_abs_dlogit": 1e-5}, "config": {"dtype": "float32"},
+                  "inputs": {}},
         "quantize": {"llama_cpp_version": "0.3.36", "gguf": {}, "imatrix": None, "config": {}},
     }  # fmt: skip
     # Library versions: those in the keys are the same for the same keys; the others depend on where it ran.
     versions = {"torch": "2.9", "llama-cpp-python": "0.3.36", "prefect": f"3.{run}", "huggingface-hub": f"1.{run}"}
     return {
         stage: SimpleNamespace(key=f"{stage}-key", manifest={**m, **timing, "code_version": f"{stage}-code",
-                                                             "versions": versions}, metrics=m.get("metrics", {}))
+                                                             "versions": versions}, metrics=m.get("metrics", {}),
+                         config=m.get("config", {}))
         for stage, m in manifests.items()
     }  # fmt: skip
 

@@ -43,11 +43,12 @@ def _versions(project: Path) -> dict[str, str]:
 # module too: its key moves with it, as it would anyway through the upstream artifact's own key.
 HELPER_USERS = {
     "batching.py": {"train", "eval", "merge", "quantize", "publish"},  # publish runs eval's gate reader
-    "modelfile.py": {"quantize"},
-    "hubclient.py": {"data", "train", "eval", "merge", "publish"},  # data fetches Hub datasets; train reads data
-    "data.py": {"data", "train", "eval", "merge", "publish"},  # train reads the data artifact (read_data)
-    "train.py": {"train", "eval", "merge", "publish"},  # eval and merge rebuild the trained model (read_train)
-    "merge.py": {"merge"},
+    "modelfile.py": {"quantize", "publish"},  # publish reads the quantize artifact (read_quantize)
+    "hubclient.py": {"data", "train", "eval", "merge", "quantize", "publish"},  # data fetches Hub datasets
+    "data.py": {"data", "train", "eval", "merge", "quantize", "publish"},  # train and quantize use read_data
+    "train.py": {"train", "eval", "merge", "quantize", "publish"},  # eval, merge, quantize use read_train
+    "merge.py": {"merge", "quantize", "publish"},  # quantize checks its inputs are the merge's (read_merge)
+    "quantize.py": {"quantize", "publish"},
     "metrics/accuracy/accuracy.py": {"eval", "publish"},  # loaded by path: evaluate.KEYED_DIRS
     "models.py": {"base", "data", "train", "eval", "merge", "quantize", "publish"},
     "registry.py": set(),  # wiring only (artifacts.WIRING_MODULES): the stage flows, CLI and pipeline follow it

@@ -30,27 +30,26 @@ import signal
 import sys
 import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
 from tasks import registry
 from tasks.errors import ConfigError, GateFailed, LoraforgeError, StageError
+from tasks.process import cli_process
 
 EXIT_USER, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
+PROCESS_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `loraforge` script; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Library deprecation chatter (transformers 5 renames) says nothing to a user running the pipeline.
-    warnings.filterwarnings("ignore", category=FutureWarning)
     previous_term = signal.signal(signal.SIGTERM, _interrupt)  # TERM unwinds like Ctrl-C: cleanup runs
     try:
-        return int(args.handler(args))
+        # Library deprecation chatter (transformers 5 renames) says nothing to a user running the pipeline.
+        with cli_process(PROCESS_DEFAULTS, hide=(FutureWarning,)):
+            return int(args.handler(args))
     except GateFailed as exc:
         print(f"loraforge: {exc}", file=sys.stderr)
         return EXIT_GATE

@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import State
 from prefect.input import RunInput
 from prefect.runtime import flow_run as prefect_run
 
-from flows.stage_runs import cached_state, unwrap
+from flows.stage_runs import cached_state, step_reporter, unwrap
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig, load_config
 from tasks.errors import ConfigError, GateFailed, StageError
@@ -48,6 +48,8 @@ def _stage_task(stage: Stage) -> Task[..., Artifact | State[Artifact]]:
 
     @functools.wraps(produce)
     def run(*args: Any, **kwargs: Any) -> Artifact | State[Artifact]:
+        if stage.steps:  # its progress in the Prefect UI while it runs
+            kwargs.setdefault("on_step", step_reporter(stage.name))
         artifact = produce(*args, **kwargs)
         return cached_state(artifact, artifact)
 

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from prefect.client.schemas.objects import State
 from prefect.states import Completed
@@ -97,3 +97,29 @@ def within_stage_timeout(fn: Callable[P, R]) -> Callable[P, R]:
 
     run.__signature__ = signature  # type: ignore[attr-defined]
     return run
+
+
+def step_reporter(stage: str) -> Callable[[dict[str, Any], int], None]:
+    """A stage's `on_step`: its progress as a Prefect progress artifact and its logged figures as log lines of the
+    current task or flow run (the Prefect UI, while it runs). Outside a run it does nothing."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging import get_run_logger
+
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return lambda figures, total: None
+    logger = get_run_logger()
+    artifact: dict[str, Any] = {}
+
+    def report(figures: dict[str, Any], total: int) -> None:
+        progress = 100 * figures["step"] / total
+        if "id" not in artifact:
+            artifact["id"] = create_progress_artifact(progress=progress, key=f"{stage}-progress",
+                                                      description=f"{stage} stage: % of steps")  # fmt: skip
+        else:
+            update_progress_artifact(artifact_id=artifact["id"], progress=progress)
+        if set(figures) - {"step", "loss"}:  # a logged step (every train.log_every): all its figures
+            logger.info("%s step %s/%s %s", stage, figures["step"], total,
+                        " ".join(f"{k}={v}" for k, v in figures.items() if k != "step"))  # fmt: skip
+
+    return report

@@ -19,7 +19,7 @@ from typing import Any
 from prefect import Flow, flow
 from prefect.client.schemas.objects import State
 
-from flows.stage_runs import cached_state, within_stage_timeout
+from flows.stage_runs import cached_state, step_reporter, within_stage_timeout
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError
@@ -91,7 +91,8 @@ def _stage_flow(stage: Stage) -> Flow[..., StageOutcome]:
 
     def run(config: PipelineConfig, inputs: dict[str, str] | None = None, only: str | None = None) -> StageOutcome:
         store = _store(config, only)
-        return _result(store, stage.run(config, upstream(stage, config, store, inputs or {}), store))
+        options = {"on_step": step_reporter(stage.name)} if stage.steps else {}  # progress in the UI
+        return _result(store, stage.run(config, upstream(stage, config, store, inputs or {}), store, **options))
 
     run.__name__ = run.__qualname__ = f"{stage.name}_flow"  # its entrypoint: flows/stages.py:<stage>_flow
     run.__doc__ = f"The {stage.name} stage: {stage.produces}."

@@ -35,6 +35,7 @@ from tasks.batching import generate_answers, read_split, row_losses
 from tasks.data import leaked_prompts
 from tasks.errors import GateFailed, StageError
 from tasks.hubclient import LINEAGE_FILE, explain, hub_endpoint, hub_token, read_lineage, with_retries
+from tasks.process import torch_threads
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics"
 KEYED_DIRS = ("metrics",)  # the metric modules run by path (evaluate.load): part of the eval key's code version
@@ -137,7 +138,10 @@ def evaluate_adapter(
     settings = {**config.model_dump(), "published_commit": (published or {}).get("commit")}
     key, code = store.stage_key("eval", __file__, settings, inputs)
     with store.claim("eval", key) as hit:
-        return hit or _build_eval(config, base, data, train, published, settings, store, key, code)
+        if hit is not None:
+            return hit
+        with torch_threads(config.threads):  # this stage's; the process's own count again afterwards
+            return _build_eval(config, base, data, train, published, settings, store, key, code)
 
 
 def _build_eval(
@@ -155,14 +159,11 @@ def _build_eval(
     inputs = {"base": base, "data": data, "train": train}
     started = time.time()
 
-    import torch
     from peft import PeftModel
 
     from tasks.models import autocast, load_base_as_trained, load_tokenizer, read_base
     from tasks.train import read_train
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
     model_path = read_base(base).model_path
     tokenizer = load_tokenizer(model_path)
     tokenizer.chat_template = data.file("chat_template.jinja").read_text() or None  # the template training used

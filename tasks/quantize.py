@@ -52,6 +52,7 @@ from tasks.batching import read_split
 from tasks.data import read_data
 from tasks.errors import StageError
 from tasks.modelfile import Translation, modelfile, translate_chat_template
+from tasks.process import logger_level
 
 RUNTIME_ONLY = {"tool_timeout_s"}  # does not change the result: not part of the key
 QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "lora_f16"]
@@ -226,7 +227,10 @@ def quantize_gguf(
     inputs = {"data": data, "merge": merge}  # base and train are the merge's inputs: its key covers them
     key, code = store.stage_key("quantize", __file__, _settings(config, name), inputs)
     with store.claim("quantize", key) as hit:
-        return hit or _build_gguf(config, name, base, data, train, merge, store, key, code)
+        if hit is not None:
+            return hit
+        with logger_level("llama-cpp-python", logging.ERROR):  # its load chatter, for this stage only
+            return _build_gguf(config, name, base, data, train, merge, store, key, code)
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,6 @@ def _build_gguf(
 
     inputs = {"data": data, "merge": merge}
     started = time.time()
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     converter = _converter_dir(llama_cpp.__version__)
     model_dir = merge.file("model")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"

@@ -42,6 +42,7 @@ class Stage:
     weights: bool = True  # needs the base model's weights on the machine (False: the base manifest is enough)
     check: str | None = None  # "module:function" raising when the artifact must stop the run (the eval gate)
     approval: bool = False  # waits for a reviewer first when orchestration.approval is on
+    steps: bool = False  # takes `on_step(figures, total_steps)`: its progress can be shown while it runs
 
     def function(self) -> Callable[..., Artifact]:
         """The stage's entry point (imported now)."""
@@ -52,9 +53,11 @@ class Stage:
         values = [reduce(getattr, path.split("."), config) for path in self.config]
         return [*values, *(artifacts[name] for name in self.inputs)]
 
-    def run(self, config: PipelineConfig, artifacts: Mapping[str, Artifact], store: ArtifactStore) -> Artifact:
-        """Call the stage (a cache hit returns the stored artifact)."""
-        return self.function()(*self.arguments(config, artifacts), store)
+    def run(
+        self, config: PipelineConfig, artifacts: Mapping[str, Artifact], store: ArtifactStore, **options: Any
+    ) -> Artifact:
+        """Call the stage (a cache hit returns the stored artifact); `options` are its keyword-only ones."""
+        return self.function()(*self.arguments(config, artifacts), store, **options)
 
     def verify(self, artifact: Artifact) -> None:
         """Raise when the artifact must stop the run (the stage's `check`); nothing when it has none."""
@@ -77,7 +80,7 @@ STAGES: tuple[Stage, ...] = (
           "tokenized, templated, prompt-masked train/validation/test splits",
           ("transformers", "tokenizers", "jinja2", "datasets")),
     Stage("train", "tasks.train:train_adapter", ("train",), ("base", "data"), "the LoRA/QLoRA adapter",
-          ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")),
+          ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors"), steps=True),
     Stage("eval", "tasks.evaluate:evaluate_adapter", ("eval",), ("base", "data", "train"),
           "base vs tuned metrics on the test split and the gate verdict",
           ("torch", "transformers", "peft", "bitsandbytes", "evaluate"), check="tasks.evaluate:check_gate"),

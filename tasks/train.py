@@ -68,7 +68,9 @@ from tasks.distributed import (
 )
 from tasks.errors import StageError
 from tasks.models import cuda_bf16, read_base, resolve_precision
+from tasks.process import torch_threads
 
+OnStep = Callable[[dict[str, Any], int], None]  # after each optimizer step: its figures, the steps in all
 RUNTIME_ONLY = {
     "save_every",
     "keep_checkpoints",
@@ -220,7 +222,7 @@ def train_adapter(
     data: Artifact,
     store: ArtifactStore,
     *,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_step: OnStep | None = None,
 ) -> Artifact:
     """Train a LoRA adapter; skipped when the same artifact exists.
 
@@ -334,10 +336,11 @@ def run_rank(spec: dict[str, Any]) -> None:
     _build_adapter(run, distributed.init(run.device), None)
 
 
-def _build_adapter(run: TrainRun, ranks: Ranks, on_step: Callable[[dict[str, Any]], None] | None) -> None:
+def _build_adapter(run: TrainRun, ranks: Ranks, on_step: OnStep | None) -> None:
     """Train the adapter of the train artifact `run.key`; rank 0 writes it (the key's lock is held)."""
-    setup = _setup(run, ranks)
-    fit = _fit(run, setup, ranks, on_step)
+    with torch_threads(run.config.threads):  # this stage's; the process's own count again afterwards
+        setup = _setup(run, ranks)
+        fit = _fit(run, setup, ranks, on_step)
     adapter = {n: full(p.detach()) for n, p in setup.model.named_parameters() if p.requires_grad}  # FSDP: gathered
     if ranks.leader:
         _save(run, setup, fit, adapter)
@@ -379,8 +382,6 @@ def _setup(run: TrainRun, ranks: Ranks) -> Setup:
     from tasks.models import load_tokenizer
 
     config = run.config
-    if config.threads:
-        torch.set_num_threads(config.threads)
     _seed_everything(config.seed)
     model_path = read_base(run.base).model_path
     tokenizer = load_tokenizer(model_path)
@@ -413,7 +414,7 @@ def _checkpoints(run: TrainRun) -> Path:
     return run.store.root / ".checkpoints" / f"train-{run.key}"
 
 
-def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: Callable[[dict[str, Any]], None] | None) -> Fit:
+def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: OnStep | None) -> Fit:
     """The training loop: resume if a checkpoint exists, step, log, validate, checkpoint; stop early or on a
     signal (at the end of a step, every rank at the same one)."""
     from tqdm import tqdm
@@ -432,7 +433,6 @@ def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: Callable[[dict[str,
     for _ in range(state["step"] * config.grad_accum):  # the same data order as an uninterrupted run
         next(batches)
     started = time.perf_counter() - state["seconds"]
-    report = _live_report(setup.total_steps, state["step"]) if ranks.leader else _ignore
     progress = tqdm(range(state["step"] + 1, setup.total_steps + 1), desc="train", unit="step", dynamic_ncols=True,
                     initial=state["step"], total=setup.total_steps, disable=not ranks.leader)  # fmt: skip
     with _stop_at_step_end(grace_s=5.0 if ranks.world > 1 else 0.0) as stop_asked:
@@ -451,13 +451,12 @@ def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: Callable[[dict[str,
             record, stop = _log_and_validate(setup, config, ranks, state, params, step, step_loss, grad_norm, elapsed)
             if record:
                 history.append(record)
-                report(record)
             state.update(step=step, seconds=elapsed)
             if config.save_every and (step % config.save_every == 0) and step < setup.total_steps and not stop:
                 _save_checkpoint(_checkpoints(run), state, params, setup.optimizer, setup.scheduler,
                                  config.keep_checkpoints, setup.mixed.scaler, ranks, setup.model)  # fmt: skip
             if on_step is not None:  # the step is complete (and checkpointed when due)
-                on_step(record or {"step": step, "loss": round(step_loss, 5)})
+                on_step(dict(record or {"step": step, "loss": round(step_loss, 5)}), setup.total_steps)
             if any_rank(bool(stop_asked), ranks) and step < setup.total_steps and not stop:  # a safe point
                 _save_checkpoint(_checkpoints(run), state, params, setup.optimizer, setup.scheduler,
                                  max(config.keep_checkpoints, 1), setup.mixed.scaler, ranks, setup.model)  # fmt: skip
@@ -479,10 +478,6 @@ def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: Callable[[dict[str,
     if ranks.leader:
         print(f"[train] validation loss {val_before:.4f} -> {val_after:.4f} in {seconds:.0f} s")
     return Fit(history, state, val_before, val_after, seconds, max(gather(_peak_rss_mb(), ranks)))
-
-
-def _ignore(record: dict[str, Any]) -> None:
-    return None
 
 
 def distributed_path(path: Path | None, ranks: Ranks) -> Path | None:
@@ -1083,35 +1078,6 @@ def _optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> Any:
     kind = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW32bit,
             "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[config.optimizer]  # fmt: skip
     return kind(groups, **settings)
-
-
-def _live_report(total_steps: int, done: int) -> Any:
-    """Per-step metrics to Prefect while training (a progress artifact and a log line per record) when the
-    stage runs inside a Prefect flow; a no-op otherwise."""
-    import sys
-
-    if "prefect" not in sys.modules:  # not inside a flow: do not pay Prefect's import (time, ~40 MB) for nothing
-        return lambda record: None
-    try:
-        from prefect.artifacts import create_progress_artifact, update_progress_artifact
-        from prefect.context import TaskRunContext
-        from prefect.logging import get_run_logger
-
-        if TaskRunContext.get() is None:
-            raise LookupError
-        logger = get_run_logger()
-        artifact_id: Any = create_progress_artifact(
-            progress=100 * done / total_steps, key="train-progress", description="train stage: % of optimizer steps"
-        )
-    except Exception:  # not in a Prefect task run (plain function call, tests, containers without an API)
-        return lambda record: None
-
-    def report(record: dict[str, Any]) -> None:
-        update_progress_artifact(artifact_id=artifact_id, progress=100 * record["step"] / total_steps)
-        logger.info("train step %s/%s %s", record["step"], total_steps,
-                    " ".join(f"{k}={v}" for k, v in record.items() if k != "step"))  # fmt: skip
-
-    return report
 
 
 def _plot_curve(history: list[dict[str, Any]], val: tuple[float, float], target: Path, title: str) -> None:

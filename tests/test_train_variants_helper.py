@@ -22,7 +22,7 @@ def train(tiny_model: Path, store: ArtifactStore, *overrides: str, kill_after_st
     base = provision_base(str(tiny_model), store)
     data = prepare_data(config.data, base, store)
 
-    def kill(record: dict) -> None:
+    def kill(record: dict, total_steps: int) -> None:
         if record["step"] == kill_after_step:
             os._exit(137)
 

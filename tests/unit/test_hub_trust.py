@@ -306,7 +306,9 @@ def test_the_published_adapter_must_match_its_lineage(hub: str, token: str, tmp_
     api = HfApi(endpoint=hub, token=TOKEN)
     _release(folder := tmp_path / "release")
     _publish(api, "team/altered", folder, tag=None)
-    base = Artifact("base", "k", tmp_path, {"base_model": "tiny-base"})
+    base = Artifact(
+        "base", "k", tmp_path, {"base_model": "tiny-base", "model_path": str(tmp_path), "fingerprint": "f" * 64}
+    )
     published = _compare("team/altered", hub)
     assert (Path(_download_adapter(published, base)) / "adapter_model.safetensors").is_file()
     api.upload_file(

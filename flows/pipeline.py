@@ -48,8 +48,8 @@ def _stage_task(stage: Stage) -> Task[..., Artifact | State[Artifact]]:
 
     @functools.wraps(produce)
     def run(*args: Any, **kwargs: Any) -> Artifact | State[Artifact]:
-        if stage.steps:  # its progress in the Prefect UI while it runs
-            kwargs.setdefault("on_step", step_reporter(stage.name))
+        if stage.steps and kwargs.get("on_step") is None:  # its progress in the Prefect UI while it runs
+            kwargs["on_step"] = step_reporter(stage.name)  # (Prefect passes the signature's default, None)
         artifact = produce(*args, **kwargs)
         return cached_state(artifact, artifact)
 

@@ -201,6 +201,7 @@ def test_registering_data_triggers_a_pipeline_run(server: Server, tmp_path: Path
             client.update_work_pool("loraforge-cpu", WorkPoolUpdate(is_paused=False))
 
 
+@pytest.mark.timeout(1800)  # the deployed pipeline may take run_deployment's 1200 s, after the module's set-up
 def test_pipeline_runs_each_stage_on_its_deployment(
     server: Server, workers: None, reference: dict, tiny_model: Path
 ) -> None:

@@ -72,15 +72,21 @@ def test_downloaded_adapter_loads_with_plain_peft(first_run: dict, hub: str, tin
 def test_gguf_files_load_and_answer(first_run: dict) -> None:
     from llama_cpp import Llama
 
+    from tasks.batching import read_split
+
+    # The first test row, as the quantize stage probed each file with it (its own chat template, greedy).
+    [probe] = read_split(Path(first_run["stages"]["data"]["path"]) / "test.jsonl")[:1]
+    max_new_tokens = first_run["config"]["quantize"]["max_new_tokens"]
     for qtype, info in first_run["gguf"].items():
         if qtype == "lora_f16":  # an adapter, not a model: the stage checked it on an f16 GGUF of the base
             assert info["passed"] and info["file"] == "tiny-router-F16-LoRA.gguf"
             continue
         path = Path(first_run["stages"]["quantize"]["path"]) / info["file"]
-        llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
-        out = llm("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", max_tokens=4, temperature=0)
-        assert out["choices"][0]["text"] is not None, qtype  # type: ignore[index]
-        assert info["size_mb"] > 0
+        llm = Llama(model_path=str(path), n_ctx=512, n_threads=1, verbose=False)
+        out = llm.create_chat_completion(probe["messages"][:-1], max_tokens=max_new_tokens, temperature=0, top_k=1)
+        answer = out["choices"][0]["message"]["content"]  # type: ignore[index]
+        assert answer is not None and answer.strip() == info["sample_answer"], (qtype, answer, info["sample_answer"])
+        assert info["size_mb"] == round(path.stat().st_size / 2**20, 1)
 
 
 def test_second_run_is_all_cache_hits(first_run: dict, tiny_model: Path, workdir: Path, hub: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import REPO, TOKEN, _config, _ran, _run, task_run_states
 
+from flows.cli import main
 from tasks.config import DEMO_CONFIG
 from tasks.errors import GateFailed
 
@@ -117,14 +118,12 @@ def test_failed_gate_publishes_nothing(first_run: dict, tiny_model: Path, workdi
     assert not api.repo_exists("loraforge/never")
 
 
-def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(DEMO_CONFIG), "train.rr=1", "data.max_length=2"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert "2 problems" in result.stderr and "did you mean 'r'?" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+def test_cli_reports_bad_config_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    # In-process: the config is refused before anything is imported or logged (main() turns errors into codes).
+    assert main(["run", str(DEMO_CONFIG), "train.rr=1", "data.max_length=2"]) == 1
+    out, err = capsys.readouterr()
+    assert "2 problems" in err and "did you mean 'r'?" in err
+    assert "Traceback" not in err + out
 
 
 def test_cli_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path) -> None:
@@ -145,14 +144,13 @@ def test_token_never_written_to_the_store(first_run: dict, workdir: Path) -> Non
     assert leaks == []
 
 
-def test_show_prints_run_and_lineage(first_run: dict, workdir: Path) -> None:
+def test_show_prints_run_and_lineage(first_run: dict, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = str(workdir / "store")
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "show", first_run["run_id"], "--store", store],
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    assert json.loads(run.stdout)["stages"]["train"]["key"] == first_run["stages"]["train"]["key"]
+    assert main(["show", first_run["run_id"], "--store", store]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"]["train"]["key"] == first_run["stages"]["train"]["key"]
     publish_key = first_run["stages"]["publish"]["key"]
-    lineage = subprocess.run([sys.executable, "-m", "flows.cli", "show", f"publish/{publish_key}", "--store", store],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert main(["show", f"publish/{publish_key}", "--store", store]) == 0
+    lineage = capsys.readouterr().out
     for stage in ("publish", "quantize", "merge", "eval", "train", "data", "base"):
         assert f"{stage}/{first_run['stages'][stage]['key']}" in lineage
 

@@ -126,13 +126,16 @@ def test_cli_reports_bad_config_without_traceback(capsys: pytest.CaptureFixture[
     assert "Traceback" not in err + out
 
 
-def test_cli_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path) -> None:
+# These CLI tests are about what the command prints, so they run it as a process (its logging set up as for a
+# user), on the session's Prefect server: without PREFECT_API_URL each would start a temporary one (8-21 s).
+def test_cli_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path, prefect_api: str) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "stage", "data", str(DEMO_CONFIG), f"base_model={tiny_model}",
          f"data.train_file={bad}", "data.validation_file=null", "data.test_file=null", f"store={tmp_path / 's'}"],
-        capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
+        capture_output=True, text=True,
+        env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_API_URL": prefect_api},
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"{bad}:1: the last message must have role 'assistant'" in result.stderr
@@ -155,11 +158,12 @@ def test_show_prints_run_and_lineage(first_run: dict, workdir: Path, capsys: pyt
         assert f"{stage}/{first_run['stages'][stage]['key']}" in lineage
 
 
-def test_cli_stage_needs_its_inputs(tmp_path: Path, tiny_model: Path) -> None:
+def test_cli_stage_needs_its_inputs(tmp_path: Path, tiny_model: Path, prefect_api: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "stage", "train", str(DEMO_CONFIG), f"base_model={tiny_model}",
          f"store={tmp_path / 's'}"],
-        capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
+        capture_output=True, text=True,
+        env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_API_URL": prefect_api},
     )  # fmt: skip
     assert result.returncode == 1
     assert "no data artifact with key" in result.stderr and "run the data stage" in result.stderr

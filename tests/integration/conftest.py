@@ -35,6 +35,30 @@ def prefect_harness(prefect_api: str) -> Iterator[None]:
     # Also as the process-global settings, for code in a context copied before this fixture (as the harness does).
     with temporary_settings({PREFECT_API_URL: prefect_api}), _temporary_global_settings_context(get_settings_context()):
         yield
+        _drain_to_the_server()
+
+
+def _drain_to_the_server() -> None:
+    """Send the queued logs and events while the server is still up (else: "Error logging to API" at exit), as
+    prefect_test_harness does before it stops its server."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # the worker never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,17 @@ os.environ["HF_TOKEN_PATH"] = os.path.join(tempfile.mkdtemp(prefix="loraforge-hf
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+UNIT_TIMEOUT_S, CONTAINERS_TIMEOUT_S = 300, 1800  # per test (pytest-timeout); integration: pyproject.toml's 900 s
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked gpu run only when CUDA is present."""
+    """Each test gets its tier's time limit unless it sets its own; tests marked gpu run only when CUDA is present."""
+    for item in items:
+        if item.get_closest_marker("timeout") is not None or "integration" in item.keywords:
+            continue
+        limit = CONTAINERS_TIMEOUT_S if "containers" in item.keywords else UNIT_TIMEOUT_S
+        item.add_marker(pytest.mark.timeout(limit))
+
     import torch
 
     if torch.cuda.is_available():

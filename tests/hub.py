@@ -96,11 +96,13 @@ def s3_server(root: Path, *options: str, buckets: tuple[str, ...] = ("loraforge"
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    """`prefect server start` with its own home and SQLite database; yields its API URL."""
+def prefect_server(home: Path, settings: dict[str, str] | None = None) -> Iterator[str]:
+    """`prefect server start` with its own home and SQLite database, and extra Prefect `settings` (environment
+    variables); yields its API URL."""
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}  # fmt: skip
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+           **(settings or {})}  # fmt: skip
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     api = f"http://127.0.0.1:{port}/api"
     with serve(cmd, f"{api}/health", home / "server.log", timeout=180, env=env):

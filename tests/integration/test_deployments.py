@@ -1,7 +1,8 @@
-"""infra/prefect.yaml against a real `prefect server start`: deployed with `prefect deploy --all` (through
-infra/stack/deploy.sh, process work pools), the nightly schedule computed by the server, the data-registered
-trigger producing a run, the pipeline running every stage on its own deployment through real process workers
-with the keys of an in-process run, and the approval pause before publish, resumed and refused."""
+"""infra/prefect.yaml against a real `prefect server start` (the session's, tests/integration/conftest.py):
+deployed with `prefect deploy --all` (through infra/stack/deploy.sh, process work pools), the nightly schedule
+computed by the server, the data-registered trigger producing a run, the pipeline running every stage on its own
+deployment through real process workers with the keys of an in-process run, and the approval pause before
+publish, resumed and refused."""
 
 from __future__ import annotations
 
@@ -60,27 +61,18 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float) -> Any:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A Prefect server (its scheduler looping every second) with everything in infra/prefect.yaml deployed."""
-    from hub import prefect_server
-
+def server(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """The session's Prefect server (its scheduler looping every second) with everything in infra/prefect.yaml
+    deployed. Other tests' flow runs are on it too: read runs by deployment."""
     home = tmp_path_factory.mktemp("prefect-deployments")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "1")
-        (home / "server").mkdir()
-        servers = prefect_server(home / "server")
-        api = servers.__enter__()
-    try:
-        env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(home / "client"),
-               "PREFECT_WORKER_QUERY_SECONDS": "1",
-               "LORAFORGE_CODE_DIR": str(ROOT), "LORAFORGE_CONFIG": str(DEMO_CONFIG),
-               "LORAFORGE_STORE": str(home / "nightly-store"), "LORAFORGE_IMAGE_TAG": "test",
-               "PYTHON": sys.executable}  # fmt: skip
-        deploy = subprocess.run(["bash", "infra/stack/deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
-        yield Server(api, env, home)
-    finally:
-        servers.__exit__(None, None, None)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(home / "client"),
+           "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "LORAFORGE_CODE_DIR": str(ROOT), "LORAFORGE_CONFIG": str(DEMO_CONFIG),
+           "LORAFORGE_STORE": str(home / "nightly-store"), "LORAFORGE_IMAGE_TAG": "test",
+           "PYTHON": sys.executable}  # fmt: skip
+    deploy = subprocess.run(["bash", "infra/stack/deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    return Server(prefect_api, env, home)
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +193,11 @@ def test_registering_data_triggers_a_pipeline_run(server: Server, tmp_path: Path
             client.update_work_pool("loraforge-cpu", WorkPoolUpdate(is_paused=False))
 
 
+@pytest.mark.timeout(1800)  # the deployed pipeline may take run_deployment's 1200 s, after the module's set-up
 def test_pipeline_runs_each_stage_on_its_deployment(
     server: Server, workers: None, reference: dict, tiny_model: Path
 ) -> None:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.deployments import run_deployment
 
     store = server.home / "deployed-store"
@@ -219,7 +213,7 @@ def test_pipeline_runs_each_stage_on_its_deployment(
 
     with server.settings(), server.client() as client:
         stage_of = {client.read_deployment_by_name(f"loraforge-{s}/{s}").id: s for s in STAGES}
-        runs = [r for r in client.read_flow_runs() if r.deployment_id in stage_of]
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(stage_of))))
     deployed = {stage_of[r.deployment_id]: r for r in runs}
     assert len(runs) == len(STAGES) and all(r.parent_task_run_id for r in runs)  # one subflow run per stage
     assert set(deployed) == set(STAGES)
@@ -277,6 +271,7 @@ def test_approval_pause_before_publish(server: Server, reference: dict) -> None:
 
 def test_a_stage_given_up_on_is_cancelled(server: Server, tiny_model: Path, tmp_path: Path) -> None:
     from prefect.client.schemas.actions import WorkPoolUpdate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     from flows.pipeline import pipeline
     from tasks.errors import StageError
@@ -292,7 +287,7 @@ def test_a_stage_given_up_on_is_cancelled(server: Server, tiny_model: Path, tmp_
 
         def cancelled() -> list:
             with server.settings(), server.client() as client:
-                runs = [r for r in client.read_flow_runs() if r.deployment_id == base.id]
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[base.id])))
             return [r for r in runs if r.state_name in ("Cancelling", "Cancelled")]
 
         wait_for("the abandoned stage run to be cancelled", cancelled, 30)

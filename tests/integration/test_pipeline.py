@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import REPO, TOKEN, _config, _ran, _run, task_run_states
 
+from flows.cli import main
 from tasks.config import DEMO_CONFIG
 from tasks.errors import GateFailed
 
@@ -72,15 +73,21 @@ def test_downloaded_adapter_loads_with_plain_peft(first_run: dict, hub: str, tin
 def test_gguf_files_load_and_answer(first_run: dict) -> None:
     from llama_cpp import Llama
 
+    from tasks.batching import read_split
+
+    # The first test row, as the quantize stage probed each file with it (its own chat template, greedy).
+    [probe] = read_split(Path(first_run["stages"]["data"]["path"]) / "test.jsonl")[:1]
+    max_new_tokens = first_run["config"]["quantize"]["max_new_tokens"]
     for qtype, info in first_run["gguf"].items():
         if qtype == "lora_f16":  # an adapter, not a model: the stage checked it on an f16 GGUF of the base
             assert info["passed"] and info["file"] == "tiny-router-F16-LoRA.gguf"
             continue
         path = Path(first_run["stages"]["quantize"]["path"]) / info["file"]
-        llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
-        out = llm("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", max_tokens=4, temperature=0)
-        assert out["choices"][0]["text"] is not None, qtype  # type: ignore[index]
-        assert info["size_mb"] > 0
+        llm = Llama(model_path=str(path), n_ctx=512, n_threads=1, verbose=False)
+        out = llm.create_chat_completion(probe["messages"][:-1], max_tokens=max_new_tokens, temperature=0, top_k=1)
+        answer = out["choices"][0]["message"]["content"]  # type: ignore[index]
+        assert answer is not None and answer.strip() == info["sample_answer"], (qtype, answer, info["sample_answer"])
+        assert info["size_mb"] == round(path.stat().st_size / 2**20, 1)
 
 
 def test_second_run_is_all_cache_hits(first_run: dict, tiny_model: Path, workdir: Path, hub: str) -> None:
@@ -111,23 +118,24 @@ def test_failed_gate_publishes_nothing(first_run: dict, tiny_model: Path, workdi
     assert not api.repo_exists("loraforge/never")
 
 
-def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(DEMO_CONFIG), "train.rr=1", "data.max_length=2"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert "2 problems" in result.stderr and "did you mean 'r'?" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+def test_cli_reports_bad_config_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    # In-process: the config is refused before anything is imported or logged (main() turns errors into codes).
+    assert main(["run", str(DEMO_CONFIG), "train.rr=1", "data.max_length=2"]) == 1
+    out, err = capsys.readouterr()
+    assert "2 problems" in err and "did you mean 'r'?" in err
+    assert "Traceback" not in err + out
 
 
-def test_cli_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path) -> None:
+# These CLI tests are about what the command prints, so they run it as a process (its logging set up as for a
+# user), on the session's Prefect server: without PREFECT_API_URL each would start a temporary one (8-21 s).
+def test_cli_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path, prefect_api: str) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "stage", "data", str(DEMO_CONFIG), f"base_model={tiny_model}",
          f"data.train_file={bad}", "data.validation_file=null", "data.test_file=null", f"store={tmp_path / 's'}"],
-        capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
+        capture_output=True, text=True,
+        env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_API_URL": prefect_api},
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"{bad}:1: the last message must have role 'assistant'" in result.stderr
@@ -139,23 +147,23 @@ def test_token_never_written_to_the_store(first_run: dict, workdir: Path) -> Non
     assert leaks == []
 
 
-def test_show_prints_run_and_lineage(first_run: dict, workdir: Path) -> None:
+def test_show_prints_run_and_lineage(first_run: dict, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = str(workdir / "store")
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "show", first_run["run_id"], "--store", store],
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    assert json.loads(run.stdout)["stages"]["train"]["key"] == first_run["stages"]["train"]["key"]
+    assert main(["show", first_run["run_id"], "--store", store]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"]["train"]["key"] == first_run["stages"]["train"]["key"]
     publish_key = first_run["stages"]["publish"]["key"]
-    lineage = subprocess.run([sys.executable, "-m", "flows.cli", "show", f"publish/{publish_key}", "--store", store],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert main(["show", f"publish/{publish_key}", "--store", store]) == 0
+    lineage = capsys.readouterr().out
     for stage in ("publish", "quantize", "merge", "eval", "train", "data", "base"):
         assert f"{stage}/{first_run['stages'][stage]['key']}" in lineage
 
 
-def test_cli_stage_needs_its_inputs(tmp_path: Path, tiny_model: Path) -> None:
+def test_cli_stage_needs_its_inputs(tmp_path: Path, tiny_model: Path, prefect_api: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "stage", "train", str(DEMO_CONFIG), f"base_model={tiny_model}",
          f"store={tmp_path / 's'}"],
-        capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
+        capture_output=True, text=True,
+        env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_API_URL": prefect_api},
     )  # fmt: skip
     assert result.returncode == 1
     assert "no data artifact with key" in result.stderr and "run the data stage" in result.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import _config, copy_stages
 
+from flows.cli import main
 from tasks.artifacts import sha256_file
 from tasks.config import DEMO_CONFIG
 
@@ -49,25 +50,22 @@ def test_tampered_data_artifact_is_set_aside_and_rebuilt(
     assert "does not match its manifest" in capsys.readouterr().out
 
 
-def _cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, **kwargs)  # type: ignore[call-overload]  # fmt: skip
-
-
-def test_stage_publish_refuses_a_failed_gate(first_run: dict, tiny_model: Path, tmp_path: Path) -> None:
+def test_stage_publish_refuses_a_failed_gate(
+    first_run: dict, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process: `stage NAME --input ...` calls the stage functions directly (no Prefect flow, no logging setup).
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge", "quantize")
     common = [str(DEMO_CONFIG), f"base_model={tiny_model}", f"store={store.root}", "eval.max_rows=4"]
     inputs = [f"--input=data={a['data'].key}", f"--input=train={a['train'].key}"]
-    failed = _cli("stage", "eval", *common, "eval.gate=[accuracy >= 1.01]", *inputs)
-    assert failed.returncode == 2, failed.stderr[-2000:]
-    eval_key = json.loads(failed.stdout.strip().splitlines()[-1])["key"]
-    publish = _cli("stage", "publish", *common, "publish.push=never", *inputs, f"--input=eval={eval_key}",
-                   f"--input=merge={a['merge'].key}", f"--input=quantize={a['quantize'].key}",
-                   f"--input=base={a['base'].key}")  # fmt: skip
-    assert publish.returncode == 2, publish.stderr[-2000:]
-    assert "publish refused: eval gate failed: accuracy >= 1.01" in publish.stderr
-    assert "Traceback" not in publish.stderr
+    assert main(["stage", "eval", *common, "eval.gate=[accuracy >= 1.01]", *inputs]) == 2
+    eval_key = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["key"]
+    code = main(["stage", "publish", *common, "publish.push=never", *inputs, f"--input=eval={eval_key}",
+                 f"--input=merge={a['merge'].key}", f"--input=quantize={a['quantize'].key}",
+                 f"--input=base={a['base'].key}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "publish refused: eval gate failed: accuracy >= 1.01" in err
+    assert "Traceback" not in err
     assert not (store.root / "publish").exists()
 
 

@@ -242,7 +242,8 @@ def test_a_release_resolves_to_its_commit(hub: str, token: str) -> None:
     commit = HfApi(endpoint=hub, token=TOKEN).model_info("team/released").sha
     assert _compare("team/released", hub)["commit"] == commit
     assert _compare(f"team/released@{TAG}", hub)["commit"] == commit
-    assert _compare("team/hidden", hub)["commit"] is not None  # private: readable with the token
+    hidden = HfApi(endpoint=hub, token=TOKEN).model_info("team/hidden").sha
+    assert _compare("team/hidden", hub)["commit"] == hidden  # private: readable with the token
 
 
 def test_confirmed_absence_skips_the_published_checks(hub: str, token: str, capsys: pytest.CaptureFixture) -> None:

@@ -57,7 +57,7 @@ def upstream(
         if keys.get("base", base.key) != base.key:
             raise ConfigError(
                 f"{option}base={keys['base']}: the base model here ({config.base_model} at "
-                f"{read_base(base).model_path}) has the key {base.key}: this machine sees other weights than the run "
+                f"{read_base(base).model_path}) has key {base.key}: this machine sees other weights than the run "
                 "it belongs to; give every worker the same model files (or mount the same model cache)."
             )
         artifacts["base"] = base

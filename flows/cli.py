@@ -2,7 +2,9 @@
 
     loraforge run [CONFIG] [key=value ...]        run the whole pipeline (default config: flows/configs/demo.yaml)
     loraforge stage NAME [CONFIG] [key=value ...] run one stage on existing upstream artifacts
-    loraforge show RUN|ARTIFACT [--store URL]     a run record or an artifact's lineage
+    loraforge show RUN|ARTIFACT [--store URL] [--json]
+                                                  a run record (the table a run ends with) or an
+                                                  artifact's lineage; --json: as JSON for scripts
     loraforge validate [CONFIG] [key=value ...]   check a config and print it resolved
     loraforge plan [CONFIG] [key=value ...] [--seq-len N | --from-data]
                                                   adapter parameters per module, adapter file size and
@@ -97,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraforge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"loraforge {_version()}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the whole pipeline")
     run.add_argument("items", nargs="*", metavar="CONFIG|key=value", help="a YAML config and/or overrides")
@@ -115,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="show a run record (id, prefix or 'latest') or an artifact's lineage")
     show.add_argument("ref", help="run id / 'latest' / stage/key / key prefix")
     show.add_argument("--store", default="./artifacts", help="artifact store (default ./artifacts)")
+    show.add_argument("--json", action="store_true", help="the run record or the artifact's manifest as JSON")
     show.set_defaults(handler=_show)
     validate = sub.add_parser("validate", help="validate a config and print it resolved")
     validate.add_argument("items", nargs="*", metavar="CONFIG|key=value")
@@ -305,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
             record = ArtifactStore(config.store, config.store_verify).load_run(run_id)  # what ran before
         except (LoraforgeError, OSError, ValueError):  # no record (the store itself failed): the error says why
             record = {}
-    _summary(config, record, time.perf_counter() - started, failure)
+    _print_record({"name": config.name, **record}, time.perf_counter() - started, failure)
     if failure is not None:
         raise failure
     return 0
@@ -373,11 +377,27 @@ def _show(args: argparse.Namespace) -> int:
 
     store = ArtifactStore(args.store)
     if store.has_run(args.ref):
-        print(json.dumps(store.load_run(args.ref), indent=2))
+        record = store.load_run(args.ref)
+        if args.json:
+            print(json.dumps(record, indent=2))
+        else:
+            _print_record(record, seconds=None, failure=None)
         return 0
     artifact = store.lookup(args.ref)
-    _print_lineage(store, artifact.stage, artifact.key, depth=0)
+    if args.json:
+        print(json.dumps(artifact.manifest, indent=2))
+    else:
+        _print_lineage(store, artifact.stage, artifact.key, depth=0)
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loraforge")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _print_lineage(store: Any, stage: str, key: str, depth: int) -> None:
@@ -393,16 +413,18 @@ def _print_lineage(store: Any, stage: str, key: str, depth: int) -> None:
         _print_lineage(store, ref["stage"], ref["key"], depth + 2)
 
 
-def _summary(config: Any, record: dict[str, Any], seconds: float, failure: Exception | None) -> None:
+def _print_record(record: dict[str, Any], seconds: float | None, failure: Exception | None) -> None:
+    """A run record, readable: what a run prints at its end and `loraforge show RUN` prints (without the total)."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(stderr=False, width=max(100, Console().width))
-    table = Table(title=f"loraforge run {record.get('run_id', '?')} ({config.name})")
+    table = Table(title=f"loraforge run {record.get('run_id', '?')} ({record.get('name', '?')})")
     for column in ("stage", "status", "key", "seconds"):
         table.add_column(column)
     for stage, info in record.get("stages", {}).items():
-        table.add_row(stage, "cache hit" if info["cached"] else "ran", info["key"], str(info["seconds"]))
+        status = {True: "cache hit", False: "ran"}.get(info.get("cached"), "?")
+        table.add_row(stage, status, info["key"], str(info.get("seconds", "?")))
     console.print(table)
     if "store" in record:
         console.print(f"artifacts: {record['store'].removeprefix('file://')}/<stage>/<key>/")
@@ -425,9 +447,9 @@ def _summary(config: Any, record: dict[str, Any], seconds: float, failure: Excep
         console.print(
             f"publish: {'pushed to ' + where if pub['mode'] == 'push' else 'bundle only (no Hub token) for ' + where}"
         )
-    if "run_id" in record:
-        store = Path(record["store"].removeprefix("file://"))
-        console.print(f"total {seconds:.0f} s; run record {store / 'runs' / (record['run_id'] + '.json')}")
+    if "run_id" in record and "store" in record:
+        where = f"{record['store'].removeprefix('file://')}/runs/{record['run_id']}.json"
+        console.print(f"total {seconds:.0f} s; run record {where}" if seconds is not None else f"run record {where}")
     if failure is not None:  # the message itself is printed once, last (`main`)
         console.print(f"[red]failed[/red] ({type(failure).__name__}): the message follows")
 

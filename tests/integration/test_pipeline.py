@@ -149,8 +149,12 @@ def test_token_never_written_to_the_store(first_run: dict, workdir: Path) -> Non
 
 def test_show_prints_run_and_lineage(first_run: dict, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = str(workdir / "store")
-    assert main(["show", first_run["run_id"], "--store", store]) == 0
+    assert main(["show", first_run["run_id"], "--store", store, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"]["train"]["key"] == first_run["stages"]["train"]["key"]
+    assert main(["show", first_run["run_id"], "--store", store]) == 0  # readable by default: as a run ends
+    table = capsys.readouterr().out
+    assert f"loraforge run {first_run['run_id']}" in table and first_run["stages"]["train"]["key"] in table
+    assert "gate: PASSED" in table and f"run record {store}/runs/{first_run['run_id']}.json" in table
     publish_key = first_run["stages"]["publish"]["key"]
     assert main(["show", f"publish/{publish_key}", "--store", store]) == 0
     lineage = capsys.readouterr().out

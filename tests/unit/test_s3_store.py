@@ -174,8 +174,11 @@ def test_run_records_and_show_work_on_the_bucket(machine, capsys) -> None:
     assert two.has_run("run-") and two.load_run("latest")["run_id"] == "run-a"
     from flows.cli import main
 
-    assert main(["show", "run-a", "--store", two.url]) == 0
+    assert main(["show", "run-a", "--store", two.url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"]["data"]["key"] == "k1"
+    assert main(["show", "run-a", "--store", two.url]) == 0  # readable by default
+    readable = capsys.readouterr().out
+    assert "loraforge run run-a" in readable and "k1" in readable and "{" not in readable
     assert main(["show", "data/k1", "--store", two.url]) == 0
     assert "data/k1" in capsys.readouterr().out
 
@@ -218,3 +221,13 @@ def test_transient_server_failures_are_retried_and_a_dead_server_is_a_clear_erro
         with pytest.raises(StageError, match=rf"store {one.url} \({down.url}\): cannot read data/k1/manifest.json"):
             machine("three").find("data", "k1")
     assert len(down.seen) == 2
+
+
+def test_version_names_the_installed_package(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"loraforge {version('loraforge')}"

@@ -434,8 +434,10 @@ def _print_record(record: dict[str, Any], seconds: float | None, failure: Except
             f"{m} base {ev.get('base_' + m, float('nan')):.3f} -> tuned {ev[m]:.3f}"
             for m in ("accuracy", "macro_f1", "perplexity") if m in ev))  # fmt: skip
     if "gate" in record:
-        checks = ", ".join(f"{c['check']} [{c['value']}]" for c in record["gate"]["checks"])
-        console.print(f"gate: {'PASSED' if record['gate']['passed'] else 'FAILED'} ({checks})")
+        from tasks.evaluate import Gate
+
+        gate = Gate(**record["gate"])  # the run record holds read_gate's fields
+        console.print(f"gate: {'PASSED' if gate.passed else 'FAILED'} ({gate.summary()})")
     for qtype, info in record.get("gguf", {}).items():
         verdict = "passed" if info.get("passed", True) else f"[red]withheld[/red]: {info.get('reason')}"
         console.print(f"gguf {qtype}: {info['file']} {info['size_mb']} MB, KL {info.get('mean_kl', float('nan')):.4f}, "

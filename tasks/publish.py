@@ -412,7 +412,8 @@ def _card_context(config: PublishConfig, lineage: dict[str, Any], base: Artifact
     tables, what was published and the lineage summary."""
     import yaml
 
-    base_id = read_base(base).public_name
+    ref = read_base(base)
+    base_id = ref.public_name
     metrics = eval_.metrics
     gguf_meta = lineage["quantize"]["gguf"] or {}
     published = [q for q in config.include_gguf if gguf_meta.get(q, {}).get("passed", True)]
@@ -421,11 +422,14 @@ def _card_context(config: PublishConfig, lineage: dict[str, Any], base: Artifact
     short_name = config.repo_id.split("/")[-1]
     card_meta: dict[str, Any] = {
         "base_model": base_id,
+        "base_model_relation": "adapter",
         "library_name": "peft",
         "pipeline_tag": "text-generation",
         "license": base_license(base),
         "tags": ["loraforge", "lora", "peft"] + (["gguf"] if published else []) + (["ollama"] if modelfiles else []),
     }
+    if ref.license_name:  # a custom license ("other"): the Hub shows its name and links its terms
+        card_meta.update(license_name=ref.license_name, license_link=ref.license_link)
     if datasets:  # Hub dataset ids only (the Hub links them); local data is named in the lineage below
         card_meta["datasets"] = datasets
     card_meta["model-index"] = [{
@@ -449,6 +453,7 @@ def _card_context(config: PublishConfig, lineage: dict[str, Any], base: Artifact
         "front_matter": yaml.safe_dump(card_meta, sort_keys=False, allow_unicode=True).strip(),
         "short_name": short_name,
         "base_id": base_id,
+        "base_gguf": {"file": ref.gguf[0], "sha256": ref.gguf[1]} if ref.gguf else None,
         "repo_id": config.repo_id,
         "tag": lineage["tag"],
         "pipeline": lineage["pipeline"],

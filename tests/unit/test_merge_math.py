@@ -139,16 +139,62 @@ def test_streamed_figures_equal_the_all_at_once_figures(tiny_model, tmp_path, ba
     assert len(list((tmp_path / "adapter").iterdir())) == -(-len(rows) // batch_size)  # one file per micro-batch
 
 
-def test_verdict_names_each_limit_broken_and_the_fix_for_float16() -> None:
+def test_verdict_names_each_limit_broken_and_rejudges_without_measuring() -> None:
     from tasks.merge import MergeConfig, judge_fidelity
 
     good = {"fp32_max_abs_logit_diff": 2e-4, "cast_top1_agreement": 0.972, "cast_mean_kl": 7e-3}
-    assert judge_fidelity(good, MergeConfig(dtype="bfloat16")) == []
+    assert judge_fidelity(good, MergeConfig(), "bfloat16") == []
     gemma_fp16 = {**good, "cast_top1_agreement": 0.379}  # measured: Gemma 3 270M merged and cast to float16
-    problems = judge_fidelity(gemma_fp16, MergeConfig())
-    assert problems[0] == "float16 top-1 agreement 0.379 < merge.min_top1_agreement=0.95"
-    assert "set merge.dtype=bfloat16" in problems[1] and len(problems) == 2
+    assert judge_fidelity(gemma_fp16, MergeConfig(), "float16") == [
+        "float16 top-1 agreement 0.379 < merge.min_top1_agreement=0.95"
+    ]
     # re-judged with other limits, without measuring again
-    assert judge_fidelity(gemma_fp16, MergeConfig(min_top1_agreement=0.3)) == []
+    assert judge_fidelity(gemma_fp16, MergeConfig(min_top1_agreement=0.3), "float16") == []
     far = {"fp32_max_abs_logit_diff": 1.0, "cast_top1_agreement": 1.0, "cast_mean_kl": 0.5}
-    assert [p.split(" ")[0] for p in judge_fidelity(far, MergeConfig(dtype="bfloat16"))] == ["fp32", "bfloat16"]
+    assert [p.split(" ")[0] for p in judge_fidelity(far, MergeConfig(), "bfloat16")] == ["fp32", "bfloat16"]
+
+
+def test_advice_names_the_dtypes_that_pass_with_their_figures() -> None:
+    from tasks.merge import MergeConfig, advice
+
+    fp32 = {"fp32_max_abs_logit_diff": 2e-4}
+    others = {
+        "bfloat16": {**fp32, "cast_top1_agreement": 0.991, "cast_mean_kl": 2.1e-3},
+        "float32": {**fp32, "cast_top1_agreement": 1.0, "cast_mean_kl": 0.0},
+    }
+    assert advice(others, MergeConfig()) == (
+        "measured on the same probe rows: bfloat16: top-1 0.991, mean KL 2.10e-03 (passes), "
+        "float32: top-1 1.000, mean KL 0.00e+00 (passes); set merge.dtype=bfloat16"
+    )
+    strict = advice(others, MergeConfig(min_top1_agreement=0.999))
+    assert "bfloat16: top-1 0.991, mean KL 2.10e-03 (fails too)" in strict and strict.endswith("merge.dtype=float32")
+    broken = {name: {**f, "fp32_max_abs_logit_diff": 1.0} for name, f in others.items()}
+    assert "no dtype passes" in advice(broken, MergeConfig())
+
+
+def test_other_dtypes_are_measured_on_a_fresh_merge_against_the_same_logits(tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tasks.merge import measure_fidelity, measure_other_dtypes
+
+    rows = _probe_rows(5, 49152)
+    _, figures = measure_fidelity(_tiny_adapted(tiny_model), rows, 0, "float16", 2, tmp_path)
+    others = measure_other_dtypes(lambda: _tiny_adapted(tiny_model), rows, 0, 2, tmp_path, "float16", figures)
+    assert list(others) == ["bfloat16", "float32"]
+    for dtype, measured in others.items():
+        expected = _all_at_once(_tiny_adapted(tiny_model), rows, dtype)
+        assert measured["cast_top1_agreement"] == pytest.approx(expected["cast_top1_agreement"], rel=1e-6)
+        assert measured["cast_mean_kl"] == pytest.approx(expected["cast_mean_kl"], rel=1e-5, abs=1e-12)
+    assert others["float32"]["cast_max_abs_logit_diff"] == figures["fp32_max_abs_logit_diff"]
+
+
+@pytest.mark.parametrize(
+    ("declared", "wanted", "resolved"),
+    [({"dtype": "bfloat16"}, "auto", "bfloat16"), ({"torch_dtype": "float16"}, "auto", "float16"),
+     ({}, "auto", "float32"), ({"dtype": "float8_e4m3fn"}, "auto", "float32"), ({"dtype": "bfloat16"}, "float16", "float16")],
+)  # fmt: skip
+def test_auto_dtype_is_what_the_base_config_declares(tmp_path, declared, wanted, resolved) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from tasks.merge import resolve_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", **declared}))
+    assert resolve_dtype(wanted, tmp_path) == resolved

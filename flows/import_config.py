@@ -139,6 +139,8 @@ class Imported:
     changed: list[Note] = field(default_factory=list)  # carried over with a changed meaning
     empty: list[str] = field(default_factory=list)  # Axolotl keys written without a value
     defaults: list[str] = field(default_factory=list)  # loraforge settings chosen where Axolotl has none
+    carried: dict[str, str] = field(default_factory=dict)  # loraforge key -> the Axolotl key it came from
+    as_is: list[str] = field(default_factory=list)  # Axolotl keys whose value is loraforge's behaviour anyway
 
     def to_yaml(self, source: str) -> str:
         """The config as YAML, with every note as a comment at the top."""
@@ -168,8 +170,8 @@ class _Converter:
     def __init__(self, source: str, raw: dict[str, Any], lines: dict[tuple[str, ...], int]) -> None:
         self.source, self.raw, self.lines = source, raw, lines
         self.out: dict[str, Any] = {}
-        self.origin: dict[str, str] = {}  # loraforge dotted key -> the Axolotl key it came from
         self.result = Imported(self.out)
+        self.origin = self.result.carried  # loraforge dotted key -> the Axolotl key it came from
         self.problems: list[str] = []
 
     def where(self, key: str) -> str:
@@ -223,6 +225,10 @@ def import_axolotl(path: str | Path) -> Imported:
     for key, value in raw.items():
         if key not in HANDLED:
             _other(conv, key, value)
+        elif value is None or value == "":
+            conv.result.empty.append(key)
+        elif value is False and key not in conv.origin.values():  # load_in_8bit: false, lora_target_linear: false
+            conv.result.as_is.append(key)
     _eval_defaults(conv)
     _check(conv)
     return conv.result
@@ -444,6 +450,8 @@ def _adapter(conv: _Converter) -> None:
         conv.set("train.quantization", bits[0], f"load_in_{bits[0]}")
     elif adapter == "qlora":
         conv.set("train.quantization", "4bit", "adapter")
+    if adapter in ("lora", "qlora") and conv.origin.get("train.quantization") != "adapter":
+        conv.result.as_is.append("adapter")  # loraforge trains a LoRA adapter; load_in_4bit carried the 4 bits
     if adapter == "qlora" and bits == ["8bit"]:
         conv.problem("adapter", "qlora loads the base in 4-bit, but load_in_8bit is true")
     for name, value in (raw.get("bnb_config_kwargs") or {}).items():
@@ -554,6 +562,7 @@ def _other(conv: _Converter, key: str, value: Any) -> None:
         conv.result.empty.append(key)
         return
     if not isinstance(value, (dict, list)) and (key, value) in SAME_AS_LORAFORGE:
+        conv.result.as_is.append(key)
         return
     found = NOT_CARRIED.get(key) or next((v for k, v in NOT_CARRIED.items() if k.endswith("_") and
                                           key.startswith(k)), None)  # fmt: skip

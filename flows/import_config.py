@@ -10,6 +10,7 @@ with loraforge's own config model before it is written. docs/axolotl.md has the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,7 @@ def import_axolotl(path: str | Path) -> Imported:
     for key, value in raw.items():
         if key not in HANDLED:
             _other(conv, key, value)
-        elif value is None or value == "":
+        elif value is None or value in ("", [], {}):
             conv.result.empty.append(key)
         elif value is False and key not in conv.origin.values():  # load_in_8bit: false, lora_target_linear: false
             conv.result.as_is.append(key)
@@ -567,7 +568,8 @@ def _other(conv: _Converter, key: str, value: Any) -> None:
     found = NOT_CARRIED.get(key) or next((v for k, v in NOT_CARRIED.items() if k.endswith("_") and
                                           key.startswith(k)), None)  # fmt: skip
     reason, closest = found or ("no loraforge setting for this Axolotl key", None)
-    shown = repr(value) if len(repr(value)) <= 60 else f"(a {type(value).__name__})"
+    shown = json.dumps(value, default=str)  # as YAML shows it: true, "flash_attention_2", ["a", "b"]
+    shown = shown if len(shown) <= 60 else f"(a {'mapping' if isinstance(value, dict) else 'list'})"
     conv.drop(key, f"{shown}: {reason}", closest)
 
 

@@ -14,6 +14,9 @@
     loraforge pull REPO[@REV] [REPO ...] --prompt TEXT [--gguf TYPE]
                                                   download published adapters (or a GGUF), verify them
                                                   against their lineage and answer the prompt with each
+    loraforge import-config AXOLOTL.yaml > mine.yaml
+                                                  an Axolotl config as a loraforge config; every key not
+                                                  carried over is listed (stderr and the YAML's header)
     loraforge register-data FILE                  announce new training data to the Prefect server
                                                   (event loraforge.data.registered -> the pipeline deployment runs)
 
@@ -149,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, then huggingface.co)")
     pull.add_argument("--max-new-tokens", type=int, default=32)
     pull.set_defaults(handler=_pull)
+    imported = sub.add_parser("import-config", help="convert an Axolotl config to a loraforge config (stdout)")
+    imported.add_argument("file", metavar="AXOLOTL.yaml", help="the Axolotl config to convert (docs/axolotl.md)")
+    imported.set_defaults(handler=_import_config)
     register = sub.add_parser("register-data", help="emit loraforge.data.registered for a new training file")
     register.add_argument("file", help="the training data file (.jsonl, .json, .csv, .parquet)")
     register.set_defaults(handler=_register_data)
@@ -188,6 +194,20 @@ def _register_data(args: argparse.Namespace) -> int:
     if event is None:
         raise LoraforgeError(f"register-data: Prefect did not emit the event (is {PREFECT_API_URL.value()} reachable?)")
     print(f"registered {path} (sha256 {digest[:16]}): event {event.id}")
+    return 0
+
+
+def _import_config(args: argparse.Namespace) -> int:
+    """The loraforge YAML on stdout; what was not carried over (or changed meaning) also on stderr."""
+    from flows.import_config import import_axolotl
+
+    imported = import_axolotl(args.file)
+    sys.stdout.write(imported.to_yaml(args.file))
+    for title, notes in (("not carried over", imported.dropped), ("changed meaning", imported.changed)):
+        for note in imported.notes(notes):
+            print(f"import-config: {title}: {note}", file=sys.stderr)
+    print(f"import-config: {len(imported.dropped)} keys not carried over, {len(imported.changed)} with a changed "
+          "meaning (listed at the top of the output too)", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -90,8 +90,11 @@ def test_a_tokenizer_without_template_needs_a_named_one(tmp_path: Path, tiny_mod
     with pytest.raises(ValueError, match="unknown chat template 'llama9'; use auto or one of: chatml, zephyr, alpaca"):
         DataConfig(train_file=train, chat_template="llama9")
     # SmolLM2's tokenizer has ChatML's tokens but not Gemma's: the stage stops and says which templates fit.
-    with pytest.raises(DataError, match=r"data.chat_template=gemma needs the special tokens <start_of_turn>, "
-                       r"<end_of_turn>, which the tokenizer .* data.chat_template=chatml or zephyr or alpaca or auto"):
+    with pytest.raises(
+        DataError,
+        match=r"data.chat_template=gemma needs the special tokens <start_of_turn>, "
+        r"<end_of_turn>, which the tokenizer .* data.chat_template=chatml or zephyr or alpaca or auto",
+    ):
         prepare_data(config.model_copy(update={"chat_template": "gemma"}), base, store)
     assert data.manifest["stop_strings"] == ["<|user|>"]
 

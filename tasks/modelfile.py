@@ -1,8 +1,8 @@
 """Ollama Modelfiles for GGUF files: FROM, a TEMPLATE in Go's text/template that renders conversations exactly as
 the model's (Jinja) chat template does, one `PARAMETER stop` per stop string, the sampling settings the eval
 measured with (`PARAMETER temperature 0` for greedy, `num_predict` = eval.max_new_tokens, ...), and SYSTEM when the
-data stage put a system prompt in every training row. `hub_files` gives the same translation as the repo-root
-`template`, `system` and `params` files that `ollama run hf.co/ORG/NAME:Q4_K_M` reads.
+data stage put a system prompt in every training row. `hub_files` reads the same translation off a Modelfile as the
+repo-root `template`, `system` and `params` files that `ollama run hf.co/ORG/NAME:Q4_K_M` reads.
 
 Ollama cannot run Jinja, so the chat template has to be translated. Rather than translate arbitrary Jinja, a
 template is recognised as one of the families below by rendering probe conversations with it and comparing with
@@ -30,6 +30,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tasks.errors import StageError
 
@@ -333,14 +334,21 @@ def modelfile(
     return "\n".join(lines) + "\n"
 
 
-def hub_files(
-    translation: Translation, stop_tokens: list[str], system_prompt: str | None, sampling: Sampling
-) -> dict[str, str]:
-    """The repo-root files Hugging Face's Ollama integration reads for `ollama run hf.co/ORG/NAME:TYPE`: `template`
-    (the Go template), `params` (JSON: stop and the sampling parameters) and `system` (when there is a system
-    prompt) — the same translation as the Modelfile's TEMPLATE, PARAMETER and SYSTEM lines."""
-    params = {"stop": list(stop_tokens), **sampling.parameters()}
-    files = {"template": translation.go_template, "params": json.dumps(params, indent=2) + "\n"}
-    if system_prompt:
-        files["system"] = system_prompt
+def hub_files(modelfile_text: str) -> dict[str, str]:
+    """The repo-root files Hugging Face's Ollama integration reads for `ollama run hf.co/ORG/NAME:TYPE`, read off
+    a Modelfile written by `modelfile` so the two cannot disagree: `template` (its TEMPLATE), `params` (JSON: its
+    PARAMETER lines, `stop` as a list) and `system` (its SYSTEM, when it has one)."""
+    template = re.search(r'^TEMPLATE """(.*?)"""$', modelfile_text, re.DOTALL | re.MULTILINE)
+    if template is None:
+        raise StageError("the Modelfile has no TEMPLATE: write it with tasks.modelfile.modelfile (quantize stage).")
+    params: dict[str, Any] = {"stop": []}
+    for name, value in re.findall(r"^PARAMETER (\w+) (.*)$", modelfile_text, re.MULTILINE):
+        if name == "stop":
+            params["stop"].append(json.loads(value))
+        else:
+            params[name] = json.loads(value)
+    files = {"template": template.group(1), "params": json.dumps(params, indent=2) + "\n"}
+    system = re.search(r'^SYSTEM """(.*?)"""$', modelfile_text, re.DOTALL | re.MULTILINE)
+    if system is not None:
+        files["system"] = system.group(1)
     return files

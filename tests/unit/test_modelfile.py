@@ -194,3 +194,29 @@ def test_named_template_renders_alike_in_transformers_llama_cpp_and_ollama(
     for stop in TEMPLATE_STOPS[name]:  # each stop string is one token when it is a special token of the template
         assert stop not in TEMPLATE_TOKENS[name] or len(llm.tokenize(stop.encode(), add_bos=False, special=True)) == 1
     llm.close()
+
+
+def test_publish_writes_the_hub_ollama_files_the_modelfile_implies(tmp_path: Path) -> None:
+    """The repo-root `template`, `params`, `system` (for `ollama run hf.co/ORG/NAME:Q4_K_M`) say what the
+    Modelfile says: its TEMPLATE, its PARAMETER lines (stop as a list), its SYSTEM."""
+    from tasks.publish import _write_ollama_files
+
+    translation = translate_chat_template(CHAT_TEMPLATES["gemma"], "<bos>", "<eos>")
+    sampling = Sampling(temperature=0.0, top_p=1.0, seed=0, num_predict=32)
+    text = modelfile("m-Q4_K_M.gguf", translation, ["<eos>", "<end_of_turn>"], 'Say "hi".\nTwice.', sampling)
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "m-Q4_K_M.Modelfile").write_text(text)
+    _write_ollama_files(tmp_path)
+    assert (tmp_path / "template").read_text() == translation.go_template
+    assert (tmp_path / "system").read_text() == 'Say "hi".\nTwice.'
+    assert json.loads((tmp_path / "params").read_text()) == {
+        "stop": ["<eos>", "<end_of_turn>"], "temperature": 0, "top_k": 1, "top_p": 1, "repeat_penalty": 1,
+        "seed": 0, "num_predict": 32}  # fmt: skip
+    bare = tmp_path / "bare"  # no system prompt: no system file; no Modelfile (adapter-only): none of them
+    (bare / "gguf").mkdir(parents=True)
+    (bare / "gguf" / "m-F16.Modelfile").write_text(modelfile("m-F16.gguf", translation, ["<eos>"], None, sampling))
+    _write_ollama_files(bare)
+    assert sorted(p.name for p in bare.iterdir()) == ["gguf", "params", "template"]
+    (tmp_path / "none").mkdir()
+    _write_ollama_files(tmp_path / "none")
+    assert list((tmp_path / "none").iterdir()) == []

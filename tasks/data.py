@@ -302,6 +302,13 @@ def _build_data(
     return store.get("data", key, fresh=True)
 
 
+def stop_token_ids(tokenizer: Any, stop_strings: tuple[str, ...] | list[str]) -> list[int]:
+    """The ids of the stop strings that are one token of `tokenizer` (what token-level generation can stop at;
+    the others, like alpaca's `### Instruction:`, only Ollama's string matching can)."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in stop_strings]
+    return [found[0] for found in ids if len(found) == 1]
+
+
 def _check_template_tokens(name: str, tokenizer: Any, model_path: Any) -> None:
     """A named template's special tokens must each be one token of the tokenizer (added tokens would need new,
     untrained embeddings: pick a base model of the template's family instead)."""

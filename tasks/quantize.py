@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from tasks.artifacts import Artifact, ArtifactStore, Draft
 from tasks.batching import read_split
-from tasks.data import DataSpec, read_data
+from tasks.data import DataSpec, read_data, stop_token_ids
 from tasks.errors import StageError
 from tasks.modelfile import Sampling, Translation, modelfile, translate_chat_template
 from tasks.process import logger_level
@@ -684,6 +684,7 @@ def _hf_reference(
     generation = model_dir / "generation_config.json"  # HF generation stops at these; llama.cpp must too
     eos_ids = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
     tokenizer.stop_token_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+    tokenizer.stop_token_ids += stop_token_ids(tokenizer, read_data(data).stop_strings)  # the named template's
     model = load_causal_lm(model_dir, "float32")
     model.eval()
     logprobs.mkdir()

@@ -1,6 +1,8 @@
 """The Ollama Modelfile's TEMPLATE, rendered by Go's text/template the way Ollama prepares prompts
 (tests/unit/ollama_render.go), gives exactly the text the Hugging Face chat template gives; templates of no known
-family are refused with the reason.
+family are refused with the reason. Every named template (tasks/data.py CHAT_TEMPLATES) is also rendered by
+llama.cpp from a tiny GGUF carrying it (llama-cpp-python's Jinja2ChatFormatter on the GGUF's
+`tokenizer.chat_template`, through the quantize stage's `_template_parity`), and the three token sequences compared.
 
 Go is part of the set-up (`make setup` installs Debian's golang-go): without it these tests fail, they do not skip,
 since the Modelfile's template would otherwise ship untested.
@@ -220,3 +222,41 @@ def test_publish_writes_the_hub_ollama_files_the_modelfile_implies(tmp_path: Pat
     (tmp_path / "none").mkdir()
     _write_ollama_files(tmp_path / "none")
     assert list((tmp_path / "none").iterdir()) == []
+
+
+def test_quantize_writes_a_modelfile_that_prompts_as_training_did(
+    template_gguf: tuple[Path, Path], go_render: Path, tmp_path: Path
+) -> None:
+    """The quantize stage's Modelfile for a GGUF of a named template (gemma: BOS first, stop <end_of_turn>):
+    its TEMPLATE, rendered by Go and tokenized as Ollama does (llama.cpp adds BOS only when the vocabulary says
+    so), gives the ids training used; it stops at EOS and the template's stop strings; greedy as the eval was."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from tasks.data import DataSpec
+    from tasks.modelfile import hub_files
+    from tasks.quantize import _GgufFile, _write_modelfiles
+
+    model_dir, base_gguf = template_gguf
+    gguf = tmp_path / "m-F16.gguf"
+    shutil.copy2(base_gguf, gguf)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATES["gemma"]
+    tokenizer.stop_token_ids = []
+    translation = translate_chat_template(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    spec = DataSpec(256, "Be brief.", {}, {}, None, None, TEMPLATE_STOPS["gemma"])
+    files = {"f16": _GgufFile("f16", gguf), "lora_f16": _GgufFile("lora_f16", tmp_path / "m-F16-LoRA.gguf")}
+    _write_modelfiles(files, translation, tokenizer, spec, Sampling(num_predict=24))
+    assert files["lora_f16"].modelfile is None and files["f16"].modelfile == "m-F16.Modelfile"
+    text = (tmp_path / "m-F16.Modelfile").read_text()
+    params = json.loads(hub_files(text)["params"])
+    assert params["stop"] == [tokenizer.eos_token, "<end_of_turn>"]
+    assert (params["temperature"], params["num_predict"]) == (0, 24)
+    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    for messages in CONVERSATIONS:
+        ollama_text = _go(go_render, hub_files(text)["template"], messages=messages, system="Be brief.")
+        with_system = messages if messages[0]["role"] == "system" else [
+            {"role": "system", "content": "Be brief."}, *messages]  # fmt: skip
+        hf_ids = tokenizer.apply_chat_template(with_system, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert llm.tokenize(ollama_text.encode(), add_bos=True, special=True) == list(hf_ids)
+    llm.close()

@@ -105,14 +105,15 @@ TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
     "phi3": ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"),
 }
 # What ends an answer under each named template besides the tokenizer's EOS (which every template stops at):
-# the Modelfile's `PARAMETER stop` lines, the Hub's `params`, and generation in eval and quantize.
+# the Modelfile's `PARAMETER stop` lines, the Hub's `params`, and generation in eval and quantize (a stop string
+# that is one token must also end generation in llama.cpp: the quantize stage checks the GGUF).
 TEMPLATE_STOPS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_end|>",),
-    "zephyr": ("<|user|>",),
+    "zephyr": (),  # answers end with EOS; <|user|> is one token (not an end of generation) in Phi-3 tokenizers
     "alpaca": ("### Instruction:",),
     "gemma": ("<end_of_turn>",),
     "llama3": ("<|eot_id|>",),
-    "mistral": ("[INST]",),
+    "mistral": (),  # its answers end with EOS; [INST] is no end-of-generation token in llama.cpp (quantize checks)
     "phi3": ("<|end|>",),
 }
 MAX_LISTED_PROBLEMS = 30

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data import CHAT_TEMPLATES, TEMPLATE_STOPS, TEMPLATE_TOKENS
+from tasks.data import CHAT_TEMPLATES, TEMPLATE_STOPS, TEMPLATE_TOKENS, stop_token_ids
 from tasks.errors import StageError
 from tasks.modelfile import PROBES, Sampling, modelfile, translate_chat_template
 
@@ -179,10 +179,10 @@ def test_named_template_renders_alike_in_transformers_llama_cpp_and_ollama(
                    env={**os.environ, "PYTHONPATH": str(converter / "gguf-py")})  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = template
-    tokenizer.stop_token_ids = []
+    tokenizer.stop_token_ids = stop_token_ids(tokenizer, TEMPLATE_STOPS[name])  # as eval and quantize set them
     llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     assert llm.metadata["tokenizer.chat_template"] == template
-    problems, llama_ids = _template_parity(llm, tokenizer, CONVERSATIONS)
+    problems, llama_ids = _template_parity(llm, tokenizer, CONVERSATIONS)  # stop tokens end generation there too
     assert problems == []
     translation = translate_chat_template(template, tokenizer.bos_token, tokenizer.eos_token).for_gguf(_adds_bos(gguf))
     assert translation.family == name

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     train = train_adapter(config.train, base, data, store)
     merge = merge_adapter(config.merge, base, data, train, store)
     print(f"[bench] base..merge ready in {time.perf_counter() - started:.0f} s (merge {merge.key})", flush=True)
-    quantize = quantize_gguf(config.quantize, config.name, base, data, train, merge, store)
+    quantize = quantize_gguf(config.quantize, config.name, config.eval, base, data, train, merge, store)
     print(f"[bench] quantize {quantize.key} ({'cache hit' if quantize.cached else 'computed'})", flush=True)
 
     model_dir = merge.path / "model"

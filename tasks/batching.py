@@ -158,7 +158,8 @@ def generate_answers(
     seed: int = 0,
 ) -> list[str]:
     """Answers to each conversation (rendered with the tokenizer's chat template and a generation prompt),
-    batched with left padding, stopping at EOS: greedy when temperature is 0, else seeded sampling."""
+    batched with left padding, stopping at EOS and at the tokenizer's `stop_token_ids` when it has them (the named
+    template's stop tokens, see `tasks.data.stop_token_ids`): greedy when temperature is 0, else seeded sampling."""
     import torch
     from tqdm import tqdm
 
@@ -180,7 +181,7 @@ def generate_answers(
                     **batch,
                     max_new_tokens=max_new_tokens,
                     **(sampling or {"do_sample": False}),
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=[tokenizer.eos_token_id, *getattr(tokenizer, "stop_token_ids", [])],
                     pad_token_id=tokenizer.pad_token_id,
                 )
             new_tokens = out[:, batch["input_ids"].shape[1] :]

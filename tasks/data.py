@@ -41,7 +41,17 @@ HUB_PREFIX = "hub:"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 HISTOGRAM_BINS = 16
 # Named chat templates for tokenizers that have none (or to replace theirs). Each renders the generation
-# prompt as a prefix of the full conversation, which prompt masking needs.
+# prompt as a prefix of the full conversation, which prompt masking needs, and none trims or rewrites content,
+# so tasks/modelfile.py can mirror each in Ollama's Go template exactly. Formats:
+#   chatml  (Qwen, SmolLM2) <|im_start|>role\n...<|im_end|>\n
+#   zephyr  <|role|>\n...EOS\n
+#   alpaca  system\n\n### Instruction:\n...\n\n### Response:\n...EOS\n\n
+#   gemma   (Gemma 3) BOS<start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n; the system message is
+#           folded into the first user turn (followed by a blank line), as Gemma's own template does
+#   llama3  (Llama 3.x) BOS<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> (no date/tools preamble)
+#   mistral (v3-tekken spacing, Mistral Nemo) BOS[INST]user[/INST]answerEOS; the system message is folded into
+#           the first user turn (followed by a blank line); the generation prompt adds nothing after [/INST]
+#   phi3    (Phi-3/3.5/4-mini) <|role|>\n...<|end|>\n, generation prompt <|assistant|>\n
 CHAT_TEMPLATES = {
     "chatml": (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -57,6 +67,54 @@ CHAT_TEMPLATES = {
         "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
     ),
+    "gemma": (
+        "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else "
+        "message['role']) + '\n' + (system if loop.first else '') + message['content'] + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}{% if message['role'] == 'user' %}"
+        "{{ '[INST]' + (system if loop.first else '') + message['content'] + '[/INST]' }}"
+        "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "phi3": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+}
+# The special tokens each named template is written with: the tokenizer must have each as one token (a
+# template spelled in pieces of ordinary text would train a model that never emits its stop token).
+TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "zephyr": (),
+    "alpaca": (),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "mistral": ("[INST]", "[/INST]"),
+    "phi3": ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"),
+}
+# What ends an answer under each named template besides the tokenizer's EOS (which every template stops at):
+# the Modelfile's `PARAMETER stop` lines, the Hub's `params`, and generation in eval and quantize (a stop string
+# that is one token must also end generation in llama.cpp: the quantize stage checks the GGUF).
+TEMPLATE_STOPS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_end|>",),
+    "zephyr": (),  # answers end with EOS; <|user|> is one token (not an end of generation) in Phi-3 tokenizers
+    "alpaca": ("### Instruction:",),
+    "gemma": ("<end_of_turn>",),
+    "llama3": ("<|eot_id|>",),
+    "mistral": (),  # its answers end with EOS; [INST] is no end-of-generation token in llama.cpp (quantize checks)
+    "phi3": ("<|end|>",),
 }
 MAX_LISTED_PROBLEMS = 30
 LEAK_EXAMPLES = 3  # leaked prompts (and unseen labels) named on the console and in errors
@@ -88,7 +146,11 @@ class DataConfig(BaseModel):
     chat_template: str = Field(
         "auto",
         description="auto = the tokenizer's own chat template (an error if it has none), or a name from the "
-        f"registry ({', '.join(CHAT_TEMPLATES)}) used instead; recorded in the artifact with its hash.",
+        f"registry ({', '.join(CHAT_TEMPLATES)}) used instead; recorded in the artifact with its hash. A named "
+        "template's special tokens must be in the tokenizer (gemma: <start_of_turn>/<end_of_turn>, llama3: "
+        "<|start_header_id|>/<|end_header_id|>/<|eot_id|>, mistral: [INST]/[/INST], phi3: <|user|>/<|assistant|>/"
+        "<|system|>/<|end|>, chatml: <|im_start|>/<|im_end|>; zephyr and alpaca are plain text), else the stage "
+        "stops; its stop strings (docs/usage.md) go to the Modelfile and the Hub's params.",
     )
     text_field: str = Field("text", description="classification and text: the column holding the text.")
     label_field: str = Field("label", description="classification: the column holding the label (the answer).")
@@ -135,6 +197,7 @@ class DataSpec(NamedTuple):
     settings: dict[str, Any]  # the data section it was made with (lineage, model card)
     data_sha256: str | None  # of the rows it was made from
     template_sha256: str | None  # of the chat template it rendered them with
+    stop_strings: tuple[str, ...] = ()  # what ends an answer besides EOS (the named template's TEMPLATE_STOPS)
 
 
 def read_data(data: Artifact) -> DataSpec:
@@ -142,7 +205,7 @@ def read_data(data: Artifact) -> DataSpec:
     m = data.manifest
     config = dict(m["config"])
     return DataSpec(int(config["max_length"]), config.get("system_prompt"), dict(m["special_tokens"]), config,
-                    m.get("data_sha256"), m.get("template_sha256"))  # fmt: skip
+                    m.get("data_sha256"), m.get("template_sha256"), tuple(m.get("stop_strings", ())))  # fmt: skip
 
 
 def prepare_data(config: DataConfig, base: Artifact, store: ArtifactStore) -> Artifact:
@@ -202,6 +265,8 @@ def _build_data(
             f"the base model's tokenizer ({model_path}) has no chat template; set "
             f"data.chat_template to one of {', '.join(CHAT_TEMPLATES)} (or use an instruct/chat base model)."
         )
+    if config.format != "text":
+        _check_template_tokens(config.chat_template, tokenizer, model_path)
     tokenizer.chat_template = template or None
     encoded: dict[str, list[dict[str, Any]]] = {}
     report: dict[str, Any] = {"splits": {}}
@@ -230,11 +295,38 @@ def _build_data(
         draft.metrics["leaked_prompts"] = report["leakage"]["test_in_train"] + report["leakage"]["val_in_train"]
         draft.extra["data_sha256"] = content
         draft.extra["template_sha256"] = hashlib.sha256(template.encode()).hexdigest()
+        draft.extra["stop_strings"] = list(TEMPLATE_STOPS.get(config.chat_template, ()))
         draft.extra["special_tokens"] = {  # what training saw; the GGUF must carry the same
             name: {"id": getattr(tokenizer, f"{name}_token_id"), "text": getattr(tokenizer, f"{name}_token")}
             for name in ("bos", "eos", "pad")
         }
     return store.get("data", key, fresh=True)
+
+
+def stop_token_ids(tokenizer: Any, stop_strings: tuple[str, ...] | list[str]) -> list[int]:
+    """The ids of the stop strings that are one token of `tokenizer` (what token-level generation can stop at;
+    the others, like alpaca's `### Instruction:`, only Ollama's string matching can)."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in stop_strings]
+    return [found[0] for found in ids if len(found) == 1]
+
+
+def _check_template_tokens(name: str, tokenizer: Any, model_path: Any) -> None:
+    """A named template's special tokens must each be one token of the tokenizer (added tokens would need new,
+    untrained embeddings: pick a base model of the template's family instead)."""
+
+    def missing(template: str) -> list[str]:
+        return [token for token in TEMPLATE_TOKENS.get(template, ())
+                if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1]  # fmt: skip
+
+    absent = missing(name)
+    if absent:
+        fitting = [template for template in CHAT_TEMPLATES if not missing(template)]
+        raise DataError(
+            f"data.chat_template={name} needs the special tokens {', '.join(absent)}, which the tokenizer of "
+            f"{model_path} does not have (it would split them into ordinary text, and the model would never learn "
+            f"to emit its stop token); use a base model of the {name} family, or a template this tokenizer can "
+            f"write: data.chat_template={' or '.join(fitting + ['auto'])}."
+        )
 
 
 def _read_rows(files: list[tuple[str, str]], config: DataConfig) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.artifacts import Artifact, ArtifactStore, sha256_file
 from tasks.batching import generate_answers, read_split, row_losses
-from tasks.data import leaked_prompts
+from tasks.data import leaked_prompts, read_data, stop_token_ids
 from tasks.errors import GateFailed, StageError
 from tasks.hubclient import LINEAGE_FILE, explain, hub_endpoint, hub_token, read_lineage, with_retries
 from tasks.process import torch_threads
@@ -167,6 +167,7 @@ def _build_eval(
     model_path = read_base(base).model_path
     tokenizer = load_tokenizer(model_path)
     tokenizer.chat_template = data.file("chat_template.jinja").read_text() or None  # the template training used
+    tokenizer.stop_token_ids = stop_token_ids(tokenizer, read_data(data).stop_strings)  # answers end there too
     rows = read_split(data.file("test.jsonl"))[: config.max_rows]
     trained = read_train(train).settings
     base_model = load_base_as_trained(model_path, trained)  # in its training dtype, or QLoRA's 4-bit

@@ -3,9 +3,10 @@ lineage, then push it to a Hugging Face Hub repo, or, with no token, write the e
 
 Layout: one repo with folders, one commit per publish, one tag per pipeline version. The adapter sits at the repo
 root (so `PeftModel.from_pretrained(base, REPO, revision=TAG)` works as is), the merged model under `merged/`, the
-GGUF files with their Ollama Modelfiles under `gguf/`, the lineage under `loraforge/`. One repo keeps every
-artifact of a version behind a single commit and tag, so they can never drift apart; the price is that a GGUF user
-filters downloads (`allow_patterns="gguf/*"`, or `hf_hub_download(..., "gguf/NAME-Q4_K_M.gguf")`).
+GGUF files with their Ollama Modelfiles under `gguf/` (and, read off those Modelfiles, the repo-root `template`,
+`params` and `system` files that `ollama run hf.co/ORG/NAME:Q4_K_M` uses), the lineage under `loraforge/`. One
+repo keeps every artifact of a version behind a single commit and tag, so they can never drift apart; the price is
+that a GGUF user filters downloads (`allow_patterns="gguf/*"`, or `hf_hub_download(..., "gguf/NAME-Q4_K_M.gguf")`).
 
 A push is one commit: LFS contents go up first, the commit lands only when all of them are there, then the tag
 is created on that commit. A push that dies midway leaves no commit and no tag (uploaded LFS objects wait unused),
@@ -199,6 +200,7 @@ def _build_publish(
             for kind in ("file", "modelfile"):  # the GGUF and its Ollama Modelfile (merged types have one)
                 if kind in gguf[qtype]:
                     shutil.copy2(quantize.file(gguf[qtype][kind]), bundle / "gguf")
+        _write_ollama_files(bundle)
         lineage = _lineage(pipeline_name, inputs, tag)
         lineage["datasets"] = config.datasets if config.datasets is not None else hub_datasets(data)
         # Every published file's sha256, so `loraforge pull` can verify what it downloads against the lineage.
@@ -218,6 +220,17 @@ def _build_publish(
                 f"(tag {tag}) at {store.path('publish', key) / 'bundle'}"
             )
     return store.get("publish", key, fresh=True)
+
+
+def _write_ollama_files(bundle: Path) -> None:
+    """The repo-root `template`, `params` and `system` files that `ollama run hf.co/ORG/NAME:Q4_K_M` reads, from
+    the published Modelfiles (all of one model, so alike; the first by name is used)."""
+    from tasks.modelfile import hub_files
+
+    modelfiles = sorted((bundle / "gguf").glob("*.Modelfile")) if (bundle / "gguf").is_dir() else []
+    if modelfiles:
+        for name, text in hub_files(modelfiles[0].read_text()).items():
+            (bundle / name).write_text(text)
 
 
 def record_approval(store: ArtifactStore, eval_: Artifact, quantize: Artifact, answer: dict[str, Any]) -> str:

@@ -21,7 +21,8 @@ llama-cpp-python cannot pass an imatrix to llama_model_quantize (it is a C++ map
 sha256 and the text it was computed on.
 
 Each merged GGUF gets an Ollama Modelfile beside it (`NAME-Q4_K_M.Modelfile`: FROM, TEMPLATE, one PARAMETER stop
-per stop token, SYSTEM from data.system_prompt); see tasks/modelfile.py. A chat template that cannot be
+per stop token or named-template stop string, the eval's sampling settings as PARAMETERs, SYSTEM from
+data.system_prompt); see tasks/modelfile.py. A chat template that cannot be
 translated for Ollama stops the stage with the reason (or set `quantize.modelfile: false`).
 
 The converter (convert_hf_to_gguf.py with its gguf-py) comes from the sdist of the pinned llama-cpp-python, so
@@ -31,6 +32,7 @@ Run alone: `loraforge stage quantize CONFIG [key=value ...]`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -43,16 +45,19 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tasks.artifacts import Artifact, ArtifactStore, Draft
 from tasks.batching import read_split
-from tasks.data import read_data
+from tasks.data import DataSpec, read_data, stop_token_ids
 from tasks.errors import StageError
-from tasks.modelfile import Translation, modelfile, translate_chat_template
+from tasks.modelfile import Sampling, Translation, modelfile, translate_chat_template
 from tasks.process import logger_level
+
+if TYPE_CHECKING:
+    from tasks.evaluate import EvalConfig
 
 RUNTIME_ONLY = {"tool_timeout_s"}  # does not change the result: not part of the key
 QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "lora_f16"]
@@ -193,6 +198,7 @@ def read_quantize(quantize: Artifact) -> GgufFiles:
 def quantize_gguf(
     config: QuantizeConfig,
     name: str,
+    eval_config: EvalConfig,
     base: Artifact,
     data: Artifact,
     train: Artifact,
@@ -205,6 +211,8 @@ def quantize_gguf(
         config: the quantize section of the pipeline config.
         name: model name used in file names and GGUF metadata (GGUF naming convention: NAME-Q4_K_M.gguf,
             NAME-F16-LoRA.gguf).
+        eval_config: the eval section: its sampling settings (temperature, top_p, seed, max_new_tokens) go into
+            the Modelfiles, so Ollama answers as the eval measured.
         base: the base-model artifact as provisioned on this machine (the adapter GGUF types convert against it).
         data: the data artifact (probe rows from the test split).
         train: the train artifact (the adapter GGUF types convert its adapter).
@@ -225,12 +233,13 @@ def quantize_gguf(
     if wrong:
         raise StageError(f"quantize: given {' and '.join(wrong)}; pass the artifacts the merge was made from.")
     inputs = {"data": data, "merge": merge}  # base and train are the merge's inputs: its key covers them
-    key, code = store.stage_key("quantize", __file__, _settings(config, name), inputs)
+    sampling = Sampling(eval_config.temperature, eval_config.top_p, eval_config.seed, eval_config.max_new_tokens)
+    key, code = store.stage_key("quantize", __file__, _settings(config, name, sampling), inputs)
     with store.claim("quantize", key) as hit:
         if hit is not None:
             return hit
         with logger_level("llama-cpp-python", logging.ERROR):  # its load chatter, for this stage only
-            return _build_gguf(config, name, base, data, train, merge, store, key, code)
+            return _build_gguf(config, name, sampling, base, data, train, merge, store, key, code)
 
 
 @dataclass(frozen=True)
@@ -278,6 +287,7 @@ class HFReference:
 def _build_gguf(
     config: QuantizeConfig,
     name: str,
+    sampling: Sampling,
     base: Artifact,
     data: Artifact,
     train: Artifact,
@@ -301,7 +311,7 @@ def _build_gguf(
     translation = _ollama_translation(data) if config.modelfile else None  # before any work: fail fast
     imatrix_types = [t for t in config.types if t in IMATRIX_TYPES] if config.imatrix != "off" else []
     tools = _tools_dir(llama_cpp.__version__) if imatrix_types else None
-    with store.create("quantize", key, _settings(config, name), inputs, code, started=started) as draft:
+    with store.create("quantize", key, _settings(config, name, sampling), inputs, code, started=started) as draft:
         job = _Job(config, name, slug, draft.path, converter, model_dir, tools)
         ggufs = _convert_types(job)
         imatrix: Path | None = None
@@ -320,7 +330,7 @@ def _build_gguf(
         if "imatrix" in draft.extra:
             draft.extra["imatrix"]["used_for"] = [q for q in config.types if q in ggufs and ggufs[q].imatrix]
         if translation is not None:
-            _write_modelfiles(ggufs, translation, reference.tokenizer, read_data(data).system_prompt)
+            _write_modelfiles(ggufs, translation, reference.tokenizer, read_data(data), sampling)
         _stop_on_failure(ggufs, config)
         _record(draft, ggufs, reference, llama_cpp.__version__)
     return store.get("quantize", key, fresh=True)
@@ -392,16 +402,30 @@ def _measure_and_judge(gguf: _GgufFile, base_gguf: Path | None, reference: HFRef
 
 
 def _write_modelfiles(
-    ggufs: dict[str, _GgufFile], translation: Translation, tokenizer: Any, system: str | None
+    ggufs: dict[str, _GgufFile], translation: Translation, tokenizer: Any, spec: DataSpec, sampling: Sampling
 ) -> None:
-    """An Ollama Modelfile beside each merged GGUF (not the adapter types: they are applied to a base GGUF)."""
+    """An Ollama Modelfile beside each merged GGUF (not the adapter types: they are applied to a base GGUF); it
+    stops at the HF stop tokens (EOS, the generation config's) and the named template's stop strings."""
     stops = [tokenizer.convert_ids_to_tokens(i)
              for i in sorted(set(tokenizer.stop_token_ids) | {tokenizer.eos_token_id})]  # fmt: skip
+    stops += [text for text in spec.stop_strings if text not in stops]
     for gguf in ggufs.values():
         if gguf.qtype not in LORA_TYPES:
             target = gguf.path.with_suffix(".Modelfile")
-            target.write_text(modelfile(gguf.path.name, translation, stops, system))
+            fitted = translation.for_gguf(_adds_bos(gguf.path))
+            target.write_text(modelfile(gguf.path.name, fitted, stops, spec.system_prompt, sampling))
             gguf.modelfile = target.name
+
+
+def _adds_bos(path: Path) -> bool:
+    """Whether llama.cpp (and so Ollama) puts BOS before a prompt it tokenizes with this GGUF's vocabulary."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return bool(llama_cpp.llama_vocab_get_add_bos(llm._model.vocab))
+    finally:
+        llm.close()
 
 
 def _stop_on_failure(ggufs: dict[str, _GgufFile], config: QuantizeConfig) -> None:
@@ -558,9 +582,11 @@ def _quantize_with_imatrix(
     return found.group(1) if found else "0"
 
 
-def _settings(config: QuantizeConfig, name: str) -> dict[str, Any]:
-    """What the quantize key hashes: the config without runtime-only settings, and the model name."""
-    return {**config.model_dump(exclude=RUNTIME_ONLY), "name": name}
+def _settings(config: QuantizeConfig, name: str, sampling: Sampling) -> dict[str, Any]:
+    """What the quantize key hashes: the config without runtime-only settings, the model name, and (when
+    Modelfiles are written) the eval's sampling settings they carry."""
+    written = {"sampling": dataclasses.asdict(sampling)} if config.modelfile else {}
+    return {**config.model_dump(exclude=RUNTIME_ONLY), "name": name, **written}
 
 
 def _run_tool(cmd: list[str], out: Path, failure: str, timeout: float, env: dict[str, str] | None = None) -> str:
@@ -658,6 +684,7 @@ def _hf_reference(
     generation = model_dir / "generation_config.json"  # HF generation stops at these; llama.cpp must too
     eos_ids = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
     tokenizer.stop_token_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+    tokenizer.stop_token_ids += stop_token_ids(tokenizer, read_data(data).stop_strings)  # the named template's
     model = load_causal_lm(model_dir, "float32")
     model.eval()
     logprobs.mkdir()

@@ -25,6 +25,7 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
     from gguf import GGUFReader
 
     from tasks.data import prepare_data
+    from tasks.evaluate import EvalConfig
     from tasks.quantize import quantize_gguf
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
@@ -34,7 +35,9 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
     runs = {}
     for mode in ("on", "off", "auto"):
         quantize = config.quantize.model_copy(update={"types": ["q4_0", "q4_k_m", "q8_0"], "imatrix": mode})
-        runs[mode] = quantize_gguf(quantize, "tiny-router", a["base"], data, a["train"], a["merge"], store)
+        runs[mode] = quantize_gguf(
+            quantize, "tiny-router", EvalConfig(), a["base"], data, a["train"], a["merge"], store
+        )
     on, off, auto = runs["on"], runs["off"], runs["auto"]
     assert len({on.key, off.key, auto.key}) == 3 and on.manifest["config"]["imatrix"] == "on"
 
@@ -97,6 +100,8 @@ def test_gguf_names_and_modelfiles_are_published(first_run: dict, hub: str, tmp_
     from huggingface_hub import HfApi, hf_hub_download
     from pipeline_fixtures import REPO
 
+    from tasks.modelfile import hub_files
+
     tag = first_run["publish"]["tag"]
     files = set(HfApi(endpoint=hub, token=TOKEN).list_repo_files(REPO, revision=tag))
     gguf = sorted(f for f in files if f.startswith("gguf/"))
@@ -110,6 +115,12 @@ def test_gguf_names_and_modelfiles_are_published(first_run: dict, hub: str, tmp_
                                      token=TOKEN, cache_dir=tmp_path)).read_text()  # fmt: skip
     assert "FROM ./tiny-router-Q4_K_M.gguf" in modelfile.splitlines()
     assert 'TEMPLATE """{{- if .Messages }}' in modelfile and "SYSTEM" not in modelfile  # no data.system_prompt
+    assert "PARAMETER temperature 0" in modelfile.splitlines()  # the demo's eval is greedy
+    # `ollama run hf.co/...` reads the repo-root template and params: the Modelfile's, word for word.
+    assert {"template", "params"} <= files and "system" not in files
+    root = {name: Path(hf_hub_download(REPO, name, revision=tag, endpoint=hub, token=TOKEN,
+                                       cache_dir=tmp_path)).read_text() for name in ("template", "params")}  # fmt: skip
+    assert root == hub_files(modelfile)
     lineage = json.loads(Path(hf_hub_download(REPO, "loraforge/lineage.json", revision=tag, endpoint=hub,
                                               token=TOKEN, cache_dir=tmp_path)).read_text())  # fmt: skip
     assert lineage["files"]["gguf/tiny-router-Q4_K_M.Modelfile"] == sha256_file(

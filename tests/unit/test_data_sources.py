@@ -78,7 +78,7 @@ def test_a_tokenizer_without_template_needs_a_named_one(tmp_path: Path, tiny_mod
     config = DataConfig(train_file=train, format="prompt_completion")
     with pytest.raises(DataError) as error:
         prepare_data(config, base, store)
-    assert "has no chat template; set data.chat_template to one of chatml, zephyr, alpaca" in str(error.value)
+    assert "has no chat template; set data.chat_template to one of chatml, zephyr, alpaca, gemma" in str(error.value)
     data = prepare_data(config.model_copy(update={"chat_template": "zephyr"}), base, store)
     assert data.file("chat_template.jinja").read_text() == CHAT_TEMPLATES["zephyr"]
     assert data.manifest["chat_template"] == "zephyr"
@@ -89,6 +89,14 @@ def test_a_tokenizer_without_template_needs_a_named_one(tmp_path: Path, tiny_mod
     assert text.startswith("<|user|>\nticket") and text.endswith("<|im_end|>\n")  # eos_token closes the turn
     with pytest.raises(ValueError, match="unknown chat template 'llama9'; use auto or one of: chatml, zephyr, alpaca"):
         DataConfig(train_file=train, chat_template="llama9")
+    # SmolLM2's tokenizer has ChatML's tokens but not Gemma's: the stage stops and says which templates fit.
+    with pytest.raises(
+        DataError,
+        match=r"data.chat_template=gemma needs the special tokens <start_of_turn>, "
+        r"<end_of_turn>, which the tokenizer .* data.chat_template=chatml or zephyr or alpaca or auto",
+    ):
+        prepare_data(config.model_copy(update={"chat_template": "gemma"}), base, store)
+    assert data.manifest["stop_strings"] == []  # zephyr's answers end with EOS
 
 
 def test_report_has_a_length_histogram_and_a_png(tmp_path: Path, tiny_model: Path, store: ArtifactStore) -> None:

@@ -189,7 +189,9 @@ def advice(others: dict[str, dict[str, Any]], config: MergeConfig) -> str:
     ]
     passing = [name for name, f in others.items() if not judge_fidelity(f, config, name)]
     fix = (
-        f"set merge.dtype={passing[0]}" if passing else "no dtype passes: the adapter itself is off (retrain), or "
+        f"set merge.dtype={passing[0]}"
+        if passing
+        else "no dtype passes: the adapter itself is off (retrain), or "
         "relax merge.min_top1_agreement / merge.max_mean_kl"
     )
     return f"measured on the same probe rows: {', '.join(figures) or 'no other dtype'}; {fix}"

@@ -189,7 +189,8 @@ def test_other_dtypes_are_measured_on_a_fresh_merge_against_the_same_logits(tiny
 @pytest.mark.parametrize(
     ("declared", "wanted", "resolved"),
     [({"dtype": "bfloat16"}, "auto", "bfloat16"), ({"torch_dtype": "float16"}, "auto", "float16"),
-     ({}, "auto", "float32"), ({"dtype": "float8_e4m3fn"}, "auto", "float32"), ({"dtype": "bfloat16"}, "float16", "float16")],
+     ({}, "auto", "float32"), ({"dtype": "float8_e4m3fn"}, "auto", "float32"),
+     ({"dtype": "bfloat16"}, "float16", "float16")],
 )  # fmt: skip
 def test_auto_dtype_is_what_the_base_config_declares(tmp_path, declared, wanted, resolved) -> None:  # type: ignore[no-untyped-def]
     import json

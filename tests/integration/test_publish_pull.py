@@ -60,8 +60,11 @@ def test_model_card_fields(first_run: dict, hub: str, tmp_path: Path) -> None:
     base, data, train, quantize = (manifests[s] for s in ("base", "data", "train", "quantize"))
 
     # Hub metadata, field by field (the order is the card's).
-    assert list(meta) == ["base_model", "library_name", "pipeline_tag", "license", "tags", "model-index"]
+    assert list(meta) == [
+        "base_model", "base_model_relation", "library_name", "pipeline_tag", "license", "tags", "model-index"
+    ]  # fmt: skip
     assert meta["base_model"] == base["base_model"] and base.get("hub_id") is None  # the tiny local base
+    assert meta["base_model_relation"] == "adapter" and "license_name" not in meta  # no custom license here
     assert meta["library_name"] == "peft"
     assert meta["pipeline_tag"] == "text-generation"
     assert meta["license"] == "other"  # the tiny base is a local folder with no license anywhere

@@ -438,10 +438,12 @@ def _print_record(record: dict[str, Any], seconds: float | None, failure: Except
 
         gate = Gate(**record["gate"])  # the run record holds read_gate's fields
         console.print(f"gate: {'PASSED' if gate.passed else 'FAILED'} ({gate.summary()})")
+    from tasks.quantize import probe_summary
+
     for qtype, info in record.get("gguf", {}).items():
         verdict = "passed" if info.get("passed", True) else f"[red]withheld[/red]: {info.get('reason')}"
         console.print(f"gguf {qtype}: {info['file']} {info['size_mb']} MB, KL {info.get('mean_kl', float('nan')):.4f}, "
-                      f"top-1 {info.get('top1_agreement', float('nan')):.3f}, probe accuracy {info['accuracy']:.3f}, "
+                      f"top-1 {info.get('top1_agreement', float('nan')):.3f}, {probe_summary(info)}, "
                       f"answer {info['sample_answer']!r}; {verdict}")  # fmt: skip
     if "publish" in record:
         pub = record["publish"]

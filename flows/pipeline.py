@@ -294,8 +294,9 @@ def _report_gguf(quantize: Artifact) -> None:
         "mean_kl",
         "top1_agreement",
         "ppl_ratio",
-        "accuracy",
-        "hf_accuracy",
+        "probe",
+        "hf_probe",
+        "probe_drop",
         "passed",
         "reason",
     )

@@ -45,7 +45,7 @@ from tasks.hubclient import (
 )
 from tasks.merge import read_merge
 from tasks.models import read_base
-from tasks.quantize import read_quantize
+from tasks.quantize import probe_summary, read_quantize
 from tasks.train import read_train
 
 
@@ -440,7 +440,8 @@ def _card_context(config: PublishConfig, lineage: dict[str, Any], base: Artifact
     nan = float("nan")
     gguf_rows = [{"qtype": q, "file": g["file"], "size_mb": g["size_mb"], "imatrix": bool(g.get("imatrix")),
                   "mean_kl": g.get("mean_kl", nan), "top1_agreement": g.get("top1_agreement", nan),
-                  "ppl_ratio": g.get("ppl_ratio", nan), "accuracy": g["accuracy"], "passed": g.get("passed", True),
+                  "ppl_ratio": g.get("ppl_ratio", nan), "probe": probe_summary(g).removeprefix("probe "),
+                  "passed": g.get("passed", True),
                   "reason": "" if g.get("passed", True) else g["reason"]}
                  for q, g in gguf_meta.items()]  # fmt: skip
     gate = lineage["eval"]["gate"] or {}

@@ -88,7 +88,8 @@ STAGES: tuple[Stage, ...] = (
           "the merged model, checked against the adapter",
           ("torch", "transformers", "peft", "bitsandbytes", "safetensors")),
     # the GGUF converter comes with llama.cpp's sdist: llama-cpp-python's version covers it
-    Stage("quantize", "tasks.quantize:quantize_gguf", ("quantize", "name"), ("base", "data", "train", "merge"),
+    Stage("quantize", "tasks.quantize:quantize_gguf", ("quantize", "name", "eval.metrics"),
+          ("base", "data", "train", "merge"),
           "GGUF files, each checked against the merged model in llama.cpp",
           ("llama-cpp-python", "torch", "transformers", "numpy")),
     Stage("publish", "tasks.publish:publish_model", ("publish", "name", "orchestration.approval"),

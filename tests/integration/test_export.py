@@ -34,7 +34,9 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
     runs = {}
     for mode in ("on", "off", "auto"):
         quantize = config.quantize.model_copy(update={"types": ["q4_0", "q4_k_m", "q8_0"], "imatrix": mode})
-        runs[mode] = quantize_gguf(quantize, "tiny-router", a["base"], data, a["train"], a["merge"], store)
+        runs[mode] = quantize_gguf(
+            quantize, "tiny-router", ["accuracy"], a["base"], data, a["train"], a["merge"], store
+        )
     on, off, auto = runs["on"], runs["off"], runs["auto"]
     assert len({on.key, off.key, auto.key}) == 3 and on.manifest["config"]["imatrix"] == "on"
 
@@ -46,7 +48,8 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
         assert sha(on, qtype) != sha(off, qtype), f"{qtype}: the importance matrix did not change the file"
         for run in (on, off, auto):  # checked like every type, with or without the matrix
             info = run.manifest["gguf"][qtype]
-            assert {"mean_kl", "top1_agreement", "ppl_ratio", "accuracy", "passed"} <= set(info), qtype
+            assert {"mean_kl", "top1_agreement", "ppl_ratio", "probe", "hf_probe", "probe_drop", "passed"} <= set(info)
+            assert set(info["probe_drop"]) == {"accuracy"}, qtype
             assert info["template_parity"] == "4 prompts identical"
         # auto checked both files and kept the one closer to the merged model; both sets of figures recorded.
         info = auto.manifest["gguf"][qtype]

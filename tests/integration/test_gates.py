@@ -84,7 +84,9 @@ def test_gguf_with_a_swapped_chat_template_fails_quantize(first_run: dict, tmp_p
     template = load_tokenizer(a["merge"].file("model")).chat_template
     _tamper_tokenizer(a["merge"].file("model"), template=template.replace("<|im_start|>", "<|im_start|> "))
     with pytest.raises(StageError) as error:
-        quantize_gguf(QuantizeConfig(types=["q8_0"], probe_rows=2, fidelity_rows=2), "t", *_chain(a), store)
+        quantize_gguf(
+            QuantizeConfig(types=["q8_0"], probe_rows=2, fidelity_rows=2), "t", ["accuracy"], *_chain(a), store
+        )
     message = str(error.value)
     assert message.startswith("t-Q8_0.gguf: the GGUF does not prompt the model the way training did:")
     assert "conversation 0: prompt tokens differ from position 1" in message
@@ -97,7 +99,9 @@ def test_gguf_with_the_wrong_eos_fails_quantize(first_run: dict, tmp_path: Path)
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
     _tamper_tokenizer(a["merge"].file("model"), eos="<|endoftext|>")
     with pytest.raises(StageError, match=r"EOS differs: GGUF 0 vs HF 2 \('<\|im_end\|>'\)"):
-        quantize_gguf(QuantizeConfig(types=["f16"], probe_rows=2, fidelity_rows=2), "t", *_chain(a), store)
+        quantize_gguf(
+            QuantizeConfig(types=["f16"], probe_rows=2, fidelity_rows=2), "t", ["accuracy"], *_chain(a), store
+        )
 
 
 def test_template_parity_passes_on_the_real_files(first_run: dict) -> None:
@@ -135,7 +139,7 @@ def test_gguf_past_its_limits_fails_the_stage_when_asked(first_run: dict, tmp_pa
                             min_top1_agreement={"q4_k_m": 1.0}, max_ppl_ratio={"q4_k_m": 1.0})  # fmt: skip
     assert config.max_mean_kl["q8_0"] == 0.02  # other types keep their defaults
     with pytest.raises(StageError, match=r"GGUF fidelity check failed \(quantize.on_failure=fail\):\n  - q4_k_m: "):
-        quantize_gguf(config, "t", *_chain(a), store)
+        quantize_gguf(config, "t", ["accuracy"], *_chain(a), store)
 
 
 def test_eval_compares_with_the_published_adapter(first_run: dict, hub: str) -> None:
@@ -165,7 +169,9 @@ def test_a_stop_token_llama_cpp_would_not_stop_at_fails_quantize(first_run: dict
     settings = json.loads(generation.read_text()) if generation.is_file() else {}
     generation.write_text(json.dumps({**settings, "eos_token_id": [2, 1000]}))  # 1000 is an ordinary token
     with pytest.raises(StageError, match=r"stop token 1000 \('.*'\) does not end generation in llama.cpp"):
-        quantize_gguf(QuantizeConfig(types=["f16"], probe_rows=2, fidelity_rows=2), "t", *_chain(a), store)
+        quantize_gguf(
+            QuantizeConfig(types=["f16"], probe_rows=2, fidelity_rows=2), "t", ["accuracy"], *_chain(a), store
+        )
 
 
 def test_eval_gate_refuses_prompts_leaked_from_train(tiny_model: Path, tmp_path: Path) -> None:

@@ -190,8 +190,8 @@ def test_dora_rslora_and_loraplus(tiny_model: Path, store: ArtifactStore) -> Non
     base, data = _inputs(tiny_model, store)
     merged = merge_adapter(MergeConfig(probe_rows=4), base, data, dora, store)  # DoRA merges like LoRA
     with pytest.raises(StageError, match=r"llama.cpp's LoRA GGUF cannot hold DoRA magnitudes; drop lora_f16"):
-        quantize_gguf(QuantizeConfig(types=["lora_f16"], probe_rows=2, fidelity_rows=2), "t", base, data, dora, merged,
-                      store)  # fmt: skip
+        quantize_gguf(QuantizeConfig(types=["lora_f16"], probe_rows=2, fidelity_rows=2), "t", ["accuracy"], base, data,
+                      dora, merged, store)  # fmt: skip
 
 
 def test_target_module_presets_resolve_on_the_model(tiny_model: Path) -> None:

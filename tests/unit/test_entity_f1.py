@@ -5,6 +5,9 @@ how eval selects and gates on it."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -106,3 +109,26 @@ def test_eval_config_selects_entity_f1_and_gates_on_its_figures() -> None:
         EvalConfig(metrics=["entity_f1"], gate=["entity_f2 >= 0.5"])
     with pytest.raises(ValueError, match="entity_f1"):
         EvalConfig(metrics=["entity"])  # type: ignore[list-item]
+
+
+def test_the_bundled_extraction_dataset_is_regenerated_byte_for_byte_and_every_answer_parses() -> None:
+    import importlib.util
+
+    from tasks.evaluate import METRIC_DIR
+
+    root = Path(__file__).resolve().parents[1] / "data"
+    done = subprocess.run([sys.executable, str(root / "make_extraction_dataset.py"), "--check"], capture_output=True)
+    assert done.returncode == 0, done.stdout.decode()
+    spec = importlib.util.spec_from_file_location("entity_f1_module", METRIC_DIR / "entity_f1" / "entity_f1.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    answers = {split: [json.loads(line)["messages"][-1]["content"]
+                       for line in (root / "extraction" / f"{split}.jsonl").read_text().splitlines()]
+               for split in ("train", "validation", "test")}  # fmt: skip
+    assert {s: len(a) for s, a in answers.items()} == {"train": 64, "validation": 16, "test": 16}
+    parsed = [module.parse_entities(a) for a in answers["test"]]
+    assert all(p is not None for p in parsed)
+    assert {kind for p in parsed for kind, _ in p} == {"ORDER_ID", "PRODUCT", "AMOUNT", "DATE", "EMAIL"}
+    assert any(not p for p in parsed) and any(max(p.values(), default=0) == 2 for p in parsed)  # empty; a duplicate
+    assert _compute(answers["test"], answers["test"])["entity_f1"] == 1.0

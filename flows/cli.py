@@ -432,7 +432,7 @@ def _print_record(record: dict[str, Any], seconds: float | None, failure: Except
         ev = record["eval"]
         console.print("eval (test split): " + ", ".join(
             f"{m} base {ev.get('base_' + m, float('nan')):.3f} -> tuned {ev[m]:.3f}"
-            for m in ("accuracy", "macro_f1", "perplexity") if m in ev))  # fmt: skip
+            for m in ("accuracy", "macro_f1", "rouge_l", "entity_f1", "perplexity") if m in ev))  # fmt: skip
     if "gate" in record:
         from tasks.evaluate import Gate
 

@@ -369,7 +369,8 @@ def _lineage(name: str, inputs: dict[str, Artifact], tag: str) -> dict[str, Any]
     })  # fmt: skip
 
 
-CARD_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity")  # eval metrics in model-index
+# the eval metrics in the model-index and the card's table
+CARD_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1", "perplexity")
 CARD_TEMPLATE = "model_card.md.j2"  # in tasks/templates/
 KEYED_FILES = ("templates/model_card.md.j2",)  # the card's template: part of the publish key's code version
 

@@ -434,8 +434,7 @@ def probe_summary(figures: Mapping[str, Any]) -> str:
     if "probe" not in figures:
         return f"probe accuracy {figures.get('accuracy', math.nan):.3f} (HF {figures.get('hf_accuracy', math.nan):.3f})"
     hf = figures.get("hf_probe") or {}
-    shown = [f"{m} {figures['probe'][m]:.3f} (HF {hf.get(m, math.nan):.3f})" for m in figures["probe"] if m in hf
-             and m in ANSWER_METRICS]  # fmt: skip
+    shown = [f"{m} {figures['probe'].get(m, math.nan):.3f} (HF {hf[m]:.3f})" for m in ANSWER_METRICS if m in hf]
     return "probe " + (", ".join(shown) if shown else "not scored (no answer metric in eval.metrics)")
 
 

@@ -117,6 +117,8 @@ def test_the_console_line_shows_each_headline_metric_and_old_records_still_read(
     assert probe_summary(figures) == "probe rouge_l 0.412 (HF 0.450), entity_f1 0.500 (HF 0.600)"
     assert probe_summary({"accuracy": 0.5, "hf_accuracy": 0.75}) == "probe accuracy 0.500 (HF 0.750)"
     assert probe_summary(probe_figures({}, {})) == "probe not scored (no answer metric in eval.metrics)"
+    in_order = probe_figures({"rouge_l": 0.5, "accuracy": 0.25}, {"rouge_l": 0.5, "accuracy": 0.5})
+    assert probe_summary(in_order) == "probe accuracy 0.250 (HF 0.500), rouge_l 0.500 (HF 0.500)"
 
 
 def test_the_renamed_drop_limit_errors_clearly(tmp_path: Any) -> None:

@@ -6,8 +6,8 @@
 
 The stages up to merge are the pipeline's own (cache hits after `make demo` with the same config); the quantize
 stage then writes every requested type and measures, in llama-cpp-python against the merged HF model in fp32,
-mean KL, top-1 agreement and the perplexity ratio on validation rows and the answers' accuracy on test rows (the
-stage's own checks, with `quantize.imatrix`, default off here: plain quantization of every type).
+mean KL, top-1 agreement and the perplexity ratio on validation rows and the answers' first eval metric on test
+rows (the stage's own checks, with `quantize.imatrix`, default off here: plain quantization of every type).
 
 Decode speed, in this process: the merged HF model (fp32, torch, greedy `generate`) as the baseline, then each
 GGUF in llama-cpp-python (greedy), both on the same chat prompt for `--new-tokens` tokens with the end-of-text
@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = [{
         "model": f"HF merged ({merge.manifest['config']['dtype']} on disk, fp32 in torch)", "type": "hf",
         "size_mb": round(hf_size, 1), "size_vs_hf": 1.0, "mean_kl": 0.0, "top1_agreement": 1.0, "ppl_ratio": 1.0,
-        "accuracy": None, "decode_tok_s": round(hf_speed, 1), "decode_vs_hf": 1.0, "passed": True,
+        "probe": None, "decode_tok_s": round(hf_speed, 1), "decode_vs_hf": 1.0, "passed": True,
     }]  # fmt: skip
     figures = quantize.manifest["gguf"]
+    headline = next(iter(next(iter(figures.values()))["probe_drop"]), "")  # the first answer metric of eval.metrics
     for qtype in types:
         info = figures[qtype]
         speed = _gguf_decode(quantize.path / info["file"], prompt_ids, args.new_tokens, args.threads, args.repeats)
@@ -85,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({
             "model": info["file"], "type": qtype, "size_mb": info["size_mb"],
             "size_vs_hf": round(info["size_mb"] / hf_size, 3), "mean_kl": info["mean_kl"],
-            "top1_agreement": info["top1_agreement"], "ppl_ratio": info["ppl_ratio"], "accuracy": info["accuracy"],
+            "top1_agreement": info["top1_agreement"], "ppl_ratio": info["ppl_ratio"],
+            "probe": info["probe"].get(headline),
             "decode_tok_s": round(speed, 1), "decode_vs_hf": round(speed / hf_speed, 2), "passed": info["passed"],
             "fallback_tensors": info.get("fallback_tensors"), "imatrix": info.get("imatrix"),
         })  # fmt: skip
-    rows[0]["accuracy"] = next(iter(figures.values())).get("hf_accuracy")
+    rows[0]["probe"] = next(iter(figures.values()))["hf_probe"].get(headline)
     _print(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
@@ -153,10 +155,10 @@ def _gguf_decode(path: Path, prompt_ids: list[int], new_tokens: int, threads: in
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'type':7s} {'size MB':>8s} {'x size':>7s} {'mean KL':>8s} {'top-1':>6s} {'ppl ratio':>9s} {'acc':>6s} "
+    print(f"\n{'type':7s} {'size MB':>8s} {'x size':>7s} {'mean KL':>8s} {'top-1':>6s} {'ppl ratio':>9s} {'probe':>6s} "
           f"{'tok/s':>7s} {'x HF':>6s} passed")  # fmt: skip
     for r in rows:
-        acc = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-"
+        acc = f"{r['probe']:.3f}" if r["probe"] is not None else "-"
         print(f"{r['type']:7s} {r['size_mb']:8.1f} {r['size_vs_hf']:7.3f} {r['mean_kl']:8.4f} "
               f"{r['top1_agreement']:6.3f} {r['ppl_ratio']:9.4f} {acc:>6s} {r['decode_tok_s']:7.1f} "
               f"{r['decode_vs_hf']:6.2f} {r['passed']}")  # fmt: skip

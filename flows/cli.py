@@ -452,16 +452,18 @@ def _print_record(record: dict[str, Any], seconds: float | None, failure: Except
         ev = record["eval"]
         console.print("eval (test split): " + ", ".join(
             f"{m} base {ev.get('base_' + m, float('nan')):.3f} -> tuned {ev[m]:.3f}"
-            for m in ("accuracy", "macro_f1", "perplexity") if m in ev))  # fmt: skip
+            for m in ("accuracy", "macro_f1", "rouge_l", "entity_f1", "perplexity") if m in ev))  # fmt: skip
     if "gate" in record:
         from tasks.evaluate import Gate
 
         gate = Gate(**record["gate"])  # the run record holds read_gate's fields
         console.print(f"gate: {'PASSED' if gate.passed else 'FAILED'} ({gate.summary()})")
+    from tasks.quantize import probe_summary
+
     for qtype, info in record.get("gguf", {}).items():
         verdict = "passed" if info.get("passed", True) else f"[red]withheld[/red]: {info.get('reason')}"
         console.print(f"gguf {qtype}: {info['file']} {info['size_mb']} MB, KL {info.get('mean_kl', float('nan')):.4f}, "
-                      f"top-1 {info.get('top1_agreement', float('nan')):.3f}, probe accuracy {info['accuracy']:.3f}, "
+                      f"top-1 {info.get('top1_agreement', float('nan')):.3f}, {probe_summary(info)}, "
                       f"answer {info['sample_answer']!r}; {verdict}")  # fmt: skip
     if "publish" in record:
         pub = record["publish"]

@@ -33,7 +33,7 @@ from tasks.config import PipelineConfig, load_config
 from tasks.errors import ConfigError, GateFailed, StageError
 from tasks.evaluate import read_gate
 from tasks.publish import read_publish, record_approval
-from tasks.quantize import read_quantize
+from tasks.quantize import probe_summary, read_quantize
 from tasks.registry import STAGES, Stage
 
 StageCall = Callable[..., Artifact | State[Artifact]]  # a stage's task (or its deployment's stand-in)
@@ -287,19 +287,12 @@ def _report_train(train: Artifact) -> None:
 
 
 def _report_gguf(quantize: Artifact) -> None:
-    """Each GGUF file's fidelity against the merged model and its verdict, as a Prefect table."""
-    columns = (
-        "file",
-        "size_mb",
-        "mean_kl",
-        "top1_agreement",
-        "ppl_ratio",
-        "accuracy",
-        "hf_accuracy",
-        "passed",
-        "reason",
-    )
-    rows = [{"type": q, **{c: g.get(c) for c in columns}} for q, g in read_quantize(quantize).gguf.items()]
+    """Each GGUF file's fidelity against the merged model, its probe (the eval's answer metrics vs the merged
+    model's, one text cell) and its verdict, as a Prefect table."""
+    columns = ("file", "size_mb", "mean_kl", "top1_agreement", "ppl_ratio")
+    rows = [{"type": q, **{c: g.get(c) for c in columns}, "probe": probe_summary(g).removeprefix("probe "),
+             "passed": g.get("passed"), "reason": g.get("reason")}
+            for q, g in read_quantize(quantize).gguf.items()]  # fmt: skip
     create_table_artifact(table=rows, key="gguf-fidelity", description=f"quantize {quantize.key}")
 
 

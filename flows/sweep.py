@@ -36,7 +36,7 @@ from tasks.errors import StageError
 from tasks.evaluate import read_gate
 from tasks.registry import stage
 
-TABLE_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "loss", "perplexity")
+TABLE_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1", "loss", "perplexity")
 
 
 def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:

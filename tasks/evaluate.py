@@ -3,8 +3,10 @@ the quality gate.
 
 Metrics (`eval.metrics` picks them): loss and perplexity on the reference answers (teacher-forced), and, on
 greedy generations, exact match, classification accuracy and macro-F1 (the label set is the set of test
-answers, with per-class precision/recall/F1) and ROUGE-L for free-text answers. Metrics are computed by
-`evaluate` from metric modules shipped in tasks/metrics (hub names do not load offline).
+answers, with per-class precision/recall/F1), ROUGE-L for free-text answers and entity F1 for answers that list
+entities as JSON (`[{"type": ..., "text": ...}]`: micro and macro F1, micro precision/recall, unparsed answers,
+per-type results). Metrics are computed by `evaluate` from metric modules shipped in tasks/metrics (hub names do
+not load offline); `score_answers` is the part the quantize stage reuses for its GGUF answer probe.
 
 The gate takes checks 'METRIC OP NUMBER' on the tuned metrics, their `_delta` over base, `base_` values, and,
 with `eval.compare_published`, `published_` values and `_vs_published` differences: the published adapter is
@@ -39,10 +41,15 @@ from tasks.process import torch_threads
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics"
 KEYED_DIRS = ("metrics",)  # the metric modules run by path (evaluate.load): part of the eval key's code version
-Metric = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity"]
-METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity")
+Metric = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1", "perplexity"]
+METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1", "perplexity")
+ANSWER_METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1")  # on generations
+# The figures a metric records, when more than its own name (each is gateable; the first is the headline).
+FIGURES: dict[str, tuple[str, ...]] = {
+    "entity_f1": ("entity_f1", "entity_macro_f1", "entity_precision", "entity_recall", "unparsed_answers"),
+}
 DEFAULT_METRICS: list[Metric] = ["accuracy", "macro_f1", "exact_match", "perplexity"]
-GATE_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+GATE_PATTERN = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 ADAPTER_WEIGHTS = ("adapter_config.json", "adapter_model.safetensors")  # what the published comparison loads
 T = TypeVar("T")
@@ -50,7 +57,7 @@ DATA_FIGURES: tuple[str, ...] = ("leaked_prompts",)  # gateable figures read fro
 
 
 def _gate_names(metrics: Sequence[str] = METRICS) -> list[str]:
-    names = [*metrics, "loss"]
+    names = [*(f for m in metrics for f in FIGURES.get(m, (m,))), "loss"]
     return [*names, *(f"{m}_delta" for m in names), *(f"base_{m}" for m in names),
             *(f"published_{m}" for m in names), *(f"{m}_vs_published" for m in names), *DATA_FIGURES]  # fmt: skip
 
@@ -64,7 +71,10 @@ class EvalConfig(BaseModel):
         default_factory=lambda: list(DEFAULT_METRICS),
         min_length=1,
         description="Task metrics to compute: accuracy, macro_f1 (classification answers), exact_match, "
-        "rouge_l (free text), perplexity (of the reference answers). Loss is always computed.",
+        "rouge_l (free text), entity_f1 (answers listing entities as a JSON list of {type, text}; records "
+        "entity_f1 (micro), entity_macro_f1, entity_precision, entity_recall, unparsed_answers), perplexity (of "
+        "the reference answers). Loss is always computed. The quantize stage probes each GGUF with the same "
+        "answer metrics.",
     )
     temperature: float = Field(0.0, ge=0, le=5, description="0 = greedy decoding (default); above 0, seeded sampling.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass when temperature > 0.")
@@ -84,7 +94,8 @@ class EvalConfig(BaseModel):
     worst_errors: int = Field(10, ge=0, description="Wrong tuned answers shown in the report, highest loss first.")
     gate: list[str] = Field(
         default_factory=lambda: ["accuracy >= 0.6", "accuracy_delta >= 0.2"],
-        description="Checks 'METRIC OP NUMBER' that must all hold; METRIC is a tuned metric or loss, its _delta "
+        description="Checks 'METRIC OP NUMBER' that must all hold; METRIC is a tuned metric (or one of its "
+        "figures, e.g. entity_macro_f1) or loss, its _delta "
         "over base, base_METRIC, published_METRIC or METRIC_vs_published (tuned minus published), or "
         "leaked_prompts (validation/test prompts also in train, from the data stage).",
     )
@@ -424,21 +435,46 @@ def _score(
     losses: list[float],
     rows: list[dict[str, Any]],
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """The configured metrics for one model, and per-class results when accuracy or macro-F1 is asked for."""
-    import evaluate
-
+    """The configured metrics for one model: loss (and perplexity) from the row losses, the rest from its answers."""
     tokens = [sum(label != -100 for label in r["labels"]) for r in rows]
     loss = sum(x * n for x, n in zip(losses, tokens, strict=True) if n) / max(sum(tokens), 1)
     scores: dict[str, float] = {"loss": loss}
-    per_class: dict[str, Any] = {}
     if "perplexity" in metrics:
         scores["perplexity"] = math.exp(loss)
-    if "exact_match" in metrics:
-        result = evaluate.load(str(METRIC_DIR / "exact_match")).compute(predictions=predictions, references=references)
-        scores["exact_match"] = float((result or {})["exact_match"])
-    if "rouge_l" in metrics:
-        result = evaluate.load(str(METRIC_DIR / "rouge_l")).compute(predictions=predictions, references=references)
-        scores["rouge_l"] = float((result or {})["rouge_l"])
+    answered, per_class = score_answers(metrics, predictions, references)
+    return {**scores, **answered}, per_class
+
+
+def score_answers(
+    metrics: Sequence[str], predictions: list[str], references: list[str]
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Score generated answers with the answer metrics among `metrics` (ANSWER_METRICS; others are ignored).
+
+    Returns:
+        (figures by name, per-class results): per class for accuracy/macro_f1 (the label set is the set of
+        normalized references), per entity type as `entity:TYPE` for entity_f1.
+
+    Raises:
+        StageError: entity_f1 is asked for and a reference is not a JSON entity list.
+    """
+    import evaluate
+
+    scores: dict[str, float] = {}
+    per_class: dict[str, Any] = {}
+    for name in ("exact_match", "rouge_l"):
+        if name in metrics:
+            result = evaluate.load(str(METRIC_DIR / name)).compute(predictions=predictions, references=references)
+            scores[name] = float((result or {})[name])
+    if "entity_f1" in metrics:
+        try:
+            result = evaluate.load(str(METRIC_DIR / "entity_f1")).compute(
+                predictions=predictions, references=references
+            )
+        except ValueError as exc:
+            raise StageError(f"eval.metrics has entity_f1, but {exc}; fix the test split or drop entity_f1.") from None
+        scores.update({f: float((result or {})[f]) for f in FIGURES["entity_f1"]})
+        per_class.update({f"entity:{t}": {k: round(v, 4) for k, v in c.items()}
+                          for t, c in (result or {})["per_type"].items()})  # fmt: skip
     if {"accuracy", "macro_f1"} & set(metrics):
         normalize = _normalizer()
         names = sorted({normalize(r) for r in references})
@@ -451,7 +487,9 @@ def _score(
             or {}
         )
         scores.update({m: float(result[m]) for m in ("accuracy", "macro_f1") if m in metrics})
-        per_class = {names[int(i)]: {k: round(v, 4) for k, v in c.items()} for i, c in result["per_class"].items()}
+        per_class.update(
+            {names[int(i)]: {k: round(v, 4) for k, v in c.items()} for i, c in result["per_class"].items()}
+        )
     return scores, per_class
 
 
@@ -515,7 +553,8 @@ def _report(
             "|---|---|---|---|---|" + ("---|" if "base" in per_class else ""),
         ]
         for label, c in per_class["tuned"].items():
-            base_f1 = f" {per_class['base'][label]['f1']:.3f} |" if "base" in per_class else ""
+            base = per_class.get("base", {}).get(label)  # an entity type only the tuned model predicted: none
+            base_f1 = (f" {base['f1']:.3f} |" if base else " - |") if "base" in per_class else ""
             lines.append(
                 f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |{base_f1}"
             )

@@ -46,7 +46,7 @@ from tasks.hubclient import (
 )
 from tasks.merge import read_merge
 from tasks.models import read_base
-from tasks.quantize import read_quantize
+from tasks.quantize import probe_summary, read_quantize
 from tasks.train import read_train
 
 
@@ -382,7 +382,8 @@ def _lineage(name: str, inputs: dict[str, Artifact], tag: str) -> dict[str, Any]
     })  # fmt: skip
 
 
-CARD_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "perplexity")  # eval metrics in model-index
+# the eval metrics in the model-index and the card's table
+CARD_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1", "perplexity")
 CARD_TEMPLATE = "model_card.md.j2"  # in tasks/templates/
 KEYED_FILES = ("templates/model_card.md.j2",)  # the card's template: part of the publish key's code version
 
@@ -457,7 +458,8 @@ def _card_context(config: PublishConfig, lineage: dict[str, Any], base: Artifact
     nan = float("nan")
     gguf_rows = [{"qtype": q, "file": g["file"], "size_mb": g["size_mb"], "imatrix": bool(g.get("imatrix")),
                   "mean_kl": g.get("mean_kl", nan), "top1_agreement": g.get("top1_agreement", nan),
-                  "ppl_ratio": g.get("ppl_ratio", nan), "accuracy": g["accuracy"], "passed": g.get("passed", True),
+                  "ppl_ratio": g.get("ppl_ratio", nan), "probe": probe_summary(g).removeprefix("probe "),
+                  "passed": g.get("passed", True),
                   "reason": "" if g.get("passed", True) else g["reason"]}
                  for q, g in gguf_meta.items()]  # fmt: skip
     gate = lineage["eval"]["gate"] or {}

@@ -6,7 +6,10 @@ Checks per GGUF file, run in llama-cpp-python on the file itself:
   ids training used (the data artifact's template); a mismatch fails the stage, since every type shares it;
 - fidelity against the merged HF model on validation probe rows: mean KL(HF || GGUF) of the next-token
   distributions, top-1 agreement and the perplexity ratio, all over every position;
-- the task: greedy answers to test rows, accuracy compared with the merged HF model on the same rows.
+- the task: greedy answers to test rows, scored with the eval stage's own answer metrics for this run (the answer
+  metrics among `eval.metrics`: accuracy, macro_f1, exact_match, rouge_l, entity_f1, from tasks/metrics) and
+  compared with the merged HF model's answers to the same rows; each metric's drop has its limit
+  (`quantize.max_probe_drop`).
 A type past its limits (`quantize.max_*`/`min_*`, per type) is marked failed with the reason and is not
 published; `on_failure: fail` stops the stage instead. Measuring (`measure_gguf`) returns figures and the pure
 `verdict(figures, limits)` judges them: the figures a manifest records can be re-judged with other limits.
@@ -42,7 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
@@ -53,6 +56,7 @@ from tasks.artifacts import Artifact, ArtifactStore, Draft
 from tasks.batching import read_split
 from tasks.data import DataSpec, read_data, stop_token_ids
 from tasks.errors import StageError
+from tasks.evaluate import ANSWER_METRICS
 from tasks.modelfile import Sampling, Translation, modelfile, translate_chat_template
 from tasks.process import logger_level
 
@@ -60,6 +64,8 @@ if TYPE_CHECKING:
     from tasks.evaluate import EvalConfig
 
 RUNTIME_ONLY = {"tool_timeout_s"}  # does not change the result: not part of the key
+KEYED_DIRS = ("metrics",)  # the probe scores with the metric modules run by path: part of the key's code version
+ProbeMetric = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1"]  # = ANSWER_METRICS (a test)
 QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "lora_f16"]
 DEFAULT_TYPES: tuple[QuantType, ...] = ("f16", "q8_0", "q4_k_m")
 CONVERTER_TYPES = ("f16", "bf16")  # written directly by convert_hf_to_gguf.py
@@ -91,6 +97,10 @@ DEFAULT_MAX_PPL_RATIO: dict[QuantType, float] = {
     "f16": 1.01, "bf16": 1.03, "q8_0": 1.05, "q6_k": 1.07, "q5_k_m": 1.10, "q4_k_m": 1.15, "q4_0": 1.25,
     "lora_f16": 1.03,
 }  # fmt: skip
+# Largest drop (merged HF minus GGUF) of each answer metric on the probe rows, any type: a few rows' shares.
+DEFAULT_MAX_PROBE_DROP: dict[ProbeMetric, float] = {
+    "accuracy": 0.1, "macro_f1": 0.1, "exact_match": 0.1, "rouge_l": 0.1, "entity_f1": 0.1,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class GgufLimits:
     max_mean_kl: float
     min_top1_agreement: float
     max_ppl_ratio: float
-    max_accuracy_drop: float
+    max_probe_drop: Mapping[str, float]  # per answer metric
 
 
 class QuantizeConfig(BaseModel):
@@ -111,7 +121,9 @@ class QuantizeConfig(BaseModel):
     types: list[QuantType] = Field(
         default_factory=lambda: list(DEFAULT_TYPES), min_length=1, description="GGUF types to produce."
     )
-    probe_rows: int = Field(16, ge=1, description="Test rows answered by each GGUF file (task accuracy).")
+    probe_rows: int = Field(
+        16, ge=1, description="Test rows answered by each GGUF file and the merged model (the eval's answer metrics)."
+    )
     max_new_tokens: int = Field(16, ge=1, description="Most tokens generated per probe answer.")
     n_threads: int = Field(1, ge=1, description="llama.cpp threads for the checks (1 is robust on busy machines).")
     tool_timeout_s: float = Field(
@@ -134,8 +146,12 @@ class QuantizeConfig(BaseModel):
         default_factory=lambda: dict(DEFAULT_MAX_PPL_RATIO),
         description="Per type: largest perplexity(GGUF) / perplexity(merged HF) on the validation probe rows.",
     )
-    max_accuracy_drop: float = Field(
-        0.1, ge=0, le=1, description="Largest drop of probe-row task accuracy from the merged HF model, any type."
+    max_probe_drop: dict[ProbeMetric, float] = Field(
+        default_factory=lambda: dict(DEFAULT_MAX_PROBE_DROP),
+        description="Per answer metric: largest drop (merged HF model minus GGUF) on the probe rows, any type. The "
+        "probe scores with the answer metrics in eval.metrics (accuracy, macro_f1, exact_match, rouge_l, "
+        "entity_f1: the headline figure of each); metrics not given keep their defaults (0.1). Replaces "
+        "max_accuracy_drop.",
     )
     imatrix: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -163,18 +179,29 @@ class QuantizeConfig(BaseModel):
         # YAML 1.1 (PyYAML) reads a bare on/off as a boolean: `imatrix: off` means the string "off".
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
-    @field_validator("max_mean_kl", "min_top1_agreement", "max_ppl_ratio", mode="before")
+    @field_validator("max_mean_kl", "min_top1_agreement", "max_ppl_ratio", "max_probe_drop", mode="before")
     @classmethod
     def _over_defaults(cls, value: Any, info: ValidationInfo) -> Any:
-        defaults = {"max_mean_kl": DEFAULT_MAX_MEAN_KL, "min_top1_agreement": DEFAULT_MIN_TOP1,
-                    "max_ppl_ratio": DEFAULT_MAX_PPL_RATIO}[info.field_name or ""]  # fmt: skip
+        table: dict[str, Mapping[Any, float]] = {
+            "max_mean_kl": DEFAULT_MAX_MEAN_KL, "min_top1_agreement": DEFAULT_MIN_TOP1,
+            "max_ppl_ratio": DEFAULT_MAX_PPL_RATIO, "max_probe_drop": DEFAULT_MAX_PROBE_DROP,
+        }  # fmt: skip
+        defaults = table[info.field_name or ""]
         return {**defaults, **value} if isinstance(value, dict) else value
+
+    @field_validator("max_probe_drop")
+    @classmethod
+    def _drops_are_shares(cls, value: dict[str, float]) -> dict[str, float]:
+        wrong = [f"{m}={v}" for m, v in value.items() if not 0 <= v <= 1]
+        if wrong:
+            raise ValueError(f"drops are shares between 0 and 1, given {', '.join(wrong)}")
+        return value
 
     def limits(self, qtype: str) -> GgufLimits:
         """The limits a GGUF file of type `qtype` is judged by."""
         qt = cast(QuantType, qtype)
         return GgufLimits(self.max_mean_kl[qt], self.min_top1_agreement[qt], self.max_ppl_ratio[qt],
-                          self.max_accuracy_drop)  # fmt: skip
+                          {str(m): v for m, v in self.max_probe_drop.items()})  # fmt: skip
 
 
 class GgufFiles(NamedTuple):
@@ -212,7 +239,8 @@ def quantize_gguf(
         name: model name used in file names and GGUF metadata (GGUF naming convention: NAME-Q4_K_M.gguf,
             NAME-F16-LoRA.gguf).
         eval_config: the eval section: its sampling settings (temperature, top_p, seed, max_new_tokens) go into
-            the Modelfiles, so Ollama answers as the eval measured.
+            the Modelfiles, so Ollama answers as the eval measured; the answer metrics among its metrics score the
+            probe (perplexity is the fidelity check's ppl_ratio here). Both are part of the key.
         base: the base-model artifact as provisioned on this machine (the adapter GGUF types convert against it).
         data: the data artifact (probe rows from the test split).
         train: the train artifact (the adapter GGUF types convert its adapter).
@@ -234,12 +262,18 @@ def quantize_gguf(
         raise StageError(f"quantize: given {' and '.join(wrong)}; pass the artifacts the merge was made from.")
     inputs = {"data": data, "merge": merge}  # base and train are the merge's inputs: its key covers them
     sampling = Sampling(eval_config.temperature, eval_config.top_p, eval_config.seed, eval_config.max_new_tokens)
-    key, code = store.stage_key("quantize", __file__, _settings(config, name, sampling), inputs)
+    metrics = probe_metrics(eval_config.metrics)
+    key, code = store.stage_key("quantize", __file__, _settings(config, name, sampling, metrics), inputs)
     with store.claim("quantize", key) as hit:
         if hit is not None:
             return hit
         with logger_level("llama-cpp-python", logging.ERROR):  # its load chatter, for this stage only
-            return _build_gguf(config, name, sampling, base, data, train, merge, store, key, code)
+            return _build_gguf(config, name, sampling, metrics, base, data, train, merge, store, key, code)
+
+
+def probe_metrics(eval_metrics: Sequence[str]) -> list[str]:
+    """The answer metrics among the eval stage's metrics, in ANSWER_METRICS order: what the GGUF probe scores."""
+    return [m for m in ANSWER_METRICS if m in eval_metrics]
 
 
 @dataclass(frozen=True)
@@ -277,10 +311,11 @@ class HFReference:
     """The merged HF model's side of every check (`_hf_reference`): what each GGUF file is measured against."""
 
     tokenizer: Any  # with the chat template and special tokens training used (the data artifact's), stop ids
-    probes: list[dict[str, Any]]  # test rows answered greedily (task accuracy; template parity)
+    probes: list[dict[str, Any]]  # test rows answered greedily (the answer metrics; template parity)
+    metrics: list[str]  # the answer metrics the probe scores (`probe_metrics`)
     fidelity_rows: list[dict[str, Any]]  # validation rows whose next-token distributions are compared
     logprobs: list[Path]  # the HF model's log-probs on each fidelity row, one file per row
-    accuracy: float  # the HF model's accuracy on the probe rows
+    scores: dict[str, float]  # the HF model's figures on the probe rows (every figure of each metric)
     n_ctx: int  # llama.cpp's context: the longest training row and an answer
 
 
@@ -288,6 +323,7 @@ def _build_gguf(
     config: QuantizeConfig,
     name: str,
     sampling: Sampling,
+    metrics: list[str],
     base: Artifact,
     data: Artifact,
     train: Artifact,
@@ -311,7 +347,8 @@ def _build_gguf(
     translation = _ollama_translation(data) if config.modelfile else None  # before any work: fail fast
     imatrix_types = [t for t in config.types if t in IMATRIX_TYPES] if config.imatrix != "off" else []
     tools = _tools_dir(llama_cpp.__version__) if imatrix_types else None
-    with store.create("quantize", key, _settings(config, name, sampling), inputs, code, started=started) as draft:
+    settings = _settings(config, name, sampling, metrics)
+    with store.create("quantize", key, settings, inputs, code, started=started) as draft:
         job = _Job(config, name, slug, draft.path, converter, model_dir, tools)
         ggufs = _convert_types(job)
         imatrix: Path | None = None
@@ -321,7 +358,7 @@ def _build_gguf(
         _quantize_types(job, ggufs, imatrix)
         base_gguf = _lora_types(job, ggufs, base, train)
         logprobs = draft.path / ".hf-logprobs"  # not part of the artifact: removed after the checks
-        reference = _hf_reference(model_dir, data, fidelity_rows, probes, config, logprobs)
+        reference = _hf_reference(model_dir, data, fidelity_rows, probes, metrics, config, logprobs)
         for gguf in ggufs.values():
             _measure_and_judge(gguf, base_gguf, reference, config)
         if base_gguf is not None:
@@ -396,9 +433,18 @@ def _measure_and_judge(gguf: _GgufFile, base_gguf: Path | None, reference: HFRef
     c = gguf.check
     print(
         f"[quantize] {gguf.qtype}: {c['size_mb']} MB, KL {c['mean_kl']:.4f}, top-1 {c['top1_agreement']:.3f}, "
-        f"ppl ratio {c['ppl_ratio']:.4f}, probe accuracy {c['accuracy']:.3f} "
-        f"(HF {reference.accuracy:.3f}): {'pass' if c['passed'] else 'FAIL: ' + c['reason']}"
+        f"ppl ratio {c['ppl_ratio']:.4f}, {probe_summary(c)}: {'pass' if c['passed'] else 'FAIL: ' + c['reason']}"
     )
+
+
+def probe_summary(figures: Mapping[str, Any]) -> str:
+    """The probe's headline figures of one GGUF against the merged model, e.g. 'probe rouge_l 0.412 (HF 0.450)';
+    a record written before the probe used the eval's metrics shows its exact-match accuracy."""
+    if "probe" not in figures:
+        return f"probe accuracy {figures.get('accuracy', math.nan):.3f} (HF {figures.get('hf_accuracy', math.nan):.3f})"
+    hf = figures.get("hf_probe") or {}
+    shown = [f"{m} {figures['probe'].get(m, math.nan):.3f} (HF {hf[m]:.3f})" for m in ANSWER_METRICS if m in hf]
+    return "probe " + (", ".join(shown) if shown else "not scored (no answer metric in eval.metrics)")
 
 
 def _write_modelfiles(
@@ -441,9 +487,11 @@ def _stop_on_failure(ggufs: dict[str, _GgufFile], config: QuantizeConfig) -> Non
 def _record(draft: Draft, ggufs: dict[str, _GgufFile], reference: HFReference, llama_cpp_version: str) -> None:
     """The manifest's GGUF part: per type its file, figures, verdict and how it was made; the numeric figures
     also as flat metrics."""
-    numeric = ("size_mb", "mean_kl", "top1_agreement", "ppl_ratio", "accuracy")
+    numeric = ("size_mb", "mean_kl", "top1_agreement", "ppl_ratio")
     draft.metrics.update({f"{q}_{k}": g.check[k] for q, g in ggufs.items() for k in numeric})
-    draft.metrics["hf_accuracy"] = reference.accuracy
+    draft.metrics.update({f"{q}_{k}": v for q, g in ggufs.items() for k, v in g.check["probe"].items()})
+    draft.metrics.update({f"{q}_{m}_drop": v for q, g in ggufs.items() for m, v in g.check["probe_drop"].items()})
+    draft.metrics.update({f"hf_{k}": v for k, v in reference.scores.items()})
     draft.extra["gguf"] = {
         q: {"file": g.path.name, **g.check, "fallback_tensors": g.fallback_tensors, "imatrix": g.imatrix,
             **({"modelfile": g.modelfile} if g.modelfile else {})}
@@ -487,7 +535,7 @@ def _choose_imatrix(plain: dict[str, Any], with_imatrix: dict[str, Any]) -> tupl
     """quantize.imatrix=auto: the check of the file to keep, and whether it is the imatrix one. The imatrix file is
     kept when its mean KL against the merged model is lower (KL is the measure the fidelity limits lean on); both
     sets of figures are recorded either way."""
-    figures = ("mean_kl", "top1_agreement", "ppl_ratio", "accuracy", "passed")
+    figures = ("mean_kl", "top1_agreement", "ppl_ratio", "probe", "passed")
     compared = {"imatrix": {k: with_imatrix[k] for k in figures}, "plain": {k: plain[k] for k in figures}}
     chosen = with_imatrix["mean_kl"] < plain["mean_kl"]
     print(f"[quantize] imatrix vs plain: mean KL {with_imatrix['mean_kl']:.4f} vs {plain['mean_kl']:.4f}: keeping "
@@ -582,11 +630,11 @@ def _quantize_with_imatrix(
     return found.group(1) if found else "0"
 
 
-def _settings(config: QuantizeConfig, name: str, sampling: Sampling) -> dict[str, Any]:
-    """What the quantize key hashes: the config without runtime-only settings, the model name, and (when
-    Modelfiles are written) the eval's sampling settings they carry."""
+def _settings(config: QuantizeConfig, name: str, sampling: Sampling, metrics: list[str]) -> dict[str, Any]:
+    """What the quantize key hashes: the config without runtime-only settings, the model name, the probe's
+    metrics and (when Modelfiles are written) the eval's sampling settings they carry."""
     written = {"sampling": dataclasses.asdict(sampling)} if config.modelfile else {}
-    return {**config.model_dump(exclude=RUNTIME_ONLY), "name": name, **written}
+    return {**config.model_dump(exclude=RUNTIME_ONLY), "name": name, "probe_metrics": metrics, **written}
 
 
 def _run_tool(cmd: list[str], out: Path, failure: str, timeout: float, env: dict[str, str] | None = None) -> str:
@@ -665,6 +713,7 @@ def _hf_reference(
     data: Artifact,
     fidelity_rows: list[dict[str, Any]],
     probes: list[dict[str, Any]],
+    metrics: list[str],
     config: QuantizeConfig,
     logprobs: Path,
 ) -> HFReference:
@@ -698,13 +747,17 @@ def _hf_reference(
     answers = generate_answers(model, tokenizer, [r["messages"][:-1] for r in probes], config.max_new_tokens, 8)
     del model
     n_ctx = read_data(data).max_length + config.max_new_tokens
-    return HFReference(tokenizer, probes, fidelity_rows, files, _accuracy(answers, probes), n_ctx)
+    scores = _probe_scores(metrics, answers, probes)
+    return HFReference(tokenizer, probes, metrics, fidelity_rows, files, scores, n_ctx)
 
 
-def _accuracy(answers: list[str], rows: list[dict[str, Any]]) -> float:
-    expected = [r["messages"][-1]["content"].strip().lower() for r in rows]
-    hits = sum(a.strip().lower() == e for a, e in zip(answers, expected, strict=True))
-    return round(hits / max(len(rows), 1), 4)
+def _probe_scores(metrics: list[str], answers: list[str], rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Every figure of the answer metrics on the probe rows, as the eval stage scores answers (`score_answers`)."""
+    from tasks.evaluate import score_answers
+
+    references = [r["messages"][-1]["content"] for r in rows]
+    scores, _ = score_answers(metrics, [a.strip() for a in answers], references)
+    return {k: round(v, 4) for k, v in scores.items()}
 
 
 def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: QuantizeConfig) -> dict[str, Any]:
@@ -719,8 +772,9 @@ def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: 
         config: llama.cpp threads and the answer length.
 
     Returns:
-        The figures: size_mb, mean_kl, top1_agreement, ppl_ratio, fidelity_positions, accuracy, hf_accuracy,
-        sample_answer, template_parity.
+        The figures: size_mb, mean_kl, top1_agreement, ppl_ratio, fidelity_positions, probe (every figure of
+        the answer metrics on the GGUF's answers), hf_probe (the same for the merged model), probe_drop (per
+        metric, merged minus GGUF), sample_answer, template_parity.
 
     Raises:
         StageError: the GGUF does not prompt the model the way training did (every type shares the template, so
@@ -747,8 +801,7 @@ def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: 
     return {
         "size_mb": round(path.stat().st_size / 2**20, 1),
         **closeness,
-        "accuracy": _accuracy(answers, reference.probes),
-        "hf_accuracy": reference.accuracy,
+        **probe_figures(_probe_scores(reference.metrics, answers, reference.probes), reference.scores),
         "sample_answer": answers[0] if answers else "",
         "template_parity": f"{len(prompts)} prompts identical",
     }
@@ -789,23 +842,37 @@ def _logit_figures(llm: Any, reference: HFReference, name: str) -> dict[str, Any
 def verdict(figures: Mapping[str, Any], limits: GgufLimits) -> list[str]:
     """The verdict on one GGUF's measured figures (`measure_gguf`): one reason per limit they break, none when
     they pass. Pure: a changed limit re-judges the same figures. A limit holds at its boundary; a NaN figure
-    breaks its limit (no comparison with NaN is true).
+    breaks its limit (no comparison with NaN is true), and so does a metric the merged model was scored on but
+    the GGUF was not.
 
     Args:
-        figures: mean_kl, top1_agreement, ppl_ratio, accuracy and hf_accuracy (a quantize manifest's `gguf`
-            entry has them).
+        figures: mean_kl, top1_agreement, ppl_ratio, probe and hf_probe (a quantize manifest's `gguf` entry
+            has them); each answer metric in hf_probe is judged by its drop.
         limits: the type's limits (`QuantizeConfig.limits`).
     """
-    drop = figures["hf_accuracy"] - figures["accuracy"]
     checks = [
         ("mean_kl", figures["mean_kl"], figures["mean_kl"] <= limits.max_mean_kl, f"<= {limits.max_mean_kl}"),
         ("top1_agreement", figures["top1_agreement"], figures["top1_agreement"] >= limits.min_top1_agreement,
          f">= {limits.min_top1_agreement}"),
         ("ppl_ratio", figures["ppl_ratio"], figures["ppl_ratio"] <= limits.max_ppl_ratio, f"<= {limits.max_ppl_ratio}"),
-        # accuracies are shares of a few rows: a drop equal to the limit must not fail on float rounding
-        ("accuracy_drop", round(drop, 4), drop <= limits.max_accuracy_drop + 1e-9, f"<= {limits.max_accuracy_drop}"),
     ]  # fmt: skip
+    for metric, drop in probe_drops(figures["probe"], figures["hf_probe"]).items():
+        limit = limits.max_probe_drop.get(metric, DEFAULT_MAX_PROBE_DROP[cast(ProbeMetric, metric)])
+        # shares of a few rows: a drop equal to the limit must not fail on float rounding
+        checks.append((f"{metric}_drop", round(drop, 4), drop <= limit + 1e-9, f"<= {limit}"))
     return [f"{name} {value} (limit {limit})" for name, value, holds, limit in checks if not holds]
+
+
+def probe_drops(probe: Mapping[str, float], hf_probe: Mapping[str, float]) -> dict[str, float]:
+    """Per answer metric the merged model scored: its headline figure's drop, merged minus GGUF (NaN when the
+    GGUF has no such figure)."""
+    return {m: hf_probe[m] - probe.get(m, math.nan) for m in ANSWER_METRICS if m in hf_probe}
+
+
+def probe_figures(probe: dict[str, float], hf_probe: dict[str, float]) -> dict[str, Any]:
+    """What a GGUF's figures record of the probe: its scores, the merged model's, and the drops (rounded)."""
+    drops = {m: round(d, 4) for m, d in probe_drops(probe, hf_probe).items()}
+    return {"probe": probe, "hf_probe": hf_probe, "probe_drop": drops}
 
 
 def _judged(figures: dict[str, Any], limits: GgufLimits) -> dict[str, Any]:

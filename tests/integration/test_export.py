@@ -49,7 +49,8 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
         assert sha(on, qtype) != sha(off, qtype), f"{qtype}: the importance matrix did not change the file"
         for run in (on, off, auto):  # checked like every type, with or without the matrix
             info = run.manifest["gguf"][qtype]
-            assert {"mean_kl", "top1_agreement", "ppl_ratio", "accuracy", "passed"} <= set(info), qtype
+            assert {"mean_kl", "top1_agreement", "ppl_ratio", "probe", "hf_probe", "probe_drop", "passed"} <= set(info)
+            assert set(info["probe_drop"]) == {"accuracy"}, qtype
             assert info["template_parity"] == "4 prompts identical"
         # auto checked both files and kept the one closer to the merged model; both sets of figures recorded.
         info = auto.manifest["gguf"][qtype]

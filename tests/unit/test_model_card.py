@@ -23,7 +23,7 @@ def _gguf(qtype: str, passed: bool = True, **extra: Any) -> dict[str, Any]:
     stem = "NAME-F16-LoRA" if qtype == "lora_f16" else f"NAME-{qtype.upper()}"
     entry: dict[str, Any] = {
         "file": f"{stem}.gguf", "size_mb": 98.7, "mean_kl": 0.01234, "top1_agreement": 0.9375, "ppl_ratio": 1.0123,
-        "accuracy": 0.75, "hf_accuracy": 0.75, "passed": passed,
+        "probe": {"accuracy": 0.75}, "hf_probe": {"accuracy": 0.75}, "probe_drop": {"accuracy": 0.0}, "passed": passed,
         "reason": "" if passed else "mean_kl 0.3 (limit <= 0.15)", "fallback_tensors": "0", "imatrix": False,
     }  # fmt: skip
     return {**entry, **extra}
@@ -37,7 +37,10 @@ CASES: dict[str, dict[str, Any]] = {
         "publish": {"include_gguf": ["f16", "q4_k_m", "lora_f16"], "include_merged": True,
                     "repo_id": "acme/ticket-router-lora"},
         "gguf": {"f16": _gguf("f16", modelfile="NAME-F16.Modelfile"),
-                 "q4_k_m": _gguf("q4_k_m", imatrix=True, modelfile="NAME-Q4_K_M.Modelfile"),
+                 "q4_k_m": _gguf("q4_k_m", imatrix=True, modelfile="NAME-Q4_K_M.Modelfile",
+                                 probe={"accuracy": 0.6875, "macro_f1": 0.6},
+                                 hf_probe={"accuracy": 0.75, "macro_f1": 0.7},
+                                 probe_drop={"accuracy": 0.0625, "macro_f1": 0.1}),
                  "lora_f16": _gguf("lora_f16")},
         "imatrix": IMATRIX, "imatrix_mode": "auto", "gate": True, "license": "apache-2.0",
         "datasets": ["acme/tickets", "acme/more-tickets"], "system_prompt": "You route tickets.",
@@ -55,11 +58,13 @@ CASES: dict[str, dict[str, Any]] = {
     # Only the adapter as a GGUF LoRA published (the merged type failed): no llama-cpp-python snippet, no Ollama.
     "lora_only": {
         "publish": {"include_gguf": ["lora_f16", "q4_0"]},
-        "gguf": {"q4_0": _gguf("q4_0", passed=False, modelfile="NAME-Q4_0.Modelfile"), "lora_f16": _gguf("lora_f16")},
+        "gguf": {"q4_0": _gguf("q4_0", passed=False, modelfile="NAME-Q4_0.Modelfile"),
+                 "lora_f16": _gguf("lora_f16", probe={"rouge_l": 0.4123}, hf_probe={"rouge_l": 0.45})},
         "imatrix": None, "imatrix_mode": "off", "gate": True, "license": "mit", "datasets": ["acme/tickets"],
         "system_prompt": None, "metrics": {"accuracy": 1.0, "base_accuracy": 0.0, "rouge_l": 0.5},
     },
-    # No GGUF published and none made; an old GGUF record without the fidelity figures renders them as nan.
+    # No GGUF published and none made; an old GGUF record without the fidelity figures renders them as nan, and
+    # its exact-match probe accuracy (recorded before the probe used the eval's metrics) as it was.
     "no_gguf": {
         "publish": {"include_gguf": []},
         "gguf": {"q8_0": {"file": "NAME-Q8_0.gguf", "size_mb": 140.0, "accuracy": 0.5}},

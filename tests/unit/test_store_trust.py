@@ -49,7 +49,10 @@ HELPER_USERS = {
     "train.py": {"train", "eval", "merge", "quantize", "publish"},  # eval, merge, quantize use read_train
     "merge.py": {"merge", "quantize", "publish"},  # quantize checks its inputs are the merge's (read_merge)
     "quantize.py": {"quantize", "publish"},
-    "metrics/accuracy/accuracy.py": {"eval", "quantize", "publish"},  # evaluate.KEYED_DIRS; quantize runs evaluate
+    # loaded by path (evaluate.KEYED_DIRS, quantize.KEYED_DIRS): quantize's probe scores with the eval's metrics
+    "metrics/accuracy/accuracy.py": {"eval", "quantize", "publish"},
+    "metrics/entity_f1/entity_f1.py": {"eval", "quantize", "publish"},
+    "evaluate.py": {"eval", "quantize", "publish"},  # quantize scores with score_answers, publish reads read_gate
     "models.py": {"base", "data", "train", "eval", "merge", "quantize", "publish"},
     "registry.py": set(),  # wiring only (artifacts.WIRING_MODULES): the stage flows, CLI and pipeline follow it
     "templates/model_card.md.j2": {"publish"},  # read by path: publish.KEYED_FILES

@@ -36,7 +36,7 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
     for mode in ("on", "off", "auto"):
         quantize = config.quantize.model_copy(update={"types": ["q4_0", "q4_k_m", "q8_0"], "imatrix": mode})
         runs[mode] = quantize_gguf(
-            quantize, "tiny-router", EvalConfig(), a["base"], data, a["train"], a["merge"], store
+            quantize, "tiny-router", EvalConfig(metrics=["accuracy"]), a["base"], data, a["train"], a["merge"], store
         )
     on, off, auto = runs["on"], runs["off"], runs["auto"]
     assert len({on.key, off.key, auto.key}) == 3 and on.manifest["config"]["imatrix"] == "on"

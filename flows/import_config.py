@@ -236,30 +236,16 @@ def import_axolotl(path: str | Path) -> Imported:
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    from tasks.config import key_lines
+    from tasks.config import read_yaml
 
     if not path.is_file():
         raise ConfigError(f"{path}: not found; give the Axolotl config file (YAML) to convert.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text; an Axolotl config is a YAML file.") from None
-    try:
-        raw = yaml.safe_load(text)
-        lines = key_lines(yaml.compose(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(raw, dict):
-        kind = "empty" if raw is None else f"a {type(raw).__name__}, not a mapping of keys"
-        raise ConfigError(f"{path}:1: the file is {kind}; an Axolotl config maps keys (base_model, datasets, ...).")
+    raw, lines = read_yaml(path, "an Axolotl config maps keys (base_model, datasets, ...)")
     if not isinstance(raw.get("base_model"), str) or not raw["base_model"].strip():
         where = f"{path}:{lines[('base_model',)]}" if ("base_model",) in lines else f"{path}:1"
         raise ConfigError(f"{where}: base_model is missing or empty; an Axolotl config names the model to tune "
                           "(base_model: org/name).")  # fmt: skip
-    return {str(k): v for k, v in raw.items()}, lines
+    return raw, lines
 
 
 def _model(conv: _Converter) -> None:

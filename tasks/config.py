@@ -98,24 +98,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     source = Path(path) if path is not None else DEMO_CONFIG
     if not source.is_file():
         raise ConfigError(f"config file not found: {source}. Pass a YAML file, e.g. {DEMO_CONFIG}.")
-    try:
-        text = source.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = source.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{source}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save it as UTF-8."
-        ) from None
-    if not text.strip():
-        raise ConfigError(f"{source}: the file is empty; start from {DEMO_CONFIG} (a data section is required).")
-    try:
-        raw = yaml.safe_load(text) or {}
-        lines = key_lines(yaml.compose(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else str(source)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}:1: the config must be a mapping of sections (name, data, train, ...).")
+    raw, lines = read_yaml(
+        source, f"a loraforge config maps sections (name, data, train, ...): start from {DEMO_CONFIG}"
+    )
 
     problems: list[str] = []
     from_override: dict[tuple[str, ...], str] = {}
@@ -146,6 +131,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         raise ConfigError(f"invalid config {source} ({count}):\n  - " + "\n  - ".join(problems))
     return config
+
+
+def read_yaml(source: Path, hint: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """A YAML file that must hold a mapping, and the line of each of its keys (`key_lines`). Raises ConfigError
+    naming the file and line when it is not UTF-8, not YAML, empty or not a mapping; `hint` says what the file
+    should hold. Every config reader (the pipeline config, `import-config`) reads through it."""
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = source.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{source}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save it as UTF-8."
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+        lines = key_lines(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else str(source)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        kind = "empty" if raw is None else f"a {type(raw).__name__}, not a mapping of keys"
+        raise ConfigError(f"{source}:1: the file is {kind}; {hint}.")
+    return {str(k): v for k, v in raw.items()}, lines
 
 
 def key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:

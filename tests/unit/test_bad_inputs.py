@@ -208,7 +208,7 @@ CASES = [
     Case("config-missing-file", lambda c: ["validate", str(c.tmp / "nope.yaml")], 1, "config file not found"),
     Case("config-empty", lambda c: ["validate", str(c.write("e.yaml", "\n"))], 1, "the file is empty"),
     Case("config-bad-yaml", lambda c: ["validate", str(c.write("b.yaml", "name: [x\ndata: 1\n"))], 1, "not valid YAML"),
-    Case("config-not-mapping", lambda c: ["validate", str(c.write("l.yaml", "- a\n- b\n"))], 1, "must be a mapping"),
+    Case("config-not-mapping", lambda c: ["validate", str(c.write("l.yaml", "- a\n- b\n"))], 1, "is a list, not a"),
     Case("config-not-utf8", lambda c: ["validate", str(c.write("u.yaml", b"name: \xff\n"))],
          1, "u.yaml:1: not UTF-8 text (byte 0xff)"),
     Case("config-no-data", lambda c: ["validate", str(c.write("n.yaml", "name: x\n"))],

@@ -65,7 +65,7 @@ def test_an_override_error_names_the_override_not_a_line_of_the_file() -> None:
 def test_an_empty_or_binary_config_file_says_so(tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("\n# nothing yet\n"[:1])
-    with pytest.raises(ConfigError, match=r"empty.yaml: the file is empty"):
+    with pytest.raises(ConfigError, match=r"empty.yaml:1: the file is empty"):
         load_config(empty)
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"name: x\ndata:\n  train_file: \xff\xfe.jsonl\n")

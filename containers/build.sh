@@ -175,6 +175,13 @@ if [ -n "$(git status --porcelain -- flows tasks containers pyproject.toml const
   sha="$sha-dirty"
 fi
 TAG="${IMAGE_TAG:-$sha}"
+# OCI labels: the version and licenses from pyproject.toml; the source repository from OCI_SOURCE, else the
+# GitHub Actions repository, else the git remote `origin` (a local path when the clone has no remote).
+read -r VERSION LICENSES < <("$VENV_PY" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(p["version"], p["license"])')
+SOURCE_URL="${OCI_SOURCE:-}"
+[ -z "$SOURCE_URL" ] && [ -n "${GITHUB_REPOSITORY:-}" ] && SOURCE_URL="${GITHUB_SERVER_URL:-https://github.com}/$GITHUB_REPOSITORY"
+[ -z "$SOURCE_URL" ] && SOURCE_URL=$(git remote get-url origin 2>/dev/null || true)
+[ -z "$SOURCE_URL" ] && SOURCE_URL="file://$PWD"
 CA_BUNDLE="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 common=(--network host --pull=never --layers)
 if [ -f "$CA_BUNDLE" ]; then
@@ -186,7 +193,7 @@ hash=$({
   (cd "$ctx" && find src llama.cpp entrypoint.sh constraints-image*.txt -type f -print0 | sort -z | xargs -0 sha256sum)
   (cd "$ctx/wheels" && ls -l --time-style=+ -- *.whl | awk '{print $5, $NF}')
   sha256sum containers/*.Containerfile
-  echo "${TORCH_INDEX_URL:-} $TAG"
+  echo "${TORCH_INDEX_URL:-} $TAG $VERSION $LICENSES $SOURCE_URL"
 } | sha256sum | cut -c1-16)
 
 current() { # the image is there with this build's context hash
@@ -210,7 +217,8 @@ build() { # NAME FILE TAGS... -- EXTRA ARGS...
   local started=$SECONDS
   "${PODMAN[@]}" build "${common[@]}" "${extra[@]}" \
     --label "loraforge.context=$hash" --label "org.opencontainers.image.revision=$sha" \
-    --label "org.opencontainers.image.source=loraforge" \
+    --label "org.opencontainers.image.source=$SOURCE_URL" --label "org.opencontainers.image.version=$VERSION" \
+    --label "org.opencontainers.image.licenses=$LICENSES" --label "org.opencontainers.image.title=loraforge-$name" \
     -f "containers/$file" "${tags[@]}" "$ctx" >"$WORK/build-$name.log" 2>&1 \
     || { tail -30 "$WORK/build-$name.log"; die "building loraforge-$name failed (log: $WORK/build-$name.log)"; }
   log "loraforge-$name:${tags[1]##*:} built in $((SECONDS - started)) s"
@@ -235,5 +243,6 @@ for stage in "${stages[@]}"; do
          --build-arg "BASE=localhost/loraforge-base-deps:$TAG" ;;
   esac
 done
-log "done in $((SECONDS - started)) s (tag $TAG):"
-"${PODMAN[@]}" images --filter "reference=localhost/loraforge-*:$TAG*" --format '  {{.Repository}}:{{.Tag}}  {{.Size}}'
+log "done in $((SECONDS - started)) s (tag $TAG); sizes also in $WORK/sizes-$TAG.tsv:"
+"${PODMAN[@]}" images --filter "reference=localhost/loraforge-*:$TAG*" --format '{{.Repository}}:{{.Tag}}	{{.Size}}' \
+  | sort | tee "$WORK/sizes-$TAG.tsv" | sed 's/^/  /'

@@ -320,6 +320,27 @@ def test_images_carry_only_what_their_stage_needs(image_tag: str) -> None:
     assert out.returncode == 0 and "--input STAGE=KEY" in out.stdout, out.stdout + out.stderr
 
 
+def test_images_run_as_a_non_root_user_and_carry_oci_labels(image_tag: str) -> None:
+    """Every stage image runs as uid 10001 (not root), which owns the cache and the artifact mount point, and
+    carries the OCI labels (source, version and licenses from pyproject.toml, revision, title)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for stage in ("data", "train", "eval", "merge", "quantize", "publish"):
+        image = f"localhost/loraforge-{stage}:{image_tag}"
+        check = "id -u; touch /cache/w /artifacts/w && echo ok"
+        out = subprocess.run([*PODMAN, "run", "--rm", image, "sh", "-c", check], capture_output=True, text=True)
+        assert out.stdout.split() == ["10001", "ok"], f"{stage}: {out.stdout}{out.stderr}"
+        inspect = subprocess.run([*PODMAN, "image", "inspect", "--format", "{{ json .Labels }}", image],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+        labels = json.loads(inspect.stdout)
+        assert labels["org.opencontainers.image.version"] == project["version"], (stage, labels)
+        assert labels["org.opencontainers.image.licenses"] == project["license"], (stage, labels)
+        assert labels["org.opencontainers.image.title"] == f"loraforge-{stage}", (stage, labels)
+        assert labels["org.opencontainers.image.source"], (stage, labels)
+        assert labels["org.opencontainers.image.revision"] == image_tag, (stage, labels)
+
+
 def test_every_stage_in_its_own_container_gives_the_in_process_artifacts(
     deployed: dict[str, str], source: Path, workdir: Path, timings: dict[str, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -371,8 +392,10 @@ def test_stage_entrypoint_on_given_keys(
     shutil.copytree(local, copy, ignore=shutil.ignore_patterns("publish", "runs"))
     inputs = [f"--input={s}={record['stages'][s]['key']}" for s in STAGES[:-1]]
     # The Hub the in-process run named (publish.endpoint defaults to HF_ENDPOINT; it is in the key), not reached.
+    # A host folder is written as the host user (--user), as containers/README.md says: the image's own user is
+    # uid 10001, which cannot write a folder it does not own.
     cmd = [*PODMAN, "run", "--rm", "--network=none", "-v", f"{workdir}:{workdir}",
-           "-e", f"HF_ENDPOINT={deployed['HF_ENDPOINT']}",
+           "--user", f"{os.getuid()}:{os.getgid()}", "-e", f"HF_ENDPOINT={deployed['HF_ENDPOINT']}",
            f"localhost/loraforge-publish:{image_tag}", "flows/configs/demo.yaml", *_small(),
            "--store", str(copy), *inputs, "--output", str(workdir / "publish.json")]  # fmt: skip
     result = _timed("publish entrypoint", timings, cmd)

@@ -15,6 +15,7 @@ Run alone: `loraforge stage merge CONFIG [key=value ...]`.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,22 @@ def merge_adapter(
         return hit or _build_merge(config, base, data, train, store, key, code)
 
 
+def keep_tokenizer_files(base_dir: Path, model_dir: Path) -> None:
+    """What the base's tokenizer declares beyond what transformers re-saves: its SentencePiece model
+    (`tokenizer.model`: Llama 2, Mistral v0.x and Phi-3 ship one, and llama.cpp's converter reads it) and its
+    `tokenizer_class` (save_pretrained writes the class that loaded it, and llama.cpp's Phi-3 converter picks
+    the GPT-2 vocabulary path, as for Phi-4, by that name)."""
+    spm = base_dir / "tokenizer.model"
+    if spm.is_file() and not (model_dir / "tokenizer.model").is_file():
+        shutil.copy2(spm, model_dir / "tokenizer.model")
+    base_config, saved_config = base_dir / "tokenizer_config.json", model_dir / "tokenizer_config.json"
+    if base_config.is_file() and saved_config.is_file():
+        declared = json.loads(base_config.read_text()).get("tokenizer_class")
+        saved = json.loads(saved_config.read_text())
+        if declared and saved.get("tokenizer_class") != declared:
+            saved_config.write_text(json.dumps({**saved, "tokenizer_class": declared}, indent=2, ensure_ascii=False))
+
+
 def _build_merge(
     config: MergeConfig, base: Artifact, data: Artifact, train: Artifact, store: ArtifactStore, key: str, code: str
 ) -> Artifact:
@@ -153,6 +170,7 @@ def _build_merge(
         merged.config.name_or_path = ""  # no machine path in the saved config
         merged.save_pretrained(draft.path / "model", safe_serialization=True)
         tokenizer.save_pretrained(draft.path / "model")
+        keep_tokenizer_files(model_path, draft.path / "model")
         (draft.path / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
         draft.metrics.update(fidelity)
         draft.extra["merge_policy"] = policy

@@ -301,7 +301,7 @@ def _provision_bundled(name: str) -> Path:
         )
     bundled = BUNDLED_MODELS[name]
     target = cache_dir() / "models" / name
-    if (target / "loraforge-provisioned.json").is_file():
+    if _converted(target, bundled.dtype):
         return target
     import importlib
     import importlib.util
@@ -349,15 +349,29 @@ def _provision_gguf(spec: str) -> Path:
     path = _gguf_file(spec)
     digest = sha256_file(path)
     target = cache_dir() / "models" / f"gguf-{digest[:16]}"
-    if not (target / "loraforge-provisioned.json").is_file():
+    if not _converted(target, None):
         _convert_gguf_to_hf(path, target, {"name": path.stem}, None)
     return target
 
 
+def _converted(target: Path, dtype: str | None) -> bool:
+    """Whether `target` holds a finished conversion with weights in `dtype` (float32 when None). A folder from an
+    older conversion (fp32 weights under a bfloat16 declaration) is replaced."""
+    record = target / "loraforge-provisioned.json"
+    if not record.is_file():
+        return False
+    if json.loads(record.read_text()).get("weights_dtype") == (dtype or "float32"):
+        return True
+    shutil.rmtree(target)
+    return False
+
+
 def _convert_gguf_to_hf(gguf_path: Path, target: Path, record: dict[str, Any], dtype: str | None) -> None:
-    """Dequantize a GGUF into an fp32 safetensors folder, with `loraforge-provisioned.json` saying which GGUF
-    (name, sha256) it came from plus `record`; written to a temp dir, then renamed (atomic). `dtype`: the dtype
-    to declare in config.json instead of float32 (the original checkpoint's)."""
+    """Dequantize a GGUF into a safetensors folder, with `loraforge-provisioned.json` saying which GGUF (name,
+    sha256) it came from plus `record`; written to a temp dir, then renamed (atomic). `dtype`: the original
+    checkpoint's dtype (bfloat16 for Gemma): the weights are stored in it and config.json declares it, so the
+    base trained on, evaluated and merged into is one set of numbers (a bfloat16 merge rounds only the adapter's
+    delta, as it would on the original checkpoint); float32 when None."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -379,11 +393,14 @@ def _convert_gguf_to_hf(gguf_path: Path, target: Path, record: dict[str, Any], d
     # already dequantized to fp32, so dropping it is exact.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if dtype is not None:  # save_pretrained writes the dtype of the weights it saved
+    if dtype is not None:
         declare_dtype(tmp, dtype)
-    provenance = {"source": gguf_path.name, "source_sha256": sha256_file(gguf_path), "dequantized_from_gguf": True}
+    provenance = {"source": gguf_path.name, "source_sha256": sha256_file(gguf_path), "dequantized_from_gguf": True,
+                  "weights_dtype": dtype or "float32"}  # fmt: skip
     (tmp / "loraforge-provisioned.json").write_text(json.dumps({**provenance, **record}, indent=2))
     if target.exists():
         shutil.rmtree(tmp)

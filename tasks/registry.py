@@ -90,7 +90,7 @@ STAGES: tuple[Stage, ...] = (
     # the GGUF converter comes with llama.cpp's sdist: llama-cpp-python's version covers it
     Stage("quantize", "tasks.quantize:quantize_gguf", ("quantize", "name", "eval"), ("base", "data", "train", "merge"),
           "GGUF files, each checked against the merged model in llama.cpp",
-          ("llama-cpp-python", "torch", "transformers", "numpy")),
+          ("llama-cpp-python", "torch", "transformers", "numpy", "evaluate")),
     Stage("publish", "tasks.publish:publish_model", ("publish", "name", "orchestration.approval"),
           ("base", "data", "train", "eval", "merge", "quantize"),
           "the Hub bundle (adapter, GGUF, model card, lineage), pushed when a token is set", (),

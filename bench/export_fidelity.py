@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from tasks.artifacts import ArtifactStore
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.data import prepare_data
-    from tasks.merge import merge_adapter
-    from tasks.models import provision_base
-    from tasks.quantize import quantize_gguf
-    from tasks.train import train_adapter
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.merge import merge_adapter
+    from loraforge.tasks.models import provision_base
+    from loraforge.tasks.quantize import quantize_gguf
+    from loraforge.tasks.train import train_adapter
 
     items = args.items if args.items and args.items[0].endswith((".yaml", ".yml")) else [str(DEMO_CONFIG), *args.items]
     types = args.types.split(",")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prompt_ids(model_dir: Path, data: Any) -> list[int]:
     """The demo's chat prompt as training rendered it (the data artifact's template), as token ids."""
-    from tasks.models import load_tokenizer
+    from loraforge.tasks.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     tokenizer.chat_template = data.file("chat_template.jinja").read_text()
@@ -117,7 +117,7 @@ def _prompt_ids(model_dir: Path, data: Any) -> list[int]:
 def _hf_decode(model_dir: Path, prompt_ids: list[int], new_tokens: int, threads: int, repeats: int) -> float:
     import torch
 
-    from tasks.models import load_causal_lm
+    from loraforge.tasks.models import load_causal_lm
 
     torch.set_num_threads(threads)
     model = load_causal_lm(model_dir, "float32")

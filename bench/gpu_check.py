@@ -363,11 +363,11 @@ def _train_stage(job: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_qlora import _build as build_preset
 
-    from tasks.artifacts import ArtifactStore
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.data import prepare_data
-    from tasks.models import provision_base
-    from tasks.train import train_adapter
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.models import provision_base
+    from loraforge.tasks.train import train_adapter
 
     model = build_preset("smollm2-360m", Path(job["models"]))
     overrides = [f"base_model={model}", f"store={job['store']}", f"train.processes={job['processes']}",

@@ -161,11 +161,11 @@ def _build(preset: str, root: Path) -> Path:
 
 
 def _child(job: dict[str, Any]) -> int:
-    from tasks.artifacts import ArtifactStore
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.data import prepare_data
-    from tasks.models import provision_base
-    from tasks.train import train_adapter
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.models import provision_base
+    from loraforge.tasks.train import train_adapter
 
     config = load_config(DEMO_CONFIG, [f"base_model={job['model']}", f"store={job['store']}", *job["overrides"]])
     store = ArtifactStore(config.store)

@@ -92,12 +92,12 @@ def overrides_for(model: str, mode: str, store: Path, steps: int) -> list[str]:
 
 def measure(model: str, mode: str, store: Path, steps: int) -> dict[str, Any]:
     """Plan, then train in a child process; estimate and measurements side by side."""
-    from tasks.artifacts import ArtifactStore
-    from tasks.batching import read_split
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.data import prepare_data
-    from tasks.models import provision_base
-    from tasks.plan import data_logit_positions, plan_training, run_measuring_peak_rss
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.batching import read_split
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.models import provision_base
+    from loraforge.tasks.plan import data_logit_positions, plan_training, run_measuring_peak_rss
 
     overrides = overrides_for(model, mode, store, steps)
     config = load_config(DEMO_CONFIG, overrides)
@@ -132,8 +132,8 @@ def measure(model: str, mode: str, store: Path, steps: int) -> dict[str, Any]:
 
 def replan(previous: Path, out: Path) -> int:
     """Re-estimate recorded runs (same model, mode, batch and sequence length) with the current constants."""
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.plan import plan_training
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.plan import plan_training
 
     recorded = json.loads(previous.read_text())
     scratch = Path(tempfile.mkdtemp(prefix="loraforge-plan-replan-"))
@@ -158,17 +158,17 @@ def replan(previous: Path, out: Path) -> int:
 def _child(argv: list[str]) -> int:
     """In the measured child: run the train stage, or the plain full fine-tuning loop; print a JSON line."""
     kind, overrides = argv[0], argv[1:]
-    from tasks.artifacts import ArtifactStore
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.data import prepare_data
-    from tasks.models import provision_base
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.models import provision_base
 
     config = load_config(DEMO_CONFIG, overrides)
     store = ArtifactStore(config.store)
     base = provision_base(config.base_model, store)
     data = prepare_data(config.data, base, store)  # a cache hit: the parent prepared it
     if kind == "train":
-        from tasks.train import train_adapter
+        from loraforge.tasks.train import train_adapter
 
         train = train_adapter(config.train, base, data, store)
         size = (train.file("adapter") / "adapter_model.safetensors").stat().st_size
@@ -186,8 +186,8 @@ def _full_finetune(config: Any, base: Any, data: Any) -> dict[str, Any]:
     import peft  # noqa: F401  (the train stage imports it: the same process make-up, the same overhead)
     import torch
 
-    from tasks.batching import collate, read_split
-    from tasks.models import load_causal_lm, load_tokenizer
+    from loraforge.tasks.batching import collate, read_split
+    from loraforge.tasks.models import load_causal_lm, load_tokenizer
 
     train = config.train
     if train.threads:

@@ -137,10 +137,10 @@ def _parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
 
 def _prepare(scratch: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The bundled base and the demo data artifact (tokenized with the chat template, prompts masked)."""
-    from tasks.artifacts import ArtifactStore
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.data import prepare_data
-    from tasks.models import provision_base
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.models import provision_base
 
     config = load_config(DEMO_CONFIG)
     store = ArtifactStore(scratch / "inputs")
@@ -168,7 +168,7 @@ def gemm_peak_flops(threads: int, size: int = 1024, repeats: int = 20) -> float:
 def _spawn(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job in a fresh child; its result JSON plus the child's own peak RSS (VmHWM, polled: not
     ru_maxrss, which Linux carries over from this parent at exec)."""
-    from tasks.plan import run_measuring_peak_rss
+    from loraforge.tasks.plan import run_measuring_peak_rss
 
     out = Path(job["store"] + ".json")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -192,9 +192,9 @@ def _child(job: dict[str, Any]) -> int:
 
 
 def _train_ours(job: dict[str, Any]) -> dict[str, Any]:
-    from tasks.artifacts import ArtifactStore
-    from tasks.batching import pack_rows, read_split
-    from tasks.train import TrainConfig, train_adapter
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.batching import pack_rows, read_split
+    from loraforge.tasks.train import TrainConfig, train_adapter
 
     variant = VARIANTS[job["variant"]]
     inputs = ArtifactStore(job["inputs"]["store"])
@@ -229,8 +229,8 @@ def _train_tutorial(job: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.artifacts import ArtifactStore
-    from tasks.batching import mean_loss, read_split
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.batching import mean_loss, read_split
 
     inputs = ArtifactStore(job["inputs"]["store"])
     base, data = inputs.get("base", job["inputs"]["base"]), inputs.get("data", job["inputs"]["data"])

@@ -37,8 +37,8 @@ DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 EXTRA_IMAGES=(train-cuda) # built only when named: several GB of CUDA wheels
 PODMAN=(containers/podman.sh)
 VENV_PY="${LORAFORGE_VENV:-.venv}/bin/python"
-mapfile -t ALL_STAGES < <("$VENV_PY" -m tasks.registry) # one image per runnable stage (tasks/registry.py)
-[ ${#ALL_STAGES[@]} -gt 0 ] || { echo "[images] error: no stages from $VENV_PY -m tasks.registry" >&2; exit 1; }
+mapfile -t ALL_STAGES < <("$VENV_PY" -m loraforge.tasks.registry) # one image per runnable stage (tasks/registry.py)
+[ ${#ALL_STAGES[@]} -gt 0 ] || { echo "[images] error: no stages from $VENV_PY -m loraforge.tasks.registry" >&2; exit 1; }
 log() { echo "[images] $*"; }
 die() { echo "[images] error: $*" >&2; exit 1; }
 
@@ -102,8 +102,8 @@ mkdir -p "$ctx/wheels" "$ctx/llama.cpp"
 # Only what the images run: the package, its metadata and the pins (no tests, docs, .venv or artifacts).
 new_src="$ctx/src.new"
 rm -rf "$new_src" && mkdir -p "$new_src"
-git ls-files -co --exclude-standard -- pyproject.toml constraints.txt constraints-cuda.txt README.md LICENSE flows tasks \
-  | while IFS= read -r f; do [ -f "$f" ] && printf '%s\n' "$f"; done \
+git ls-files -co --exclude-standard -- pyproject.toml constraints.txt constraints-cuda.txt README.md LICENSE loraforge flows tasks \
+  | while IFS= read -r f; do { [ -f "$f" ] || [ -L "$f" ]; } && printf '%s\n' "$f"; done \
   | tar -cf - -T - | tar -xf - -C "$new_src"
 rm -rf "$ctx/src" && mv "$new_src" "$ctx/src"
 cp containers/entrypoint.sh "$ctx/entrypoint.sh"
@@ -171,7 +171,7 @@ cp -a "$converter" "$ctx/llama.cpp/"
 
 # --- tags, build arguments, the context hash ------------------------------------------------------------------
 sha=$(git rev-parse --short=12 HEAD 2>/dev/null || echo nogit)
-if [ -n "$(git status --porcelain -- flows tasks containers pyproject.toml constraints.txt constraints-cuda.txt 2>/dev/null)" ]; then
+if [ -n "$(git status --porcelain -- loraforge flows tasks containers pyproject.toml constraints.txt constraints-cuda.txt 2>/dev/null)" ]; then
   sha="$sha-dirty"
 fi
 TAG="${IMAGE_TAG:-$sha}"

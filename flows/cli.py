@@ -38,9 +38,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tasks import registry
-from tasks.errors import ConfigError, GateFailed, LoraforgeError, StageError
-from tasks.process import cli_process
+from loraforge.tasks import registry
+from loraforge.tasks.errors import ConfigError, GateFailed, LoraforgeError, StageError
+from loraforge.tasks.process import cli_process
 
 EXIT_USER, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 PROCESS_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}
@@ -174,7 +174,7 @@ def _register_data(args: argparse.Namespace) -> int:
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL
 
-    from tasks.artifacts import sha256_file
+    from loraforge.tasks.artifacts import sha256_file
 
     path = Path(args.file).expanduser().resolve()
     if not path.is_file() or path.suffix not in DATA_SUFFIXES:
@@ -199,7 +199,7 @@ def _register_data(args: argparse.Namespace) -> int:
 
 def _import_config(args: argparse.Namespace) -> int:
     """The loraforge YAML on stdout; what was not carried over (or changed meaning) also on stderr."""
-    from flows.import_config import import_axolotl
+    from loraforge.flows.import_config import import_axolotl
 
     imported = import_axolotl(args.file)
     sys.stdout.write(imported.to_yaml(args.file))
@@ -212,7 +212,7 @@ def _import_config(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from tasks.pull import pull
+    from loraforge.tasks.pull import pull
 
     pulled = pull(args.repos, args.prompt, gguf=args.gguf, base_model=args.base, endpoint=args.endpoint,
                   max_new_tokens=args.max_new_tokens, system=args.system)  # fmt: skip
@@ -224,7 +224,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _load(items: list[str]) -> Any:
-    from tasks.config import load_config
+    from loraforge.tasks.config import load_config
 
     paths = [i for i in items if "=" not in i]
     overrides = [i for i in items if "=" in i]
@@ -234,7 +234,7 @@ def _load(items: list[str]) -> Any:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from tasks.plan import data_logit_positions, data_seq_len, format_plan, plan_training
+    from loraforge.tasks.plan import data_logit_positions, data_seq_len, format_plan, plan_training
 
     config = _load(args.items)
     seq_len, source, positions = args.seq_len, None, None
@@ -250,7 +250,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from flows.sweep import grid_points, sweep
+    from loraforge.flows.sweep import grid_points, sweep
 
     grid: dict[str, list[str]] = {}
     for item in ([f"train.r={args.r}"] if args.r else []) + args.grid:
@@ -264,7 +264,7 @@ def _sweep(args: argparse.Namespace) -> int:
     variants = [(point, _load([*args.items, *(f"{k}={v}" for k, v in point.items())])) for point in grid_points(grid)]
     _quiet_user_errors()
     record = sweep(variants)
-    from flows.sweep import to_markdown
+    from loraforge.flows.sweep import to_markdown
 
     print(to_markdown(record["rows"]))
     print(f"sweep table: {record['json']} and {record['markdown']}")
@@ -276,7 +276,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     """Check the config, then what can be checked before a run without downloads: the store can be written, a
     local base model folder is whole, and train.target_modules names layers of its architecture."""
-    from tasks.artifacts import ArtifactStore
+    from loraforge.tasks.artifacts import ArtifactStore
 
     config = _load(args.items)
     failures: list[LoraforgeError] = []
@@ -296,8 +296,8 @@ def _validate(args: argparse.Namespace) -> int:
 def _check_base(config: Any) -> None:
     import re
 
-    from tasks.hubclient import REPO_ID, REPO_ID_RULE
-    from tasks.models import local_base_folder
+    from loraforge.tasks.hubclient import REPO_ID, REPO_ID_RULE
+    from loraforge.tasks.models import local_base_folder
 
     folder = local_base_folder(config.base_model)
     if folder is None and ":" not in config.base_model and not re.fullmatch(REPO_ID + r"(@\S+)?", config.base_model):
@@ -307,7 +307,7 @@ def _check_base(config: Any) -> None:
             f"({REPO_ID_RULE}, e.g. HuggingFaceTB/SmolLM2-135M-Instruct[@revision])."
         )
     if folder is not None:
-        from tasks.train import check_target_modules
+        from loraforge.tasks.train import check_target_modules
 
         check_target_modules(config.train.target_modules, folder)
 
@@ -315,8 +315,8 @@ def _check_base(config: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     config = _load(args.items)
     _quiet_user_errors()
-    from flows.pipeline import pipeline
-    from tasks.artifacts import ArtifactStore
+    from loraforge.flows.pipeline import pipeline
+    from loraforge.tasks.artifacts import ArtifactStore
 
     started = time.perf_counter()
     run_id = uuid.uuid4().hex[:12]
@@ -359,8 +359,8 @@ def _stage_from_keys(config: Any, stage: registry.Stage, given: list[str]) -> An
     The base is provisioned from `base_model` (the model cache must be reachable: in a container, a volume)
     and, when its key is given too, checked against it; the publish stage only reads the base's manifest.
     """
-    from flows.stages import upstream
-    from tasks.artifacts import ArtifactStore
+    from loraforge.flows.stages import upstream
+    from loraforge.tasks.artifacts import ArtifactStore
 
     keys: dict[str, str] = {}
     problems = []
@@ -387,13 +387,13 @@ def _stage_from_keys(config: Any, stage: registry.Stage, given: list[str]) -> An
 
 def _provisioned_base_key(config: Any, store: Any) -> str:
     """The key of base_model provisioned here (for a stage that reads only the base manifest, given no key)."""
-    from tasks.models import provision_base
+    from loraforge.tasks.models import provision_base
 
     return str(provision_base(config.base_model, store).key)
 
 
 def _show(args: argparse.Namespace) -> int:
-    from tasks.artifacts import ArtifactStore
+    from loraforge.tasks.artifacts import ArtifactStore
 
     store = ArtifactStore(args.store)
     if store.has_run(args.ref):
@@ -454,11 +454,11 @@ def _print_record(record: dict[str, Any], seconds: float | None, failure: Except
             f"{m} base {ev.get('base_' + m, float('nan')):.3f} -> tuned {ev[m]:.3f}"
             for m in ("accuracy", "macro_f1", "rouge_l", "entity_f1", "perplexity") if m in ev))  # fmt: skip
     if "gate" in record:
-        from tasks.evaluate import Gate
+        from loraforge.tasks.evaluate import Gate
 
         gate = Gate(**record["gate"])  # the run record holds read_gate's fields
         console.print(f"gate: {'PASSED' if gate.passed else 'FAILED'} ({gate.summary()})")
-    from tasks.quantize import probe_summary
+    from loraforge.tasks.quantize import probe_summary
 
     for qtype, info in record.get("gguf", {}).items():
         verdict = "passed" if info.get("passed", True) else f"[red]withheld[/red]: {info.get('reason')}"

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tasks.errors import ConfigError
+from loraforge.tasks.errors import ConfigError
 
 LINEAR = "all-linear"
 # Axolotl optimizer -> loraforge train.optimizer (same algorithm; fused/torch variants differ in speed only).
@@ -236,7 +236,7 @@ def import_axolotl(path: str | Path) -> Imported:
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    from tasks.config import read_yaml
+    from loraforge.tasks.config import read_yaml
 
     if not path.is_file():
         raise ConfigError(f"{path}: not found; give the Axolotl config file (YAML) to convert.")
@@ -597,7 +597,7 @@ def _check(conv: _Converter) -> None:
     """Every problem at once: what cannot be converted, then what loraforge's config model rejects."""
     from pydantic import ValidationError
 
-    from tasks.config import PipelineConfig
+    from loraforge.tasks.config import PipelineConfig
 
     problems = list(conv.problems)
     if not problems:

@@ -27,14 +27,14 @@ from prefect.client.schemas.objects import State
 from prefect.input import RunInput
 from prefect.runtime import flow_run as prefect_run
 
-from flows.stage_runs import cached_state, step_reporter, unwrap
-from tasks.artifacts import Artifact, ArtifactStore
-from tasks.config import PipelineConfig, load_config
-from tasks.errors import ConfigError, GateFailed, StageError
-from tasks.evaluate import read_gate
-from tasks.publish import read_publish, record_approval
-from tasks.quantize import probe_summary, read_quantize
-from tasks.registry import STAGES, Stage
+from loraforge.flows.stage_runs import cached_state, step_reporter, unwrap
+from loraforge.tasks.artifacts import Artifact, ArtifactStore
+from loraforge.tasks.config import PipelineConfig, load_config
+from loraforge.tasks.errors import ConfigError, GateFailed, StageError
+from loraforge.tasks.evaluate import read_gate
+from loraforge.tasks.publish import read_publish, record_approval
+from loraforge.tasks.quantize import probe_summary, read_quantize
+from loraforge.tasks.registry import STAGES, Stage
 
 StageCall = Callable[..., Artifact | State[Artifact]]  # a stage's task (or its deployment's stand-in)
 
@@ -179,7 +179,7 @@ def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: st
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    from flows.stages import stage_run_record
+    from loraforge.flows.stages import stage_run_record
 
     shared = config.model_copy(update={"store": store.url}).model_dump(mode="json")
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
-from tasks.artifacts import Artifact
+from loraforge.tasks.artifacts import Artifact
 
 if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+    from loraforge.tasks.config import PipelineConfig
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -19,11 +19,11 @@ from typing import Any
 from prefect import Flow, flow
 from prefect.client.schemas.objects import State
 
-from flows.stage_runs import cached_state, step_reporter, within_stage_timeout
-from tasks.artifacts import Artifact, ArtifactStore
-from tasks.config import PipelineConfig
-from tasks.errors import ConfigError
-from tasks.registry import STAGES, Stage
+from loraforge.flows.stage_runs import cached_state, step_reporter, within_stage_timeout
+from loraforge.tasks.artifacts import Artifact, ArtifactStore
+from loraforge.tasks.config import PipelineConfig
+from loraforge.tasks.errors import ConfigError
+from loraforge.tasks.registry import STAGES, Stage
 
 StageResult = dict[str, Any]  # {"stage": ..., "key": ..., "cached": bool}
 StageOutcome = StageResult | State[StageResult]  # the result, or a `Cached` state holding it
@@ -42,7 +42,7 @@ def upstream(
     Raises:
         ConfigError: a key for a stage this one does not take, or a missing one; every problem at once.
     """
-    from tasks.models import provision_base, read_base
+    from loraforge.tasks.models import provision_base, read_base
 
     problems = [f"the {stage.name} stage takes no {name} artifact (it takes {', '.join(stage.inputs)})"
                 for name in keys if name not in stage.inputs]  # fmt: skip

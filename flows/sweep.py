@@ -29,12 +29,12 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.pipeline import IN_PROCESS, call_stage
-from tasks.artifacts import Artifact, ArtifactStore
-from tasks.config import PipelineConfig
-from tasks.errors import StageError
-from tasks.evaluate import read_gate
-from tasks.registry import stage
+from loraforge.flows.pipeline import IN_PROCESS, call_stage
+from loraforge.tasks.artifacts import Artifact, ArtifactStore
+from loraforge.tasks.config import PipelineConfig
+from loraforge.tasks.errors import StageError
+from loraforge.tasks.evaluate import read_gate
+from loraforge.tasks.registry import stage
 
 TABLE_METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1", "loss", "perplexity")
 
@@ -92,7 +92,7 @@ def _train(
         The artifact, whether the child trained it now (False: a cache hit) and the training process's own peak
         RSS in MB (VmHWM, measured now or recorded by an earlier sweep in `<store>/sweeps/peaks/<key>.json`).
     """
-    from tasks.plan import run_measuring_peak_rss
+    from loraforge.tasks.plan import run_measuring_peak_rss
 
     spec = store.root / ".tmp" / f"sweep-train-{uuid.uuid4().hex[:8]}.json"
     spec.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def _train(
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
     try:
         code, peak_mb, output = run_measuring_peak_rss(
-            [sys.executable, "-m", "flows.sweep", "--train-child", str(spec)],
+            [sys.executable, "-m", "loraforge.flows.sweep", "--train-child", str(spec)],
             env=env,
             echo=lambda line: None if line.startswith("{") else print(line),
         )
@@ -180,7 +180,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
 def _train_child(spec: Path) -> int:
     """In the child process: run the train stage for one variant (base and data are cache hits)."""
-    from tasks.errors import LoraforgeError
+    from loraforge.tasks.errors import LoraforgeError
 
     config = PipelineConfig.model_validate_json(spec.read_text())
     store = ArtifactStore(config.store, config.store_verify)

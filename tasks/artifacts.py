@@ -47,20 +47,20 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
-from tasks.errors import StageError
-from tasks.objectstore import ObjectStore
-from tasks.registry import NAMES
-from tasks.registry import STAGES as REGISTERED
+from loraforge.tasks.errors import StageError
+from loraforge.tasks.objectstore import ObjectStore
+from loraforge.tasks.registry import NAMES
+from loraforge.tasks.registry import STAGES as REGISTERED
 
 MANIFEST = "manifest.json"
 STAGES = NAMES  # every artifact folder's stage, in pipeline order (tasks/registry.py)
 PRODUCERS = {s.name: s.producer for s in REGISTERED}  # for "run X first" messages
 KEY_LIBRARIES = {s.name: s.libraries for s in REGISTERED}  # the libraries in each stage's key (tasks/registry.py)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds the `tasks` package (a checkout or site-packages)
-KEYED_PACKAGES = ("tasks",)  # flows/ only wires stages together: it never shapes an artifact's bytes
+KEYED_PACKAGES = ("loraforge.tasks",)  # flows/ only wires stages together: it never shapes an artifact's bytes
 # Declarations that only wire stages (which function runs on what): not in any key. What they could change in
 # the bytes is keyed anyway (the config values and artifacts a stage is given, the versions of its libraries).
-WIRING_MODULES = ("tasks.registry",)
+WIRING_MODULES = ("loraforge.tasks.registry",)
 Verify = Literal["sha256", "size"]
 LEASE_S = 120.0  # an S3 lease not renewed for this long is a dead writer's (renewed every LEASE_S / 4)
 TRACKED_LIBRARIES = (
@@ -152,10 +152,14 @@ def _imported_modules(tree: ast.AST) -> Iterator[str]:
 
 
 def _module_files(name: str) -> list[Path]:
-    """The files Python executes to import the project module `name` (its packages' __init__ files too)."""
-    parts = name.split(".")
-    if parts[0] not in KEYED_PACKAGES or any(name == m or name.startswith(f"{m}.") for m in WIRING_MODULES):
+    """The files Python executes to import the project module `name` (its packages' __init__ files too), as
+    paths under PROJECT_ROOT: `loraforge.tasks.data` is tasks/data.py (the installed package `loraforge.tasks`
+    is the repository's tasks/ folder)."""
+    if not any(name == p or name.startswith(f"{p}.") for p in KEYED_PACKAGES):
         return []
+    if any(name == m or name.startswith(f"{m}.") for m in WIRING_MODULES):
+        return []
+    parts = name.split(".")[1:]  # without the `loraforge` namespace: the folders of the checkout
     files = [PROJECT_ROOT.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts) + 1)]
     return [*files, PROJECT_ROOT.joinpath(*parts).with_suffix(".py")]
 

@@ -14,13 +14,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.data import DataConfig
-from tasks.errors import ConfigError
-from tasks.evaluate import EvalConfig
-from tasks.merge import MergeConfig
-from tasks.publish import PublishConfig
-from tasks.quantize import QuantizeConfig
-from tasks.train import TrainConfig
+from loraforge.tasks.data import DataConfig
+from loraforge.tasks.errors import ConfigError
+from loraforge.tasks.evaluate import EvalConfig
+from loraforge.tasks.merge import MergeConfig
+from loraforge.tasks.publish import PublishConfig
+from loraforge.tasks.quantize import QuantizeConfig
+from loraforge.tasks.train import TrainConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "flows" / "configs" / "demo.yaml"
 

@@ -33,8 +33,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.artifacts import Artifact, ArtifactStore, sha256_file
-from tasks.errors import DataError
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from loraforge.tasks.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 HUB_PREFIX = "hub:"
@@ -255,7 +255,7 @@ def _build_data(
     rows = {name: _read_rows(source["files"], config) for name, source in sources.items()}
     splits = _split(rows, config)
 
-    from tasks.models import load_tokenizer, read_base
+    from loraforge.tasks.models import load_tokenizer, read_base
 
     model_path = read_base(base).model_path
     tokenizer = load_tokenizer(model_path)
@@ -412,7 +412,7 @@ def _materialize(spec: str) -> dict[str, Any]:
         raise DataError(f"{spec}: a Hub dataset is hub:ORG/NAME[@REVISION][#SPLIT], e.g. hub:acme/tickets@v1#train")
     from huggingface_hub import snapshot_download
 
-    from tasks.hubclient import hub_endpoint, hub_token, scrub
+    from loraforge.tasks.hubclient import hub_endpoint, hub_token, scrub
 
     endpoint = hub_endpoint()
     token = hub_token(endpoint=endpoint)  # HF_TOKEN or `hf auth login`; never over plain http off loopback

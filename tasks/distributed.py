@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import StageError
+from loraforge.tasks.errors import StageError
 
 INTERRUPTED = 130  # a rank's exit status after it saved a checkpoint on SIGINT/SIGTERM
 
@@ -56,12 +56,19 @@ def torchrun_command(run_folder: Path, processes: int, nnodes: int, rdzv_endpoin
     One machine: `--standalone` (torchrun picks a free port). Several: the c10d rendezvous at `rdzv_endpoint`,
     with the artifact key as its id, so the same command on every machine joins the same job.
     """
-    command = [sys.executable, "-m", "tasks.distributed", "--launch", str(run_folder), f"--nproc-per-node={processes}"]
+    command = [
+        sys.executable,
+        "-m",
+        "loraforge.tasks.distributed",
+        "--launch",
+        str(run_folder),
+        f"--nproc-per-node={processes}",
+    ]
     if nnodes > 1:
         command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={job}"]
     else:
         command += ["--standalone", "--nnodes=1"]
-    return [*command, "-m", "tasks.distributed", str(run_folder)]
+    return [*command, "-m", "loraforge.tasks.distributed", str(run_folder)]
 
 
 def launcher_main(run_folder: Path, torchrun_args: list[str]) -> int:
@@ -303,7 +310,7 @@ def write_spec(run_folder: Path, spec: dict[str, Any]) -> None:
 
 def main(run_folder: Path) -> int:
     """A rank's entry point (torchrun runs `python -m tasks.distributed RUN_FOLDER`)."""
-    from tasks.train import run_rank
+    from loraforge.tasks.train import run_rank
 
     rank = os.environ.get("RANK", "0")
     try:

@@ -32,12 +32,12 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.artifacts import Artifact, ArtifactStore, sha256_file
-from tasks.batching import generate_answers, read_split, row_losses
-from tasks.data import leaked_prompts, read_data, stop_token_ids
-from tasks.errors import GateFailed, StageError
-from tasks.hubclient import LINEAGE_FILE, explain, hub_endpoint, hub_token, read_lineage, with_retries
-from tasks.process import torch_threads
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from loraforge.tasks.batching import generate_answers, read_split, row_losses
+from loraforge.tasks.data import leaked_prompts, read_data, stop_token_ids
+from loraforge.tasks.errors import GateFailed, StageError
+from loraforge.tasks.hubclient import LINEAGE_FILE, explain, hub_endpoint, hub_token, read_lineage, with_retries
+from loraforge.tasks.process import torch_threads
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics"
 KEYED_DIRS = ("metrics",)  # the metric modules run by path (evaluate.load): part of the eval key's code version
@@ -172,8 +172,8 @@ def _build_eval(
 
     from peft import PeftModel
 
-    from tasks.models import autocast, load_base_as_trained, load_tokenizer, read_base
-    from tasks.train import read_train
+    from loraforge.tasks.models import autocast, load_base_as_trained, load_tokenizer, read_base
+    from loraforge.tasks.train import read_train
 
     model_path = read_base(base).model_path
     tokenizer = load_tokenizer(model_path)
@@ -370,7 +370,7 @@ def _download_adapter(published: dict[str, Any], base: Artifact) -> str:
                 f"{expected[name][:16]}…; the published files were changed after publishing: republish."
             )
     adapter_config = json.loads((Path(folder) / "adapter_config.json").read_text())
-    from tasks.models import read_base
+    from loraforge.tasks.models import read_base
 
     ref = read_base(base)
     names = {ref.hub_id, ref.spec, str(ref.model_path)}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from tasks.errors import StageError
+from loraforge.tasks.errors import StageError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 LINEAGE_FILE = "loraforge/lineage.json"

@@ -24,9 +24,9 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.artifacts import Artifact, ArtifactStore
-from tasks.batching import collate, read_split
-from tasks.errors import StageError
+from loraforge.tasks.artifacts import Artifact, ArtifactStore
+from loraforge.tasks.batching import collate, read_split
+from loraforge.tasks.errors import StageError
 
 
 class MergeConfig(BaseModel):
@@ -129,8 +129,8 @@ def _build_merge(
     inputs = {"base": base, "data": data, "train": train}
     started = time.time()
 
-    from tasks.models import load_tokenizer, read_base
-    from tasks.train import read_train
+    from loraforge.tasks.models import load_tokenizer, read_base
+    from loraforge.tasks.train import read_train
 
     model_path = read_base(base).model_path
     tokenizer = load_tokenizer(model_path)
@@ -370,8 +370,8 @@ def _probe_batches(probes: list[dict[str, Any]], pad_id: int, batch_size: int) -
 def _logits(model: Any, ids: Any, mask: Any, precision: str = "fp32") -> Any:
     """fp32 logits at the non-padding positions, [positions, vocabulary], on the CPU (the forward under the
     autocast of a bf16/fp16 training precision)."""
-    from tasks.batching import model_device
-    from tasks.models import autocast
+    from loraforge.tasks.batching import model_device
+    from loraforge.tasks.models import autocast
 
     device = model_device(model)  # bitsandbytes places a QLoRA base on CUDA when there is one
     with autocast(precision, str(device)):
@@ -407,8 +407,8 @@ def _adapter_model(model_path: Path, train: Artifact, dequantized: bool) -> Any:
     """The fp32 base (dequant(quant(W)) for a QLoRA adapter merged onto what it saw) with the adapter, eval mode."""
     from peft import PeftModel
 
-    from tasks.models import load_causal_lm
-    from tasks.train import read_train
+    from loraforge.tasks.models import load_causal_lm
+    from loraforge.tasks.train import read_train
 
     base_model = load_causal_lm(model_path, "float32")
     if dequantized:
@@ -446,8 +446,8 @@ def _as_trained_model(model_path: Path, train: Artifact) -> tuple[Any, str]:
     training precision its forward runs under."""
     from peft import PeftModel
 
-    from tasks.models import load_base_as_trained
-    from tasks.train import read_train
+    from loraforge.tasks.models import load_base_as_trained
+    from loraforge.tasks.train import read_train
 
     settings = read_train(train).settings
     model = PeftModel.from_pretrained(load_base_as_trained(model_path, settings), train.file("adapter"))

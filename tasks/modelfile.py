@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.errors import StageError
+from loraforge.tasks.errors import StageError
 
 Message = dict[str, str]
 

@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.artifacts import Artifact, ArtifactStore, sha256_file
-from tasks.errors import StageError
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from loraforge.tasks.errors import StageError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+    from loraforge.tasks.config import PipelineConfig
 
 MB = 1024 * 1024
 # Peak RSS of a fresh process after importing torch, transformers, peft and the loraforge stages and loading
@@ -170,7 +170,7 @@ def plan_training(
         StageError: the base model cannot be resolved, a target module is not in the model, or the model is not
             a decoder this memory model covers.
     """
-    from tasks.models import resolve_base_model
+    from loraforge.tasks.models import resolve_base_model
 
     train = config.train
     folder = resolve_base_model(config.base_model)
@@ -226,8 +226,8 @@ def _build_meta(folder: Path, config: PipelineConfig) -> _Meta:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tasks.errors import StageError
-    from tasks.train import lora_config, resolve_target_modules
+    from loraforge.tasks.errors import StageError
+    from loraforge.tasks.train import lora_config, resolve_target_modules
 
     train = config.train
     with init_empty_weights():
@@ -256,7 +256,7 @@ def read_architecture(folder: Path) -> Architecture:
     Raises:
         StageError: a field the memory model needs is missing (not a Llama-style decoder).
     """
-    from tasks.errors import StageError
+    from loraforge.tasks.errors import StageError
 
     raw = json.loads((folder / "config.json").read_text())
     cfg = raw.get("text_config") or raw
@@ -578,10 +578,10 @@ def data_seq_len(config: PipelineConfig) -> tuple[int, str]:
 
     Runs the base and data stages (cache hits when the pipeline ran before with this data config).
     """
-    from tasks.artifacts import ArtifactStore
-    from tasks.batching import read_split
-    from tasks.data import prepare_data
-    from tasks.models import provision_base
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.batching import read_split
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.models import provision_base
 
     store = ArtifactStore(config.store, config.store_verify)
     data = prepare_data(config.data, provision_base(config.base_model, store), store)
@@ -599,11 +599,11 @@ def data_logit_positions(config: PipelineConfig) -> int:
     """
     import random
 
-    from tasks.artifacts import ArtifactStore
-    from tasks.batching import read_split
-    from tasks.data import prepare_data, read_data
-    from tasks.models import provision_base
-    from tasks.train import batch_stream, training_units
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.batching import read_split
+    from loraforge.tasks.data import prepare_data, read_data
+    from loraforge.tasks.models import provision_base
+    from loraforge.tasks.train import batch_stream, training_units
 
     train = config.train
     store = ArtifactStore(config.store, config.store_verify)

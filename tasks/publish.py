@@ -29,12 +29,12 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks import hubclient
-from tasks.artifacts import KEY_LIBRARIES, Artifact, ArtifactStore, compute_key, hash_files
-from tasks.data import read_data
-from tasks.errors import GateFailed, StageError
-from tasks.evaluate import check_gate, read_gate
-from tasks.hubclient import (
+from loraforge.tasks import hubclient
+from loraforge.tasks.artifacts import KEY_LIBRARIES, Artifact, ArtifactStore, compute_key, hash_files
+from loraforge.tasks.data import read_data
+from loraforge.tasks.errors import GateFailed, StageError
+from loraforge.tasks.evaluate import check_gate, read_gate
+from loraforge.tasks.hubclient import (
     REPO_ID,
     REPO_ID_RULE,
     check_transport,
@@ -44,10 +44,10 @@ from tasks.hubclient import (
     is_transient,
     with_retries,
 )
-from tasks.merge import read_merge
-from tasks.models import read_base
-from tasks.quantize import probe_summary, read_quantize
-from tasks.train import read_train
+from loraforge.tasks.merge import read_merge
+from loraforge.tasks.models import read_base
+from loraforge.tasks.quantize import probe_summary, read_quantize
+from loraforge.tasks.train import read_train
 
 
 class PublishConfig(BaseModel):
@@ -225,7 +225,7 @@ def _build_publish(
 def _write_ollama_files(bundle: Path) -> None:
     """The repo-root `template`, `params` and `system` files that `ollama run hf.co/ORG/NAME:Q4_K_M` reads, from
     the published Modelfiles (all of one model, so alike; the first by name is used)."""
-    from tasks.modelfile import hub_files
+    from loraforge.tasks.modelfile import hub_files
 
     modelfiles = sorted((bundle / "gguf").glob("*.Modelfile")) if (bundle / "gguf").is_dir() else []
     if modelfiles:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import sha256_file
-from tasks.errors import StageError
-from tasks.hubclient import (
+from loraforge.tasks.artifacts import sha256_file
+from loraforge.tasks.errors import StageError
+from loraforge.tasks.hubclient import (
     LINEAGE_FILE,
     REPO_ID,
     REPO_ID_RULE,
@@ -148,7 +148,7 @@ def _download(spec: str, endpoint: str, gguf: str | None) -> Pulled:
 
 
 def _resolve_base(pulled: list[Pulled], base_model: str | None) -> Path:
-    from tasks.models import BUNDLED_PREFIX, fingerprint_model, resolve_base_model
+    from loraforge.tasks.models import BUNDLED_PREFIX, fingerprint_model, resolve_base_model
 
     if base_model:
         return resolve_base_model(base_model)
@@ -172,8 +172,8 @@ def _answer_adapters(
 ) -> None:
     from peft import PeftModel
 
-    from tasks.batching import generate_answers
-    from tasks.models import load_causal_lm, load_tokenizer
+    from loraforge.tasks.batching import generate_answers
+    from loraforge.tasks.models import load_causal_lm, load_tokenizer
 
     base = _resolve_base(pulled, base_model)
     tokenizer = load_tokenizer(pulled[0].folder if (pulled[0].folder / "tokenizer.json").is_file() else base)

@@ -52,16 +52,16 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from tasks.artifacts import Artifact, ArtifactStore, Draft
-from tasks.batching import read_split
-from tasks.data import DataSpec, read_data, stop_token_ids
-from tasks.errors import StageError
-from tasks.evaluate import ANSWER_METRICS
-from tasks.modelfile import Sampling, Translation, modelfile, translate_chat_template
-from tasks.process import logger_level
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, Draft
+from loraforge.tasks.batching import read_split
+from loraforge.tasks.data import DataSpec, read_data, stop_token_ids
+from loraforge.tasks.errors import StageError
+from loraforge.tasks.evaluate import ANSWER_METRICS
+from loraforge.tasks.modelfile import Sampling, Translation, modelfile, translate_chat_template
+from loraforge.tasks.process import logger_level
 
 if TYPE_CHECKING:
-    from tasks.evaluate import EvalConfig
+    from loraforge.tasks.evaluate import EvalConfig
 
 RUNTIME_ONLY = {"tool_timeout_s"}  # does not change the result: not part of the key
 KEYED_DIRS = ("metrics",)  # the probe scores with the metric modules run by path: part of the key's code version
@@ -253,7 +253,7 @@ def quantize_gguf(
     Raises:
         StageError: `base` or `train` are not the artifacts `merge` was made from.
     """
-    from tasks.merge import read_merge
+    from loraforge.tasks.merge import read_merge
 
     made_from = read_merge(merge).made_from
     wrong = [f"{a.stage} {a.key} (the merge artifact {merge.key} was made from {made_from[a.stage]})"
@@ -553,7 +553,7 @@ def _ollama_translation(data: Artifact) -> Translation:
 
 
 def _tools_dir(version: str) -> Path:
-    from tasks.models import cache_dir
+    from loraforge.tasks.models import cache_dir
 
     folder = cache_dir() / f"llama.cpp-{version}-tools"
     missing = [t for t in ("llama-imatrix", "llama-quantize") if not os.access(folder / t, os.X_OK)]
@@ -576,8 +576,8 @@ def _imatrix(
     """
     import hashlib
 
-    from tasks.artifacts import sha256_file
-    from tasks.models import load_tokenizer
+    from loraforge.tasks.artifacts import sha256_file
+    from loraforge.tasks.models import load_tokenizer
 
     rows = read_split(data.file("train.jsonl"))
     tokens = sum(len(r["input_ids"]) for r in rows)
@@ -659,8 +659,8 @@ def _convert_lora(job: _Job, base: Artifact, train: Artifact, out: Path, base_gg
     (`base` as provisioned on this machine: its model_path is a folder here). That base GGUF carries the merged
     model's tokenizer files (the trained chat template, stop tokens), so the check prompts as training did, as a
     user applying the adapter with the trained template would."""
-    from tasks.models import read_base
-    from tasks.train import read_train
+    from loraforge.tasks.models import read_base
+    from loraforge.tasks.train import read_train
 
     base_dir = read_base(base).model_path
     if read_train(train).use_dora:
@@ -700,7 +700,7 @@ def _run_converter(cmd: list[str], converter: Path, out: Path, failure: str, tim
 
 
 def _converter_dir(version: str) -> Path:
-    from tasks.models import cache_dir
+    from loraforge.tasks.models import cache_dir
 
     folder = cache_dir() / f"llama.cpp-{version}"
     if not (folder / "convert_hf_to_gguf.py").is_file():
@@ -733,8 +733,8 @@ def _hf_reference(
     artifact)."""
     import torch
 
-    from tasks.batching import generate_answers
-    from tasks.models import load_causal_lm, load_tokenizer
+    from loraforge.tasks.batching import generate_answers
+    from loraforge.tasks.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)  # then made to prompt exactly as training did (the data artifact)
     tokenizer.chat_template = data.file("chat_template.jinja").read_text()
@@ -763,7 +763,7 @@ def _hf_reference(
 
 def _probe_scores(metrics: list[str], answers: list[str], rows: list[dict[str, Any]]) -> dict[str, float]:
     """Every figure of the answer metrics on the probe rows, as the eval stage scores answers (`score_answers`)."""
-    from tasks.evaluate import score_answers
+    from loraforge.tasks.evaluate import score_answers
 
     references = [r["messages"][-1]["content"] for r in rows]
     scores, _ = score_answers(metrics, [a.strip() for a in answers], references)

@@ -23,8 +23,8 @@ from functools import reduce
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tasks.artifacts import Artifact, ArtifactStore
-    from tasks.config import PipelineConfig
+    from loraforge.tasks.artifacts import Artifact, ArtifactStore
+    from loraforge.tasks.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -74,24 +74,25 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     # keyed by the model folder's content, whichever library converted it (every image agrees)
-    Stage("base", "tasks.models:provision_base", ("base_model",), (),
+    Stage("base", "loraforge.tasks.models:provision_base", ("base_model",), (),
           "the base model, provisioned from base_model and fingerprinted", ()),
-    Stage("data", "tasks.data:prepare_data", ("data",), ("base",),
+    Stage("data", "loraforge.tasks.data:prepare_data", ("data",), ("base",),
           "tokenized, templated, prompt-masked train/validation/test splits",
           ("transformers", "tokenizers", "jinja2", "datasets")),
-    Stage("train", "tasks.train:train_adapter", ("train",), ("base", "data"), "the LoRA/QLoRA adapter",
+    Stage("train", "loraforge.tasks.train:train_adapter", ("train",), ("base", "data"), "the LoRA/QLoRA adapter",
           ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors"), steps=True),
-    Stage("eval", "tasks.evaluate:evaluate_adapter", ("eval",), ("base", "data", "train"),
+    Stage("eval", "loraforge.tasks.evaluate:evaluate_adapter", ("eval",), ("base", "data", "train"),
           "base vs tuned metrics on the test split and the gate verdict",
-          ("torch", "transformers", "peft", "bitsandbytes", "evaluate"), check="tasks.evaluate:check_gate"),
-    Stage("merge", "tasks.merge:merge_adapter", ("merge",), ("base", "data", "train"),
+          ("torch", "transformers", "peft", "bitsandbytes", "evaluate"), check="loraforge.tasks.evaluate:check_gate"),
+    Stage("merge", "loraforge.tasks.merge:merge_adapter", ("merge",), ("base", "data", "train"),
           "the merged model, checked against the adapter",
           ("torch", "transformers", "peft", "bitsandbytes", "safetensors")),
     # the GGUF converter comes with llama.cpp's sdist: llama-cpp-python's version covers it
-    Stage("quantize", "tasks.quantize:quantize_gguf", ("quantize", "name", "eval"), ("base", "data", "train", "merge"),
+    Stage("quantize", "loraforge.tasks.quantize:quantize_gguf", ("quantize", "name", "eval"),
+          ("base", "data", "train", "merge"),
           "GGUF files, each checked against the merged model in llama.cpp",
           ("llama-cpp-python", "torch", "transformers", "numpy", "evaluate")),
-    Stage("publish", "tasks.publish:publish_model", ("publish", "name", "orchestration.approval"),
+    Stage("publish", "loraforge.tasks.publish:publish_model", ("publish", "name", "orchestration.approval"),
           ("base", "data", "train", "eval", "merge", "quantize"),
           "the Hub bundle (adapter, GGUF, model card, lineage), pushed when a token is set", (),
           weights=False, approval=True),

@@ -1,7 +1,7 @@
 """docs/settings.md, generated from the config models' field descriptions (`make settings-doc`).
 
 One table per section of `PipelineConfig` (key as written in `key=value` overrides, type, default, description);
-a nested model gets its own section. `python -m tasks.settings_doc --check` fails when the file is stale.
+a nested model gets its own section. `python -m loraforge.tasks.settings_doc --check` fails when the file is stale.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ HEADER = """\
 # Settings reference
 
 Generated from the `Field(description=...)` of the config models by `make settings-doc`
-(`python -m tasks.settings_doc`); do not edit by hand: a unit test (tests/unit/test_settings_doc.py) fails when
-this file and the code differ. Every key can be set in the YAML config (flows/configs/demo.yaml shows them in
+(`python -m loraforge.tasks.settings_doc`); do not edit by hand: a unit test (tests/unit/test_settings_doc.py)
+fails when this file and the code differ. Every key can be set in the YAML config (flows/configs/demo.yaml shows them in
 place) or on the command line as `key=value` (`loraforge run CONFIG train.r=8 eval.gate='[accuracy >= 0.9]'`);
 `loraforge validate CONFIG [key=value ...]` checks a config and lists every problem with file:line.
 """
@@ -36,7 +36,7 @@ def render() -> str:
     Returns:
         Markdown: a header, then one section per model (the top level first), each a table of its fields.
     """
-    from tasks.config import PipelineConfig
+    from loraforge.tasks.config import PipelineConfig
 
     parts = [HEADER]
     for prefix, model, field in _sections(PipelineConfig):
@@ -57,7 +57,7 @@ def render() -> str:
 
 def config_models() -> list[type[BaseModel]]:
     """Every config model reachable from `PipelineConfig`, the top one first."""
-    from tasks.config import PipelineConfig
+    from loraforge.tasks.config import PipelineConfig
 
     return [model for _, model, _ in _sections(PipelineConfig)]
 

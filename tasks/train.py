@@ -48,10 +48,10 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.artifacts import Artifact, ArtifactStore, commit_folder
-from tasks.batching import collate, collate_packed, labelled_token_losses, loss_total, pack_rows, read_split
-from tasks.data import read_data
-from tasks.distributed import (
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, commit_folder
+from loraforge.tasks.batching import collate, collate_packed, labelled_token_losses, loss_total, pack_rows, read_split
+from loraforge.tasks.data import read_data
+from loraforge.tasks.distributed import (
     SINGLE,
     Ranks,
     all_sum,
@@ -66,9 +66,9 @@ from tasks.distributed import (
     sharded,
     wrap,
 )
-from tasks.errors import StageError
-from tasks.models import cuda_bf16, read_base, resolve_precision
-from tasks.process import torch_threads
+from loraforge.tasks.errors import StageError
+from loraforge.tasks.models import cuda_bf16, read_base, resolve_precision
+from loraforge.tasks.process import torch_threads
 
 OnStep = Callable[[dict[str, Any], int], None]  # after each optimizer step: its figures, the steps in all
 RUNTIME_ONLY = {
@@ -291,7 +291,7 @@ def _launch_ranks(run: TrainRun) -> None:
     """Run the stage in train.processes x train.nnodes processes under torchrun; rank 0 writes the artifact."""
     import torch
 
-    from tasks import distributed
+    from loraforge.tasks import distributed
 
     config = run.config
     if run.device == "cuda" and config.processes > torch.cuda.device_count():
@@ -324,7 +324,7 @@ def _launch_ranks(run: TrainRun) -> None:
 
 def run_rank(spec: dict[str, Any]) -> None:
     """One rank of a multi-process train stage (`tasks.distributed.main` calls it inside torchrun)."""
-    from tasks import distributed
+    from loraforge.tasks import distributed
 
     def artifact(name: str) -> Artifact:
         return Artifact(**{**spec[name], "path": Path(spec[name]["path"])})
@@ -379,7 +379,7 @@ def _setup(run: TrainRun, ranks: Ranks) -> Setup:
     """Load the base in the training precision, attach the adapters, read the data, build the optimizer."""
     import torch
 
-    from tasks.models import load_tokenizer
+    from loraforge.tasks.models import load_tokenizer
 
     config = run.config
     _seed_everything(config.seed)
@@ -882,7 +882,7 @@ def trainable_model(
     import torch
     from peft import get_peft_model
 
-    from tasks.models import load_base_as_trained
+    from loraforge.tasks.models import load_base_as_trained
 
     settings = {**config.model_dump(), "precision": precision, "compute_dtype": compute_dtype(config, precision)}
     model: Any = load_base_as_trained(model_path, settings)
@@ -1016,7 +1016,7 @@ def mixed_precision(precision: str, device: str) -> Mixed:
     """The autocast (bf16/fp16 on the device; nothing for fp32) and, for fp16, a gradient scaler."""
     import torch
 
-    from tasks.models import autocast
+    from loraforge.tasks.models import autocast
 
     scaler = torch.amp.GradScaler(device.split(":")[0]) if precision == "fp16" else None
     return Mixed(lambda: autocast(precision, device), scaler)

@@ -56,6 +56,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from tasks.artifacts import ArtifactStore
+    from loraforge.tasks.artifacts import ArtifactStore
 
     return ArtifactStore(tmp_path / "store")

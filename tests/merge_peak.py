@@ -36,7 +36,7 @@ def measure(rows: int, batch: int) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.merge import measure_fidelity
+    from loraforge.tasks.merge import measure_fidelity
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

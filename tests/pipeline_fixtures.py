@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tasks.artifacts import Artifact, ArtifactStore
-from tasks.config import DEMO_CONFIG, PipelineConfig, load_config
+from loraforge.tasks.artifacts import Artifact, ArtifactStore
+from loraforge.tasks.config import DEMO_CONFIG, PipelineConfig, load_config
 
 TOKEN = "hf_test_token_0123456789"
 REPO = "loraforge/tiny-ticket-router"
@@ -22,7 +22,7 @@ def _config(tiny_model: Path, workdir: Path, hub: str, *extra: str) -> PipelineC
 
 
 def _run(config: PipelineConfig) -> dict:
-    from flows.pipeline import pipeline
+    from loraforge.flows.pipeline import pipeline
 
     return pipeline(config)
 

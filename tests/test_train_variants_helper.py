@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.artifacts import Artifact, ArtifactStore
-from tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.artifacts import Artifact, ArtifactStore
+from loraforge.tasks.config import DEMO_CONFIG, load_config
 
 SMALL = ["train.max_steps=3", "train.batch_size=4", "data.max_rows=24", "eval.max_rows=8", "merge.probe_rows=4"]
 
@@ -14,9 +14,9 @@ def train(tiny_model: Path, store: ArtifactStore, *overrides: str, kill_after_st
     """Train; with `kill_after_step`, the process dies (exit 137, no clean-up, like SIGKILL) right after that step."""
     import os
 
-    from tasks.data import prepare_data
-    from tasks.models import provision_base
-    from tasks.train import train_adapter
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.models import provision_base
+    from loraforge.tasks.train import train_adapter
 
     config = load_config(DEMO_CONFIG, [f"base_model={tiny_model}", *SMALL, *overrides])
     base = provision_base(str(tiny_model), store)

@@ -38,7 +38,7 @@ def build_tiny_model(target: Path, seed: int = 0, arch: str = "llama") -> Path:
     import torch
     import transformers
 
-    from tasks.models import declare_dtype
+    from loraforge.tasks.models import declare_dtype
 
     if (target / "config.json").is_file():
         return target
@@ -84,7 +84,7 @@ def _tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
     if source == "gemma3":
-        from tasks.models import resolve_base_model
+        from loraforge.tasks.models import resolve_base_model
 
         return AutoTokenizer.from_pretrained(resolve_base_model("bundled:gemma3-270m"))
     if source == "qwen2":
@@ -102,7 +102,7 @@ def _llama_cpp_vocab(name: str) -> Path:
 
     import llama_cpp
 
-    from tasks.models import cache_dir
+    from loraforge.tasks.models import cache_dir
 
     target = cache_dir() / "vocab" / llama_cpp.__version__ / name
     if target.is_file():

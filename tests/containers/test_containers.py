@@ -94,7 +94,8 @@ def source(image_tag: str, workdir: Path) -> Path:
     target = workdir / "src"
     target.mkdir()
     image = f"localhost/loraforge-publish:{image_tag}"
-    tar = subprocess.run([*PODMAN, "run", "--rm", image, "tar", "-C", "/opt/loraforge", "-cf", "-", "flows", "tasks"],
+    folders = ["loraforge", "flows", "tasks"]  # the package and the folders its links point to
+    tar = subprocess.run([*PODMAN, "run", "--rm", image, "tar", "-C", "/opt/loraforge", "-cf", "-", *folders],
                          capture_output=True, check=True)  # fmt: skip
     subprocess.run(["tar", "-xf", "-", "-C", str(target)], input=tar.stdout, check=True)
     return target
@@ -243,9 +244,18 @@ def deployed(
 
 
 def _run_pipeline(source: Path, store: str, env: dict[str, str], *extra: str) -> dict[str, Any]:
-    from tasks.artifacts import ArtifactStore
+    from loraforge.tasks.artifacts import ArtifactStore
 
-    cmd = [sys.executable, "-m", "flows.cli", "run", "flows/configs/demo.yaml", *_small(), f"store={store}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loraforge.flows.cli",
+        "run",
+        "flows/configs/demo.yaml",
+        *_small(),
+        f"store={store}",
+        *extra,
+    ]
     env = {**env, "PYTHONPATH": str(source)}
     result = subprocess.run(cmd, cwd=source, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -274,7 +284,7 @@ def _content(path: Path) -> Any:
 def _compare(local: Path, contained: Path, record: dict[str, Any]) -> list[str]:
     """Every difference between the two stores' artifacts for the run's keys (empty: identical); `contained` is
     a local copy of the S3 store, filled by reading each artifact from the bucket (every file's sha256 checked)."""
-    from tasks.artifacts import ArtifactStore
+    from loraforge.tasks.artifacts import ArtifactStore
 
     problems = []
     for stage in STAGES:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_train_variants_helper import train as _train
 
-from tasks.artifacts import ArtifactStore
+from loraforge.tasks.artifacts import ArtifactStore
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
@@ -25,11 +25,11 @@ def test_qlora_4bit_bf16_trains_on_cuda(tiny_model: Path, tmp_path: Path) -> Non
 
     from test_train_variants_helper import SMALL
 
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.data import prepare_data
-    from tasks.evaluate import evaluate_adapter
-    from tasks.merge import merge_adapter
-    from tasks.models import provision_base
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.evaluate import evaluate_adapter
+    from loraforge.tasks.merge import merge_adapter
+    from loraforge.tasks.models import provision_base
 
     config = load_config(DEMO_CONFIG, [f"base_model={tiny_model}", *SMALL, "eval.gate=[loss_delta < 0]"])
     base = provision_base(str(tiny_model), store)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import Artifact, ArtifactStore
-from tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.artifacts import Artifact, ArtifactStore
+from loraforge.tasks.config import DEMO_CONFIG, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ FAST = [
 
 def _chain(base_model: Path | str, store: Path, *extra: str) -> dict[str, Artifact]:
     """data -> ... -> quantize in-process, each stage's check applied as the pipeline applies it."""
-    from tasks.registry import STAGES
+    from loraforge.tasks.registry import STAGES
 
     config = load_config(DEMO_CONFIG, [f"base_model={base_model}", f"store={store}", "name=arch", *FAST, *extra])
     artifacts: dict[str, Artifact] = {}
@@ -46,9 +46,9 @@ def _chain(base_model: Path | str, store: Path, *extra: str) -> dict[str, Artifa
 
 
 def _check_chain(artifacts: dict[str, Artifact], architecture: str, merged_dtype: str) -> None:
-    from tasks.merge import read_merge
-    from tasks.models import read_base
-    from tasks.quantize import read_quantize
+    from loraforge.tasks.merge import read_merge
+    from loraforge.tasks.models import read_base
+    from loraforge.tasks.quantize import read_quantize
 
     assert read_base(artifacts["base"]).architecture == architecture
     assert read_merge(artifacts["merge"]).dtype == merged_dtype
@@ -85,7 +85,7 @@ def test_gemma3_270m_from_pypi_runs_the_chain(tmp_path: Path) -> None:
     the positions, next to the default 0.95, so the merge limit is 0.9; Q8_0 keeps 0.899 (KL 0.012; SmolLM2-135M's
     Q8_0: 0.934) with a 262k vocabulary and tied embeddings, so its limit is 0.85. f16 and the LoRA GGUF keep
     their defaults (measured 1.000 and 0.991)."""
-    from tasks.models import read_base
+    from loraforge.tasks.models import read_base
 
     artifacts = _chain(
         "bundled:gemma3-270m", tmp_path / "store", "data.chat_template=gemma", "data.max_rows=48",

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from hub import stop
 
-from tasks.artifacts import ArtifactStore
-from tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.config import DEMO_CONFIG, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ def workers(server: Server) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny pipeline run in-process (the session's Prefect harness): the keys to compare against."""
-    from flows.pipeline import pipeline
+    from loraforge.flows.pipeline import pipeline
 
     store = tmp_path_factory.mktemp("in-process") / "store"
     return pipeline(load_config(DEMO_CONFIG, [f"base_model={tiny_model}", f"store={store}", *TINY]))
@@ -169,10 +169,11 @@ def test_registering_data_triggers_a_pipeline_run(server: Server, tmp_path: Path
         # The triggered run is the real (SmolLM2) pipeline: keep any worker from taking it.
         client.update_work_pool("loraforge-cpu", WorkPoolUpdate(is_paused=True))
     try:
-        bad = subprocess.run([sys.executable, "-m", "flows.cli", "register-data", str(tmp_path / "missing.jsonl")],
+        missing = str(tmp_path / "missing.jsonl")
+        bad = subprocess.run([sys.executable, "-m", "loraforge.flows.cli", "register-data", missing],
                              cwd=ROOT, env=server.env, capture_output=True, text=True)  # fmt: skip
         assert bad.returncode == 1 and "missing.jsonl does not exist" in bad.stderr, bad.stderr[-2000:]
-        cmd = [sys.executable, "-m", "flows.cli", "register-data", str(data)]
+        cmd = [sys.executable, "-m", "loraforge.flows.cli", "register-data", str(data)]
         result = subprocess.run(cmd, cwd=ROOT, env=server.env, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
@@ -229,7 +230,7 @@ def run_cli_and_answer(server: Server, reference: dict, approve: bool, reason: s
     from prefect.flow_runs import resume_flow_run
 
     base_model = reference["config"]["base_model"]
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(DEMO_CONFIG), f"base_model={base_model}", *TINY,
+    cmd = [sys.executable, "-m", "loraforge.flows.cli", "run", str(DEMO_CONFIG), f"base_model={base_model}", *TINY,
            f"store={reference['store']}", "orchestration.approval=true"]  # fmt: skip
     with (server.home / f"approval-{approve}.log").open("w+") as log:
         process = subprocess.Popen(cmd, cwd=ROOT, env=server.env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -273,8 +274,8 @@ def test_a_stage_given_up_on_is_cancelled(server: Server, tiny_model: Path, tmp_
     from prefect.client.schemas.actions import WorkPoolUpdate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    from flows.pipeline import pipeline
-    from tasks.errors import StageError
+    from loraforge.flows.pipeline import pipeline
+    from loraforge.tasks.errors import StageError
 
     config = load_config(DEMO_CONFIG, [f"base_model={tiny_model}", *TINY, "orchestration.stages=deployments",
                                        "orchestration.stage_timeout_s=3", f"store={tmp_path / 'store'}"])  # fmt: skip

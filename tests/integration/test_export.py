@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import TOKEN, _config, _run, copy_stages
 
-from tasks.artifacts import Artifact, ArtifactStore, sha256_file
-from tasks.errors import StageError
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from loraforge.tasks.errors import StageError
 
 pytestmark = pytest.mark.integration
 STAGES = ("base", "data", "train", "eval", "merge", "quantize")
@@ -24,9 +24,9 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
 ) -> None:
     from gguf import GGUFReader
 
-    from tasks.data import prepare_data
-    from tasks.evaluate import EvalConfig
-    from tasks.quantize import quantize_gguf
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.evaluate import EvalConfig
+    from loraforge.tasks.quantize import quantize_gguf
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
     config = _config(tiny_model, workdir, hub)
@@ -77,8 +77,8 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
     assert fields["imatrix.chunk_size"] == imatrix["ctx"]
     assert any(t.name.startswith("blk.0.") for t in reader.tensors)  # per-weight activation statistics
     # The text it was computed on is the train split as trained: the same token ids, decoded.
-    from tasks.batching import read_split
-    from tasks.models import load_tokenizer
+    from loraforge.tasks.batching import read_split
+    from loraforge.tasks.models import load_tokenizer
 
     tokenizer = load_tokenizer(a["merge"].file("model"))
     rows = read_split(data.file("train.jsonl"))
@@ -101,7 +101,7 @@ def test_gguf_names_and_modelfiles_are_published(first_run: dict, hub: str, tmp_
     from huggingface_hub import HfApi, hf_hub_download
     from pipeline_fixtures import REPO
 
-    from tasks.modelfile import hub_files
+    from loraforge.tasks.modelfile import hub_files
 
     tag = first_run["publish"]["tag"]
     files = set(HfApi(endpoint=hub, token=TOKEN).list_repo_files(REPO, revision=tag))
@@ -141,8 +141,8 @@ def test_a_push_that_dies_midway_is_completed_by_a_rerun(
     from hub import hub_server
     from huggingface_hub import HfApi
 
-    from tasks.publish import publish_model
-    from tasks.pull import pull
+    from loraforge.tasks.publish import publish_model
+    from loraforge.tasks.pull import pull
 
     root, repo = tmp_path / "hub", "loraforge/tiny-crash"
     store, a = copy_stages(first_run, tmp_path / "store", *STAGES)
@@ -181,7 +181,7 @@ def test_a_push_that_dies_midway_is_completed_by_a_rerun(
 
 def hash_bundle(store: ArtifactStore, first_run: dict) -> dict[str, dict]:
     """sha256 of the files the publish stage would push (the first run's bundle: same artifacts, same bytes)."""
-    from tasks.artifacts import hash_files
+    from loraforge.tasks.artifacts import hash_files
 
     bundle = Path(first_run["stages"]["publish"]["path"]) / "bundle"
     big = {n for n in hash_files(bundle) if n.endswith((".gguf", ".safetensors"))}
@@ -201,7 +201,7 @@ def test_token_from_a_prefect_secret_block_never_appears(
     from prefect.client.orchestration import get_client
     from prefect.logging.handlers import APILogHandler
 
-    from tasks.pull import pull
+    from loraforge.tasks.pull import pull
 
     Secret(value=TOKEN).save("loraforge-hub-token", overwrite=True)
     monkeypatch.delenv("HF_TOKEN")

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactStore
-from tasks.config import DEMO_CONFIG, load_config
-from tasks.errors import GateFailed
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.errors import GateFailed
 
 pytestmark = pytest.mark.integration
 EXTRACTION = Path(__file__).resolve().parents[1] / "data" / "extraction"
 
 
 def test_extraction_data_trains_and_eval_gates_on_entity_f1(tiny_model: Path, store: ArtifactStore) -> None:
-    from tasks.data import prepare_data
-    from tasks.evaluate import check_gate, evaluate_adapter, read_gate
-    from tasks.models import provision_base
-    from tasks.train import train_adapter
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.evaluate import check_gate, evaluate_adapter, read_gate
+    from loraforge.tasks.models import provision_base
+    from loraforge.tasks.train import train_adapter
 
     config = load_config(DEMO_CONFIG, [
         f"base_model={tiny_model}", *(f"data.{s}_file={EXTRACTION / s}.jsonl" for s in ("train", "validation", "test")),

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import REPO, _config, _run, copy_stages
 
-from tasks.artifacts import Artifact, ArtifactStore, sha256_file
-from tasks.errors import StageError
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from loraforge.tasks.errors import StageError
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 def test_corrupt_adapter_stops_the_merge_and_writes_nothing(first_run: dict, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from tasks.merge import MergeConfig, merge_adapter
+    from loraforge.tasks.merge import MergeConfig, merge_adapter
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train")
     weights_file = a["train"].file("adapter") / "adapter_model.safetensors"
@@ -39,7 +39,7 @@ def test_corrupt_adapter_stops_the_merge_and_writes_nothing(first_run: dict, tmp
 def test_merge_fidelity_limits_and_repeatable_bytes(
     first_run: dict, tiny_model: Path, workdir: Path, hub: str, tmp_path: Path
 ) -> None:
-    from tasks.merge import merge_adapter
+    from loraforge.tasks.merge import merge_adapter
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train")
     config = _config(tiny_model, workdir, hub).merge
@@ -77,9 +77,9 @@ def _tamper_tokenizer(model_dir: Path, template: str | None = None, eos: str | N
 
 
 def test_gguf_with_a_swapped_chat_template_fails_quantize(first_run: dict, tmp_path: Path) -> None:
-    from tasks.evaluate import EvalConfig
-    from tasks.models import load_tokenizer
-    from tasks.quantize import QuantizeConfig, quantize_gguf
+    from loraforge.tasks.evaluate import EvalConfig
+    from loraforge.tasks.models import load_tokenizer
+    from loraforge.tasks.quantize import QuantizeConfig, quantize_gguf
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
     template = load_tokenizer(a["merge"].file("model")).chat_template
@@ -95,8 +95,8 @@ def test_gguf_with_a_swapped_chat_template_fails_quantize(first_run: dict, tmp_p
 
 
 def test_gguf_with_the_wrong_eos_fails_quantize(first_run: dict, tmp_path: Path) -> None:
-    from tasks.evaluate import EvalConfig
-    from tasks.quantize import QuantizeConfig, quantize_gguf
+    from loraforge.tasks.evaluate import EvalConfig
+    from loraforge.tasks.quantize import QuantizeConfig, quantize_gguf
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
     _tamper_tokenizer(a["merge"].file("model"), eos="<|endoftext|>")
@@ -134,8 +134,8 @@ def test_gguf_past_its_limits_is_withheld_from_publishing(
 
 
 def test_gguf_past_its_limits_fails_the_stage_when_asked(first_run: dict, tmp_path: Path) -> None:
-    from tasks.evaluate import EvalConfig
-    from tasks.quantize import QuantizeConfig, quantize_gguf
+    from loraforge.tasks.evaluate import EvalConfig
+    from loraforge.tasks.quantize import QuantizeConfig, quantize_gguf
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
     config = QuantizeConfig(types=["q4_k_m"], probe_rows=2, fidelity_rows=2, on_failure="fail",
@@ -146,7 +146,7 @@ def test_gguf_past_its_limits_fails_the_stage_when_asked(first_run: dict, tmp_pa
 
 
 def test_eval_compares_with_the_published_adapter(first_run: dict, hub: str) -> None:
-    from tasks.evaluate import EvalConfig, evaluate_adapter
+    from loraforge.tasks.evaluate import EvalConfig, evaluate_adapter
 
     store = ArtifactStore(first_run["store"])
     a = {s: store.get(s, first_run["stages"][s]["key"]) for s in ("base", "data", "train")}
@@ -165,8 +165,8 @@ def test_eval_compares_with_the_published_adapter(first_run: dict, hub: str) -> 
 
 
 def test_a_stop_token_llama_cpp_would_not_stop_at_fails_quantize(first_run: dict, tmp_path: Path) -> None:
-    from tasks.evaluate import EvalConfig
-    from tasks.quantize import QuantizeConfig, quantize_gguf
+    from loraforge.tasks.evaluate import EvalConfig
+    from loraforge.tasks.quantize import QuantizeConfig, quantize_gguf
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
     generation = a["merge"].file("model") / "generation_config.json"
@@ -183,12 +183,12 @@ def test_eval_gate_refuses_prompts_leaked_from_train(tiny_model: Path, tmp_path:
     data.leakage=warn, fails `leaked_prompts <= 0` with the count."""
     from test_train_variants_helper import SMALL
 
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.data import leaked_prompts, prepare_data
-    from tasks.errors import GateFailed
-    from tasks.evaluate import check_gate, evaluate_adapter
-    from tasks.models import provision_base
-    from tasks.train import train_adapter
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.data import leaked_prompts, prepare_data
+    from loraforge.tasks.errors import GateFailed
+    from loraforge.tasks.evaluate import check_gate, evaluate_adapter
+    from loraforge.tasks.models import provision_base
+    from loraforge.tasks.train import train_adapter
 
     train_file = DEMO_CONFIG.parent.parent / "data" / "tickets" / "train.jsonl"
     overrides = [f"base_model={tiny_model}", *SMALL, "data.max_rows=null", f"data.test_file={train_file}",

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import REPO, TOKEN, _config, _ran, _run, task_run_states
 
-from flows.cli import main
-from tasks.config import DEMO_CONFIG
-from tasks.errors import GateFailed
+from loraforge.flows.cli import main
+from loraforge.tasks.config import DEMO_CONFIG
+from loraforge.tasks.errors import GateFailed
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def test_every_stage_runs_and_publishes(first_run: dict, hub: str, tmp_path: Pat
         assert took <= stage["seconds"] + 0.1, (name, took, stage["seconds"])
     downloaded = hf_hub_download(REPO, "adapter_model.safetensors", revision=publish["tag"], endpoint=hub,
                                  token=TOKEN, cache_dir=tmp_path)  # fmt: skip
-    from tasks.artifacts import sha256_file
+    from loraforge.tasks.artifacts import sha256_file
 
     assert sha256_file(Path(downloaded)) == manifest["files"]["adapter/adapter_model.safetensors"]["sha256"]
     card = Path(hf_hub_download(REPO, "README.md", revision=publish["tag"], endpoint=hub, token=TOKEN,
@@ -73,7 +73,7 @@ def test_downloaded_adapter_loads_with_plain_peft(first_run: dict, hub: str, tin
 def test_gguf_files_load_and_answer(first_run: dict) -> None:
     from llama_cpp import Llama
 
-    from tasks.batching import read_split
+    from loraforge.tasks.batching import read_split
 
     # The first test row, as the quantize stage probed each file with it (its own chat template, greedy).
     [probe] = read_split(Path(first_run["stages"]["data"]["path"]) / "test.jsonl")[:1]
@@ -132,7 +132,7 @@ def test_cli_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", "data", str(DEMO_CONFIG), f"base_model={tiny_model}",
+        [sys.executable, "-m", "loraforge.flows.cli", "stage", "data", str(DEMO_CONFIG), f"base_model={tiny_model}",
          f"data.train_file={bad}", "data.validation_file=null", "data.test_file=null", f"store={tmp_path / 's'}"],
         capture_output=True, text=True,
         env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_API_URL": prefect_api},
@@ -164,7 +164,7 @@ def test_show_prints_run_and_lineage(first_run: dict, workdir: Path, capsys: pyt
 
 def test_cli_stage_needs_its_inputs(tmp_path: Path, tiny_model: Path, prefect_api: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", "train", str(DEMO_CONFIG), f"base_model={tiny_model}",
+        [sys.executable, "-m", "loraforge.flows.cli", "stage", "train", str(DEMO_CONFIG), f"base_model={tiny_model}",
          f"store={tmp_path / 's'}"],
         capture_output=True, text=True,
         env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_API_URL": prefect_api},

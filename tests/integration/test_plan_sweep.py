@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from test_train_variants_helper import SMALL
 
-from tasks.artifacts import ArtifactStore
-from tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.config import DEMO_CONFIG, load_config
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_plan_is_within_25_percent_of_a_real_train_run(tiny_model: Path, tmp_path: Path) -> None:
-    from tasks.plan import data_logit_positions, data_seq_len, plan_training, run_measuring_peak_rss
+    from loraforge.tasks.plan import data_logit_positions, data_seq_len, plan_training, run_measuring_peak_rss
 
     overrides = [f"base_model={tiny_model}", f"store={tmp_path / 'store'}", *SMALL, "train.target_modules=all-linear"]
     config = load_config(DEMO_CONFIG, overrides)
@@ -62,7 +62,7 @@ def _prefect_table(key: str) -> list[dict[str, str]]:
 
 
 def test_rank_sweep_table_rows_come_from_the_artifacts(tiny_model: Path, tmp_path: Path) -> None:
-    from flows.cli import main
+    from loraforge.flows.cli import main
 
     store = ArtifactStore(tmp_path / "store")
     args = ["sweep", str(DEMO_CONFIG), f"base_model={tiny_model}", f"store={store.root}", *SMALL,

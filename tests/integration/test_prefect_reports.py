@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import _config
 
-from tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.config import DEMO_CONFIG, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -46,10 +46,10 @@ def test_a_stage_flow_that_was_a_cache_hit_ends_cached(
     first_run: dict, tiny_model: Path, workdir: Path, hub: str, tmp_path: Path
 ) -> None:
     """Each stage flow (what a deployment runs) on the first run's store: a `Cached` run, the same result."""
-    from flows.stages import STAGE_FLOWS, base_flow
+    from loraforge.flows.stages import STAGE_FLOWS, base_flow
 
     config = _config(tiny_model, workdir, hub)
-    from tasks.registry import stage as declared
+    from loraforge.tasks.registry import stage as declared
 
     keys = {stage: info["key"] for stage, info in first_run["stages"].items()}
     for stage, stage_flow in STAGE_FLOWS.items():
@@ -63,7 +63,7 @@ def test_a_stage_flow_that_was_a_cache_hit_ends_cached(
 
 def test_a_stage_flow_past_its_timeout_ends_timed_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The base stage downloading from a Hub that never answers: the flow run stops itself at stage_timeout_s."""
-    from flows.stages import base_flow
+    from loraforge.flows.stages import base_flow
 
     with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers a request
         silent.bind(("127.0.0.1", 0))

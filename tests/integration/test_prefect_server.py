@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactStore
-from tasks.config import DEMO_CONFIG
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.config import DEMO_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 def test_pipeline_runs_against_a_prefect_server(prefect_api: str, tiny_model: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     store = tmp_path / "store"
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(DEMO_CONFIG), f"base_model={tiny_model}",
+    cmd = [sys.executable, "-m", "loraforge.flows.cli", "run", str(DEMO_CONFIG), f"base_model={tiny_model}",
            f"store={store}", "eval.gate=[loss_delta < 0]", "eval.max_rows=8", "data.max_rows=48",
            "quantize.types=[q8_0]", "quantize.probe_rows=2", "merge.probe_rows=2", "publish.include_gguf=[q8_0]",
            "publish.push=never"]  # fmt: skip

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from pipeline_fixtures import REPO, TOKEN, _config, _run
 
-from tasks.artifacts import ArtifactStore
-from tasks.errors import StageError
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.errors import StageError
 
 pytestmark = pytest.mark.integration
 PROMPT = "My card was charged twice for the same order."
@@ -25,7 +25,7 @@ def test_publishing_the_same_artifacts_again_makes_no_new_commit(
 ) -> None:
     from huggingface_hub import HfApi
 
-    from tasks.publish import publish_model
+    from loraforge.tasks.publish import publish_model
 
     api = HfApi(endpoint=hub, token=TOKEN)
     repo = "loraforge/tiny-republish"
@@ -111,7 +111,7 @@ def test_model_card_fields(first_run: dict, hub: str, tmp_path: Path) -> None:
 
 
 def test_pull_by_tag_verifies_and_answers(first_run: dict, hub: str, capsys: pytest.CaptureFixture) -> None:
-    from flows.cli import main
+    from loraforge.flows.cli import main
 
     tag = first_run["publish"]["tag"]
     assert main(["pull", f"{REPO}@{tag}", "--prompt", PROMPT, "--endpoint", hub, "--max-new-tokens", "4"]) == 0
@@ -120,7 +120,7 @@ def test_pull_by_tag_verifies_and_answers(first_run: dict, hub: str, capsys: pyt
     assert f"> {PROMPT}" in out
     assert "files verified against the lineage" in out
 
-    from tasks.pull import pull
+    from loraforge.tasks.pull import pull
 
     [gguf] = pull([f"{REPO}@{tag}"], [PROMPT], gguf="q4_k_m", endpoint=hub, max_new_tokens=4)
     assert "gguf/tiny-router-Q4_K_M.gguf" in gguf.verified and len(gguf.answers) == 1
@@ -132,7 +132,7 @@ def test_pull_by_tag_verifies_and_answers(first_run: dict, hub: str, capsys: pyt
 
 
 def test_switching_adapters_on_one_base(first_run: dict, tiny_model: Path, workdir: Path, hub: str) -> None:
-    from tasks.pull import pull
+    from loraforge.tasks.pull import pull
 
     other = "loraforge/tiny-router-seed7"
     record = _run(_config(tiny_model, workdir, hub, "train.seed=7", "train.learning_rate=0.01",
@@ -147,7 +147,7 @@ def test_switching_adapters_on_one_base(first_run: dict, tiny_model: Path, workd
 def test_pull_refuses_a_tampered_repo(first_run: dict, hub: str, tmp_path: Path) -> None:
     from huggingface_hub import HfApi, hf_hub_download
 
-    from tasks.pull import pull
+    from loraforge.tasks.pull import pull
 
     repo = "loraforge/tiny-tampered"
     api = HfApi(endpoint=hub, token=TOKEN)
@@ -171,7 +171,7 @@ def test_pull_refuses_a_tampered_repo(first_run: dict, hub: str, tmp_path: Path)
 def test_private_repo_needs_the_token_to_pull(
     first_run: dict, tiny_model: Path, workdir: Path, hub: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks.pull import pull
+    from loraforge.tasks.pull import pull
 
     repo = "loraforge/tiny-private"
     record = _run(_config(tiny_model, workdir, hub, f"publish.repo_id={repo}", "publish.private=true"))

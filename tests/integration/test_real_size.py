@@ -15,7 +15,7 @@ import pytest
 from pipeline_fixtures import _config, _run
 from test_train_variants_helper import train
 
-from tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, sha256_file
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -37,7 +37,7 @@ def _learning(artifact: Artifact) -> list[dict]:  # the history without wall-clo
 def test_bf16_base_trains_fp32_adapters_and_learns_like_fp32(tiny_model: Path, tmp_path: Path) -> None:
     import torch
 
-    from tasks.train import TrainConfig, trainable_model
+    from loraforge.tasks.train import TrainConfig, trainable_model
 
     model, _ = trainable_model(TrainConfig(precision="bf16"), tiny_model, "cpu", "bf16")
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
@@ -164,7 +164,7 @@ def test_qlora_shards_under_fsdp_with_its_storage_dtype(tiny_model: Path, tmp_pa
     every weight of a layer shards as one dtype; it trains in 2 processes."""
     import torch
 
-    from tasks.models import load_base_as_trained
+    from loraforge.tasks.models import load_base_as_trained
 
     base = load_base_as_trained(tiny_model, {"quantization": "4bit", "precision": "bf16", "fsdp": True})
     packed = base.model.layers[0].self_attn.q_proj.weight
@@ -205,7 +205,7 @@ def _rank_pid(store_dir: Path, rank: int) -> int:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        mine = b"tasks.distributed" in cmdline and any(str(store_dir).encode() in part for part in cmdline)
+        mine = b"loraforge.tasks.distributed" in cmdline and any(str(store_dir).encode() in part for part in cmdline)
         if mine and f"RANK={rank}".encode() in environ:
             return int(proc.name)
     raise AssertionError(f"no rank {rank} process found")

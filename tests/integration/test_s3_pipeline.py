@@ -18,8 +18,8 @@ import pytest
 from hub import s3_server
 from pipeline_fixtures import _config, _ran, _run
 
-from tasks.artifacts import ArtifactStore
-from tasks.config import DEMO_CONFIG
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.config import DEMO_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -125,7 +125,7 @@ def test_a_stage_killed_mid_run_leaves_nothing_a_reader_takes_and_resumes(
     _on(s3, "five")
     items = [str(DEMO_CONFIG), f"base_model={tiny_model}", f"store={URL}", *SMALL, "train.seed=99"]
     inputs = [f"--input=data={s3_run['stages']['data']['key']}"]
-    command = [sys.executable, "-m", "flows.cli", "stage", "train", *items, *inputs]
+    command = [sys.executable, "-m", "loraforge.flows.cli", "stage", "train", *items, *inputs]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert child.stdout is not None
@@ -149,7 +149,7 @@ def test_a_stage_killed_mid_run_leaves_nothing_a_reader_takes_and_resumes(
 def test_a_sweep_runs_on_the_bucket(s3_run: dict, s3: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
     """`loraforge sweep` on the S3 store: its training child reads and writes the bucket too; the table and the
     peak-memory record are records in the bucket, and a re-run finds every artifact there."""
-    from flows.cli import main
+    from loraforge.flows.cli import main
 
     _on(s3, "six")
     args = ["sweep", str(DEMO_CONFIG), f"base_model={tiny_model}", f"store={URL}", *SMALL, "eval.gate=[loss > 0]",

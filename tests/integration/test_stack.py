@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.config import DEMO_CONFIG, load_config
 
 pytestmark = pytest.mark.integration
 

@@ -12,16 +12,16 @@ import pytest
 from test_train_variants_helper import SMALL
 from test_train_variants_helper import train as _train
 
-from tasks.artifacts import Artifact, ArtifactStore, sha256_file
-from tasks.config import DEMO_CONFIG, load_config
-from tasks.errors import StageError
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, sha256_file
+from loraforge.tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.errors import StageError
 
 pytestmark = pytest.mark.integration
 
 
 def _inputs(tiny_model: Path, store: ArtifactStore) -> tuple[Artifact, Artifact]:
-    from tasks.data import prepare_data
-    from tasks.models import provision_base
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.models import provision_base
 
     config = load_config(DEMO_CONFIG, [f"base_model={tiny_model}", *SMALL])
     base = provision_base(str(tiny_model), store)
@@ -43,8 +43,8 @@ def test_same_config_and_seed_give_the_same_adapter_bytes(tiny_model: Path, tmp_
 
 
 def test_qlora_4bit_trains_evaluates_and_merges_as_trained(tiny_model: Path, store: ArtifactStore) -> None:
-    from tasks.evaluate import EvalConfig, evaluate_adapter
-    from tasks.merge import MergeConfig, merge_adapter
+    from loraforge.tasks.evaluate import EvalConfig, evaluate_adapter
+    from loraforge.tasks.merge import MergeConfig, merge_adapter
 
     train = _train(tiny_model, store, "train.quantization=4bit", "train.compute_dtype=bfloat16")
     assert train.manifest["config"]["quantization"] == "4bit"
@@ -70,8 +70,8 @@ def test_qlora_4bit_gradients_are_the_same_after_a_validation_pass(tiny_model: P
     the train stage builds must give the same gradients with and without that pass."""
     import torch
 
-    from tasks.batching import collate, labelled_token_losses, mean_loss
-    from tasks.train import TrainConfig, trainable_model
+    from loraforge.tasks.batching import collate, labelled_token_losses, mean_loss
+    from loraforge.tasks.train import TrainConfig, trainable_model
 
     config = TrainConfig(quantization="4bit", compute_dtype=compute_dtype, dropout=0, init="gaussian")
     generator = torch.Generator().manual_seed(0)
@@ -99,7 +99,7 @@ def test_micro_batches_of_a_step_accumulate_the_gradient_of_one_batch(tiny_model
     gradient of one batch of all its rows: the mean over the step's labelled tokens, not of micro-batch means."""
     import torch
 
-    from tasks.train import TrainConfig, accumulate_gradients, collate_micro_batch, trainable_model
+    from loraforge.tasks.train import TrainConfig, accumulate_gradients, collate_micro_batch, trainable_model
 
     generator = torch.Generator().manual_seed(0)
     rows = []
@@ -135,7 +135,7 @@ def test_a_quantized_load_keeps_no_mapping_of_the_fp32_file(tiny_model: Path, tm
 
     import torch
 
-    from tasks.models import load_base_as_trained
+    from loraforge.tasks.models import load_base_as_trained
 
     folder = shutil.copytree(tiny_model, tmp_path / "model")  # a path no other test has mapped
     model = load_base_as_trained(folder, {"quantization": bits})
@@ -152,8 +152,8 @@ def test_a_quantized_load_keeps_no_mapping_of_the_fp32_file(tiny_model: Path, tm
 def test_quantization_roundtrip_equals_what_bitsandbytes_loads(tiny_model: Path, bits: str) -> None:
     import torch
 
-    from tasks.merge import quantization_roundtrip
-    from tasks.models import load_base_as_trained, load_causal_lm
+    from loraforge.tasks.merge import quantization_roundtrip
+    from loraforge.tasks.models import load_base_as_trained, load_causal_lm
 
     settings = {"quantization": bits, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
     loaded = load_base_as_trained(tiny_model, settings)
@@ -184,9 +184,9 @@ def test_dora_rslora_and_loraplus(tiny_model: Path, store: ArtifactStore) -> Non
     assert dora.metrics["trainable_params"] > plain.metrics["trainable_params"]
     assert dora.key != plain.key
 
-    from tasks.evaluate import EvalConfig
-    from tasks.merge import MergeConfig, merge_adapter
-    from tasks.quantize import QuantizeConfig, quantize_gguf
+    from loraforge.tasks.evaluate import EvalConfig
+    from loraforge.tasks.merge import MergeConfig, merge_adapter
+    from loraforge.tasks.quantize import QuantizeConfig, quantize_gguf
 
     base, data = _inputs(tiny_model, store)
     merged = merge_adapter(MergeConfig(probe_rows=4), base, data, dora, store)  # DoRA merges like LoRA
@@ -196,8 +196,8 @@ def test_dora_rslora_and_loraplus(tiny_model: Path, store: ArtifactStore) -> Non
 
 
 def test_target_module_presets_resolve_on_the_model(tiny_model: Path) -> None:
-    from tasks.models import load_causal_lm
-    from tasks.train import resolve_target_modules
+    from loraforge.tasks.models import load_causal_lm
+    from loraforge.tasks.train import resolve_target_modules
 
     model = load_causal_lm(tiny_model)
     assert resolve_target_modules(model, "attention") == ["k_proj", "o_proj", "q_proj", "v_proj"]
@@ -278,7 +278,7 @@ def test_early_stopping_keeps_the_best_weights(tiny_model: Path, store: Artifact
 
 
 def test_early_stopping_needs_eval_every() -> None:
-    from tasks.errors import ConfigError
+    from loraforge.tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match="early_stopping_patience needs eval_every"):
         load_config(DEMO_CONFIG, ["train.early_stopping_patience=2"])

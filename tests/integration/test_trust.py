@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import _config, copy_stages
 
-from flows.cli import main
-from tasks.artifacts import sha256_file
-from tasks.config import DEMO_CONFIG
+from loraforge.flows.cli import main
+from loraforge.tasks.artifacts import sha256_file
+from loraforge.tasks.config import DEMO_CONFIG
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +35,8 @@ def test_tampered_data_artifact_is_set_aside_and_rebuilt(
     original = rows.read_bytes()
     rows.write_bytes(original.replace(b'"billing"', b'"BILLING"', 1))  # same size: only the hash can tell
     assert rows.read_bytes() != original and len(rows.read_bytes()) == len(original)
-    from tasks.data import prepare_data
-    from tasks.train import train_adapter
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.train import train_adapter
 
     config = _config(tiny_model, workdir, hub)
     data = prepare_data(config.data, a["base"], store)
@@ -94,11 +94,11 @@ def _prefect_servers(home: Path) -> list[int]:
 
 
 def _train_in_process(tiny_model: Path, store_dir: Path, overrides: list[str], train: bool) -> None:
-    from tasks.artifacts import ArtifactStore
-    from tasks.config import load_config
-    from tasks.data import prepare_data
-    from tasks.models import provision_base
-    from tasks.train import train_adapter
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.config import load_config
+    from loraforge.tasks.data import prepare_data
+    from loraforge.tasks.models import provision_base
+    from loraforge.tasks.train import train_adapter
 
     config = load_config(DEMO_CONFIG, overrides)
     store = ArtifactStore(store_dir)
@@ -116,7 +116,8 @@ def test_sigterm_stops_training_with_a_checkpoint_and_a_rerun_resumes(tiny_model
     env = {**os.environ, "PREFECT_HOME": str(home), "OMP_NUM_THREADS": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("PREFECT_API_URL", None)  # the CLI's own temporary Prefect server, as a user would run it
     _train_in_process(tiny_model, tmp_path / "store", overrides, train=False)  # the data artifact
-    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "train", *settings], cwd=ROOT, env=env,
+    cli = [sys.executable, "-m", "loraforge.flows.cli", "stage", "train"]
+    run = subprocess.Popen([*cli, *settings], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     seen: list[str] = []
     reader = _watch(run, seen)
@@ -140,7 +141,7 @@ def test_sigterm_stops_training_with_a_checkpoint_and_a_rerun_resumes(tiny_model
     assert _prefect_servers(home) == []
 
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the stage's own lines ("resuming from ...") are Prefect log lines
-    again = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "train", *settings], cwd=ROOT, env=env,
+    again = subprocess.run([*cli, *settings], cwd=ROOT, env=env,
                            capture_output=True, text=True)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {checkpoints[0].name}" in again.stdout + again.stderr

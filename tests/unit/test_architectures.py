@@ -32,7 +32,7 @@ def _config_only(arch: str, folder: Path) -> Path:
 
 @pytest.mark.parametrize("arch", list(EXPECTED))
 def test_presets_resolve_on_each_architecture(arch: str, tmp_path: Path) -> None:
-    from tasks.train import check_target_modules
+    from loraforge.tasks.train import check_target_modules
 
     folder = _config_only(arch, tmp_path)
     attention, mlp = EXPECTED[arch]
@@ -48,7 +48,7 @@ def test_the_merged_model_keeps_what_the_base_tokenizer_declares(tmp_path: Path)
     `tokenizer.model` (Llama 2, Mistral v0.x and Phi-3-mini's, which the converter reads)."""
     import json
 
-    from tasks.merge import keep_tokenizer_files
+    from loraforge.tasks.merge import keep_tokenizer_files
 
     base, merged = tmp_path / "base", tmp_path / "merged"
     base.mkdir(), merged.mkdir()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactStore, compute_key, sha256_file
-from tasks.errors import StageError
+from loraforge.tasks.artifacts import ArtifactStore, compute_key, sha256_file
+from loraforge.tasks.errors import StageError
 
 
 def test_keys_depend_on_code_config_and_inputs() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import flows.cli as cli
+import loraforge.flows.cli as cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,9 +78,9 @@ def chat_line(*turns: tuple[str, str]) -> str:
 
 def key_of(folder: Path, scratch: Path) -> str:
     """The key the base artifact of `folder` gets (what `--input base=KEY` must give); '0' when it has none."""
-    from tasks.artifacts import ArtifactStore
-    from tasks.errors import LoraforgeError
-    from tasks.models import provision_base
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.errors import LoraforgeError
+    from loraforge.tasks.models import provision_base
 
     try:
         return provision_base(str(folder), ArtifactStore(scratch)).key
@@ -156,7 +156,7 @@ def _train_unknown_module(ctx: Ctx) -> list[str]:
 def _publish(ctx: Ctx, *overrides: str, gate: bool = True, token: str | None = None) -> list[str]:
     """`stage publish` on upstream artifacts written straight into the store (small stand-ins with the files and
     manifest fields publish reads), so a publish failure is tried without training anything."""
-    from tasks.artifacts import ArtifactStore
+    from loraforge.tasks.artifacts import ArtifactStore
 
     store = ArtifactStore(ctx.store)
     check = {"check": "accuracy >= 0.5", "value": 0.75 if gate else 0.25, "passed": gate}
@@ -388,7 +388,7 @@ def test_a_bad_input_ends_in_one_clear_message(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("tasks.hubclient.RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr("loraforge.tasks.hubclient.RETRY_DELAYS", (0.0, 0.0))
     monkeypatch.setenv("LORAFORGE_LOG_DIR", str(tmp_path / "logs"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -425,7 +425,7 @@ def test_a_stage_error_under_run_is_printed_once(tiny_model: Path, tmp_path: Pat
     ctx = Ctx(tmp_path, tiny_model, tmp_path / "store", "0")
     ctx.write("t.jsonl", chat_rows(9) + '{"prompt": "lonely"}\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAFORGE_LOG_DIR": str(tmp_path / "logs")}
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", ctx.config(train="t.jsonl")], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "loraforge.flows.cli", "run", ctx.config(train="t.jsonl")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     combined = result.stdout + result.stderr
     assert result.returncode == 1, combined[-3000:]

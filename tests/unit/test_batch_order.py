@@ -6,7 +6,7 @@ import random
 from itertools import islice
 from typing import Any
 
-from tasks.train import TrainConfig, batch_stream
+from loraforge.tasks.train import TrainConfig, batch_stream
 
 
 def _rows(count: int = 96, seed: int = 0) -> list[dict[str, Any]]:

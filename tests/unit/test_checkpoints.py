@@ -8,8 +8,15 @@ from typing import Any
 
 import pytest
 
-from tasks.errors import StageError
-from tasks.train import TrainConfig, _last_checkpoint, _load_checkpoint, _optimizer, _save_checkpoint, _scheduler
+from loraforge.tasks.errors import StageError
+from loraforge.tasks.train import (
+    TrainConfig,
+    _last_checkpoint,
+    _load_checkpoint,
+    _optimizer,
+    _save_checkpoint,
+    _scheduler,
+)
 
 OPTIMIZERS = [
     pytest.param("adamw", "cpu", id="adamw"),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DEMO_CONFIG, load_config
-from tasks.errors import ConfigError
+from loraforge.tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactStore
-from tasks.data import IGNORE_INDEX, DataConfig, prepare_data
-from tasks.errors import DataError
-from tasks.models import provision_base
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.data import IGNORE_INDEX, DataConfig, prepare_data
+from loraforge.tasks.errors import DataError
+from loraforge.tasks.models import provision_base
 
 
 def _rows(n: int) -> list[dict]:
@@ -66,7 +66,7 @@ def test_prompt_is_masked_and_splits_are_deterministic(tmp_path: Path, tiny_mode
     data = prepare_data(DataConfig(train_file=path, seed=1), base, store)
     assert not data.cached
     assert data.metrics["train_rows"] == 32 and data.metrics["validation_rows"] == 4 and data.metrics["test_rows"] == 4
-    from tasks.models import load_tokenizer
+    from loraforge.tasks.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)
     row = json.loads(data.file("train.jsonl").read_text().splitlines()[0])

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import Artifact, ArtifactStore
-from tasks.config import DEMO_CONFIG, load_config
-from tasks.data import DataConfig, leaked_prompts, prepare_data
-from tasks.errors import DataError
-from tasks.models import provision_base
+from loraforge.tasks.artifacts import Artifact, ArtifactStore
+from loraforge.tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.data import DataConfig, leaked_prompts, prepare_data
+from loraforge.tasks.errors import DataError
+from loraforge.tasks.models import provision_base
 
 CATEGORIES = ["billing", "technical", "account", "shipping"]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactStore
-from tasks.batching import read_split
-from tasks.data import DataConfig, prepare_data
-from tasks.errors import DataError
-from tasks.models import provision_base
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.batching import read_split
+from loraforge.tasks.data import DataConfig, prepare_data
+from loraforge.tasks.errors import DataError
+from loraforge.tasks.models import provision_base
 
 CATEGORIES = ["billing", "technical", "account", "shipping"]
 SYSTEM = "Answer with the category."

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactStore
-from tasks.batching import read_split
-from tasks.config import DEMO_CONFIG, load_config
-from tasks.data import CHAT_TEMPLATES, DataConfig, prepare_data
-from tasks.errors import ConfigError, DataError
-from tasks.models import provision_base
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.batching import read_split
+from loraforge.tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.data import CHAT_TEMPLATES, DataConfig, prepare_data
+from loraforge.tasks.errors import ConfigError, DataError
+from loraforge.tasks.models import provision_base
 
 TOKEN = "hf_data_test_token_42"
 

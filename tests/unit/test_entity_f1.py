@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tasks.errors import StageError
-from tasks.evaluate import METRIC_DIR, EvalConfig, score_answers
+from loraforge.tasks.errors import StageError
+from loraforge.tasks.evaluate import METRIC_DIR, EvalConfig, score_answers
 
 
 def _ents(*pairs: tuple[str, str]) -> str:
@@ -114,7 +114,7 @@ def test_eval_config_selects_entity_f1_and_gates_on_its_figures() -> None:
 def test_the_bundled_extraction_dataset_is_regenerated_byte_for_byte_and_every_answer_parses() -> None:
     import importlib.util
 
-    from tasks.evaluate import METRIC_DIR
+    from loraforge.tasks.evaluate import METRIC_DIR
 
     root = Path(__file__).resolve().parents[1] / "data"
     done = subprocess.run([sys.executable, str(root / "make_extraction_dataset.py"), "--check"], capture_output=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import flows.cli as cli
-from tasks.config import DEMO_CONFIG, load_config
-from tasks.errors import ConfigError, StageError
+import loraforge.flows.cli as cli
+from loraforge.tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.errors import ConfigError, StageError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,8 @@ def test_user_errors_exit_1_and_interrupts_130(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_validate_into_a_closed_pipe_is_quiet() -> None:
-    result = subprocess.run(f"{sys.executable} -m flows.cli validate {DEMO_CONFIG} | true; exit ${{PIPESTATUS[0]}}",
+    command = f"{sys.executable} -m loraforge.flows.cli validate {DEMO_CONFIG} | true; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(command,
                             shell=True, executable="/bin/bash", cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0 and result.stderr == ""
 
@@ -74,7 +75,7 @@ def test_an_empty_or_binary_config_file_says_so(tmp_path: Path) -> None:
 
 
 def test_a_hung_tool_is_stopped_at_its_timeout(tmp_path: Path) -> None:
-    from tasks.quantize import _run_tool
+    from loraforge.tasks.quantize import _run_tool
 
     started = time.time()
     with pytest.raises(

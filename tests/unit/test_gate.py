@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import Artifact
-from tasks.errors import GateFailed
-from tasks.evaluate import EvalConfig, _judge, _score, check_gate
+from loraforge.tasks.artifacts import Artifact
+from loraforge.tasks.errors import GateFailed
+from loraforge.tasks.evaluate import EvalConfig, _judge, _score, check_gate
 
 
 def test_judge_checks_every_threshold() -> None:
@@ -86,8 +86,8 @@ def test_rouge_l_is_lcs_f_measure() -> None:
 
 
 def test_leaked_prompts_from_the_data_stage_can_be_gated() -> None:
-    from tasks.config import DEMO_CONFIG, load_config
-    from tasks.data import leaked_prompts
+    from loraforge.tasks.config import DEMO_CONFIG, load_config
+    from loraforge.tasks.data import leaked_prompts
 
     config = load_config(DEMO_CONFIG, ["eval.gate=[accuracy >= 0.9, leaked_prompts <= 0]"])
     assert config.eval.gate == ["accuracy >= 0.9", "leaked_prompts <= 0"]

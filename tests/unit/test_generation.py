@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.batching import generate_answers
-from tasks.models import load_causal_lm, load_tokenizer
+from loraforge.tasks.batching import generate_answers
+from loraforge.tasks.models import load_causal_lm, load_tokenizer
 
 CONVERSATIONS = [[{"role": "user", "content": f"ticket {i}: my parcel is late"}] for i in range(3)]
 
@@ -24,7 +24,7 @@ def test_greedy_is_the_default_and_sampling_is_seeded(tiny_model: Path) -> None:
 def test_generation_stops_at_the_templates_stop_tokens(tiny_model: Path) -> None:
     """Besides EOS, answers end at the tokenizer's stop_token_ids (a named template's stop tokens, as eval and
     quantize set them from the data artifact)."""
-    from tasks.data import stop_token_ids
+    from loraforge.tasks.data import stop_token_ids
 
     model, tokenizer = load_causal_lm(tiny_model), load_tokenizer(tiny_model)
     free = generate_answers(model, tokenizer, CONVERSATIONS[:1], 12, 1, temperature=1.5, seed=1)[0]

@@ -9,10 +9,10 @@ from typing import Any, get_args
 
 import pytest
 
-from tasks.config import load_config
-from tasks.errors import ConfigError
-from tasks.evaluate import ANSWER_METRICS
-from tasks.quantize import (
+from loraforge.tasks.config import load_config
+from loraforge.tasks.errors import ConfigError
+from loraforge.tasks.evaluate import ANSWER_METRICS
+from loraforge.tasks.quantize import (
     DEFAULT_MAX_PROBE_DROP,
     GgufLimits,
     ProbeMetric,

@@ -23,12 +23,12 @@ os.environ["HF_HUB_DISABLE_XET"] = "1"
 
 from huggingface_hub import HfApi, constants  # noqa: E402
 
-from tasks import hubclient  # noqa: E402
-from tasks.artifacts import Artifact  # noqa: E402
-from tasks.errors import StageError  # noqa: E402
-from tasks.evaluate import EvalConfig, _download_adapter, _resolve_published  # noqa: E402
-from tasks.hubclient import check_transport, hub_token, is_loopback  # noqa: E402
-from tasks.pull import _download, pull  # noqa: E402
+from loraforge.tasks import hubclient  # noqa: E402
+from loraforge.tasks.artifacts import Artifact  # noqa: E402
+from loraforge.tasks.errors import StageError  # noqa: E402
+from loraforge.tasks.evaluate import EvalConfig, _download_adapter, _resolve_published  # noqa: E402
+from loraforge.tasks.hubclient import check_transport, hub_token, is_loopback  # noqa: E402
+from loraforge.tasks.pull import _download, pull  # noqa: E402
 
 TOKEN = "hf_trust_test_token"
 REMOTE = "http://hub.invalid:8765"  # plain http off loopback (.invalid never resolves: nothing may connect first)
@@ -112,8 +112,8 @@ def test_loopback_hosts() -> None:
 def test_publish_and_data_refuse_plain_http_off_loopback(
     token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks.data import _materialize
-    from tasks.publish import PublishConfig, _push
+    from loraforge.tasks.data import _materialize
+    from loraforge.tasks.publish import PublishConfig, _push
 
     with pytest.raises(StageError, match=rf"^refusing to send the Hub token to {REMOTE}"):
         _push(tmp_path, PublishConfig(), REMOTE, TOKEN, "v1")

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-import flows.cli as cli
-from flows.import_config import Imported, import_axolotl
-from tasks.config import PipelineConfig, load_config
-from tasks.errors import ConfigError
+import loraforge.flows.cli as cli
+from loraforge.flows.import_config import Imported, import_axolotl
+from loraforge.tasks.config import PipelineConfig, load_config
+from loraforge.tasks.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "axolotl"
 SFT = sorted(p for p in EXAMPLES.glob("*.y*ml") if p.name != "qwen2--dpo.yaml")

@@ -13,15 +13,15 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from tasks.registry import RUNNABLE
-from tasks.registry import stage as declared
+from loraforge.tasks.registry import RUNNABLE
+from loraforge.tasks.registry import stage as declared
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _section(stage: str) -> type[BaseModel]:
     """The config model of the stage's section (the first config value it takes), from PipelineConfig."""
-    from tasks.config import PipelineConfig
+    from loraforge.tasks.config import PipelineConfig
 
     annotation = PipelineConfig.model_fields[declared(stage).config[0]].annotation
     assert isinstance(annotation, type) and issubclass(annotation, BaseModel), stage
@@ -42,7 +42,7 @@ def test_every_stage_has_its_pieces(stage: str) -> None:
     assert function.__doc__ and "Returns:" in function.__doc__, f"{entry} needs a docstring with Returns:"
     assert (ROOT / "containers" / f"{stage}.Containerfile").is_file()
 
-    from flows.stages import STAGE_FLOWS
+    from loraforge.flows.stages import STAGE_FLOWS
 
     assert stage in STAGE_FLOWS
     deployments = {d["name"] for d in yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())["deployments"]}
@@ -52,7 +52,7 @@ def test_every_stage_has_its_pieces(stage: str) -> None:
 
 
 def _models() -> list[type[BaseModel]]:
-    from tasks.config import OrchestrationConfig, PipelineConfig
+    from loraforge.tasks.config import OrchestrationConfig, PipelineConfig
 
     found: list[type[BaseModel]] = [PipelineConfig, OrchestrationConfig]
     found += [_section(stage) for stage in RUNNABLE]

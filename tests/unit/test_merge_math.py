@@ -51,7 +51,7 @@ def test_fp32_merge_then_cast_is_closer_than_merging_in_bf16() -> None:
 
 
 def test_fidelity_figures_on_logits_built_to_differ() -> None:
-    from tasks.merge import Closeness
+    from loraforge.tasks.merge import Closeness
 
     torch.manual_seed(0)
     a = torch.randn(9, 7)  # 9 probe positions (padding already dropped), vocabulary 7
@@ -88,7 +88,7 @@ def _probe_rows(count: int, vocab: int) -> list[dict[str, list[int]]]:
 def _tiny_adapted(tiny_model):  # type: ignore[no-untyped-def]
     from peft import LoraConfig, get_peft_model
 
-    from tasks.models import load_causal_lm
+    from loraforge.tasks.models import load_causal_lm
 
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -97,7 +97,7 @@ def _tiny_adapted(tiny_model):  # type: ignore[no-untyped-def]
 
 def _all_at_once(model, rows, dtype: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """The figures as the merge stage computed them before issue 15: every probe row's logits at once."""
-    from tasks.batching import collate
+    from loraforge.tasks.batching import collate
 
     ids, labels, mask = collate(rows, 0)
     answer = torch.zeros_like(mask)
@@ -123,7 +123,7 @@ def _all_at_once(model, rows, dtype: str) -> dict[str, float]:  # type: ignore[n
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7])
 def test_streamed_figures_equal_the_all_at_once_figures(tiny_model, tmp_path, batch_size: int) -> None:  # type: ignore[no-untyped-def]
-    from tasks.merge import measure_fidelity
+    from loraforge.tasks.merge import measure_fidelity
 
     rows = _probe_rows(7, 49152)
     expected = _all_at_once(_tiny_adapted(tiny_model), rows, "bfloat16")
@@ -140,7 +140,7 @@ def test_streamed_figures_equal_the_all_at_once_figures(tiny_model, tmp_path, ba
 
 
 def test_verdict_names_each_limit_broken_and_rejudges_without_measuring() -> None:
-    from tasks.merge import MergeConfig, judge_fidelity
+    from loraforge.tasks.merge import MergeConfig, judge_fidelity
 
     good = {"fp32_max_abs_logit_diff": 2e-4, "cast_top1_agreement": 0.972, "cast_mean_kl": 7e-3}
     assert judge_fidelity(good, MergeConfig(), "bfloat16") == []
@@ -155,7 +155,7 @@ def test_verdict_names_each_limit_broken_and_rejudges_without_measuring() -> Non
 
 
 def test_advice_names_the_dtypes_that_pass_with_their_figures() -> None:
-    from tasks.merge import MergeConfig, advice
+    from loraforge.tasks.merge import MergeConfig, advice
 
     fp32 = {"fp32_max_abs_logit_diff": 2e-4}
     others = {
@@ -173,7 +173,7 @@ def test_advice_names_the_dtypes_that_pass_with_their_figures() -> None:
 
 
 def test_other_dtypes_are_measured_on_a_fresh_merge_against_the_same_logits(tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tasks.merge import measure_fidelity, measure_other_dtypes
+    from loraforge.tasks.merge import measure_fidelity, measure_other_dtypes
 
     rows = _probe_rows(5, 49152)
     _, figures = measure_fidelity(_tiny_adapted(tiny_model), rows, 0, "float16", 2, tmp_path)
@@ -195,7 +195,7 @@ def test_other_dtypes_are_measured_on_a_fresh_merge_against_the_same_logits(tiny
 def test_auto_dtype_is_what_the_base_config_declares(tmp_path, declared, wanted, resolved) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from tasks.merge import resolve_dtype
+    from loraforge.tasks.merge import resolve_dtype
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", **declared}))
     assert resolve_dtype(wanted, tmp_path) == resolved

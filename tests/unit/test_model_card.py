@@ -80,7 +80,7 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def _render(case: dict[str, Any]) -> str:
-    from tasks.publish import PublishConfig, _lineage, _model_card
+    from loraforge.tasks.publish import PublishConfig, _lineage, _model_card
 
     gate = {"passed": case["gate"], "checks": [{"check": "accuracy >= 0.5"}, {"check": "accuracy >= base + 0.1"}]}
     source = {"license": case["license"]} if case["license"] else {}

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data import CHAT_TEMPLATES, TEMPLATE_STOPS, TEMPLATE_TOKENS, stop_token_ids
-from tasks.errors import StageError
-from tasks.modelfile import PROBES, Sampling, modelfile, translate_chat_template
+from loraforge.tasks.data import CHAT_TEMPLATES, TEMPLATE_STOPS, TEMPLATE_TOKENS, stop_token_ids
+from loraforge.tasks.errors import StageError
+from loraforge.tasks.modelfile import PROBES, Sampling, modelfile, translate_chat_template
 
 HERE = Path(__file__).parent
 CHATML_PLAIN = (
@@ -141,7 +141,7 @@ def template_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     import llama_cpp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.quantize import _convert, _converter_dir
+    from loraforge.tasks.quantize import _convert, _converter_dir
 
     folder = tmp_path_factory.mktemp("templates")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -166,7 +166,7 @@ def test_named_template_renders_alike_in_transformers_llama_cpp_and_ollama(
     import llama_cpp
     from transformers import AutoTokenizer
 
-    from tasks.quantize import _adds_bos, _converter_dir, _template_parity
+    from loraforge.tasks.quantize import _adds_bos, _converter_dir, _template_parity
 
     model_dir, base_gguf = template_gguf
     template = CHAT_TEMPLATES[name]
@@ -201,7 +201,7 @@ def test_named_template_renders_alike_in_transformers_llama_cpp_and_ollama(
 def test_publish_writes_the_hub_ollama_files_the_modelfile_implies(tmp_path: Path) -> None:
     """The repo-root `template`, `params`, `system` (for `ollama run hf.co/ORG/NAME:Q4_K_M`) say what the
     Modelfile says: its TEMPLATE, its PARAMETER lines (stop as a list), its SYSTEM."""
-    from tasks.publish import _write_ollama_files
+    from loraforge.tasks.publish import _write_ollama_files
 
     translation = translate_chat_template(CHAT_TEMPLATES["gemma"], "<bos>", "<eos>")
     sampling = Sampling(temperature=0.0, top_p=1.0, seed=0, num_predict=32)
@@ -233,9 +233,9 @@ def test_quantize_writes_a_modelfile_that_prompts_as_training_did(
     import llama_cpp
     from transformers import AutoTokenizer
 
-    from tasks.data import DataSpec
-    from tasks.modelfile import hub_files
-    from tasks.quantize import _GgufFile, _write_modelfiles
+    from loraforge.tasks.data import DataSpec
+    from loraforge.tasks.modelfile import hub_files
+    from loraforge.tasks.quantize import _GgufFile, _write_modelfiles
 
     model_dir, base_gguf = template_gguf
     gguf = tmp_path / "m-F16.gguf"

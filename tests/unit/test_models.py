@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tasks.artifacts import ArtifactStore
-from tasks.errors import StageError
-from tasks.models import fingerprint_model, load_causal_lm, load_tokenizer, provision_base, resolve_base_model
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.errors import StageError
+from loraforge.tasks.models import fingerprint_model, load_causal_lm, load_tokenizer, provision_base, resolve_base_model
 
 
 def test_local_folder_is_used_in_place(tiny_model: Path, store: ArtifactStore) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
-from flows.pipeline import DEPLOYMENTS, IN_PROCESS, pipeline
-from flows.stages import STAGE_FLOWS
-from tasks.config import DEMO_CONFIG, load_config
-from tasks.errors import ConfigError
+from loraforge.flows.cli import main
+from loraforge.flows.pipeline import DEPLOYMENTS, IN_PROCESS, pipeline
+from loraforge.flows.stages import STAGE_FLOWS
+from loraforge.tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

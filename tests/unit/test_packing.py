@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.batching import collate, collate_packed, pack_rows
+from loraforge.tasks.batching import collate, collate_packed, pack_rows
 
 
 def _rows(lengths: list[int], seed: int = 0) -> list[dict]:

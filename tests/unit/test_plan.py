@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DEMO_CONFIG, load_config
-from tasks.plan import (
+from loraforge.tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.plan import (
     Plan,
     activation_floats_per_token_layer,
     format_plan,
@@ -34,7 +34,7 @@ def _real_peft_model(tiny_model: Path, plan: Plan, config):  # type: ignore[no-u
     """The model the train stage trains: weights loaded, LoRA applied by peft."""
     from peft import LoraConfig, get_peft_model
 
-    from tasks.models import load_causal_lm
+    from loraforge.tasks.models import load_causal_lm
 
     train = config.train
     lora = LoraConfig(
@@ -81,7 +81,7 @@ def test_modules_to_save_and_dora_are_their_own_entries(tiny_model: Path) -> Non
 def test_qlora_4bit_counts_match_a_real_4bit_model(tiny_model: Path) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from tasks.models import load_base_as_trained
+    from loraforge.tasks.models import load_base_as_trained
 
     config = _config(tiny_model, "train.target_modules=all-linear", "train.quantization=4bit")
     plan = plan_training(config)
@@ -105,7 +105,7 @@ def test_safetensors_size_formula_is_exact() -> None:
 
 
 def test_activation_count_for_smollm2_shape() -> None:
-    from tasks.plan import Architecture
+    from loraforge.tasks.plan import Architecture
 
     smol = Architecture("llama", 30, 576, 1536, 9, 3, 64, 49152, True)
     # 11h + n + 4i with no adapters; q,v LoRA at r=16 with dropout: 2 x (576 + 576) on CPU (output + float noise),
@@ -137,7 +137,7 @@ def test_memory_grows_with_batch_and_length_and_shrinks_with_checkpointing(tiny_
 
 
 def test_architecture_refuses_a_model_without_decoder_fields(tmp_path: Path) -> None:
-    from tasks.errors import StageError
+    from loraforge.tasks.errors import StageError
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 512, "vocab_size": 100}))
     with pytest.raises(StageError, match="hidden_size, intermediate_size, num_hidden_layers, num_attention_heads"):
@@ -145,7 +145,7 @@ def test_architecture_refuses_a_model_without_decoder_fields(tmp_path: Path) -> 
 
 
 def test_cli_prints_the_plan_and_writes_json(tiny_model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from flows.cli import main
+    from loraforge.flows.cli import main
 
     out = tmp_path / "plan.json"
     code = main(
@@ -160,7 +160,7 @@ def test_cli_prints_the_plan_and_writes_json(tiny_model: Path, tmp_path: Path, c
 
 
 def test_cli_unknown_target_module_lists_the_valid_names(tiny_model: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from flows.cli import main
+    from loraforge.flows.cli import main
 
     assert main(["plan", str(DEMO_CONFIG), f"base_model={tiny_model}", "train.target_modules=[qkv]"]) == 1
     err = capsys.readouterr().err
@@ -171,7 +171,7 @@ def test_child_peak_is_its_own_not_the_parents() -> None:
     """A child's ru_maxrss starts at its parent's RSS high-water (Linux, at exec); the measured peak must not."""
     import sys
 
-    from tasks.plan import run_measuring_peak_rss
+    from loraforge.tasks.plan import run_measuring_peak_rss
 
     ballast = bytearray(600 * 2**20)
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: this process is now > 600 MB
@@ -199,7 +199,7 @@ def test_bf16_base_halves_the_weights_and_is_marked_when_configured(tiny_model: 
 
 
 def test_every_stage_has_a_peak_and_the_checks_grow_with_their_micro_batch(tiny_model: Path) -> None:
-    from tasks.plan import EVAL_LOGIT_COPIES, MERGE_LOGIT_COPIES, STAGES
+    from loraforge.tasks.plan import EVAL_LOGIT_COPIES, MERGE_LOGIT_COPIES, STAGES
 
     plan = plan_training(_config(tiny_model, "merge.probe_rows=16", "merge.probe_batch_size=4"), seq_len=64)
     more_rows = plan_training(_config(tiny_model, "merge.probe_rows=64", "merge.probe_batch_size=4"), seq_len=64)

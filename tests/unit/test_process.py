@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from tasks.process import cli_process, logger_level, torch_threads
+from loraforge.tasks.process import cli_process, logger_level, torch_threads
 
 
 def test_torch_threads_are_restored_even_after_an_error() -> None:
@@ -47,7 +47,7 @@ def test_the_cli_settings_are_undone(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_main_in_process_leaves_the_process_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.cli import PROCESS_DEFAULTS, main
+    from loraforge.flows.cli import PROCESS_DEFAULTS, main
 
     for name in PROCESS_DEFAULTS:
         monkeypatch.delenv(name, raising=False)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tasks.artifacts import Artifact
-from tasks.publish import base_license, hub_datasets
+from loraforge.tasks.artifacts import Artifact
+from loraforge.tasks.publish import base_license, hub_datasets
 
 
 def _artifact(**manifest: Any) -> Any:
@@ -82,7 +82,7 @@ def _inputs(run: int) -> dict[str, Any]:
 
 
 def test_what_a_tag_holds_depends_only_on_the_keys_not_on_run_timings() -> None:
-    from tasks.publish import PublishConfig, _lineage, _model_card
+    from loraforge.tasks.publish import PublishConfig, _lineage, _model_card
 
     config = PublishConfig(include_gguf=[])
     bundles = []
@@ -102,8 +102,8 @@ def test_what_a_tag_holds_depends_only_on_the_keys_not_on_run_timings() -> None:
 def test_a_push_is_retried_while_the_hub_is_unreachable(monkeypatch: Any, tmp_path: Path) -> None:
     import huggingface_hub
 
-    from tasks import publish
-    from tasks.errors import StageError
+    from loraforge.tasks import publish
+    from loraforge.tasks.errors import StageError
 
     calls: list[str] = []
 
@@ -129,7 +129,7 @@ def test_a_push_is_retried_while_the_hub_is_unreachable(monkeypatch: Any, tmp_pa
             calls.append("create_tag")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FlakyApi)
-    monkeypatch.setattr("tasks.hubclient.RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr("loraforge.tasks.hubclient.RETRY_DELAYS", (0.0, 0.0, 0.0))
     config = publish.PublishConfig()
     assert publish._push(tmp_path, config, "https://hub.example", "tok", "v1") == "1" * 40
     assert calls == ["create_repo"] * 3 + ["upload_folder"] * 2 + ["create_tag"]

@@ -15,10 +15,10 @@ import pytest
 from flaky import DROP, Flaky
 from huggingface_hub import HfApi
 
-from tasks import hubclient
-from tasks.artifacts import Artifact, ArtifactStore
-from tasks.errors import GateFailed, StageError
-from tasks.publish import PublishConfig, _push, publish_model
+from loraforge.tasks import hubclient
+from loraforge.tasks.artifacts import Artifact, ArtifactStore
+from loraforge.tasks.errors import GateFailed, StageError
+from loraforge.tasks.publish import PublishConfig, _push, publish_model
 
 TOKEN = "hf_retry_test_token"
 DELAYS = (0.1, 0.2, 0.4)  # RETRY_DELAYS for these tests: the same growth as (1, 3, 9), in less time
@@ -98,7 +98,7 @@ def test_a_wrong_token_is_refused_once(hub: str, bundle: Path, capsys: pytest.Ca
 def test_a_failed_gate_sends_nothing_and_is_not_retried(
     hub: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.pipeline import IN_PROCESS
+    from loraforge.flows.pipeline import IN_PROCESS
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     failed = {"passed": False, "checks": [{"check": "accuracy >= 0.9", "value": 0.5, "passed": False}]}

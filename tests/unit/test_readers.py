@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import Artifact
-from tasks.data import read_data
-from tasks.errors import GateFailed
-from tasks.evaluate import check_gate, read_gate
-from tasks.merge import read_merge
-from tasks.models import read_base
-from tasks.publish import read_publish
-from tasks.quantize import read_quantize
-from tasks.train import read_train
+from loraforge.tasks.artifacts import Artifact
+from loraforge.tasks.data import read_data
+from loraforge.tasks.errors import GateFailed
+from loraforge.tasks.evaluate import check_gate, read_gate
+from loraforge.tasks.merge import read_merge
+from loraforge.tasks.models import read_base
+from loraforge.tasks.publish import read_publish
+from loraforge.tasks.quantize import read_quantize
+from loraforge.tasks.train import read_train
 
 
 def _artifact(stage: str, manifest: dict, tmp_path: Path) -> Artifact:

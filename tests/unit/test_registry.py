@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import registry
-from tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks import registry
+from loraforge.tasks.config import DEMO_CONFIG, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,10 +35,10 @@ def test_arguments_are_the_config_values_then_the_artifacts() -> None:
 
 
 def test_the_rest_is_derived_from_it() -> None:
-    from flows.cli import _parser
-    from flows.pipeline import DEPLOYMENTS, IN_PROCESS
-    from flows.stages import STAGE_FLOWS
-    from tasks import artifacts
+    from loraforge.flows.cli import _parser
+    from loraforge.flows.pipeline import DEPLOYMENTS, IN_PROCESS
+    from loraforge.flows.stages import STAGE_FLOWS
+    from loraforge.tasks import artifacts
 
     assert list(IN_PROCESS) == list(STAGE_FLOWS) == list(artifacts.STAGES) == list(registry.NAMES)
     assert set(DEPLOYMENTS) == set(registry.NAMES) and set(artifacts.PRODUCERS) == set(registry.NAMES)
@@ -46,9 +46,11 @@ def test_the_rest_is_derived_from_it() -> None:
     stage_command = _parser()._subparsers._group_actions[0].choices["stage"]  # type: ignore[union-attr]
     (name,) = [a for a in stage_command._actions if a.dest == "name"]
     assert tuple(name.choices) == registry.RUNNABLE == registry.NAMES[1:]
-    images = subprocess.run([sys.executable, "-m", "tasks.registry"], cwd=ROOT, capture_output=True, text=True)
+    images = subprocess.run(
+        [sys.executable, "-m", "loraforge.tasks.registry"], cwd=ROOT, capture_output=True, text=True
+    )
     assert images.stdout.split() == list(registry.RUNNABLE)  # containers/build.sh builds one image for each
-    assert "tasks.registry" in (ROOT / "containers" / "build.sh").read_text()
+    assert "loraforge.tasks.registry" in (ROOT / "containers" / "build.sh").read_text()
     for stage in registry.RUNNABLE:
         assert (ROOT / "containers" / f"{stage}.Containerfile").is_file()
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from hub import s3_server
 
-from tasks.artifacts import ArtifactStore, blob_name
-from tasks.errors import StageError
+from loraforge.tasks.artifacts import ArtifactStore, blob_name
+from loraforge.tasks.errors import StageError
 
 URL = "s3://loraforge/team/run"
 
@@ -137,8 +137,8 @@ def test_a_second_machine_waits_for_the_first_and_takes_its_artifact(machine, ca
 
 CHILD = """
 import os, sys, time
-from tasks.artifacts import ArtifactStore
-from tasks.objectstore import ObjectStore
+from loraforge.tasks.artifacts import ArtifactStore
+from loraforge.tasks.objectstore import ObjectStore
 
 # The kill must land between the blobs and the manifest on any machine, however fast its disk and network: after
 # the first blob is up, this writer reports it and stalls there (it is the test's process; the store is the real one).
@@ -179,7 +179,7 @@ def test_run_records_and_show_work_on_the_bucket(machine, capsys) -> None:
     one.record_run("run-a", {"run_id": "run-a", "stages": {"data": {"key": "k1"}}})
     two = machine("two")
     assert two.has_run("run-") and two.load_run("latest")["run_id"] == "run-a"
-    from flows.cli import main
+    from loraforge.flows.cli import main
 
     assert main(["show", "run-a", "--store", two.url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"]["data"]["key"] == "k1"
@@ -233,7 +233,7 @@ def test_transient_server_failures_are_retried_and_a_dead_server_is_a_clear_erro
 def test_version_names_the_installed_package(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
-    from flows.cli import main
+    from loraforge.flows.cli import main
 
     with pytest.raises(SystemExit) as done:
         main(["--version"])

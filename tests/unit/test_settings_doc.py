@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from tasks.settings_doc import SETTINGS_DOC, config_models, main, render
+from loraforge.tasks.settings_doc import SETTINGS_DOC, config_models, main, render
 
 
 def test_settings_doc_is_up_to_date() -> None:
@@ -32,7 +32,7 @@ def test_every_field_of_every_config_model_is_described(model: type[BaseModel]) 
 def test_check_reports_a_stale_file(tmp_path, monkeypatch, capsys) -> None:
     stale = tmp_path / "settings.md"
     stale.write_text("# old\n")
-    monkeypatch.setattr("tasks.settings_doc.SETTINGS_DOC", stale)
+    monkeypatch.setattr("loraforge.tasks.settings_doc.SETTINGS_DOC", stale)
     assert main(["--check"]) == 1
     assert "make settings-doc" in capsys.readouterr().err
     assert main([]) == 0 and main(["--check"]) == 0

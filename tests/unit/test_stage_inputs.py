@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from tasks.config import DEMO_CONFIG
+from loraforge.flows.cli import main
+from loraforge.tasks.config import DEMO_CONFIG
 
 
 def test_bad_inputs_are_all_named(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,8 +28,8 @@ def test_output_needs_input(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_a_stage_on_given_keys(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tasks.artifacts import ArtifactStore
-    from tasks.models import provision_base
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.models import provision_base
 
     store = tmp_path / "store"
     base = provision_base(str(tiny_model), ArtifactStore(store))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import tasks.artifacts as artifacts
-from tasks.artifacts import Artifact, ArtifactStore, code_files, code_version
-from tasks.errors import GateFailed, StageError
+import loraforge.tasks.artifacts as artifacts
+from loraforge.tasks.artifacts import Artifact, ArtifactStore, code_files, code_version
+from loraforge.tasks.errors import GateFailed, StageError
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_MODULES = {
@@ -153,7 +153,7 @@ def test_verification_is_rerun_when_a_file_changes_after_a_hit(tmp_path: Path) -
 CLAIMER = """
 import sys, time
 from pathlib import Path
-from tasks.artifacts import ArtifactStore
+from loraforge.tasks.artifacts import ArtifactStore
 store = ArtifactStore(sys.argv[1])
 started = time.time()
 with store.claim("data", "k1") as hit:
@@ -256,7 +256,7 @@ def _fake(stage: str, tmp_path: Path, **manifest: object) -> Artifact:
 
 
 def test_publish_refuses_a_failed_gate_and_an_unapproved_run(tmp_path: Path) -> None:
-    from tasks.publish import PublishConfig, approval, publish_model, record_approval
+    from loraforge.tasks.publish import PublishConfig, approval, publish_model, record_approval
 
     store = ArtifactStore(tmp_path / "store")
     failed = {"passed": False, "checks": [{"check": "accuracy >= 0.9", "value": 0.5, "passed": False}]}

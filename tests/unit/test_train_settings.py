@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DEMO_CONFIG, load_config
-from tasks.distributed import _failure, torchrun_command
-from tasks.errors import ConfigError
-from tasks.train import TrainConfig, compute_dtype, resolve_precision
+from loraforge.tasks.config import DEMO_CONFIG, load_config
+from loraforge.tasks.distributed import _failure, torchrun_command
+from loraforge.tasks.errors import ConfigError
+from loraforge.tasks.train import TrainConfig, compute_dtype, resolve_precision
 
 
 @pytest.mark.parametrize(
@@ -49,8 +49,9 @@ def test_processes_must_share_every_step_and_nodes_need_a_rendezvous() -> None:
 
 def test_torchrun_command_one_machine_and_several(tmp_path: Path) -> None:
     one = torchrun_command(tmp_path, 2, 1, None, "abc")
-    assert one[1:] == ["-m", "tasks.distributed", "--launch", str(tmp_path), "--nproc-per-node=2", "--standalone",
-                       "--nnodes=1", "-m", "tasks.distributed", str(tmp_path)]  # fmt: skip
+    module = "loraforge.tasks.distributed"
+    assert one[1:] == ["-m", module, "--launch", str(tmp_path), "--nproc-per-node=2", "--standalone",
+                       "--nnodes=1", "-m", module, str(tmp_path)]  # fmt: skip
     several = torchrun_command(tmp_path, 8, 4, "head:29400", "abc")
     assert "--nnodes=4" in several and "--rdzv-endpoint=head:29400" in several and "--rdzv-id=abc" in several
     assert "--standalone" not in several

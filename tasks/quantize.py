@@ -674,15 +674,12 @@ def _convert_lora(job: _Job, base: Artifact, train: Artifact, out: Path, base_gg
     failure = f"convert_lora_to_gguf.py failed for {train.file('adapter')}"
     _run_converter(cmd, job.converter, out, failure, job.config.tool_timeout_s)
     if not base_gguf.is_file():
-        trained_base = job.folder / ".base-hf"  # base weights (linked) + the merged model's tokenizer files
+        trained_base = job.folder / ".base-hf"  # the base's files (linked), its tokenizer files the merged model's
         trained_base.mkdir()
-        for path in base_dir.iterdir():
-            source = job.model_dir / path.name if _tokenizer_file(path.name) else path
-            if path.is_file() and source.is_file():
-                (trained_base / path.name).symlink_to(source.resolve())
-        for path in job.model_dir.iterdir():  # tokenizer files the base lacks (chat_template.jinja)
-            if _tokenizer_file(path.name) and not (trained_base / path.name).exists():
-                (trained_base / path.name).symlink_to(path.resolve())
+        sources = {path.name: path for path in base_dir.iterdir() if path.is_file()}
+        sources.update({p.name: p for p in job.model_dir.iterdir() if p.is_file() and _tokenizer_file(p.name)})
+        for name, source in sources.items():
+            (trained_base / name).symlink_to(source.resolve())
         _convert(job.converter, trained_base, base_gguf, "f16", f"{job.name}-base", job.config.tool_timeout_s)
         shutil.rmtree(trained_base)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -68,7 +69,7 @@ from loraforge.tasks.distributed import (
 )
 from loraforge.tasks.errors import StageError
 from loraforge.tasks.models import cuda_bf16, read_base, resolve_precision
-from loraforge.tasks.process import torch_threads
+from loraforge.tasks.process import logger_level, torch_threads
 
 OnStep = Callable[[dict[str, Any], int], None]  # after each optimizer step: its figures, the steps in all
 RUNTIME_ONLY = {
@@ -855,7 +856,10 @@ def _linear_layers(model: Any) -> list[str]:
 
     kinds: tuple[type, ...] = (torch.nn.Linear,)
     try:
-        import bitsandbytes as bnb
+        # Only its layer classes are needed here: on CPUs with avx512_bf16 its import warns that the optional
+        # `kernels` package is missing, which `loraforge validate` would print for every config.
+        with logger_level("bitsandbytes", logging.ERROR):
+            import bitsandbytes as bnb
 
         kinds += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     except ImportError:

@@ -63,7 +63,7 @@ from loraforge.tasks.process import logger_level
 if TYPE_CHECKING:
     from loraforge.tasks.evaluate import EvalConfig
 
-RUNTIME_ONLY = {"tool_timeout_s"}  # does not change the result: not part of the key
+RUNTIME_ONLY = {"tool_timeout_s", "tool_threads"}  # do not change the result: not part of the key
 KEYED_DIRS = ("metrics",)  # the probe scores with the metric modules run by path: part of the key's code version
 ProbeMetric = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1"]  # = ANSWER_METRICS (a test)
 QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "lora_f16"]
@@ -132,7 +132,18 @@ class QuantizeConfig(BaseModel):
         description="Seconds one converter or llama.cpp tool run may take before it is killed and the stage stops "
         "(a hung tool never holds a run forever; raise it for large models). Not part of the key.",
     )
-    fidelity_rows: int = Field(8, ge=1, description="Validation rows on which each GGUF's logits are compared.")
+    tool_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads for llama-imatrix and llama-quantize; 0 = every core this process may use. Their "
+        "files are the same bytes at any count (checked), so not part of the key.",
+    )
+    fidelity_rows: int = Field(
+        8,
+        ge=1,
+        description="Validation rows on which each GGUF's logits are compared (on the demo, 8 rows give every "
+        "type's KL within 3% of 64 rows' and the same verdicts: bench/quantize_levers.py).",
+    )
     max_mean_kl: dict[QuantType, float] = Field(
         default_factory=lambda: dict(DEFAULT_MAX_MEAN_KL),
         description="Per type: largest mean KL(merged HF || GGUF) of next-token distributions (nats/token). "
@@ -161,7 +172,10 @@ class QuantizeConfig(BaseModel):
     )
     imatrix_ctx: int = Field(512, ge=32, le=8192, description="Tokens per chunk of training text fed to llama-imatrix.")
     imatrix_chunks: int = Field(
-        64, ge=1, description="Most chunks of imatrix_ctx tokens used (the train split needs at least 2 chunks)."
+        8,
+        ge=1,
+        description="Most chunks of imatrix_ctx tokens used (the train split needs at least 2 chunks). Time grows "
+        "with each chunk; on the demo, q4_k_m's KL did not improve from 2 to 64 chunks (bench/quantize_levers.py).",
     )
     modelfile: bool = Field(
         True,
@@ -354,7 +368,7 @@ def _build_gguf(
         imatrix: Path | None = None
         if tools is not None:
             imatrix = draft.path / f"{slug}-imatrix.gguf"
-            draft.extra["imatrix"] = _imatrix(tools, job.gguf("f16"), model_dir, data, imatrix, config)
+            draft.extra["imatrix"] = _imatrix(tools, job.gguf("f16"), merge, data, imatrix, config)
         _quantize_types(job, ggufs, imatrix)
         base_gguf = _lora_types(job, ggufs, base, train)
         logprobs = draft.path / ".hf-logprobs"  # not part of the artifact: removed after the checks
@@ -566,18 +580,22 @@ def _tools_dir(version: str) -> Path:
 
 
 def _imatrix(
-    tools: Path, f16: Path, model_dir: Path, data: Artifact, out: Path, config: QuantizeConfig
+    tools: Path, f16: Path, merge: Artifact, data: Artifact, out: Path, config: QuantizeConfig
 ) -> dict[str, Any]:
-    """Compute llama.cpp's importance matrix on the f16 GGUF over the train split, as the text training saw (the
-    rows' token ids decoded with their special tokens, which llama-imatrix parses back as special tokens).
+    """llama.cpp's importance matrix of the f16 GGUF (converted from the merge artifact `merge`) over the train
+    split, as the text training saw (the rows' token ids decoded with their special tokens, which llama-imatrix
+    parses back as special tokens). Computed once per (merged model, text, chunks, llama.cpp) on this machine:
+    a rerun with other types or limits takes it from the cache (`_cached_imatrix`).
 
     Returns:
         What the manifest and lineage record: the text's sha256, its tokens, the chunks used, the imatrix sha256.
     """
     import hashlib
 
+    import llama_cpp
+
     from loraforge.tasks.artifacts import sha256_file
-    from loraforge.tasks.models import load_tokenizer
+    from loraforge.tasks.models import cache_dir, load_tokenizer
 
     rows = read_split(data.file("train.jsonl"))
     tokens = sum(len(r["input_ids"]) for r in rows)
@@ -586,33 +604,75 @@ def _imatrix(
             f"quantize.imatrix: the train split has {tokens} tokens, llama-imatrix needs at least 2 x "
             f"quantize.imatrix_ctx={config.imatrix_ctx}; lower quantize.imatrix_ctx or set quantize.imatrix=off."
         )
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(merge.file("model"))
     text = "".join(str(tokenizer.decode(r["input_ids"], skip_special_tokens=False)) for r in rows)
+    text_sha256 = hashlib.sha256(text.encode()).hexdigest()
+    chunks = min(config.imatrix_chunks, tokens // config.imatrix_ctx)
+    identity = [merge.key, f16.name, text_sha256, config.imatrix_ctx, chunks, llama_cpp.__version__]
+    cached = cache_dir() / "imatrix" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+    record = _cached_imatrix(cached, out)
+    types = [t for t in config.types if t in IMATRIX_TYPES]
+    if record is not None:
+        print(f"[quantize] importance matrix over {record['chunks']} chunks of the train split: computed before for "
+              f"this merged model and text ({cached}.gguf, sha256 checked)")  # fmt: skip
+        return {**record, "types": types}
     source = out.with_name(".imatrix-train.txt")  # not part of the artifact: its sha256 is recorded
     source.write_text(text)
-    chunks = min(config.imatrix_chunks, tokens // config.imatrix_ctx)
     print(f"[quantize] importance matrix over {chunks} chunks of {config.imatrix_ctx} tokens of the train split")
     # File names relative to the draft folder: the tools write them into the GGUF metadata (imatrix.datasets, and
     # llama-quantize's quantize.imatrix.*), and a temporary path there would make every run's bytes differ.
     cmd = [str(tools / "llama-imatrix"), "-m", f16.name, "-f", source.name, "-o", out.name, "--parse-special",
            "--no-ppl", "-c", str(config.imatrix_ctx), "-b", str(config.imatrix_ctx), "--chunks", str(chunks),
-           "-t", str(config.n_threads)]  # fmt: skip
+           "-t", str(_tool_threads(config))]  # fmt: skip
     # f16, source and out share the draft folder
     output = _run_tool(cmd, out, "llama-imatrix failed", config.tool_timeout_s)
     source.unlink()
     found = re.search(r"computing over (\d+) chunks", output)
     used = int(found.group(1)) if found else chunks
-    return {
+    record = {
         "file": out.name,
         "sha256": sha256_file(out),
         "source": "train split of the data artifact (token text as trained)",
-        "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "text_sha256": text_sha256,
         "train_rows": len(rows),
         "chunks": used,
         "ctx": config.imatrix_ctx,
         "tokens_used": used * config.imatrix_ctx,
-        "types": [t for t in config.types if t in IMATRIX_TYPES],
     }
+    _keep_imatrix(cached, out, record)
+    return {**record, "types": types}
+
+
+def _cached_imatrix(cached: Path, out: Path) -> dict[str, Any] | None:
+    """The cached importance matrix `cached`.gguf copied to `out`, with its record; None when there is none or its
+    bytes no longer match the sha256 recorded beside it (it is then computed again and replaced)."""
+    from loraforge.tasks.artifacts import sha256_file
+
+    gguf, meta = cached.with_suffix(".gguf"), cached.with_suffix(".json")
+    try:
+        record: dict[str, Any] = json.loads(meta.read_text())
+        if sha256_file(gguf) != record["sha256"] or record.get("file") != out.name:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    shutil.copyfile(gguf, out)
+    return record
+
+
+def _keep_imatrix(cached: Path, out: Path, record: dict[str, Any]) -> None:
+    """Keep a computed importance matrix for reruns on this machine: the file, then its record (each written whole
+    by a rename; the record names the file's sha256, so a half-copied or edited file is never taken)."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
+    shutil.copyfile(out, partial)
+    os.replace(partial, cached.with_suffix(".gguf"))
+    partial.write_text(json.dumps(record))
+    os.replace(partial, cached.with_suffix(".json"))
+
+
+def _tool_threads(config: QuantizeConfig) -> int:
+    """quantize.tool_threads, 0 meaning every core this process may use."""
+    return config.tool_threads or len(os.sched_getaffinity(0))
 
 
 def _quantize_with_imatrix(
@@ -620,7 +680,7 @@ def _quantize_with_imatrix(
 ) -> str:
     """`llama-quantize --imatrix`; returns its 'N of M' count of tensors that needed a fallback type."""
     cmd = [str(tools / "llama-quantize"), "--imatrix", imatrix.name, source.name, target.name, qtype.upper(),
-           str(config.n_threads)]  # fmt: skip  # relative names (all in the draft folder): see _imatrix
+           str(_tool_threads(config))]  # fmt: skip  # relative names (all in the draft folder): see _imatrix
     output = _run_tool(cmd, target, f"llama-quantize --imatrix to {qtype} failed", config.tool_timeout_s)
     loaded = re.search(r"loaded (\d+) importance matrix entries", output)
     if not loaded or int(loaded.group(1)) == 0:

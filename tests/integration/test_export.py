@@ -20,7 +20,7 @@ PROMPT = "My card was charged twice for the same order."
 
 
 def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
-    first_run: dict, tiny_model: Path, workdir: Path, hub: str, tmp_path: Path
+    first_run: dict, tiny_model: Path, workdir: Path, hub: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from gguf import GGUFReader
 
@@ -40,6 +40,11 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
         )
     on, off, auto = runs["on"], runs["off"], runs["auto"]
     assert len({on.key, off.key, auto.key}) == 3 and on.manifest["config"]["imatrix"] == "on"
+    # One matrix per (merged model, text): `on` computed it (or found it from an earlier session), `auto` (another
+    # key) took it from the machine's cache.
+    assert auto.manifest["imatrix"] == on.manifest["imatrix"] | {"used_for": auto.manifest["imatrix"]["used_for"]}
+    printed = capsys.readouterr().out
+    assert printed.count("computed before for this merged model and text") in (1, 2), printed
 
     def sha(run: Artifact, qtype: str) -> str:
         return sha256_file(run.file(run.manifest["gguf"][qtype]["file"]))

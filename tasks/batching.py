@@ -93,19 +93,23 @@ def model_device(model: Any) -> Any:
 
 def mean_loss(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> float:
     """Token-weighted mean loss over rows (labelled tokens only), in eval mode."""
-    sums = _loss_sums(model, rows, batch_size, pad_id)
+    sums = _loss_sums(model, rows, batch_size, pad_id, None)
     return sum(total for total, _ in sums) / max(sum(count for _, count in sums), 1)
 
 
-def loss_total(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """The summed loss over the rows' labelled tokens and how many there are, in eval mode."""
-    sums = _loss_sums(model, rows, batch_size, pad_id)
+def loss_total(
+    model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, bar: str | None = None
+) -> tuple[float, int]:
+    """The summed loss over the rows' labelled tokens and how many there are, in eval mode (a progress bar named
+    `bar` while it runs, when given)."""
+    sums = _loss_sums(model, rows, batch_size, pad_id, bar)
     return sum(total for total, _ in sums), sum(count for _, count in sums)
 
 
 def row_losses(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[float]:
     """Mean loss over each row's labelled tokens (the answer), in eval mode; NaN for a row with no labels."""
-    return [total / count if count else float("nan") for total, count in _loss_sums(model, rows, batch_size, pad_id)]
+    sums = _loss_sums(model, rows, batch_size, pad_id, "loss")
+    return [total / count if count else float("nan") for total, count in sums]
 
 
 def labelled_token_losses(
@@ -130,15 +134,19 @@ def labelled_token_losses(
     return losses, targets
 
 
-def _loss_sums(model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
+def _loss_sums(
+    model: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, bar: str | None
+) -> list[tuple[float, int]]:
     """Per row: the summed next-token loss over its labelled tokens and how many there are."""
     import torch
+    from tqdm import tqdm
 
     was_training = model.training
     model.eval()
     sums: list[tuple[float, int]] = []
+    starts = range(0, len(rows), batch_size)
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
+        for start in tqdm(starts, desc=bar, unit="batch", dynamic_ncols=True, leave=False, disable=bar is None):
             ids, labels, mask = collate(rows[start : start + batch_size], pad_id)
             device = model_device(model)
             losses, targets = labelled_token_losses(model, ids.to(device), mask.to(device), labels.to(device))
@@ -166,7 +174,8 @@ def generate_answers(
     tokenizer.padding_side = "left"
     answers: list[str] = []
     try:
-        for start in tqdm(range(0, len(conversations), batch_size), desc="generate", unit="batch", leave=False):
+        starts = range(0, len(conversations), batch_size)
+        for start in tqdm(starts, desc="generate", unit="batch", dynamic_ncols=True, leave=False):
             prompts = [
                 tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 for messages in conversations[start : start + batch_size]

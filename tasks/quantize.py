@@ -45,7 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
@@ -62,6 +62,7 @@ from loraforge.tasks.process import logger_level
 
 if TYPE_CHECKING:
     from loraforge.tasks.evaluate import EvalConfig
+    from loraforge.tasks.train import OnStep
 
 RUNTIME_ONLY = {"tool_timeout_s", "tool_threads"}  # do not change the result: not part of the key
 KEYED_DIRS = ("metrics",)  # the probe scores with the metric modules run by path: part of the key's code version
@@ -245,6 +246,8 @@ def quantize_gguf(
     train: Artifact,
     merge: Artifact,
     store: ArtifactStore,
+    *,
+    on_step: OnStep | None = None,
 ) -> Artifact:
     """Write `<name>-<TYPE>.gguf` for each type and check each with llama-cpp-python; skipped when cached.
 
@@ -260,6 +263,8 @@ def quantize_gguf(
         train: the train artifact (the adapter GGUF types convert its adapter).
         merge: the merge artifact (the HF folder to convert), made from `base` and `train`.
         store: where artifacts live.
+        on_step: called after each piece of work (converting, the importance matrix, quantizing, the adapter
+            GGUF, the merged model's reference, each type's check) with {"step": n, "work": what} and their count.
 
     Returns:
         The quantize artifact with the GGUF files and per-type checks in the manifest metrics.
@@ -282,7 +287,7 @@ def quantize_gguf(
         if hit is not None:
             return hit
         with logger_level("llama-cpp-python", logging.ERROR):  # its load chatter, for this stage only
-            return _build_gguf(config, name, sampling, metrics, base, data, train, merge, store, key, code)
+            return _build_gguf(config, name, sampling, metrics, base, data, train, merge, store, key, code, on_step)
 
 
 def probe_metrics(eval_metrics: Sequence[str]) -> list[str]:
@@ -345,6 +350,7 @@ def _build_gguf(
     store: ArtifactStore,
     key: str,
     code: str,
+    on_step: OnStep | None,
 ) -> Artifact:
     """Make, measure and judge the GGUF files of the quantize artifact `key` (its lock is held): convert and
     quantize, take the merged HF model's side of the checks, measure each file, judge its figures against the
@@ -362,19 +368,28 @@ def _build_gguf(
     imatrix_types = [t for t in config.types if t in IMATRIX_TYPES] if config.imatrix != "off" else []
     tools = _tools_dir(llama_cpp.__version__) if imatrix_types else None
     settings = _settings(config, name, sampling, metrics)
+    lora_types = [t for t in config.types if t in LORA_TYPES]
+    done = _work_done(on_step, 3 + (tools is not None) + bool(lora_types) + len(config.types))
     with store.create("quantize", key, settings, inputs, code, started=started) as draft:
         job = _Job(config, name, slug, draft.path, converter, model_dir, tools)
         ggufs = _convert_types(job)
+        done("convert")
         imatrix: Path | None = None
         if tools is not None:
             imatrix = draft.path / f"{slug}-imatrix.gguf"
             draft.extra["imatrix"] = _imatrix(tools, job.gguf("f16"), merge, data, imatrix, config)
+            done("imatrix")
         _quantize_types(job, ggufs, imatrix)
+        done("quantize")
         base_gguf = _lora_types(job, ggufs, base, train)
+        if lora_types:
+            done("adapter gguf")
         logprobs = draft.path / ".hf-logprobs"  # not part of the artifact: removed after the checks
         reference = _hf_reference(model_dir, data, fidelity_rows, probes, metrics, config, logprobs)
+        done("reference")
         for gguf in ggufs.values():
             _measure_and_judge(gguf, base_gguf, reference, config)
+            done(f"check {gguf.qtype}")
         if base_gguf is not None:
             base_gguf.unlink()
         shutil.rmtree(logprobs)
@@ -385,6 +400,19 @@ def _build_gguf(
         _stop_on_failure(ggufs, config)
         _record(draft, ggufs, reference, llama_cpp.__version__)
     return store.get("quantize", key, fresh=True)
+
+
+def _work_done(on_step: OnStep | None, total: int) -> Callable[[str], None]:
+    """`done(work)`: tells `on_step` (when given) that one more of the stage's `total` pieces of work is done."""
+    finished = 0
+
+    def done(work: str) -> None:
+        nonlocal finished
+        finished += 1
+        if on_step is not None:
+            on_step({"step": finished, "work": work}, total)
+
+    return done
 
 
 def _convert_types(job: _Job) -> dict[str, _GgufFile]:
@@ -593,6 +621,7 @@ def _imatrix(
     import hashlib
 
     import llama_cpp
+    from tqdm import tqdm
 
     from loraforge.tasks.artifacts import sha256_file
     from loraforge.tasks.models import cache_dir, load_tokenizer
@@ -621,11 +650,26 @@ def _imatrix(
     print(f"[quantize] importance matrix over {chunks} chunks of {config.imatrix_ctx} tokens of the train split")
     # File names relative to the draft folder: the tools write them into the GGUF metadata (imatrix.datasets, and
     # llama-quantize's quantize.imatrix.*), and a temporary path there would make every run's bytes differ.
+    # With its perplexity on (the logits are computed either way) llama-imatrix prints "[N]ppl," after each chunk:
+    # the progress bar follows that; the matrix is the same bytes as with --no-ppl.
     cmd = [str(tools / "llama-imatrix"), "-m", f16.name, "-f", source.name, "-o", out.name, "--parse-special",
-           "--no-ppl", "-c", str(config.imatrix_ctx), "-b", str(config.imatrix_ctx), "--chunks", str(chunks),
+           "-c", str(config.imatrix_ctx), "-b", str(config.imatrix_ctx), "--chunks", str(chunks),
            "-t", str(_tool_threads(config))]  # fmt: skip
+    bar = tqdm(total=chunks, desc="imatrix", unit="chunk", dynamic_ncols=True, leave=False)
+    seen = ""
+
+    def progress(text: str) -> None:
+        nonlocal seen
+        seen = (seen + text)[-64:]  # a chunk's "[N]" may arrive split
+        done = [int(n) for n in re.findall(r"\[(\d+)\][^,\[\s]*,", seen)]
+        if done and max(done) > bar.n:
+            bar.update(max(done) - bar.n)
+
     # f16, source and out share the draft folder
-    output = _run_tool(cmd, out, "llama-imatrix failed", config.tool_timeout_s)
+    try:
+        output = _run_tool(cmd, out, "llama-imatrix failed", config.tool_timeout_s, on_output=progress)
+    finally:
+        bar.close()
     source.unlink()
     found = re.search(r"computing over (\d+) chunks", output)
     used = int(found.group(1)) if found else chunks
@@ -696,21 +740,52 @@ def _settings(config: QuantizeConfig, name: str, sampling: Sampling, metrics: li
     return {**config.model_dump(exclude=RUNTIME_ONLY), "name": name, "probe_metrics": metrics, **written}
 
 
-def _run_tool(cmd: list[str], out: Path, failure: str, timeout: float, env: dict[str, str] | None = None) -> str:
-    """Run a tool (llama.cpp's, or the converter) in `out`'s folder; returns stdout + stderr (its log), or raises
-    with the log's tail. A tool still running after `timeout` seconds is killed and the stage stops."""
+def _run_tool(
+    cmd: list[str],
+    out: Path,
+    failure: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    on_output: Callable[[str], object] | None = None,
+) -> str:
+    """Run a tool (llama.cpp's, or the converter) in `out`'s folder; returns its log (stdout and stderr, as
+    written), or raises with the log's tail. `on_output` sees the log as it comes (progress). A tool still running
+    after `timeout` seconds, or when this process is interrupted, is killed and the stage stops."""
+    import codecs
+    import io
+    import threading
+
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=out.parent, env=env)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        process.kill()
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    decoder, pieces = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+    stream = cast(io.BufferedReader, process.stdout)
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", cwd=out.parent, env=env,
-                                timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired:
+        for raw in iter(lambda: stream.read1(4096), b""):
+            pieces.append(decoder.decode(raw))
+            if on_output is not None:
+                on_output(pieces[-1])
+        returncode = process.wait()
+    finally:
+        timer.cancel()
+        if process.poll() is None:  # interrupted here: the tool must not outlive the stage
+            process.kill()
+            process.wait()
+    if expired.is_set():
         raise StageError(
             f"{failure}: {Path(cmd[1] if cmd[0] == sys.executable else cmd[0]).name} did not finish within "
             f"quantize.tool_timeout_s={timeout:g} s and was stopped; raise quantize.tool_timeout_s for a large model."
-        ) from None
-    output = result.stdout + result.stderr
-    if result.returncode != 0 or not out.is_file():
+        )
+    output = "".join(pieces) + decoder.decode(b"", final=True)
+    if returncode != 0 or not out.is_file():
         tail = "\n".join(output.strip().splitlines()[-8:])
-        raise StageError(f"{failure} (exit {result.returncode}):\n{tail}")
+        raise StageError(f"{failure} (exit {returncode}):\n{tail}")
     return output
 
 
@@ -848,6 +923,7 @@ def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: 
             this stops the stage rather than failing one type), or llama.cpp's logits are not finite.
     """
     from llama_cpp import Llama
+    from tqdm import tqdm
 
     llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=reference.n_ctx,
                 n_threads=config.n_threads, verbose=False, seed=0, logits_all=True)  # fmt: skip
@@ -858,12 +934,16 @@ def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: 
         raise StageError(
             f"{path.name}: the GGUF does not prompt the model the way training did:\n  - " + "\n  - ".join(problems)
         )
-    closeness = _logit_figures(llm, reference, path.name)
+    bar = tqdm(total=len(reference.fidelity_rows) + len(prompts), desc=f"check {path.name}", unit="row",
+               dynamic_ncols=True, leave=False)  # fmt: skip  # the fidelity rows, then the probe answers
+    closeness = _logit_figures(llm, reference, path.name, bar.update)
     answers = []
     for prompt in prompts:
         llm.reset()
         reply = llm.create_completion(prompt, max_tokens=config.max_new_tokens, temperature=0.0, top_k=1)
         answers.append(reply["choices"][0]["text"].strip())  # type: ignore[index]
+        bar.update()
+    bar.close()
     del llm
     return {
         "size_mb": round(path.stat().st_size / 2**20, 1),
@@ -874,9 +954,11 @@ def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: 
     }
 
 
-def _logit_figures(llm: Any, reference: HFReference, name: str) -> dict[str, Any]:
+def _logit_figures(
+    llm: Any, reference: HFReference, name: str, row_done: Callable[[], object] = lambda: None
+) -> dict[str, Any]:
     """How the GGUF's next-token distributions follow the merged model's over every position of the fidelity
-    rows: mean KL(HF || GGUF), top-1 agreement, perplexity ratio GGUF / HF."""
+    rows: mean KL(HF || GGUF), top-1 agreement, perplexity ratio GGUF / HF (`row_done` after each row)."""
     import numpy as np
     import torch
 
@@ -897,6 +979,7 @@ def _logit_figures(llm: Any, reference: HFReference, name: str) -> dict[str, Any
         nll_hf -= float(ref[:-1].gather(1, nxt[:, None]).sum())
         nll_q -= float(logq[:-1].gather(1, nxt[:, None]).sum())
         targets += len(ids) - 1
+        row_done()
     mean_kl = max(kl_sum, 0.0) / max(positions, 1)  # KL >= 0; float noise can dip below for identical files
     return {
         "mean_kl": float(f"{mean_kl:.4g}"),  # 4 significant digits: tiny values stay > 0

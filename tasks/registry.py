@@ -42,7 +42,8 @@ class Stage:
     weights: bool = True  # needs the base model's weights on the machine (False: the base manifest is enough)
     check: str | None = None  # "module:function" raising when the artifact must stop the run (the eval gate)
     approval: bool = False  # waits for a reviewer first when orchestration.approval is on
-    steps: bool = False  # takes `on_step(figures, total_steps)`: its progress can be shown while it runs
+    steps: bool = False  # takes `on_step(figures, total_steps)`: its progress can be shown while it runs (train:
+    # optimizer steps; quantize: pieces of work)
 
     def function(self) -> Callable[..., Artifact]:
         """The stage's entry point (imported now)."""
@@ -91,7 +92,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("quantize", "loraforge.tasks.quantize:quantize_gguf", ("quantize", "name", "eval"),
           ("base", "data", "train", "merge"),
           "GGUF files, each checked against the merged model in llama.cpp",
-          ("llama-cpp-python", "torch", "transformers", "numpy", "evaluate")),
+          ("llama-cpp-python", "torch", "transformers", "numpy", "evaluate"), steps=True),
     Stage("publish", "loraforge.tasks.publish:publish_model", ("publish", "name", "orchestration.approval"),
           ("base", "data", "train", "eval", "merge", "quantize"),
           "the Hub bundle (adapter, GGUF, model card, lineage), pushed when a token is set", (),

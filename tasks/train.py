@@ -522,8 +522,9 @@ def _val_loss(setup: Setup, config: TrainConfig, ranks: Ranks) -> float:
     every rank runs every row: its forwards gather weights together, so all ranks must run the same number)."""
     whole = sharded(setup.model)
     rows = setup.val_rows if whole else setup.val_rows[ranks.rank :: ranks.world]
+    bar = "validate" if ranks.leader else None  # the validation pass shows its progress like the train bar
     with setup.mixed.autocast():
-        total, count = loss_total(setup.model, rows, config.batch_size, setup.pad_id)
+        total, count = loss_total(setup.model, rows, config.batch_size, setup.pad_id, bar)
     summed, labelled = (total, count) if whole else all_sum([total, count], ranks)
     return summed / max(labelled, 1)
 

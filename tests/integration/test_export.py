@@ -6,6 +6,7 @@ midway is completed by a re-run; a token from a Prefect Secret block never shows
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,11 @@ from loraforge.tasks.errors import StageError
 pytestmark = pytest.mark.integration
 STAGES = ("base", "data", "train", "eval", "merge", "quantize")
 PROMPT = "My card was charged twice for the same order."
+
+
+def _collect(calls: list[tuple[dict, int]]) -> Callable[[dict, int], None]:
+    """An `on_step` that keeps every call."""
+    return lambda figures, total: calls.append((figures, total))
 
 
 def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
@@ -32,13 +38,20 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
     config = _config(tiny_model, workdir, hub)
     system = "Route the ticket to one category."
     data = prepare_data(config.data.model_copy(update={"system_prompt": system}), a["base"], store)
-    runs = {}
+    runs: dict[str, Artifact] = {}
+    steps: dict[str, list[tuple[dict, int]]] = {}
     for mode in ("on", "off", "auto"):
         quantize = config.quantize.model_copy(update={"types": ["q4_0", "q4_k_m", "q8_0"], "imatrix": mode})
-        runs[mode] = quantize_gguf(
-            quantize, "tiny-router", EvalConfig(metrics=["accuracy"]), a["base"], data, a["train"], a["merge"], store
-        )
+        steps[mode] = []
+        runs[mode] = quantize_gguf(quantize, "tiny-router", EvalConfig(metrics=["accuracy"]), a["base"], data,
+                                   a["train"], a["merge"], store, on_step=_collect(steps[mode]))  # fmt: skip
     on, off, auto = runs["on"], runs["off"], runs["auto"]
+    # Progress (the Prefect progress artifact): each piece of work once, in order, the last one at 100%.
+    checks = ["check q4_0", "check q4_k_m", "check q8_0"]
+    assert [f["work"] for f, _ in steps["off"]] == ["convert", "quantize", "reference", *checks]
+    for mode in ("on", "auto"):
+        assert [f["work"] for f, _ in steps[mode]] == ["convert", "imatrix", "quantize", "reference", *checks]
+        assert [(f["step"], total) for f, total in steps[mode]] == [(step, 7) for step in range(1, 8)]
     assert len({on.key, off.key, auto.key}) == 3 and on.manifest["config"]["imatrix"] == "on"
     # One matrix per (merged model, text): `on` computed it (or found it from an earlier session), `auto` (another
     # key) took it from the machine's cache.

@@ -162,7 +162,7 @@ if [ -z "$torch_wheel" ]; then
 fi
 llama_wheel=$(ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -1 || true)
 [ -n "$llama_wheel" ] || die "no llama-cpp-python $LLAMA_CPP_VERSION wheel in $CACHE/wheels: run make setup first"
-[ -f "$ctx/wheels/$(basename "$llama_wheel")" ] || cp -p "$llama_wheel" "$ctx/wheels/"
+cmp -s "$llama_wheel" "$ctx/wheels/$(basename "$llama_wheel")" || cp -p "$llama_wheel" "$ctx/wheels/"  # a rebuilt wheel replaces its namesake
 converter="$CACHE/llama.cpp-$LLAMA_CPP_VERSION"
 [ -f "$converter/convert_hf_to_gguf.py" ] || die "no GGUF converter in $converter: run make setup first"
 rm -rf "$ctx/llama.cpp" && mkdir -p "$ctx/llama.cpp"

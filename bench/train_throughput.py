@@ -11,6 +11,9 @@ same sequence length, LoRA config, batch size, learning rate, schedule and numbe
 - tutorial: trl `SFTTrainer` + peft `LoraConfig` on a conversational prompt/completion dataset (the prompt is
   masked, as in ours), `use_cpu=True`, no saving; trl's defaults otherwise, which include activation (gradient)
   checkpointing: less memory, more compute;
+- trl-tuned: the strongest SFTTrainer recipe a careful user writes here: checkpointing off, length-grouped
+  sampling (`train_sampling_strategy=group_by_length`), the train stage's micro-batch with accumulation (trl's
+  padding_free and bfd packing need flash-attention position_ids, which CPU torch lacks: not applied);
 - ours: `tasks.train.train_adapter` with its defaults (each step's rows as micro-batches of 4 sorted by length
   within the step, so each step is a random sample with the gradient of one batch; no checkpointing); ours+gc:
   the same with `train.gradient_checkpointing` (the tutorial's memory setting); ours with `train.packing`
@@ -28,7 +31,7 @@ model FLOP/s per token = 2N (forward) + 2N (activation gradients) + 2 x trainabl
 non-embedding parameters, as in the usual 6N rule (model FLOPs: recomputation not counted).
 Repeat i runs every recipe with seed 42 + i (adapter init, dropout and data order), so the final loss is a
 median over seeds, with its range: over a few steps the data order alone moves it by several percent.
-Medians of the repeats; ratios against the tutorial recipe.
+Medians of the repeats; ratios against the tutorial recipe and against trl-tuned.
 Writes bench/results/train_throughput.json.
 """
 
@@ -57,6 +60,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # rows per optimizer step: grad_accum = that / the recipe's micro-batch (batch_size); packing counts sequences.
 RECIPES: dict[str, dict[str, Any]] = {
     "tutorial": {},
+    # The strongest SFTTrainer recipe a careful user writes on CPU: activation checkpointing off, length-grouped
+    # sampling, our micro-batch and accumulation. trl's padding_free and bfd packing are not applied: both rely on
+    # position_ids that only flash-attention kernels honour (not available to CPU torch); with sdpa rows would
+    # attend across their neighbours.
+    "trl-tuned": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
     "ours": {},
     "ours+gc": {"gradient_checkpointing": True},
     "ours+packing": {"packing": True},
@@ -186,7 +194,7 @@ def _child(job: dict[str, Any]) -> int:
     import torch
 
     torch.set_num_threads(job["threads"])
-    result = _train_ours(job) if job["recipe"].startswith("ours") else _train_tutorial(job)
+    result = _train_ours(job) if job["recipe"].startswith("ours") else _train_trl(job)
     Path(job["out"]).write_text(json.dumps({**{k: job[k] for k in ("recipe", "variant", "steps")}, **result}))
     return 0
 
@@ -221,8 +229,10 @@ def _train_ours(job: dict[str, Any]) -> dict[str, Any]:
             "padding_share": m["padding_share"]}  # fmt: skip
 
 
-def _train_tutorial(job: dict[str, Any]) -> dict[str, Any]:
-    """The recipe from the trl/peft docs: SFTTrainer(model, args=SFTConfig(...), train_dataset, peft_config)."""
+def _train_trl(job: dict[str, Any]) -> dict[str, Any]:
+    """The recipe from the trl/peft docs: SFTTrainer(model, args=SFTConfig(...), train_dataset, peft_config), one
+    micro-batch of --batch-size rows per step; trl-tuned: SFTConfig overrides (RECIPES) and the train stage's
+    micro-batch with accumulation to the same rows per step."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -253,12 +263,18 @@ def _train_tutorial(job: dict[str, Any]) -> dict[str, Any]:
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets,
                                  task_type="CAUSAL_LM")  # fmt: skip
     data_manifest = data.manifest
+    micro = job["batch_size"]
+    if job["recipe"] != "tutorial":
+        from loraforge.tasks.train import TrainConfig
+
+        micro = TrainConfig.model_fields["batch_size"].default
     settings = SFTConfig(
         output_dir=job["store"], max_length=data_manifest["config"]["max_length"],
-        per_device_train_batch_size=job["batch_size"], max_steps=job["steps"], learning_rate=1e-3,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=job["batch_size"] // micro,
+        max_steps=job["steps"], learning_rate=1e-3,
         lr_scheduler_type="cosine", warmup_steps=round(0.05 * job["steps"]), use_cpu=True, bf16=False,
         report_to=[], save_strategy="no",
-        logging_steps=job["steps"], seed=job["seed"], dataloader_num_workers=0,
+        logging_steps=job["steps"], seed=job["seed"], dataloader_num_workers=0, **job["overrides"],
     )  # fmt: skip
     trainer = SFTTrainer(model=model, args=settings, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)  # fmt: skip
@@ -301,6 +317,8 @@ def _summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base_tps = statistics.median(r["tokens_per_s"] for r in baseline) if baseline else None
         base_rss = statistics.median(r["peak_rss_mb"] for r in baseline) if baseline else None
         base_loss = statistics.median(r["val_loss"] for r in baseline) if baseline else None
+        tuned = [r["tokens_per_s"] for r in runs if r["variant"] == variant and r["recipe"] == "trl-tuned"]
+        tuned_tps = statistics.median(tuned) if tuned else None
         for recipe in dict.fromkeys(r["recipe"] for r in runs if r["variant"] == variant):
             mine = [r for r in runs if r["variant"] == variant and r["recipe"] == recipe]
             tps = statistics.median(r["tokens_per_s"] for r in mine)
@@ -309,6 +327,7 @@ def _summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             table.append({
                 "variant": variant, "recipe": recipe, "runs": len(mine), "tokens_per_s": round(tps, 1),
                 "speedup_vs_tutorial": round(tps / base_tps, 2) if base_tps else None,
+                "speedup_vs_trl_tuned": round(tps / tuned_tps, 2) if tuned_tps else None,
                 "peak_rss_mb": int(rss), "rss_vs_tutorial": round(rss / base_rss, 2) if base_rss else None,
                 "val_loss": round(statistics.median(losses), 4),
                 "val_loss_range": [round(min(losses), 4), round(max(losses), 4)],
@@ -322,15 +341,17 @@ def _summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _print(table: list[dict[str, Any]], peak: float) -> None:
     print(f"\nmedians; GEMM peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'variant':11s} {'recipe':13s} {'tok/s':>8s} {'x tutorial':>10s} {'peak RSS MB':>11s} {'x RSS':>6s} "
-          f"{'val loss':>9s} {'x loss':>6s} {'loss range':>15s} {'% peak':>7s} {'padding':>7s}")  # fmt: skip
+    print(f"{'variant':11s} {'recipe':13s} {'tok/s':>8s} {'x tutorial':>10s} {'x tuned':>7s} {'peak RSS MB':>11s} "
+          f"{'x RSS':>6s} {'val loss':>9s} {'x loss':>6s} {'loss range':>15s} {'% peak':>7s} "
+          f"{'padding':>7s}")  # fmt: skip
     for row in table:
         speed = f"{row['speedup_vs_tutorial']:.2f}" if row["speedup_vs_tutorial"] else "-"
+        tuned = f"{row['speedup_vs_trl_tuned']:.2f}" if row.get("speedup_vs_trl_tuned") else "-"
         rss = f"{row['rss_vs_tutorial']:.2f}" if row["rss_vs_tutorial"] else "-"
         share = 100 * row["flops_share"]
         loss = f"{row['loss_vs_tutorial']:.3f}" if row["loss_vs_tutorial"] else "-"
         low, high = row["val_loss_range"]
-        print(f"{row['variant']:11s} {row['recipe']:13s} {row['tokens_per_s']:8.1f} {speed:>10s} "
+        print(f"{row['variant']:11s} {row['recipe']:13s} {row['tokens_per_s']:8.1f} {speed:>10s} {tuned:>7s} "
               f"{row['peak_rss_mb']:11d} {rss:>6s} {row['val_loss']:9.4f} {loss:>6s} {f'{low:.4f}-{high:.4f}':>15s} "
               f"{share:6.2f}% {100 * row['padding_share']:6.1f}%")  # fmt: skip
 

@@ -84,6 +84,7 @@ if [ ! -x "$TOOLS/llama-quantize" ] || [ ! -x "$TOOLS/llama-imatrix" ] || [ ! -f
   mkdir -p "$tmp/out"
   cp "$tmp/build/bin/llama-imatrix" "$tmp/build/bin/llama-quantize" "$tmp/out/"
   find "$tmp/build" -name 'lib*.so*' \( -type f -o -type l \) -exec cp -L {} "$tmp/out/" \;  # every name, as files
+  ! command -v strip >/dev/null || strip --strip-unneeded "$tmp/out"/*  # as the wheel build's install step does
   rm -rf "$TOOLS" && mv "$tmp/out" "$TOOLS"
   rm -rf "$tmp"
 fi

@@ -2,10 +2,13 @@
 # Stop the local stack started by infra/stack/up.sh: workers, Hub server, Prefect server (each by its pid file,
 # with the process group it started), then PostgreSQL. `--purge` also deletes STACK_DIR (database, artifacts).
 #   make stack-down            bash infra/stack/down.sh [--purge]
+# STACK_STOP_GRACE_S (30): how long the services get, all together, to exit after SIGTERM before SIGKILL.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STACK_DIR="$(realpath -m "${STACK_DIR:-.stack}")"
 RUN="$STACK_DIR/run" PGDATA="$STACK_DIR/postgres"
+GRACE_S="${STACK_STOP_GRACE_S:-30}"
+[[ "$GRACE_S" =~ ^[0-9]+$ ]] || { echo "[stack] error: STACK_STOP_GRACE_S=$GRACE_S is not a whole number of seconds" >&2; exit 2; }
 say() { echo "[stack] $*"; }
 
 stopping=()
@@ -20,11 +23,14 @@ for name in worker-cpu worker-gpu hub s3 prefect; do  # all at once: each may ta
   fi
   rm -f "$pidfile"
 done
+# One grace for all of them together (not one each in turn), then SIGKILL to whatever is left: a Prefect worker
+# prints "stopped!" at once and can then sit in its interpreter's exit for the whole grace.
+alive() { for entry in "${stopping[@]}"; do kill -0 "${entry##*:}" 2>/dev/null && return 0; done; return 1; }
+for _ in $(seq 1 $((GRACE_S * 2))); do alive || break; sleep 0.5; done
 for entry in "${stopping[@]}"; do
   name="${entry%%:*}" pid="${entry##*:}"
-  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   if kill -0 "$pid" 2>/dev/null; then
-    say "$name did not stop in 30 s: killing it"
+    say "$name did not stop in $GRACE_S s: killing it"
     kill -KILL -- "-$pid" 2>/dev/null || true
   fi
 done

@@ -235,11 +235,12 @@ def deployed(
     _timed("deploy", timings, [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(_cpu_train(workdir))],
            cwd=ROOT, env=env)  # fmt: skip
     with contextlib.ExitStack() as stack:
+        workers = []
         for pool in ("loraforge-cpu", "loraforge-gpu"):
             log = stack.enter_context((workdir / f"worker-{pool}.log").open("w"))
-            worker = subprocess.Popen([*prefect, "worker", "start", "--pool", pool, "--type", "docker"],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-            stack.callback(stop, worker)
+            workers.append(subprocess.Popen([*prefect, "worker", "start", "--pool", pool, "--type", "docker"],
+                                            env=env, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        stack.callback(stop, *workers)
         yield env
 
 

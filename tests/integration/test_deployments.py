@@ -86,8 +86,7 @@ def workers(server: Server) -> Iterator[None]:
     try:
         yield
     finally:
-        for process in processes:
-            stop(process, grace=60)
+        stop(*processes)
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,9 @@ def stack() -> Iterator[dict[str, str]]:
         )
         yield {**env, **stack_env}
     finally:
-        down = subprocess.run(["bash", "infra/stack/down.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+        # A 5 s grace: the worker that ran the flow otherwise sits in its exit for the whole default 30 s.
+        down = subprocess.run(["bash", "infra/stack/down.sh"], cwd=ROOT, env={**env, "STACK_STOP_GRACE_S": "5"},
+                              capture_output=True, text=True)  # fmt: skip
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
         assert not any(listening(p) for p in ports.values()), "a stack service still listens after stack-down"
         shutil.rmtree(folder, ignore_errors=True)

@@ -5,6 +5,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# pytest-xdist workers for test, test-fast and test-integration (0: one process); docs/development.md has the figures
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers gpu-check k8s-templates k8s-manifest settings-doc
 
@@ -15,16 +18,16 @@ demo: setup                  ## the whole pipeline on the demo config (add ARGS=
 	$(VENV)/bin/loraforge run flows/configs/demo.yaml $(ARGS)
 
 test: setup lint typecheck   ## what CI runs: lint, types, unit, integration and container tests (gpu ones run with CUDA)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup lint typecheck  ## the same without the container tier (no podman/root needed)
-	$(PY) -m pytest -m "not containers" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not containers" $(PYTEST_ARGS)
 
 test-unit: setup             ## unit tests only (< 2 min)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test-integration: setup      ## the whole pipeline on a tiny local model, with a push to the local Hub server
-	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m integration $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks tests infra bench

@@ -315,7 +315,9 @@ def _provision_bundled(name: str) -> Path:
     if bundled.assembled:  # the package's own code joins its part packages and checks the sha256
         gguf_path = cache_dir() / "gguf" / bundled.gguf
         gguf_path.parent.mkdir(parents=True, exist_ok=True)
-        importlib.import_module(bundled.package).assemble(gguf_path)
+        partial = gguf_path.with_name(f".{gguf_path.name}.{os.getpid()}.partial")  # whole or absent, even if
+        importlib.import_module(bundled.package).assemble(partial)  # two processes assemble it at once
+        os.replace(partial, gguf_path)
     else:
         gguf_path = Path(spec.origin).parent / bundled.gguf
     record = {"name": bundled.name, "hub_id": bundled.hub_id, "license": bundled.license,
@@ -402,11 +404,13 @@ def _convert_gguf_to_hf(gguf_path: Path, target: Path, record: dict[str, Any], d
     provenance = {"source": gguf_path.name, "source_sha256": sha256_file(gguf_path), "dequantized_from_gguf": True,
                   "weights_dtype": dtype or "float32"}  # fmt: skip
     (tmp / "loraforge-provisioned.json").write_text(json.dumps({**provenance, **record}, indent=2))
-    if target.exists():
-        shutil.rmtree(tmp)
-        return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process (a parallel test worker, a second run) converted it first: keep that one
+        if not (target / "loraforge-provisioned.json").is_file():
+            raise
+        shutil.rmtree(tmp)
 
 
 def fingerprint_model(folder: Path) -> str:

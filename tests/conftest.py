@@ -23,14 +23,35 @@ os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="loraforge-hf-cach
 # The token `hf auth login` saved is a Hub token too (tasks/hubclient.py): tests never see the user's own.
 os.environ["HF_TOKEN_PATH"] = os.path.join(tempfile.mkdtemp(prefix="loraforge-hf-login-"), "token")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# `make test` runs two pytest-xdist workers side by side: each one's torch and OpenMP (and the processes it starts)
+# get one thread, since two processes with two threads each on two cores slow each other down up to 8x.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 UNIT_TIMEOUT_S, CONTAINERS_TIMEOUT_S = 300, 1800  # per test (pytest-timeout); integration: pyproject.toml's 900 s
 
 
+def _uses_module_fixtures(item: pytest.Item) -> bool:
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(defs and defs[-1].scope == "module" for defs in definitions.values())
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test gets its tier's time limit unless it sets its own; tests marked gpu run only when CUDA is present."""
+    """Each test gets its tier's time limit unless it sets its own; tests marked gpu run only when CUDA is present.
+
+    Under pytest-xdist (`--dist loadgroup`) the tests that read the session's first pipeline run go to one worker
+    (one run, not one per worker), those that drive podman (images, containers, the stack) to one worker, and
+    the tests of a module with module-scoped fixtures (servers, runs) to one worker (set up once); the others are
+    spread one by one."""
     for item in items:
+        if "first_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("first_run"))
+        elif "containers" in item.keywords or item.path.name == "test_stack.py":
+            item.add_marker(pytest.mark.xdist_group("podman"))
+        elif _uses_module_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
         if item.get_closest_marker("timeout") is not None or "integration" in item.keywords:
             continue
         limit = CONTAINERS_TIMEOUT_S if "containers" in item.keywords else UNIT_TIMEOUT_S

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,26 +34,39 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 UNIT_TIMEOUT_S, CONTAINERS_TIMEOUT_S = 300, 1800  # per test (pytest-timeout); integration: pyproject.toml's 900 s
 
 
-def _uses_module_fixtures(item: pytest.Item) -> bool:
-    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    return any(defs and defs[-1].scope == "module" for defs in definitions.values())
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test`'s two pytest-xdist workers get whole work units: every test that reads the session's first
+    pipeline run (one run, not one per worker), every test that drives podman (images, containers, the stack:
+    one build at a time), and each other module's tests together (its module-scoped servers and runs set up once).
+
+    pytest-xdist's own `--dist loadgroup` cannot do it with this pytest: it appends the group to `item._nodeid`,
+    which pytest 9 no longer reads (measured: the groups were split, the first run made twice), so the unit is
+    derived here from the test's path and its module's source."""
+    if config.getvalue("dist") != "loadgroup":  # the Makefile's; another --dist keeps pytest-xdist's own
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    return WorkUnits(config, log)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
+@functools.cache
+def _work_unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    if path.startswith("tests/containers/") or path == "tests/integration/test_stack.py":
+        return "podman"
+    if "first_run" in (ROOT / path).read_text():
+        return "first_run"
+    return path
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test gets its tier's time limit unless it sets its own; tests marked gpu run only when CUDA is present.
-
-    Under pytest-xdist (`--dist loadgroup`) the tests that read the session's first pipeline run go to one worker
-    (one run, not one per worker), those that drive podman (images, containers, the stack) to one worker, and
-    the tests of a module with module-scoped fixtures (servers, runs) to one worker (set up once); the others are
-    spread one by one."""
+    """Each test gets its tier's time limit unless it sets its own; tests marked gpu run only when CUDA is present."""
     for item in items:
-        if "first_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("first_run"))
-        elif "containers" in item.keywords or item.path.name == "test_stack.py":
-            item.add_marker(pytest.mark.xdist_group("podman"))
-        elif _uses_module_fixtures(item):
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
         if item.get_closest_marker("timeout") is not None or "integration" in item.keywords:
             continue
         limit = CONTAINERS_TIMEOUT_S if "containers" in item.keywords else UNIT_TIMEOUT_S

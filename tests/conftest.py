@@ -38,7 +38,8 @@ UNIT_TIMEOUT_S, CONTAINERS_TIMEOUT_S = 300, 1800  # per test (pytest-timeout); i
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`make test`'s two pytest-xdist workers get whole work units: every test that reads the session's first
     pipeline run (one run, not one per worker), every test that drives podman (images, containers, the stack:
-    one build at a time), and each other module's tests together (its module-scoped servers and runs set up once).
+        one build at a time), the tests of a module with module-scoped fixtures together (its servers and runs set
+    up once), and every other test on its own.
 
     pytest-xdist's own `--dist loadgroup` cannot do it with this pytest: it appends the group to `item._nodeid`,
     which pytest 9 no longer reads (measured: the groups were split, the first run made twice), so the unit is
@@ -59,9 +60,10 @@ def _work_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     if path.startswith("tests/containers/") or path == "tests/integration/test_stack.py":
         return "podman"
-    if "first_run" in (ROOT / path).read_text():
+    source = (ROOT / path).read_text()
+    if "first_run" in source:
         return "first_run"
-    return path
+    return path if 'scope="module"' in source else nodeid  # the rest one by one: the long ones start early
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

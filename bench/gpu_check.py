@@ -348,12 +348,13 @@ def _multi_gpu(gpus: int, deadline: float) -> dict[str, Any]:
     if gpus < 2:
         return {"status": "skipped", "reason": f"{gpus} GPU(s): train.processes=N needs 2 or more"}
     runs = {}
-    for processes in (gpus, 1):  # the same global batch: gpus micro-batches per step in both runs
-        job = {"processes": processes, "grad_accum": gpus,
-               "models": str(Path(tempfile.gettempdir()) / "loraforge-bench-models"),
-               "store": tempfile.mkdtemp(prefix=f"loraforge-gpu-check-p{processes}-")}  # fmt: skip
-        runs[f"processes={processes}"] = _run_child(["--train-stage", json.dumps(job)],
-                                                    min(120.0, deadline - time.monotonic()))  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="loraforge-gpu-check-") as scratch:  # the runs' stores, removed after
+        for processes in (gpus, 1):  # the same global batch: gpus micro-batches per step in both runs
+            job = {"processes": processes, "grad_accum": gpus,
+                   "models": str(Path(tempfile.gettempdir()) / "loraforge-bench-models"),
+                   "store": str(Path(scratch) / f"store-p{processes}")}  # fmt: skip
+            runs[f"processes={processes}"] = _run_child(["--train-stage", json.dumps(job)],
+                                                        min(120.0, deadline - time.monotonic()))  # fmt: skip
     return {"status": "ok", "runs": runs}
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -14,16 +16,36 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-# Prefect's temporary server keeps its database under PREFECT_HOME: one fresh home per test session.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="loraforge-prefect-"))
+
+def _session_dir(name: str) -> str:
+    """A folder for this test process under one scratch root, which is removed when the process exits."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.mkdtemp(prefix="loraforge-tests-"))
+        atexit.register(_remove_scratch, _SCRATCH[0], os.getpid())
+    path = os.path.join(_SCRATCH[0], name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _remove_scratch(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked child that exits through Python
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_SCRATCH: list[str] = []
+# Prefect's temporary server keeps its database under PREFECT_HOME: one fresh home per test session (pytest-xdist's
+# workers inherit the controller's).
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = _session_dir("prefect")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 # Downloads from the test Hub server go to a per-session cache, never the user's ~/.cache/huggingface.
-os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="loraforge-hf-cache-"))
+if "HF_HUB_CACHE" not in os.environ:
+    os.environ["HF_HUB_CACHE"] = _session_dir("hf-cache")
 # The token `hf auth login` saved is a Hub token too (tasks/hubclient.py): tests never see the user's own.
-os.environ["HF_TOKEN_PATH"] = os.path.join(tempfile.mkdtemp(prefix="loraforge-hf-login-"), "token")
+os.environ["HF_TOKEN_PATH"] = os.path.join(_session_dir("hf-login"), "token")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # `make test` runs two pytest-xdist workers side by side: each one's torch and OpenMP (and the processes it starts)
 # get one thread, since two processes with two threads each on two cores slow each other down up to 8x.

@@ -126,7 +126,9 @@ def labelled_token_losses(
 
     targets = labels[:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **extra).logits
+    # use_cache=False: no key/value cache for a single forward (transformers builds one by default)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False,
+                   **extra).logits  # fmt: skip
     targets = targets[:, keep]
     losses = torch.nn.functional.cross_entropy(
         logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none"

@@ -375,7 +375,7 @@ def _logits(model: Any, ids: Any, mask: Any, precision: str = "fp32") -> Any:
 
     device = model_device(model)  # bitsandbytes places a QLoRA base on CUDA when there is one
     with autocast(precision, str(device)):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
     return logits[mask.to(device).bool()].float().cpu()
 
 

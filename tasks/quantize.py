@@ -882,7 +882,7 @@ def _hf_reference(
     files = []
     with torch.no_grad():
         for index, row in enumerate(fidelity_rows):
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].float()
+            logits = model(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0].float()
             files.append(logprobs / f"{index}.pt")
             torch.save(torch.log_softmax(logits, dim=-1), files[-1])
             del logits

@@ -152,6 +152,15 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, then huggingface.co)")
     pull.add_argument("--max-new-tokens", type=int, default=32)
     pull.set_defaults(handler=_pull)
+    serve = sub.add_parser("serve", help="serve published adapters on one base: an OpenAI-compatible HTTP API")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=ORG/REPO[@REVISION]",
+                       help="an adapter to serve under NAME (repeatable; `model` in a request picks it)")  # fmt: skip
+    serve.add_argument("--base", help="the base model (default: the one the first adapter was trained on)")
+    serve.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, then huggingface.co)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-batch", type=int, default=8, help="most requests answered in one batch (default 8)")
+    serve.set_defaults(handler=_serve)
     imported = sub.add_parser("import-config", help="convert an Axolotl config to a loraforge config (stdout)")
     imported.add_argument("file", metavar="AXOLOTL.yaml", help="the Axolotl config to convert (docs/axolotl.md)")
     imported.set_defaults(handler=_import_config)
@@ -220,6 +229,31 @@ def _pull(args: argparse.Namespace) -> int:
         print(f"== {item.repo_id}@{item.commit[:12]} ({'gguf ' + args.gguf if args.gguf else 'adapter'})")
         for prompt, answer in zip(args.prompt, item.answers, strict=True):
             print(f"> {prompt}\n{answer}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loraforge.tasks.serve import create_app, open_library
+
+    specs, problems = {}, []
+    for item in args.adapter:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            problems.append(f"--adapter {item!r}: write NAME=ORG/REPO[@REVISION], e.g. router=acme/router-lora@v1")
+        elif name in specs:
+            problems.append(f"--adapter {item!r}: the name {name!r} is given twice")
+        specs[name] = spec
+    if args.max_batch < 1:
+        problems.append(f"--max-batch {args.max_batch}: give 1 or more")
+    if problems:
+        raise LoraforgeError("serve: " + "; ".join(problems))
+    import uvicorn
+
+    library = open_library(specs, args.base, args.endpoint, args.max_batch)
+    token = os.environ.get("LORAFORGE_ADMIN_TOKEN") or None
+    print(f"[serve] {len(library.adapters)} adapter(s) on {library.base_path}; http://{args.host}:{args.port}/v1 "
+          f"(adapter management {'on' if token else 'off: set LORAFORGE_ADMIN_TOKEN'})")  # fmt: skip
+    uvicorn.run(create_app(library, token), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -160,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--max-batch", type=int, default=8, help="most requests answered in one batch (default 8)")
+    serve.add_argument("--gguf", choices=["f16"], help="serve with llama.cpp: the base as an f16 GGUF (converted once, "
+                       "cached), each adapter's published GGUF LoRA applied per request")  # fmt: skip
     serve.set_defaults(handler=_serve)
     imported = sub.add_parser("import-config", help="convert an Axolotl config to a loraforge config (stdout)")
     imported.add_argument("file", metavar="AXOLOTL.yaml", help="the Axolotl config to convert (docs/axolotl.md)")
@@ -249,7 +251,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise LoraforgeError("serve: " + "; ".join(problems))
     import uvicorn
 
-    library = open_library(specs, args.base, args.endpoint, args.max_batch)
+    library = open_library(specs, args.base, args.endpoint, args.max_batch, gguf=bool(args.gguf))
     token = os.environ.get("LORAFORGE_ADMIN_TOKEN") or None
     print(f"[serve] {len(library.adapters)} adapter(s) on {library.base_path}; http://{args.host}:{args.port}/v1 "
           f"(adapter management {'on' if token else 'off: set LORAFORGE_ADMIN_TOKEN'})")  # fmt: skip

@@ -95,12 +95,14 @@ def pull(
     return pulled
 
 
-def _download(spec: str, endpoint: str, gguf: str | None) -> Pulled:
+def _download(spec: str, endpoint: str, gguf: str | None, extra: tuple[str, ...] = ()) -> Pulled:
+    """Download one repo's files (the adapter's, or with `gguf` that type's GGUF; `extra`: more patterns) and verify
+    them against its lineage."""
     from huggingface_hub import HfApi, snapshot_download
 
     repo_id, _, revision = spec.partition("@")
     token = hub_token(endpoint=endpoint)
-    patterns = ["README.md", LINEAGE_FILE] + (["gguf/*.gguf"] if gguf else ADAPTER_FILES)
+    patterns = ["README.md", LINEAGE_FILE] + (["gguf/*.gguf"] if gguf else ADAPTER_FILES) + list(extra)
     try:
         info = with_retries(lambda: HfApi(endpoint=endpoint, token=token or False).model_info(
             repo_id, revision=revision or None), f"pull {spec} from {endpoint}")  # fmt: skip

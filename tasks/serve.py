@@ -21,6 +21,7 @@ by default (temperature 0: the answers the adapter was gated on); each adapter s
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import re
 import threading
@@ -81,16 +82,15 @@ class Request:
 
 
 class Library:
-    """The base model, the adapters loaded onto it, and the worker thread that answers queued requests in batches."""
+    """The served base, the adapters loaded onto it (through an engine: `PeftEngine` or `GgufEngine`), and the
+    worker thread that answers queued requests in batches."""
 
-    def __init__(self, base_path: Path, endpoint: str | None, max_batch: int = 8, window_s: float = 0.01) -> None:
-        from loraforge.tasks.models import load_causal_lm, load_tokenizer
-
-        self.base_path, self.endpoint, self.max_batch, self.window_s = base_path, endpoint, max_batch, window_s
-        self.model: Any = load_causal_lm(base_path)
-        self.tokenizer = load_tokenizer(base_path)
+    def __init__(self, engine: Any, endpoint: str | None, max_batch: int = 8, window_s: float = 0.01) -> None:
+        self.engine, self.endpoint, self.max_batch, self.window_s = engine, endpoint, max_batch, window_s
+        self.base_path: Path = engine.base_path
+        self.tokenizer = engine.tokenizer
         self.adapters: dict[str, Adapter] = {}
-        self.lock = threading.Lock()  # the model: generate, load_adapter, delete_adapter
+        self.lock = threading.Lock()  # the engine: generate, load, unload
         self.queue: queue.Queue[Request | None] = queue.Queue()
         self.waiting: deque[Request] = deque()  # taken from the queue, not yet batched (another batch key)
         self.batches = self.largest_batch = 0  # answered so far (/health)
@@ -105,20 +105,21 @@ class Library:
 
     def add(self, name: str, spec: str) -> Adapter:
         """Pull, verify and load one adapter under `name` (a StageError says why not)."""
+        from loraforge.tasks.hubclient import hub_endpoint
         from loraforge.tasks.pull import _download, _resolve_base
 
         if not re.fullmatch(ADAPTER_NAME, name) or name == BASE:
             raise StageError(f"adapter name {name!r}: use {ADAPTER_NAME_RULE}, other than {BASE!r}")
         if name in self.adapters:
             raise StageError(f"adapter {name!r} is already served ({self.adapters[name].pulled.spec}); remove it first")
-        pulled = _download(spec, self._endpoint(), None)
+        pulled = _download(spec, hub_endpoint(self.endpoint), None, extra=self.engine.files)
         trained_on = _resolve_base([pulled], None)
         if trained_on.resolve() != self.base_path.resolve():
             raise StageError(f"adapter {name!r} ({spec}) was trained on {trained_on}, not on the served base "
                              f"{self.base_path}; serve it from a server on that base")  # fmt: skip
         adapter = _adapter(name, pulled, self.tokenizer)
         with self.lock:
-            self._load(name, pulled.folder)
+            self.engine.load(name, pulled)
             self.adapters[name] = adapter
         print(f"[serve] adapter {name}: {pulled.repo_id}@{pulled.commit[:12]}")
         return adapter
@@ -128,51 +129,35 @@ class Library:
             raise KeyError(name)
         with self.lock:
             del self.adapters[name]
-            if self.adapters:
-                self.model.delete_adapter(name)
-            else:  # peft keeps one adapter at least: back to the plain base
-                self.model = self.model.unload()
+            self.engine.unload(name, last=not self.adapters)
         print(f"[serve] adapter {name} removed")
 
     def submit(self, request: Request) -> None:
         self.queue.put(request)
-
-    def _endpoint(self) -> str:
-        from loraforge.tasks.hubclient import hub_endpoint
-
-        return hub_endpoint(self.endpoint)
-
-    def _load(self, name: str, folder: Path) -> None:
-        from peft import PeftModel
-
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(folder, adapter_name=name)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name)
-        self.model.eval()
 
     def _serve_forever(self) -> None:
         while (batch := self._next_batch()) is not None:
             self.batches, self.largest_batch = self.batches + 1, max(self.largest_batch, len(batch))
             try:
                 with self.lock:
-                    self._generate(batch)
+                    self.engine.generate(batch, bool(self.adapters))
             except Exception as exc:  # one batch failing must not stop the server: each request hears why
                 for request in batch:
                     request.send("error", f"{type(exc).__name__}: {exc}")
 
     def _next_batch(self) -> list[Request] | None:
-        """The oldest request and whatever else is waiting (up to max_batch, same batch key), after a short
-        window for requests arriving together."""
+        """The oldest request and whatever else is waiting (up to the engine's batch size, same batch key), after
+        a short window for requests arriving together."""
         first = self.waiting.popleft() if self.waiting else self.queue.get()
         if first is None:
             return None
+        size = min(self.max_batch, self.engine.max_batch)
         batch, deadline = [first], time.monotonic() + self.window_s
         for request in list(self.waiting):
-            if len(batch) < self.max_batch and request.batch_key() == first.batch_key():
+            if len(batch) < size and request.batch_key() == first.batch_key():
                 self.waiting.remove(request)
                 batch.append(request)
-        while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+        while len(batch) < size and (left := deadline - time.monotonic()) > 0:
             try:
                 arrived = self.queue.get(timeout=left)
             except queue.Empty:
@@ -183,7 +168,38 @@ class Library:
             (batch if arrived.batch_key() == first.batch_key() else self.waiting).append(arrived)
         return batch
 
-    def _generate(self, batch: list[Request]) -> None:
+
+class PeftEngine:
+    """transformers + peft: the adapters on one base in memory; a batch whose rows name different adapters (or the
+    base) is one generate call, each row through its own adapter (peft's `adapter_names`)."""
+
+    files: tuple[str, ...] = ()  # what it needs from a repo beyond the adapter's own files
+    max_batch = 1 << 16
+
+    def __init__(self, base_path: Path) -> None:
+        from loraforge.tasks.models import load_causal_lm, load_tokenizer
+
+        self.base_path = base_path
+        self.model: Any = load_causal_lm(base_path)
+        self.tokenizer = load_tokenizer(base_path)
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+
+    def load(self, name: str, pulled: Pulled) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(pulled.folder, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, pulled.folder, adapter_name=name)
+        self.model.eval()
+
+    def unload(self, name: str, last: bool) -> None:
+        if last:  # peft keeps one adapter at least: back to the plain base
+            self.model = self.model.unload()
+        else:
+            self.model.delete_adapter(name)
+
+    def generate(self, batch: list[Request], adapters: bool) -> None:
         import torch
         from transformers import StoppingCriteriaList
 
@@ -200,13 +216,94 @@ class Library:
             if first.temperature > 0 else {"do_sample": False}  # fmt: skip
         if sampling["do_sample"] and first.seed is not None:
             torch.manual_seed(first.seed)
-        extra = {"adapter_names": [r.model if r.model != BASE else "__base__" for r in batch]} if self.adapters else {}
+        extra = {"adapter_names": [r.model if r.model != BASE else "__base__" for r in batch]} if adapters else {}
         with torch.no_grad():
             self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer,
                                 max_new_tokens=max(r.max_tokens for r in batch), pad_token_id=pad,
                                 eos_token_id=sorted(first.stop_ids), stopping_criteria=StoppingCriteriaList([streamer]),
                                 **sampling, **extra)  # fmt: skip
         streamer.end()
+
+
+class GgufEngine:
+    """llama.cpp through llama-cpp-python: the base as an f16 GGUF (converted once per base, cached) and each
+    adapter's published GGUF LoRA (`quantize.types` with lora_f16), applied per request (`llama_set_adapters_lora`)
+    on one model in memory. llama.cpp cannot give rows of one batch different adapters: requests run one at a
+    time, each from an empty KV cache (a cached prefix made with another adapter would be wrong)."""
+
+    files = ("gguf/*-LoRA.gguf",)
+    max_batch = 1
+
+    def __init__(self, base_path: Path, threads: int | None = None) -> None:
+        import llama_cpp
+
+        from loraforge.tasks.models import load_tokenizer
+
+        self.base_path = base_path
+        self.tokenizer = load_tokenizer(base_path)
+        self.gguf = base_gguf(base_path)
+        threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1  # as torch's
+        self.llm = llama_cpp.Llama(model_path=str(self.gguf), n_ctx=2048, n_threads=threads, verbose=False)
+        self.max_positions = self.llm.n_ctx()
+        self.loras: dict[str, Any] = {}
+
+    def load(self, name: str, pulled: Pulled) -> None:
+        import llama_cpp
+
+        files = sorted((pulled.folder / "gguf").glob("*-LoRA.gguf"))
+        if not files:
+            raise StageError(f"{pulled.spec}: no GGUF LoRA published (gguf/*-LoRA.gguf); the GGUF backend needs one: "
+                             "publish with quantize.types including lora_f16, or serve without --gguf")  # fmt: skip
+        lora = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(files[0]).encode())
+        if not lora:
+            raise StageError(f"{pulled.spec}: llama.cpp cannot apply {files[0].name} to {self.gguf.name}")
+        self.loras[name] = lora
+
+    def unload(self, name: str, last: bool) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+        llama_cpp.llama_adapter_lora_free(self.loras.pop(name))
+
+    def generate(self, batch: list[Request], adapters: bool) -> None:
+        import ctypes
+
+        import llama_cpp
+
+        for request in batch:
+            chosen = [self.loras[request.model]] if request.model in self.loras else []
+            array = (llama_cpp.llama_adapter_lora_p_ctypes * len(chosen))(*chosen) if chosen else None
+            scales = (ctypes.c_float * len(chosen))(*[1.0] * len(chosen)) if chosen else None
+            if llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, array, len(chosen), scales):
+                raise RuntimeError(f"llama.cpp refused the adapter of {request.model!r}")
+            self.llm.reset()  # the KV cache was made with another adapter (or none)
+            streamer = RowStreamer([request])
+            if request.temperature > 0 and request.seed is not None:
+                self.llm.set_seed(request.seed)
+            tokens = self.llm.generate(request.prompt_ids, temp=request.temperature, top_p=request.top_p, top_k=0,
+                                       min_p=0.0, repeat_penalty=1.0, reset=True)  # fmt: skip
+            for token in tokens:
+                streamer.step([int(token)])
+                if streamer.all_done():
+                    break
+            streamer.end()
+
+
+def base_gguf(base_path: Path) -> Path:
+    """The base model as an f16 GGUF, converted once per base (by content) with the pinned llama.cpp's converter
+    and kept in the loraforge cache; written whole (a temporary name, then renamed)."""
+    import llama_cpp
+
+    from loraforge.tasks.models import cache_dir, fingerprint_model
+    from loraforge.tasks.quantize import _convert, _converter_dir
+
+    target = cache_dir() / "serve" / f"{fingerprint_model(base_path)[:16]}-llama.cpp-{llama_cpp.__version__}-F16.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        _convert(_converter_dir(llama_cpp.__version__), base_path, partial, "f16", base_path.name, timeout=3600)
+        os.replace(partial, target)
+    return target
 
 
 class RowStreamer:
@@ -225,7 +322,11 @@ class RowStreamer:
         if not self.prompt_seen:  # generate's first put is the prompt
             self.prompt_seen = True
             return
-        for row, token in enumerate(value.reshape(len(self.batch), -1)[:, -1].tolist()):
+        self.step(value.reshape(len(self.batch), -1)[:, -1].tolist())
+
+    def step(self, tokens: list[int]) -> None:
+        """One new token per row."""
+        for row, token in enumerate(tokens):
             request = self.batch[row]
             if self.done[row] is not None:
                 continue
@@ -240,6 +341,9 @@ class RowStreamer:
             if len(self.tokens[row]) >= request.max_tokens:
                 self._finish(row, "length")
 
+    def all_done(self) -> bool:
+        return all(d is not None for d in self.done)
+
     def end(self) -> None:
         for row in range(len(self.batch)):
             if self.done[row] is None:
@@ -248,7 +352,7 @@ class RowStreamer:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        return torch.full((input_ids.shape[0],), all(d is not None for d in self.done), device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.all_done(), device=input_ids.device)
 
     def _finish(self, row: int, reason: str) -> None:
         request = self.batch[row]
@@ -274,8 +378,11 @@ def _adapter(name: str, pulled: Pulled, base_tokenizer: Any) -> Adapter:
                    data.get("system_prompt"))  # fmt: skip
 
 
-def open_library(specs: dict[str, str], base_model: str | None, endpoint: str | None, max_batch: int) -> Library:
-    """The base (given, or the one the first adapter was trained on) with every adapter of `specs` loaded."""
+def open_library(
+    specs: dict[str, str], base_model: str | None, endpoint: str | None, max_batch: int, gguf: bool = False
+) -> Library:
+    """The base (given, or the one the first adapter was trained on) with every adapter of `specs` loaded, on the
+    peft engine or (gguf) the llama.cpp one."""
     from loraforge.tasks.hubclient import hub_endpoint
     from loraforge.tasks.models import resolve_base_model
     from loraforge.tasks.pull import _download, _resolve_base
@@ -287,7 +394,7 @@ def open_library(specs: dict[str, str], base_model: str | None, endpoint: str | 
     else:
         raise StageError("serve: no adapter and no --base: name at least one --adapter NAME=ORG/REPO@TAG, or the "
                          "base model to serve with --base")  # fmt: skip
-    library = Library(base, endpoint, max_batch)
+    library = Library(GgufEngine(base) if gguf else PeftEngine(base), endpoint, max_batch)
     for name, spec in specs.items():
         library.add(name, spec)
     return library
@@ -489,7 +596,7 @@ class _Routes:
     async def _answer(self, body: Any, ids: list[int], tokenizer: Any, stops: frozenset[int], chat: bool) -> Any:
         from fastapi.responses import StreamingResponse
 
-        limit = getattr(self.library.model.config, "max_position_embeddings", None)
+        limit = self.library.engine.max_positions
         if limit and len(ids) + body.max_tokens > limit:
             raise ApiError(400, f"max_tokens: the prompt's {len(ids)} tokens + max_tokens {body.max_tokens} exceed "
                                 f"the model's {limit} positions; shorten the prompt or lower max_tokens")  # fmt: skip

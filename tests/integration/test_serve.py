@@ -2,7 +2,8 @@
 OpenAI-compatible API. The served greedy answers equal `pull`'s; concurrent requests naming different adapters
 (and the base) are answered in shared batches and get the answers they get alone; streaming sends the same text;
 bad requests are 4xx with a message naming the field; adapters are added and removed at run time with the admin
-token; SIGTERM stops the server cleanly."""
+token; SIGTERM stops the server cleanly. The llama.cpp backend (`--gguf f16`) applies each adapter's published
+GGUF LoRA per request on one GGUF base."""
 
 from __future__ import annotations
 
@@ -39,17 +40,29 @@ def published(first_run: dict, tiny_model: Path, workdir: Path, hub: str) -> dic
 
 @pytest.fixture(scope="module")
 def server(published: dict[str, str], hub: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from _serve(published, hub, tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def gguf_server(
+    published: dict[str, str], hub: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    yield from _serve(published, hub, tmp_path_factory.mktemp("serve-gguf"), "--gguf", "f16")
+
+
+def _serve(published: dict[str, str], hub: str, folder: Path, *options: str) -> Iterator[dict[str, Any]]:
+    """`loraforge serve` with the published adapters, in its own process, until the test module ends."""
     from hub import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "loraforge.flows.cli", "serve", "--endpoint", hub, "--port", str(port),
+    cmd = [sys.executable, "-m", "loraforge.flows.cli", "serve", "--endpoint", hub, "--port", str(port), *options,
            *[arg for name, spec in published.items() for arg in ("--adapter", f"{name}={spec}")]]  # fmt: skip
     env = {**os.environ, "HF_TOKEN": TOKEN, "LORAFORGE_ADMIN_TOKEN": ADMIN, "OMP_NUM_THREADS": "1"}
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log_path = folder / "serve.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while True:
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=2)
@@ -166,6 +179,46 @@ def test_adapters_are_added_and_removed_at_run_time_with_the_admin_token(
     status, _ = _call(server, "POST", "/v1/chat/completions",
                       {"model": "again", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
     assert status == 404
+
+
+def test_gguf_backend_applies_each_adapters_gguf_lora_per_request(
+    gguf_server: dict[str, Any], published: dict[str, str], hub: str, tiny_model: Path
+) -> None:
+    """llama.cpp: the base as an f16 GGUF, each adapter's published GGUF LoRA switched per request. Each answer
+    equals llama.cpp's own, with that LoRA applied when the model is loaded; concurrent requests naming different
+    adapters and the base get the answers they get alone."""
+    import llama_cpp
+
+    from loraforge.tasks.hubclient import hub_endpoint
+    from loraforge.tasks.models import load_tokenizer
+    from loraforge.tasks.pull import _download
+    from loraforge.tasks.serve import base_gguf
+
+    alone = {name: [_chat(gguf_server, name, p) for p in PROMPTS] for name in ("router", "seed7", "base")}
+    assert alone["router"] != alone["seed7"]
+    for name, spec in published.items():
+        pulled = _download(spec, hub_endpoint(hub), None, extra=("gguf/*-LoRA.gguf",))
+        lora = next((pulled.folder / "gguf").glob("*-LoRA.gguf"))
+        tokenizer = load_tokenizer(pulled.folder)
+        llm = llama_cpp.Llama(model_path=str(base_gguf(tiny_model)), lora_path=str(lora), n_ctx=512, verbose=False)
+        try:
+            for prompt, served in zip(PROMPTS, alone[name], strict=True):
+                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                     add_generation_prompt=True)  # fmt: skip
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                made = []
+                for token in llm.generate(ids, temp=0.0, top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True):
+                    if token == tokenizer.eos_token_id or len(made) == TOKENS:
+                        break
+                    made.append(int(token))
+                assert tokenizer.decode(made, skip_special_tokens=True).strip() == served
+        finally:
+            llm.close()
+
+    jobs = [(name, prompt) for _ in range(2) for name in ("router", "seed7", "base") for prompt in PROMPTS]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: _chat(gguf_server, *job), jobs))
+    assert together == [alone[name][PROMPTS.index(prompt)] for name, prompt in jobs]
 
 
 def test_sigterm_stops_the_server_cleanly(server: dict[str, Any]) -> None:

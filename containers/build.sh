@@ -4,6 +4,7 @@
 #   containers/build.sh                  the base and every stage image (data train eval merge quantize publish)
 #   containers/build.sh train publish    only these (and the base they start from)
 #   containers/build.sh train-cuda       the GPU train image: PyPI's CUDA torch, pins from constraints-cuda.txt
+#   containers/build.sh serve            `loraforge serve` (docs/serve.md): peft and llama.cpp backends
 #   make images                          the same as the first line (IMAGES="train-cuda" for the GPU image)
 #
 # Images: localhost/loraforge-{base-deps,base,data,train,eval,merge,quantize,publish}, each tagged with the git
@@ -34,7 +35,7 @@ LLAMA_CPP_VERSION=0.3.36
 TORCH_VERSION=2.13.0
 DEBIAN_IMAGE=localhost/loraforge-debian:bookworm
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-EXTRA_IMAGES=(train-cuda) # built only when named: several GB of CUDA wheels
+EXTRA_IMAGES=(train-cuda serve) # built only when named: several GB of CUDA wheels; the adapter server (not a stage)
 PODMAN=(containers/podman.sh)
 VENV_PY="${LORAFORGE_VENV:-.venv}/bin/python"
 mapfile -t ALL_STAGES < <("$VENV_PY" -m loraforge.tasks.registry) # one image per runnable stage (tasks/registry.py)

@@ -111,7 +111,7 @@ def _start(cmd: list[str], probe: str, threads: int, timeout: float = 300) -> di
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HF_TOKEN": TOKEN, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "HF_TOKEN": TOKEN, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
                                env=env)  # fmt: skip

@@ -21,6 +21,7 @@ by default (temperature 0: the answers the adapter was gated on); each adapter s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import re
@@ -216,8 +217,16 @@ class PeftEngine:
             if first.temperature > 0 else {"do_sample": False}  # fmt: skip
         if sampling["do_sample"] and first.seed is not None:
             torch.manual_seed(first.seed)
-        extra = {"adapter_names": [r.model if r.model != BASE else "__base__" for r in batch]} if adapters else {}
-        with torch.no_grad():
+        names = {r.model for r in batch}
+        extra: dict[str, Any] = {}
+        scope: Any = contextlib.nullcontext()
+        if adapters and names == {BASE}:  # the base alone: the adapters' layers off
+            scope = self.model.disable_adapter()
+        elif adapters and len(names) == 1:  # one adapter: its own forward, no per-row selection
+            self.model.set_adapter(names.pop())
+        elif adapters:  # rows of different adapters (or the base) in one forward
+            extra = {"adapter_names": [r.model if r.model != BASE else "__base__" for r in batch]}
+        with torch.no_grad(), scope:
             self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer,
                                 max_new_tokens=max(r.max_tokens for r in batch), pad_token_id=pad,
                                 eos_token_id=sorted(first.stop_ids), stopping_criteria=StoppingCriteriaList([streamer]),
@@ -410,8 +419,6 @@ def new_id(prefix: str) -> str:
 def create_app(library: Library, admin_token: str | None) -> Any:
     """The OpenAI-compatible FastAPI app over `library`. A bad request is a 4xx whose message names the field and
     the fix (all problems at once); an unexpected failure is a 500 that says so, never a traceback."""
-    import contextlib
-
     from fastapi import FastAPI, Header
     from fastapi import Request as HttpRequest
     from fastapi.exceptions import RequestValidationError

@@ -887,6 +887,7 @@ def trainable_model(
     import torch
     from peft import get_peft_model
 
+    from loraforge.tasks.lora_dropout import use_fast_lora_dropout
     from loraforge.tasks.models import load_base_as_trained
 
     settings = {**config.model_dump(), "precision": precision, "compute_dtype": compute_dtype(config, precision)}
@@ -903,6 +904,8 @@ def trainable_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(config, targets))
+    if str(device).startswith("cpu"):  # torch's CPU dropout masks cost more than the adapters' matmuls
+        use_fast_lora_dropout(model)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

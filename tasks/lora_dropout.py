@@ -53,12 +53,12 @@ def _module_class() -> Any:
         def forward(ctx: Any, x: Any, keep: Any, scale: float) -> Any:
             ctx.save_for_backward(keep)
             ctx.scale = scale
-            return x.mul(keep).mul_(scale)
+            return torch.where(keep, x, 0).mul_(scale)  # where, not mul: no float copy of the mask
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> tuple[Any, None, None]:
             (keep,) = ctx.saved_tensors
-            return grad.mul(keep).mul_(ctx.scale), None, None
+            return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
 
     class LoraDropout(torch.nn.Module):
         def __init__(self, p: float) -> None:

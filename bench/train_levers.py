@@ -160,7 +160,8 @@ def _measure(variant: str, base: Path, rows: list[dict[str, Any]], args: argpars
     before = step_s["kv-cache"] + loop_s  # the stage's step before it turned the cache off
     levers = {"use_cache=False (against the default)": (step_s["kv-cache"] - step_s["stage"]) / before}
     levers["LoRA dropout masks from 16-bit draws (against nn.Dropout)"] = (
-        step_s["torch-dropout"] - step_s["stage"]) / (step_s["torch-dropout"] + loop_s)
+        step_s["torch-dropout"] - step_s["stage"]
+    ) / (step_s["torch-dropout"] + loop_s)
     if "compile" in step_s:
         levers["torch.compile of the decoder layers"] = (step_s["stage"] - step_s["compile"]) / whole
     for name in ("foreach", "fused"):

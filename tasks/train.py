@@ -90,7 +90,13 @@ class TrainConfig(BaseModel):
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Dropout on the LoRA input (a mask per adapted module; on CPU drawn 16 bits at a time, so p "
+        "is rounded to 1/65536).",
+    )
     target_modules: list[str] | Preset = Field(
         "attention+mlp",
         description="Linear layers that get adapters: a list of names (checked against the model's own) or a "
@@ -883,7 +889,9 @@ def trainable_model(
 ) -> tuple[Any, list[str]]:
     """The base model loaded as configured (in the training precision's dtype, or 4-bit/8-bit through
     bitsandbytes) with LoRA adapters attached and only they (and `modules_to_save`) trainable, kept in fp32
-    whatever the base's dtype (so are their optimizer states); also the resolved target module names."""
+    whatever the base's dtype (so are their optimizer states); also the resolved target module names. On CPU
+    the adapters' dropout draws its masks 16 bits at a time (`tasks.lora_dropout`: the same dropout, p to
+    1/65536, a seventh of torch's cost)."""
     import torch
     from peft import get_peft_model
 

@@ -4,9 +4,6 @@
   stage before it passed `use_cache=False`), against the stage's forward;
 - **compile**: the stage's forward with every decoder layer `torch.compile`d (inductor, dynamic shapes), its
   compile time apart;
-- **LoRA dropout**: the stage's dropout masks (`tasks/lora_dropout.py`: 16-bit draws, four per 64-bit random
-  word) against peft's `nn.Dropout` (one draw per element); the losses differ here by construction (other masks),
-  the final loss over seeds is compared in bench/train_throughput.py;
 - **AdamW**: torch's for-loop AdamW (what the stage gets: torch picks it for CPU tensors) against its foreach and
   fused implementations, from the same weights, gradients and state.
 
@@ -98,19 +95,6 @@ class _WithCache:
         return self.model(**{**inputs, "use_cache": True})
 
 
-def _with_torch_dropout(model: Any) -> Any:
-    """The model with peft's own LoRA dropout (torch's `nn.Dropout`) put back where the stage swaps in its own."""
-    import torch
-
-    for module in model.modules():
-        table = getattr(module, "lora_dropout", None)
-        if isinstance(table, torch.nn.ModuleDict):
-            for name, dropout in list(table.items()):
-                if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
-                    table[name] = torch.nn.Dropout(dropout.p)
-    return model.train()
-
-
 def _measure(variant: str, base: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -123,9 +107,6 @@ def _measure(variant: str, base: Path, rows: list[dict[str, Any]], args: argpars
     model.train()
     pad = int(model.config.pad_token_id or model.config.eos_token_id or 0)
     forwards: dict[str, Any] = {"stage": model, "kv-cache": _WithCache(model)}
-    torch.manual_seed(0)
-    with_torch_dropout, _ = trainable_model(config, base, "cpu")  # the same weights (same seed)
-    forwards["torch-dropout"] = _with_torch_dropout(with_torch_dropout)
     compile_s = None
     if not args.no_compile:
         torch.manual_seed(0)
@@ -159,9 +140,6 @@ def _measure(variant: str, base: Path, rows: list[dict[str, Any]], args: argpars
     whole = step_s["stage"] + loop_s  # the stage's step: its forward+backward and its (for-loop) AdamW
     before = step_s["kv-cache"] + loop_s  # the stage's step before it turned the cache off
     levers = {"use_cache=False (against the default)": (step_s["kv-cache"] - step_s["stage"]) / before}
-    levers["LoRA dropout masks from 16-bit draws (against nn.Dropout)"] = (
-        step_s["torch-dropout"] - step_s["stage"]
-    ) / (step_s["torch-dropout"] + loop_s)
     if "compile" in step_s:
         levers["torch.compile of the decoder layers"] = (step_s["stage"] - step_s["compile"]) / whole
     for name in ("foreach", "fused"):

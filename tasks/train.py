@@ -90,13 +90,7 @@ class TrainConfig(BaseModel):
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = Field(
-        0.05,
-        ge=0,
-        lt=1,
-        description="Dropout on the LoRA input (a mask per adapted module; on CPU drawn 16 bits at a time, so p "
-        "is rounded to 1/65536).",
-    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Preset = Field(
         "attention+mlp",
         description="Linear layers that get adapters: a list of names (checked against the model's own) or a "
@@ -889,13 +883,10 @@ def trainable_model(
 ) -> tuple[Any, list[str]]:
     """The base model loaded as configured (in the training precision's dtype, or 4-bit/8-bit through
     bitsandbytes) with LoRA adapters attached and only they (and `modules_to_save`) trainable, kept in fp32
-    whatever the base's dtype (so are their optimizer states); also the resolved target module names. On CPU
-    the adapters' dropout draws its masks 16 bits at a time (`tasks.lora_dropout`: the same dropout, p to
-    1/65536, a seventh of torch's cost)."""
+    whatever the base's dtype (so are their optimizer states); also the resolved target module names."""
     import torch
     from peft import get_peft_model
 
-    from loraforge.tasks.lora_dropout import use_fast_lora_dropout
     from loraforge.tasks.models import load_base_as_trained
 
     settings = {**config.model_dump(), "precision": precision, "compute_dtype": compute_dtype(config, precision)}
@@ -912,8 +903,6 @@ def trainable_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(config, targets))
-    if str(device).startswith("cpu"):  # torch's CPU dropout masks cost more than the adapters' matmuls
-        use_fast_lora_dropout(model)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -11,6 +11,9 @@
 #   LORAFORGE_CONFIG        config of the scheduled/triggered runs    (default: flows/configs/demo.yaml)
 #   LORAFORGE_STORE         the artifact store all workers share      (default: ./artifacts, absolute)
 #   LORAFORGE_IMAGE_PREFIX / LORAFORGE_IMAGE_TAG   stage images       (default: localhost/ and the git sha)
+#   LORAFORGE_NIGHTLY       on (default): the pipeline's nightly schedule (02:00 UTC) is deployed active; off: it is
+#                           deployed switched off (a dev stack, a test server: nothing starts behind your back);
+#                           switch it on later in the Prefect UI or with `prefect deployment schedule resume`
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-.venv/bin/python}"
@@ -21,6 +24,28 @@ export LORAFORGE_STORE="${LORAFORGE_STORE:-$PWD/artifacts}"
 export LORAFORGE_IMAGE_PREFIX="${LORAFORGE_IMAGE_PREFIX:-localhost/}"
 export LORAFORGE_IMAGE_TAG="${LORAFORGE_IMAGE_TAG:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo dev)}"
 POOL_TYPE="${LORAFORGE_POOL_TYPE:-process}"
+PREFECT_FILE=infra/prefect.yaml
+case "${LORAFORGE_NIGHTLY:-on}" in
+  on) ;;
+  off)
+    # The same file with the schedule deployed inactive, in one deploy: no window in which it could fire.
+    PREFECT_FILE="$(mktemp --suffix=.yaml)"
+    trap 'rm -f "$PREFECT_FILE"' EXIT
+    "$PY" - infra/prefect.yaml "$PREFECT_FILE" <<'PYEOF'
+import sys
+
+import yaml
+
+source, target = sys.argv[1:]
+spec = yaml.safe_load(open(source).read())
+for deployment in spec["deployments"]:
+    for schedule in deployment.get("schedules") or []:
+        schedule["active"] = False
+open(target, "w").write(yaml.safe_dump(spec, sort_keys=False))
+PYEOF
+    ;;
+  *) echo "deploy: LORAFORGE_NIGHTLY must be on or off, got '${LORAFORGE_NIGHTLY}'" >&2; exit 2 ;;
+esac
 
 "$PY" - "${LORAFORGE_GPUS:-1}" "loraforge-cpu=${LORAFORGE_CPU_POOL_TYPE:-$POOL_TYPE}" \
   "loraforge-gpu=${LORAFORGE_GPU_POOL_TYPE:-$POOL_TYPE}" <<'PYEOF'
@@ -63,4 +88,4 @@ with get_client(sync_client=True) as client:
     print(f"work pool loraforge-gpu: concurrency limit {gpus}")
 PYEOF
 
-"$PY" -m prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml
+"$PY" -m prefect --no-prompt deploy --all --prefect-file "$PREFECT_FILE"

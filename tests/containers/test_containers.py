@@ -192,7 +192,8 @@ def _pool_template_env() -> dict[str, str]:
 
 
 def _cpu_train(workdir: Path) -> Path:
-    """infra/prefect.yaml with the train deployment on the CPU train image instead of its CUDA build (`<tag>-cuda`):
+    """infra/prefect.yaml with the nightly schedule off and the train deployment on the CPU train image instead of
+    its CUDA build (`<tag>-cuda`):
     train keys include torch's version (2.13.0+cpu here, 2.13.0 in the CUDA image), so only the CPU image gives
     the in-process run's keys. The CUDA image is checked by test_cuda_image.py."""
     import yaml
@@ -202,6 +203,9 @@ def _cpu_train(workdir: Path) -> Path:
     variables = train["work_pool"]["job_variables"]
     assert variables["image"].endswith("{{ $LORAFORGE_IMAGE_TAG }}-cuda"), variables["image"]
     variables["image"] = variables["image"].removesuffix("-cuda")
+    (pipeline,) = [d for d in spec["deployments"] if d["name"] == "pipeline"]
+    for schedule in pipeline["schedules"]:  # as LORAFORGE_NIGHTLY=off: a run at 02:00 UTC would use this store too
+        schedule["active"] = False
     path = workdir / "prefect-cpu-train.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

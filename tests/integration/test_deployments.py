@@ -63,13 +63,15 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float) -> Any:
 @pytest.fixture(scope="module")
 def server(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
     """The session's Prefect server (its scheduler looping every second) with everything in infra/prefect.yaml
-    deployed. Other tests' flow runs are on it too: read runs by deployment."""
+    deployed, the nightly schedule switched off (LORAFORGE_NIGHTLY=off: a run at 02:00 UTC would otherwise start
+    the real pipeline on this module's workers, beside the runs the tests count). Other tests' flow runs are on it
+    too: read runs by deployment."""
     home = tmp_path_factory.mktemp("prefect-deployments")
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(home / "client"),
            "PREFECT_WORKER_QUERY_SECONDS": "1",
            "LORAFORGE_CODE_DIR": str(ROOT), "LORAFORGE_CONFIG": str(DEMO_CONFIG),
            "LORAFORGE_STORE": str(home / "nightly-store"), "LORAFORGE_IMAGE_TAG": "test",
-           "PYTHON": sys.executable}  # fmt: skip
+           "LORAFORGE_NIGHTLY": "off", "PYTHON": sys.executable}  # fmt: skip
     deploy = subprocess.run(["bash", "infra/stack/deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     return Server(prefect_api, env, home)
@@ -131,12 +133,17 @@ def test_every_deployment_resolves_to_its_flow_and_pool(server: Server) -> None:
 def test_nightly_schedule_is_computed_by_the_server(server: Server) -> None:
     import datetime as dt
 
+    import yaml
+    from prefect.client.schemas.actions import WorkPoolUpdate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.objects import StateType
 
+    spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    (nightly,) = [d["schedules"] for d in spec["deployments"] if d["name"] == "pipeline"]
+    assert nightly == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]  # what `make deploy` deploys
     pipeline = deployment(server, "loraforge-run/pipeline")
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in pipeline.schedules] == [
-        ("0 2 * * *", "UTC", True)
+        ("0 2 * * *", "UTC", False)  # LORAFORGE_NIGHTLY=off: deployed switched off
     ]
 
     def scheduled() -> list:
@@ -144,17 +151,27 @@ def test_nightly_schedule_is_computed_by_the_server(server: Server) -> None:
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[pipeline.id])))
         return [r for r in runs if r.state_type == StateType.SCHEDULED and "data_file" not in r.parameters]
 
-    runs = wait_for("the nightly runs", lambda: runs if len(runs := scheduled()) >= 3 else None, 60)
-    starts = sorted(r.expected_start_time.astimezone(dt.UTC) for r in runs)
-    now = dt.datetime.now(dt.UTC)
-    assert all((t.hour, t.minute, t.second) == (2, 0, 0) for t in starts), starts
-    assert now < starts[0] <= now + dt.timedelta(days=1)
-    assert [b - a for a, b in zip(starts, starts[1:], strict=False)] == [dt.timedelta(days=1)] * (len(starts) - 1)
-    assert runs[0].parameters["overrides"][0] == "orchestration.stages=deployments"
-    # The nightly runs must not start on this test's workers (a test at 01:59 UTC): switch the schedule off.
+    assert not scheduled()
+    pools = ("loraforge-cpu", "loraforge-gpu")
     with server.settings(), server.client() as client:
-        client.update_deployment_schedule(pipeline.id, pipeline.schedules[0].id, active=False)
-    wait_for("the server to drop the scheduled runs", lambda: not scheduled(), 30)
+        for pool in pools:  # switched on for this check alone: no worker may take a run that falls due meanwhile
+            client.update_work_pool(pool, WorkPoolUpdate(is_paused=True))
+        client.update_deployment_schedule(pipeline.id, pipeline.schedules[0].id, active=True)
+    try:
+        runs = wait_for("the nightly runs", lambda: runs if len(runs := scheduled()) >= 3 else None, 60)
+        starts = sorted(r.expected_start_time.astimezone(dt.UTC) for r in runs)
+        now = dt.datetime.now(dt.UTC)
+        assert all((t.hour, t.minute, t.second) == (2, 0, 0) for t in starts), starts
+        assert now < starts[0] <= now + dt.timedelta(days=1)
+        assert [b - a for a, b in zip(starts, starts[1:], strict=False)] == [dt.timedelta(days=1)] * (len(starts) - 1)
+        assert runs[0].parameters["overrides"][0] == "orchestration.stages=deployments"
+    finally:
+        with server.settings(), server.client() as client:
+            client.update_deployment_schedule(pipeline.id, pipeline.schedules[0].id, active=False)
+        wait_for("the server to drop the scheduled runs", lambda: not scheduled(), 30)
+        with server.settings(), server.client() as client:
+            for pool in pools:
+                client.update_work_pool(pool, WorkPoolUpdate(is_paused=False))
 
 
 def test_registering_data_triggers_a_pipeline_run(server: Server, tmp_path: Path) -> None:

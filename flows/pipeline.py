@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import time
 import uuid
@@ -169,6 +171,19 @@ def _require_server(config: PipelineConfig) -> None:
         )
 
 
+def _idempotency_key(stage: str, parameters: dict[str, Any]) -> str | None:
+    """The stage run's idempotency key: this pipeline run (and its attempt), the stage and its parameters.
+
+    Prefect's client retries a request that timed out (a loaded server); for the POST creating the stage's flow
+    run, the server may have created it already. With the key it hands back that run instead of starting the
+    stage a second time. None outside a flow run (nothing to be the same run of).
+    """
+    if prefect_run.id is None:
+        return None
+    digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{prefect_run.id}.{prefect_run.run_count}.{stage}.{digest}"
+
+
 def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: str | None) -> Callable[..., Artifact]:
     """A stand-in for the stage's task: runs the stage's deployment and returns its artifact from the store.
 
@@ -185,9 +200,10 @@ def _deployed(stage: str, config: PipelineConfig, store: ArtifactStore, only: st
 
     def run_stage(*args: Any) -> Artifact:
         upstream = {a.stage: a.key for a in args if isinstance(a, Artifact)}
+        parameters = {"config": shared, "inputs": upstream, "only": only}
         try:
             flow_run = cast(FlowRun, run_deployment(  # called from sync code: the FlowRun itself
-                DEPLOYMENTS[stage], parameters={"config": shared, "inputs": upstream, "only": only},
+                DEPLOYMENTS[stage], parameters=parameters, idempotency_key=_idempotency_key(stage, parameters),
                 timeout=config.orchestration.stage_timeout_s, poll_interval=2,
             ))  # fmt: skip
         except ObjectNotFound:

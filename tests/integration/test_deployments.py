@@ -238,6 +238,11 @@ def test_pipeline_runs_each_stage_on_its_deployment(
         assert run.state_name == "Completed"
         assert run.work_pool_name == ("loraforge-gpu" if stage == "train" else "loraforge-cpu")
         assert run.parameters["config"]["store"] == store.resolve().as_uri()
+    # Created with an idempotency key (the pipeline's flow run, its attempt, the stage, its parameters): a create
+    # request the client retries after a timeout gets this run back instead of a second run of the stage.
+    keys = [r.idempotency_key.split(".") for r in deployed.values() if r.idempotency_key]
+    assert sorted(k[2] for k in keys) == sorted(STAGES), keys
+    assert len({(k[0], k[1]) for k in keys}) == 1 and keys[0][1] == "1", keys  # one pipeline run, first attempt
 
 
 def run_cli_and_answer(server: Server, reference: dict, approve: bool, reason: str) -> subprocess.CompletedProcess:

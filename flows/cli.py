@@ -395,7 +395,7 @@ def _stage_from_keys(config: Any, stage: registry.Stage, given: list[str]) -> An
     The base is provisioned from `base_model` (the model cache must be reachable: in a container, a volume)
     and, when its key is given too, checked against it; the publish stage only reads the base's manifest.
     """
-    from loraforge.flows.stages import upstream
+    from loraforge.flows.stages import input_problems, upstream
     from loraforge.tasks.artifacts import ArtifactStore
 
     keys: dict[str, str] = {}
@@ -404,13 +404,9 @@ def _stage_from_keys(config: Any, stage: registry.Stage, given: list[str]) -> An
         name, sep, key = item.partition("=")
         if not sep or not key:
             problems.append(f"--input {item!r}: expected STAGE=KEY, e.g. --input data=<key of the data artifact>")
-        elif name not in stage.inputs:
-            problems.append(f"--input {item!r}: the {stage.name} stage takes {', '.join(stage.inputs)}")
         else:
             keys[name] = key
-    missing = [s for s in stage.inputs if s not in keys and s != "base"]
-    if missing:
-        problems.append(f"the {stage.name} stage needs --input " + " ".join(f"{s}=KEY" for s in missing))
+    problems += input_problems(stage, keys, "--input ", base_optional=True)  # the base: provisioned below
     if problems:
         raise LoraforgeError("; ".join(problems))
     store = ArtifactStore(config.store, config.store_verify)

@@ -29,6 +29,24 @@ StageResult = dict[str, Any]  # {"stage": ..., "key": ..., "cached": bool}
 StageOutcome = StageResult | State[StageResult]  # the result, or a `Cached` state holding it
 
 
+def input_problems(
+    stage: Stage, keys: dict[str, str], option: str = "inputs ", base_optional: bool = False
+) -> list[str]:
+    """Everything wrong with the upstream keys given for `stage` (`{"data": KEY, ...}`), each problem once.
+
+    A key for a stage it does not take; a stage it takes and has no key for. The base's key may be left out
+    when the stage provisions the base itself (it needs the weights) or when `base_optional` (the caller
+    provisions it). `option` is where the keys were given, for the messages (`--input ` on the command line).
+    """
+    problems = [f"{option}{name}={key}: the {stage.name} stage takes no {name} artifact (it takes "
+                f"{', '.join(stage.inputs)})" for name, key in keys.items() if name not in stage.inputs]  # fmt: skip
+    optional = stage.weights or base_optional
+    missing = [name for name in stage.inputs if name not in keys and not (name == "base" and optional)]
+    if missing:
+        problems.append(f"the {stage.name} stage needs {option}" + " ".join(f"{name}=KEY" for name in missing))
+    return problems
+
+
 def upstream(
     stage: Stage, config: PipelineConfig, store: ArtifactStore, keys: dict[str, str], option: str = "inputs "
 ) -> dict[str, Artifact]:
@@ -44,11 +62,7 @@ def upstream(
     """
     from loraforge.tasks.models import provision_base, read_base
 
-    problems = [f"the {stage.name} stage takes no {name} artifact (it takes {', '.join(stage.inputs)})"
-                for name in keys if name not in stage.inputs]  # fmt: skip
-    missing = [name for name in stage.inputs if name not in keys and not (name == "base" and stage.weights)]
-    if missing:
-        problems.append(f"the {stage.name} stage needs the key of its " + ", ".join(missing) + " artifact(s)")
+    problems = input_problems(stage, keys, option)
     if problems:
         raise ConfigError("; ".join(problems))
     artifacts = {name: store.get(name, key) for name, key in keys.items() if name != "base" or not stage.weights}

@@ -272,7 +272,7 @@ CASES = [
     # stage inputs
     Case("input-syntax", lambda c: ["stage", "train", c.config(), "--input", "data"], 1, "expected STAGE=KEY"),
     Case("input-wrong-stage", lambda c: ["stage", "train", c.config(), "--input", "merge=x"],
-         1, "the train stage takes base, data"),
+         1, "--input merge=x: the train stage takes no merge artifact (it takes base, data)"),
     Case("input-base-mismatch", lambda c: c.data_stage(base_key="feedbeef"),
          1, "--input base=feedbeef: the base model here"),
     # data: `stage data --input base=KEY`

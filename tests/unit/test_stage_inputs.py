@@ -17,7 +17,7 @@ def test_bad_inputs_are_all_named(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert code == 1
     assert "--input 'foo': expected STAGE=KEY" in err
-    assert "--input 'eval=abc': the train stage takes base, data" in err
+    assert "--input eval=abc: the train stage takes no eval artifact (it takes base, data)" in err
     assert "the train stage needs --input data=KEY" in err
     assert "Traceback" not in err
 
@@ -50,3 +50,22 @@ def test_a_stage_on_given_keys(tiny_model: Path, tmp_path: Path, capsys: pytest.
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {**first, "cached": True}
     assert main(["stage", "train", *args[2:], "--input", "data=ffffffffffffffffffff"]) == 1
     assert "no data artifact with key ffffffffffffffffffff" in capsys.readouterr().err
+
+
+def test_a_stage_flow_names_its_bad_inputs_as_the_cli_does(tmp_path: Path) -> None:
+    """flows/stages.py's `upstream` (what a deployed stage flow runs) checks with the same function as
+    `loraforge stage`: every problem at once, named by where the keys were given."""
+    from loraforge.flows.stages import upstream
+    from loraforge.tasks.artifacts import ArtifactStore
+    from loraforge.tasks.config import load_config
+    from loraforge.tasks.errors import ConfigError
+    from loraforge.tasks.registry import STAGES
+
+    (merge,) = [s for s in STAGES if s.name == "merge"]
+    config = load_config(DEMO_CONFIG, [f"store={tmp_path}"])
+    with pytest.raises(ConfigError) as raised:
+        upstream(merge, config, ArtifactStore(str(tmp_path)), {"eval": "abc"})
+    assert str(raised.value) == (
+        f"inputs eval=abc: the merge stage takes no eval artifact (it takes {', '.join(merge.inputs)}); "
+        "the merge stage needs inputs data=KEY train=KEY"
+    )

@@ -239,6 +239,7 @@ def deployed(
     _timed("deploy", timings, [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(_cpu_train(workdir))],
            cwd=ROOT, env=env)  # fmt: skip
     with contextlib.ExitStack() as stack:
+        stack.callback(_remove_flow_run_containers)  # after the workers stop (callbacks run last-in, first-out)
         workers = []
         for pool in ("loraforge-cpu", "loraforge-gpu"):
             log = stack.enter_context((workdir / f"worker-{pool}.log").open("w"))
@@ -246,6 +247,15 @@ def deployed(
                                             env=env, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
         stack.callback(stop, *workers)
         yield env
+
+
+def _remove_flow_run_containers() -> None:
+    """Remove the flow-run containers still there: a Docker worker that stops leaves its runs' containers running,
+    and none may outlive this module to take the CPU from the tests after it (Prefect labels each with its run)."""
+    listed = subprocess.run([*PODMAN, "ps", "-q", "--filter", "label=io.prefect.flow-run-id"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    if ids := listed.stdout.split():
+        subprocess.run([*PODMAN, "rm", "--force", "--time", "5", *ids], capture_output=True, text=True, check=True)
 
 
 def _run_pipeline(source: Path, store: str, env: dict[str, str], *extra: str) -> dict[str, Any]:

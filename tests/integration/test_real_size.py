@@ -185,7 +185,9 @@ def test_two_machines_join_one_job_through_the_rendezvous(tiny_model: Path, tmp_
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    settings = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2"]
+    # One thread per rank on both sides: a "machine" of 1 process would give its rank every core (train.threads'
+    # default), and another thread count sums a matmul in another order (measured: other adapter bytes).
+    settings = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "train.threads=1"]
     nodes = [_start(tiny_model, tmp_path / "shared", *settings, "train.nnodes=2",
                     f"train.rdzv_endpoint=127.0.0.1:{port}") for _ in range(2)]  # fmt: skip
     outputs = [node.communicate(timeout=400)[0] for node in nodes]

@@ -8,7 +8,8 @@ llama.cpp's Phi-3 converter takes by its `tokenizer_class`); Qwen2's (152k byte-
 and ChatML template, from llama.cpp's vocabulary-only test file `models/ggml-vocab-qwen2.gguf` in the pinned
 llama-cpp-python sdist that `make setup` keeps) for the Qwen rows: transformers always gives a Qwen2 model its
 Qwen2Tokenizer, whose pre-tokenizer llama.cpp's converter then has to recognise; Gemma 3's (262k
-SentencePiece-derived vocabulary, no chat template) from the bundled Gemma 3 270M base for the Gemma row.
+SentencePiece-derived vocabulary, no chat template) from the bundled Gemma 3 270M base for a tiny Gemma 3
+(the architecture matrix runs the real Gemma 3 270M instead: tests/integration/test_architecture_matrix.py).
 """
 
 from __future__ import annotations

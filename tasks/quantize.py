@@ -142,8 +142,9 @@ class QuantizeConfig(BaseModel):
     fidelity_rows: int = Field(
         8,
         ge=1,
-        description="Validation rows on which each GGUF's logits are compared (on the demo, 8 rows give every "
-        "type's KL within 3% of 64 rows' and the same verdicts: bench/quantize_levers.py).",
+        description="Validation rows on which each GGUF's logits are compared (on a demo adapter, 8 rows gave every "
+        "type's KL within 3% of 64 rows'; a figure within its sampling error of a limit can still pass on 8 rows and "
+        "fail on 64: docs/bench.md, bench/quantize_levers.py).",
     )
     max_mean_kl: dict[QuantType, float] = Field(
         default_factory=lambda: dict(DEFAULT_MAX_MEAN_KL),

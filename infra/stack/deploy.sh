@@ -11,6 +11,8 @@
 #   LORAFORGE_CONFIG        config of the scheduled/triggered runs    (default: flows/configs/demo.yaml)
 #   LORAFORGE_STORE         the artifact store all workers share      (default: ./artifacts, absolute)
 #   LORAFORGE_IMAGE_PREFIX / LORAFORGE_IMAGE_TAG   stage images       (default: localhost/ and the git sha)
+#   LORAFORGE_PREFECT_FILE  the deployments to deploy              (default: infra/prefect.yaml; a copy you changed,
+#                           e.g. other images or job variables, deploys the same way)
 #   LORAFORGE_NIGHTLY       on (default): the pipeline's nightly schedule (02:00 UTC) is deployed active; off: it is
 #                           deployed switched off (a dev stack, a test server: nothing starts behind your back);
 #                           switch it on later in the Prefect UI or with `prefect deployment schedule resume`
@@ -24,14 +26,19 @@ export LORAFORGE_STORE="${LORAFORGE_STORE:-$PWD/artifacts}"
 export LORAFORGE_IMAGE_PREFIX="${LORAFORGE_IMAGE_PREFIX:-localhost/}"
 export LORAFORGE_IMAGE_TAG="${LORAFORGE_IMAGE_TAG:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo dev)}"
 POOL_TYPE="${LORAFORGE_POOL_TYPE:-process}"
-PREFECT_FILE=infra/prefect.yaml
+PREFECT_FILE="${LORAFORGE_PREFECT_FILE:-infra/prefect.yaml}"
+if [[ ! -f "$PREFECT_FILE" ]]; then
+  echo "deploy: LORAFORGE_PREFECT_FILE: no file $PREFECT_FILE (give the path of a prefect.yaml, e.g. infra/prefect.yaml)" >&2
+  exit 2
+fi
 case "${LORAFORGE_NIGHTLY:-on}" in
   on) ;;
   off)
     # The same file with the schedule deployed inactive, in one deploy: no window in which it could fire.
+    SOURCE="$PREFECT_FILE"
     PREFECT_FILE="$(mktemp --suffix=.yaml)"
     trap 'rm -f "$PREFECT_FILE"' EXIT
-    "$PY" - infra/prefect.yaml "$PREFECT_FILE" <<'PYEOF'
+    "$PY" - "$SOURCE" "$PREFECT_FILE" <<'PYEOF'
 import sys
 
 import yaml

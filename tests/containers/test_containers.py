@@ -191,9 +191,8 @@ def _pool_template_env() -> dict[str, str]:
     return {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _cpu_train(workdir: Path) -> Path:
-    """infra/prefect.yaml with the nightly schedule off and the train deployment on the CPU train image instead of
-    its CUDA build (`<tag>-cuda`):
+def _on_the_cpu_train_image(workdir: Path) -> Path:
+    """infra/prefect.yaml with the train deployment on the CPU train image instead of its CUDA build (`<tag>-cuda`):
     train keys include torch's version (2.13.0+cpu here, 2.13.0 in the CUDA image), so only the CPU image gives
     the in-process run's keys. The CUDA image is checked by test_cuda_image.py."""
     import yaml
@@ -203,9 +202,6 @@ def _cpu_train(workdir: Path) -> Path:
     variables = train["work_pool"]["job_variables"]
     assert variables["image"].endswith("{{ $LORAFORGE_IMAGE_TAG }}-cuda"), variables["image"]
     variables["image"] = variables["image"].removesuffix("-cuda")
-    (pipeline,) = [d for d in spec["deployments"] if d["name"] == "pipeline"]
-    for schedule in pipeline["schedules"]:  # as LORAFORGE_NIGHTLY=off: a run at 02:00 UTC would use this store too
-        schedule["active"] = False
     path = workdir / "prefect-cpu-train.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -236,8 +232,10 @@ def deployed(
     for pool in ("loraforge-cpu", "loraforge-gpu"):
         _timed(f"pool {pool}", timings, [*prefect, "work-pool", "create", pool, "--type", "docker",
                                           "--base-job-template", str(template), "--overwrite"], env=env)  # fmt: skip
-    _timed("deploy", timings, [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(_cpu_train(workdir))],
-           cwd=ROOT, env=env)  # fmt: skip
+    # `make deploy` on those pools (it keeps them), the nightly switched off: a run at 02:00 UTC would use this store
+    deploy = {**env, "PYTHON": sys.executable, "LORAFORGE_POOL_TYPE": "docker", "LORAFORGE_NIGHTLY": "off",
+              "LORAFORGE_PREFECT_FILE": str(_on_the_cpu_train_image(workdir))}  # fmt: skip
+    _timed("deploy", timings, ["bash", str(ROOT / "infra" / "stack" / "deploy.sh")], cwd=ROOT, env=deploy)
     with contextlib.ExitStack() as stack:
         stack.callback(_remove_flow_run_containers)  # after the workers stop (callbacks run last-in, first-out)
         workers = []

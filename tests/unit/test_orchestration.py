@@ -91,7 +91,7 @@ def test_the_gpu_train_deployment_runs_the_cuda_image_with_every_gpu() -> None:
             assert "container_create_kwargs" not in d["work_pool"]["job_variables"], name
 
 
-def test_deploy_refuses_a_nightly_setting_other_than_on_or_off() -> None:
+def test_deploy_refuses_a_bad_nightly_setting_and_a_missing_prefect_file() -> None:
     import os
     import subprocess
 
@@ -99,6 +99,14 @@ def test_deploy_refuses_a_nightly_setting_other_than_on_or_off() -> None:
     result = subprocess.run(["bash", "infra/stack/deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "deploy: LORAFORGE_NIGHTLY must be on or off, got 'sometimes'"
+
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "LORAFORGE_PREFECT_FILE": "infra/nope.yaml"}
+    result = subprocess.run(["bash", "infra/stack/deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "deploy: LORAFORGE_PREFECT_FILE: no file infra/nope.yaml"
+        " (give the path of a prefect.yaml, e.g. infra/prefect.yaml)"
+    )
 
 
 def test_register_data_refuses_a_missing_file_and_a_missing_server(

@@ -15,7 +15,9 @@ same sequence length, LoRA config, batch size, learning rate, schedule and numbe
   sampling (`train_sampling_strategy=group_by_length`), the train stage's micro-batch with accumulation (trl's
   padding_free and bfd packing need flash-attention position_ids, which CPU torch lacks: not applied);
 - ours: `tasks.train.train_adapter` with its defaults (each step's rows as micro-batches of 4 sorted by length
-  within the step, so each step is a random sample with the gradient of one batch; no checkpointing); ours+gc:
+  within the step, so each step is a random sample with the gradient of one batch; no checkpointing; the
+  prompt prefix a micro-batch's rows share computed once, `train.share_prompt_prefix`); ours-whole: the same
+  with every row computed whole (`share_prompt_prefix=false`, the stage before 2026-12-06); ours+gc:
   the same with `train.gradient_checkpointing` (the tutorial's memory setting); ours with `train.packing`
   (batch size in packed sequences = the number that holds `--batch-size` rows on average, so every recipe sees
   about the same rows and tokens per optimizer step, with the same schedule); opt-in: ours+random (no length
@@ -28,7 +30,9 @@ Each run is a fresh child process (peak RSS = that process's VmHWM, polled from 
 and final evaluation excluded). Final loss = mean loss over the validation split's answer tokens, computed
 with the same function for every recipe. The machine's matmul peak comes from a GEMM probe in the same run;
 model FLOP/s per token = 2N (forward) + 2N (activation gradients) + 2 x trainable (weight gradients), N the
-non-embedding parameters, as in the usual 6N rule (model FLOPs: recomputation not counted).
+non-embedding parameters, as in the usual 6N rule (model FLOPs: recomputation not counted; and counted for
+every row token, so a shared prefix computed once raises the share above what the matmuls run: the "shared"
+column is the share of row tokens not computed).
 Repeat i runs every recipe with seed 42 + i (adapter init, dropout and data order), so the final loss is a
 median over seeds, with its range: over a few steps the data order alone moves it by several percent.
 Medians of the repeats; ratios against the tutorial recipe and against trl-tuned.
@@ -66,6 +70,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # attend across their neighbours.
     "trl-tuned": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
     "ours": {},
+    "ours-whole": {"share_prompt_prefix": False},  # every row computed whole (the stage before 2026-12-06)
     "ours+gc": {"gradient_checkpointing": True},
     "ours+packing": {"packing": True},
 }
@@ -226,7 +231,7 @@ def _train_ours(job: dict[str, Any]) -> dict[str, Any]:
     return {"tokens_per_s": m["tokens_per_s"], "tokens": m["tokens"], "train_seconds": m["train_seconds"],
             "val_loss": m["val_loss"], "trainable_params": m["trainable_params"],
             "flops_per_token": _flops_per_token(m["total_params"], m["trainable_params"], base),
-            "padding_share": m["padding_share"]}  # fmt: skip
+            "padding_share": m["padding_share"], "shared_prefix_share": m["shared_prefix_share"]}  # fmt: skip
 
 
 def _train_trl(job: dict[str, Any]) -> dict[str, Any]:
@@ -334,6 +339,7 @@ def _summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "loss_vs_tutorial": round(statistics.median(losses) / base_loss, 3) if base_loss else None,
                 "flops_share": round(statistics.median(r["flops_share"] for r in mine), 4),
                 "padding_share": round(statistics.median(r["padding_share"] for r in mine), 4),
+                "shared_prefix_share": round(statistics.median(r.get("shared_prefix_share", 0) for r in mine), 4),
                 "trainable_params": mine[0]["trainable_params"],
             })  # fmt: skip
     return table
@@ -343,7 +349,7 @@ def _print(table: list[dict[str, Any]], peak: float) -> None:
     print(f"\nmedians; GEMM peak {peak / 1e9:.1f} GFLOP/s")
     print(f"{'variant':11s} {'recipe':13s} {'tok/s':>8s} {'x tutorial':>10s} {'x tuned':>7s} {'peak RSS MB':>11s} "
           f"{'x RSS':>6s} {'val loss':>9s} {'x loss':>6s} {'loss range':>15s} {'% peak':>7s} "
-          f"{'padding':>7s}")  # fmt: skip
+          f"{'padding':>7s} {'shared':>6s}")  # fmt: skip
     for row in table:
         speed = f"{row['speedup_vs_tutorial']:.2f}" if row["speedup_vs_tutorial"] else "-"
         tuned = f"{row['speedup_vs_trl_tuned']:.2f}" if row.get("speedup_vs_trl_tuned") else "-"
@@ -353,7 +359,7 @@ def _print(table: list[dict[str, Any]], peak: float) -> None:
         low, high = row["val_loss_range"]
         print(f"{row['variant']:11s} {row['recipe']:13s} {row['tokens_per_s']:8.1f} {speed:>10s} {tuned:>7s} "
               f"{row['peak_rss_mb']:11d} {rss:>6s} {row['val_loss']:9.4f} {loss:>6s} {f'{low:.4f}-{high:.4f}':>15s} "
-              f"{share:6.2f}% {100 * row['padding_share']:6.1f}%")  # fmt: skip
+              f"{share:6.2f}% {100 * row['padding_share']:6.1f}% {100 * row['shared_prefix_share']:5.1f}%")  # fmt: skip
 
 
 if __name__ == "__main__":

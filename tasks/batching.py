@@ -86,6 +86,52 @@ def collate_packed(batch: list[dict[str, Any]], pad_id: int) -> tuple[Any, Any, 
     return ids, labels, mask[:, None], positions
 
 
+def shared_prefix_length(batch: list[dict[str, Any]]) -> int:
+    """How many leading tokens every row of the batch shares before any labelled token is predicted.
+
+    The prefix ends before the position that predicts the first labelled token of any row (so no loss is
+    read from it) and leaves every row at least one token of its own. 0 for a batch of one row.
+    """
+    if len(batch) < 2:
+        return 0
+    limit = min(len(row["input_ids"]) for row in batch) - 1
+    for row in batch:
+        first_labelled = next((i for i, label in enumerate(row["labels"]) if label != -100), len(row["labels"]))
+        limit = min(limit, first_labelled - 1)
+    first = batch[0]["input_ids"]
+    length = 0
+    while length < limit and all(row["input_ids"][length] == first[length] for row in batch):
+        length += 1
+    return length
+
+
+def collate_shared_prefix(batch: list[dict[str, Any]], prefix: int) -> tuple[Any, Any, Any, Any]:
+    """The batch as one sequence: the `prefix` tokens all rows share, once, then each row's remainder.
+
+    Returns ids, labels, a (1, 1, L, L) boolean mask and position ids. Every remainder attends to the prefix
+    and causally to itself, never to another row, and its positions continue from the prefix, so each row
+    gets the keys, values and positions of its own forward: its losses equal those of the padded batch (up to
+    float summation order). The prefix is computed once instead of once per row, and its gradient is the sum
+    of every row's. Each remainder's first label is ignored (`shared_prefix_length` keeps it unlabelled).
+    """
+    import torch
+
+    ids: list[int] = list(batch[0]["input_ids"][:prefix])
+    labels: list[int] = [-100] * prefix
+    doc: list[int] = [-1] * prefix  # -1: the shared prefix, seen by every row
+    positions: list[int] = list(range(prefix))
+    for number, row in enumerate(batch):
+        length = len(row["input_ids"])
+        ids += row["input_ids"][prefix:]
+        labels += [-100] + row["labels"][prefix + 1 :]
+        doc += [number] * (length - prefix)
+        positions += range(prefix, length)
+    rows = torch.tensor(doc)
+    causal = torch.ones((len(ids), len(ids)), dtype=torch.bool).tril()
+    mask = ((rows[:, None] == rows[None, :]) | (rows[None, :] == -1)) & causal
+    return torch.tensor([ids]), torch.tensor([labels]), mask[None, None], torch.tensor([positions])
+
+
 def model_device(model: Any) -> Any:
     """The device of the model's first parameter (where inputs must go)."""
     return next(model.parameters()).device

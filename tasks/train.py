@@ -50,7 +50,16 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraforge.tasks.artifacts import Artifact, ArtifactStore, commit_folder
-from loraforge.tasks.batching import collate, collate_packed, labelled_token_losses, loss_total, pack_rows, read_split
+from loraforge.tasks.batching import (
+    collate,
+    collate_packed,
+    collate_shared_prefix,
+    labelled_token_losses,
+    loss_total,
+    pack_rows,
+    read_split,
+    shared_prefix_length,
+)
 from loraforge.tasks.data import read_data
 from loraforge.tasks.distributed import (
     SINGLE,
@@ -203,6 +212,15 @@ class TrainConfig(BaseModel):
         False,
         description="Pack several rows into each sequence of data.max_length tokens (first-fit decreasing): no "
         "padding; attention is block-diagonal and positions restart per row, so rows never see each other.",
+    )
+    share_prompt_prefix: bool = Field(
+        True,
+        description="Compute the leading tokens a micro-batch's rows share (a system prompt, a fixed instruction) "
+        "once per micro-batch instead of once per row: the rows run as one sequence in which each row attends to "
+        "the shared prefix and to itself (the same losses and gradient, up to float summation order; with LoRA "
+        "dropout the rows also share the prefix's dropout mask). Used for a micro-batch only where the estimated "
+        "compute (tokens, plus attention pairs over the one sequence) is lower than padding the rows and no row is "
+        "longer than a sliding attention window; not with packing. false: every row computed whole.",
     )
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
         "adamw",
@@ -363,6 +381,7 @@ class Setup(NamedTuple):
     optimizer: Any
     scheduler: Any
     mixed: Mixed
+    sharing: Sharing | None  # how micro-batches share their prompt prefix (None: train.share_prompt_prefix off)
 
 
 class Fit(NamedTuple):
@@ -408,7 +427,8 @@ def _setup(run: TrainRun, ranks: Ranks) -> Setup:
     optimizer = _optimizer(_param_groups(model, config), config)  # after sharding: it holds the shards
     return Setup(model, forward, targets, variant, units, total_steps, read_split(run.data.file("validation.jsonl")),
                  tokenizer.pad_token_id, optimizer, _scheduler(optimizer, config, total_steps),
-                 mixed_precision(run.precision, run.device))  # fmt: skip
+                 mixed_precision(run.precision, run.device),
+                 prefix_sharing(model) if config.share_prompt_prefix and not config.packing else None)  # fmt: skip
 
 
 def _checkpoints(run: TrainRun) -> Path:
@@ -438,7 +458,8 @@ def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: OnStep | None) -> F
                     initial=state["step"], total=setup.total_steps, disable=not ranks.leader)  # fmt: skip
     with _stop_at_step_end(grace_s=5.0 if ranks.world > 1 else 0.0) as stop_asked:
         for step in progress:
-            micro = [collate_micro_batch(next(batches), setup.pad_id, config.packing) for _ in range(config.grad_accum)]
+            micro = [collate_micro_batch(next(batches), setup.pad_id, config.packing, setup.sharing)
+                     for _ in range(config.grad_accum)]  # fmt: skip
             step_loss, grad_norm = _optimizer_step(setup, micro, run.device, ranks, config.max_grad_norm)
             if not math.isfinite(step_loss):
                 raise StageError(
@@ -446,7 +467,8 @@ def _fit(run: TrainRun, setup: Setup, ranks: Ranks, on_step: OnStep | None) -> F
                     "lower train.learning_rate or raise train.warmup_ratio."
                 )
             state["tokens"] += sum(m.real_tokens for m in micro)  # every rank collates the whole step
-            state["positions"] = state.get("positions", 0) + sum(m.input_ids.numel() for m in micro)  # + padding
+            state["positions"] = state.get("positions", 0) + sum(m.input_ids.numel() for m in micro)  # computed
+            state["padding"] = state.get("padding", 0) + sum(m.padding for m in micro)
             elapsed = time.perf_counter() - started
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{state['tokens'] / elapsed:.0f}")
             record, stop = _log_and_validate(setup, config, ranks, state, params, step, step_loss, grad_norm, elapsed)
@@ -630,7 +652,9 @@ def _save(run: TrainRun, setup: Setup, fit: Fit, adapter: dict[str, Any]) -> Non
             "val_loss": round(fit.val_after, 5), "tokens": state["tokens"],
             "tokens_per_s": round(state["tokens"] / seconds, 1), "train_seconds": round(seconds, 1),
             "peak_rss_mb": fit.peak_rss_mb, "steps_done": state["step"],
-            "padding_share": round(1 - state["tokens"] / max(state.get("positions", 0), 1), 4),
+            "padding_share": round(state.get("padding", 0) / max(state.get("positions", 0), 1), 4),
+            "shared_prefix_share": round(1 - (state.get("positions", 0) - state.get("padding", 0))
+                                         / max(state["tokens"], 1), 4),
         })  # fmt: skip
         if state["best"] is not None:
             draft.metrics.update(
@@ -963,17 +987,58 @@ class MicroBatch(NamedTuple):
     input_ids: Any
     labels: Any
     attention_mask: Any
-    extra: dict[str, Any]  # further model inputs (position_ids of packed rows)
-    real_tokens: int  # tokens that are not padding
+    extra: dict[str, Any]  # further model inputs (position_ids of packed rows or of a shared prefix)
+    real_tokens: int  # the rows' tokens (what the step trains on)
+    padding: int  # positions computed that are padding
 
 
-def collate_micro_batch(batch: list[dict[str, Any]], pad_id: int, packed: bool) -> MicroBatch:
-    """Pad rows (or packed sequences, with their block-diagonal mask and restarting positions) into tensors."""
+class Sharing(NamedTuple):
+    """What decides whether a micro-batch runs its shared prompt prefix once (`collate_micro_batch`)."""
+
+    pair_per_token: float  # an attention (query, key) pair's compute in a token's linear-layer compute
+    window: int | None  # the model's sliding attention window, if any: longer rows are padded instead
+
+    def pays(self, batch: list[dict[str, Any]], prefix: int) -> bool:
+        """Whether one sequence with the prefix once costs less than the padded batch (tokens through the
+        linear layers plus attention pairs; a custom mask makes attention dense over the whole sequence)."""
+        lengths = [len(row["input_ids"]) for row in batch]
+        if self.window and max(lengths) > self.window:  # a 4D mask replaces the model's sliding-window masks
+            return False
+        shared = prefix + sum(length - prefix for length in lengths)
+        padded = len(batch) * max(lengths)
+        return shared + shared**2 * self.pair_per_token < padded + padded * max(lengths) * self.pair_per_token
+
+
+def prefix_sharing(model: Any) -> Sharing:
+    """The model's cost ratio of an attention pair to a token (forward FLOPs) and its sliding window."""
+    import torch
+
+    config = model.config.get_text_config()
+    head = model.get_output_embeddings()
+    linear = sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    )
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    pair = 4 * heads * head_dim * config.num_hidden_layers  # q.k and attention x v, every layer
+    return Sharing(pair / max(2 * linear, 1), getattr(config, "sliding_window", None))
+
+
+def collate_micro_batch(
+    batch: list[dict[str, Any]], pad_id: int, packed: bool, sharing: Sharing | None = None
+) -> MicroBatch:
+    """Pad rows (or packed sequences, with their block-diagonal mask and restarting positions) into tensors;
+    with `sharing`, rows that share a prompt prefix become one sequence with the prefix once where that pays."""
+    tokens = sum(len(row["input_ids"]) for row in batch)
     if packed:
         input_ids, labels, mask, positions = collate_packed(batch, pad_id)
-        return MicroBatch(input_ids, labels, mask, {"position_ids": positions}, sum(sum(r["doc_lens"]) for r in batch))
+        return MicroBatch(input_ids, labels, mask, {"position_ids": positions}, tokens, input_ids.numel() - tokens)
+    prefix = shared_prefix_length(batch) if sharing else 0
+    if sharing and prefix and sharing.pays(batch, prefix):
+        input_ids, labels, mask, positions = collate_shared_prefix(batch, prefix)
+        return MicroBatch(input_ids, labels, mask, {"position_ids": positions}, tokens, 0)
     input_ids, labels, mask = collate(batch, pad_id)
-    return MicroBatch(input_ids, labels, mask, {}, int(mask.sum()))
+    return MicroBatch(input_ids, labels, mask, {}, tokens, input_ids.numel() - tokens)
 
 
 def accumulate_gradients(

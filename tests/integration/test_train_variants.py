@@ -285,7 +285,7 @@ def test_early_stopping_needs_eval_every() -> None:
 
 
 def test_packing_trains_without_padding_and_records_the_curve(tiny_model: Path, store: ArtifactStore) -> None:
-    plain = _train(tiny_model, store, "train.group_by_length=false")
+    plain = _train(tiny_model, store, "train.group_by_length=false", "train.share_prompt_prefix=false")
     packed = _train(tiny_model, store, "train.packing=true", "train.max_steps=2")
     assert packed.key != plain.key
     assert packed.manifest["packed_sequences"] < plain.manifest["packed_sequences"] == 24  # data.max_rows
@@ -295,6 +295,30 @@ def test_packing_trains_without_padding_and_records_the_curve(tiny_model: Path, 
     assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "rss_mb"} <= set(history[-1])
     curve = packed.file("loss_curve.png").read_bytes()
     assert curve.startswith(b"\x89PNG\r\n\x1a\n") and len(curve) > 10_000
+
+
+def test_a_shared_prompt_prefix_computed_once_trains_the_same_adapter(tiny_model: Path, store: ArtifactStore) -> None:
+    from safetensors.torch import load_file
+
+    settings = ["train.dropout=0", "train.max_steps=4", "train.log_every=1"]
+    shared = _train(tiny_model, store, *settings)
+    whole = _train(tiny_model, store, *settings, "train.share_prompt_prefix=false")
+    assert shared.key != whole.key and whole.metrics["shared_prefix_share"] == 0
+    assert shared.metrics["shared_prefix_share"] > 0.3  # the demo's system prompt, once per micro-batch of 4
+    assert shared.metrics["padding_share"] == 0 < whole.metrics["padding_share"]
+    assert shared.metrics["tokens"] == whole.metrics["tokens"]  # the same rows trained on
+
+    def losses(train: Artifact) -> list[float]:
+        lines = train.file("history.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    assert len(losses(shared)) == 4 and losses(shared) == pytest.approx(losses(whole), rel=1e-4)
+    assert shared.metrics["val_loss"] == pytest.approx(whole.metrics["val_loss"], rel=1e-4)
+    weights = "adapter/adapter_model.safetensors"
+    a, b = load_file(shared.file(weights)), load_file(whole.file(weights))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= 1e-4 * b[name].abs().max() + 1e-7, name
 
 
 def test_8bit_optimizer_trains_on_cpu_and_paged_ones_are_refused(tiny_model: Path, store: ArtifactStore) -> None:

@@ -999,11 +999,14 @@ class Sharing(NamedTuple):
 
     pair_per_token: float  # an attention (query, key) pair's compute in a token's linear-layer compute
     window: int | None  # the model's sliding attention window, if any: longer rows are padded instead
+    boolean_masks: bool  # the attention honours a boolean 4-D mask (sdpa; eager adds it as numbers): else padded
 
     def pays(self, batch: list[dict[str, Any]], prefix: int) -> bool:
         """Whether one sequence with the prefix once costs less than the padded batch (tokens through the
         linear layers plus attention pairs; a custom mask makes attention dense over the whole sequence)."""
         lengths = [len(row["input_ids"]) for row in batch]
+        if not self.boolean_masks:
+            return False
         if self.window and max(lengths) > self.window:  # a 4D mask replaces the model's sliding-window masks
             return False
         shared = prefix + sum(length - prefix for length in lengths)
@@ -1012,7 +1015,9 @@ class Sharing(NamedTuple):
 
 
 def prefix_sharing(model: Any) -> Sharing:
-    """The model's cost ratio of an attention pair to a token (forward FLOPs) and its sliding window."""
+    """The model's cost ratio of an attention pair to a token (forward FLOPs), its sliding window and whether
+    its attention takes the boolean mask of one shared-prefix sequence (measured on Gemma 3 270M: equal losses
+    under sdpa, wrong ones under eager, which adds the mask to the scores)."""
     import torch
 
     config = model.config.get_text_config()
@@ -1023,7 +1028,8 @@ def prefix_sharing(model: Any) -> Sharing:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     pair = 4 * heads * head_dim * config.num_hidden_layers  # q.k and attention x v, every layer
-    return Sharing(pair / max(2 * linear, 1), getattr(config, "sliding_window", None))
+    return Sharing(pair / max(2 * linear, 1), getattr(config, "sliding_window", None),
+                   model.config._attn_implementation == "sdpa")  # fmt: skip
 
 
 def collate_micro_batch(

@@ -104,6 +104,8 @@ def test_sharing_is_used_only_where_it_costs_less(tiny_model: Path) -> None:
     assert shared.input_ids.numel() == shared.real_tokens - 3 * len(SYSTEM)  # the prefix once, not four times
     assert padded.padding == padded.input_ids.numel() - padded.real_tokens > 0
     # long rows with a short shared prefix: one sequence's dense attention would cost more than padding
-    assert not Sharing(sharing.pair_per_token, None).pays(_rows([(400, 10)] * 4), len(SYSTEM))
-    assert Sharing(sharing.pair_per_token, None).pays(rows, len(SYSTEM))
-    assert not Sharing(sharing.pair_per_token, 16).pays(rows, len(SYSTEM))  # rows longer than a sliding window
+    assert not Sharing(sharing.pair_per_token, None, True).pays(_rows([(400, 10)] * 4), len(SYSTEM))
+    assert Sharing(sharing.pair_per_token, None, True).pays(rows, len(SYSTEM))
+    assert not Sharing(sharing.pair_per_token, 16, True).pays(rows, len(SYSTEM))  # rows longer than a window
+    eager = prefix_sharing(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager"))
+    assert sharing.boolean_masks and not eager.boolean_masks and not eager.pays(rows, len(SYSTEM))

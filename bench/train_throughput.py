@@ -16,8 +16,8 @@ same sequence length, LoRA config, batch size, learning rate, schedule and numbe
   padding_free and bfd packing need flash-attention position_ids, which CPU torch lacks: not applied);
 - ours: `tasks.train.train_adapter` with its defaults (each step's rows as micro-batches of 4 sorted by length
   within the step, so each step is a random sample with the gradient of one batch; no checkpointing);
-  ours+prefix: the same with the prompt prefix a micro-batch's rows share computed once
-  (`train.share_prompt_prefix=true`, opt-in); ours+gc:
+  the prompt prefix a micro-batch's rows share is computed once (`train.share_prompt_prefix`, the default);
+  ours-whole: the same with every row computed whole (`train.share_prompt_prefix=false`); ours+gc:
   the same with `train.gradient_checkpointing` (the tutorial's memory setting); ours with `train.packing`
   (batch size in packed sequences = the number that holds `--batch-size` rows on average, so every recipe sees
   about the same rows and tokens per optimizer step, with the same schedule); opt-in: ours+random (no length
@@ -70,7 +70,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # attend across their neighbours.
     "trl-tuned": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
     "ours": {},
-    "ours+prefix": {"share_prompt_prefix": True},  # a micro-batch's shared prompt prefix computed once (opt-in)
+    "ours-whole": {"share_prompt_prefix": False},  # every row computes its own prompt prefix (padded batches)
     "ours+gc": {"gradient_checkpointing": True},
     "ours+packing": {"packing": True},
 }

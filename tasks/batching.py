@@ -173,13 +173,27 @@ def labelled_token_losses(
     targets = labels[:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
     # use_cache=False: no key/value cache for a single forward (transformers builds one by default)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False,
-                   **extra).logits  # fmt: skip
+    logits = model(input_ids=input_ids, attention_mask=as_attention_mask(model, attention_mask), logits_to_keep=keep,
+                   use_cache=False, **extra).logits  # fmt: skip
     targets = targets[:, keep]
     losses = torch.nn.functional.cross_entropy(
         logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
     )
     return losses, targets
+
+
+def as_attention_mask(model: Any, mask: Any) -> Any:
+    """`mask` as the model's attention takes it. A boolean 4-D mask (packed rows, a shared prompt prefix) goes
+    to sdpa as it is; eager attention adds the mask to the scores, so it gets 0 where a query attends and the
+    float32 minimum elsewhere (a boolean there would add 1 and 0: measured wrong on Gemma 3 270M). 2-D padding
+    masks pass unchanged: transformers builds the 4-D mask from them itself."""
+    import torch
+
+    if mask.dim() != 4 or mask.dtype != torch.bool or model.config._attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+        ~mask, torch.finfo(torch.float32).min
+    )
 
 
 def _loss_sums(

@@ -214,15 +214,14 @@ class TrainConfig(BaseModel):
         "padding; attention is block-diagonal and positions restart per row, so rows never see each other.",
     )
     share_prompt_prefix: bool = Field(
-        False,
+        True,
         description="Compute the leading tokens a micro-batch's rows share (a system prompt, a fixed instruction) "
         "once per micro-batch instead of once per row: the rows run as one sequence in which each row attends to "
         "the shared prefix and to itself (the same losses and gradient, up to float summation order; with LoRA "
         "dropout the rows also share the prefix's dropout mask). Used for a micro-batch only where the estimated "
         "compute (tokens, plus attention pairs over the one sequence) is lower than padding the rows and no row is "
-        "longer than a sliding attention window; not with packing. Opt-in for now: it changes the training "
-        "trajectory with dropout (shared masks), which moved two borderline GGUF verdicts of tiny random models in "
-        "the test suite (test_gates and the Phi-3 row of the architecture matrix, 2026-12-06).",
+        "longer than a sliding attention window; not with packing. Under sdpa or eager attention (others pad the "
+        "rows as before). false: every row computes its own prefix (the trajectory before 2026-12-06).",
     )
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
         "adamw",
@@ -999,13 +998,13 @@ class Sharing(NamedTuple):
 
     pair_per_token: float  # an attention (query, key) pair's compute in a token's linear-layer compute
     window: int | None  # the model's sliding attention window, if any: longer rows are padded instead
-    boolean_masks: bool  # the attention honours a boolean 4-D mask (sdpa; eager adds it as numbers): else padded
+    masks_4d: bool  # the attention takes a 4-D mask (sdpa; eager through `as_attention_mask`): else padded
 
     def pays(self, batch: list[dict[str, Any]], prefix: int) -> bool:
         """Whether one sequence with the prefix once costs less than the padded batch (tokens through the
         linear layers plus attention pairs; a custom mask makes attention dense over the whole sequence)."""
         lengths = [len(row["input_ids"]) for row in batch]
-        if not self.boolean_masks:
+        if not self.masks_4d:
             return False
         if self.window and max(lengths) > self.window:  # a 4D mask replaces the model's sliding-window masks
             return False
@@ -1016,8 +1015,8 @@ class Sharing(NamedTuple):
 
 def prefix_sharing(model: Any) -> Sharing:
     """The model's cost ratio of an attention pair to a token (forward FLOPs), its sliding window and whether
-    its attention takes the boolean mask of one shared-prefix sequence (measured on Gemma 3 270M: equal losses
-    under sdpa, wrong ones under eager, which adds the mask to the scores)."""
+    its attention takes the 4-D mask of one shared-prefix sequence (sdpa, and eager with the mask made additive
+    by `as_attention_mask`; other kernels, such as flash attention, take no 4-D mask)."""
     import torch
 
     config = model.config.get_text_config()
@@ -1029,7 +1028,7 @@ def prefix_sharing(model: Any) -> Sharing:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     pair = 4 * heads * head_dim * config.num_hidden_layers  # q.k and attention x v, every layer
     return Sharing(pair / max(2 * linear, 1), getattr(config, "sliding_window", None),
-                   model.config._attn_implementation == "sdpa")  # fmt: skip
+                   model.config._attn_implementation in ("sdpa", "eager"))  # fmt: skip
 
 
 def collate_micro_batch(

@@ -30,6 +30,10 @@ FAST = [
     "quantize.types=[f16, q8_0, lora_f16]", "quantize.imatrix=off", "quantize.probe_rows=4",
     "quantize.fidelity_rows=4", "quantize.max_new_tokens=4", "quantize.on_failure=fail",
     "publish.include_gguf=[f16, q8_0, lora_f16]",
+    # A random-weight model's next-token logits nearly tie, so f16 rounding flips the argmax at a few of the ~250
+    # positions: f16 top-1 0.986-1.000 across trainings of the Phi-3 row against the default 0.99 (which is set
+    # for trained models). The row checks that every gate runs, at limits with headroom for these models.
+    "quantize.min_top1_agreement.f16=0.95",
 ]  # fmt: skip
 
 

@@ -138,11 +138,32 @@ def test_gguf_past_its_limits_fails_the_stage_when_asked(first_run: dict, tmp_pa
     from loraforge.tasks.quantize import QuantizeConfig, quantize_gguf
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
+    # Limits no 4-bit file meets: any quantization error gives a KL above 0 (top-1 and the perplexity ratio alone
+    # can both come out at 1.0 on 2 rows of a sharp tiny adapter, which made the verdict depend on training).
     config = QuantizeConfig(types=["q4_k_m"], probe_rows=2, fidelity_rows=2, on_failure="fail",
-                            min_top1_agreement={"q4_k_m": 1.0}, max_ppl_ratio={"q4_k_m": 1.0})  # fmt: skip
+                            max_mean_kl={"q4_k_m": 0.0}, min_top1_agreement={"q4_k_m": 1.0},
+                            max_ppl_ratio={"q4_k_m": 1.0})  # fmt: skip
     assert config.max_mean_kl["q8_0"] == 0.02  # other types keep their defaults
     with pytest.raises(StageError, match=r"GGUF fidelity check failed \(quantize.on_failure=fail\):\n  - q4_k_m: "):
         quantize_gguf(config, "t", EvalConfig(), *_chain(a), store)
+
+
+def test_gguf_checks_side_by_side_measure_what_one_at_a_time_measures(
+    first_run: dict, tiny_model: Path, workdir: Path, hub: str, tmp_path: Path
+) -> None:
+    from loraforge.tasks.quantize import quantize_gguf
+
+    config = _config(tiny_model, workdir, hub)
+    first = ArtifactStore(first_run["store"]).get("quantize", first_run["stages"]["quantize"]["key"])
+    ran = first.manifest["checks_side_by_side"]  # what the first run's machine allowed (auto)
+    other = 1 if ran > 1 else len(first.manifest["gguf"])  # the other way: one at a time, or all side by side
+    store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
+    again = quantize_gguf(config.quantize.model_copy(update={"parallel_checks": other}), config.name,
+                          config.eval, *_chain(a), store)  # fmt: skip
+    assert again.key == first.key and not again.cached  # parallel_checks is not part of the key
+    assert again.manifest["checks_side_by_side"] == other != ran
+    assert again.manifest["gguf"] == first.manifest["gguf"]  # every figure, verdict and file the same
+    assert len(first.manifest["gguf"]) >= 3
 
 
 def test_eval_compares_with_the_published_adapter(first_run: dict, hub: str) -> None:

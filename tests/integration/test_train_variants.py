@@ -301,8 +301,8 @@ def test_a_shared_prompt_prefix_computed_once_trains_the_same_adapter(tiny_model
     from safetensors.torch import load_file
 
     settings = ["train.dropout=0", "train.max_steps=4", "train.log_every=1"]
-    shared = _train(tiny_model, store, *settings, "train.share_prompt_prefix=true")
-    whole = _train(tiny_model, store, *settings)  # the default: every row computed whole
+    shared = _train(tiny_model, store, *settings)  # the default: the prefix once per micro-batch
+    whole = _train(tiny_model, store, *settings, "train.share_prompt_prefix=false")  # every row computed whole
     assert shared.key != whole.key and whole.metrics["shared_prefix_share"] == 0
     assert shared.metrics["shared_prefix_share"] > 0.3  # the demo's system prompt, once per micro-batch of 4
     assert shared.metrics["padding_share"] == 0 < whole.metrics["padding_share"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.tasks.batching import collate, collate_packed, pack_rows
+from loraforge.tasks.batching import as_attention_mask, collate, collate_packed, pack_rows
 
 
 def _rows(lengths: list[int], seed: int = 0) -> list[dict]:
@@ -43,15 +43,17 @@ def test_first_label_of_every_packed_row_is_ignored() -> None:
     assert packed["labels"][1:4] == rows[0]["input_ids"][1:] and packed["labels"][5:] == rows[1]["input_ids"][1:]
 
 
-def test_packed_forward_equals_each_row_alone(tiny_model: Path) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager takes the mask additive (as_attention_mask)
+def test_packed_forward_equals_each_row_alone(tiny_model: Path, attention: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention).eval()
     rows = _rows([11, 7, 5, 9, 3], seed=1)
     packed = pack_rows(rows, capacity=20)
     assert len(packed) < len(rows)
-    ids, labels, mask, positions = collate_packed(packed, pad_id=0)
+    ids, labels, boolean, positions = collate_packed(packed, pad_id=0)
+    mask = as_attention_mask(model, boolean)
     assert mask.shape == (len(packed), 1, ids.shape[1], ids.shape[1])
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits

@@ -52,13 +52,14 @@ def test_the_one_sequence_layout_keeps_each_row_to_itself() -> None:
     )
 
 
-def test_losses_and_lora_gradient_equal_the_padded_batch(tiny_model: Path) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager adds the mask to the scores (as_attention_mask)
+def test_losses_and_lora_gradient_equal_the_padded_batch(tiny_model: Path, attention: str) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     model = get_peft_model(base, config, autocast_adapter_dtype=False)
     for name, param in model.named_parameters():  # B = 0 at init: give it weights so gradients reach A too
@@ -108,4 +109,5 @@ def test_sharing_is_used_only_where_it_costs_less(tiny_model: Path) -> None:
     assert Sharing(sharing.pair_per_token, None, True).pays(rows, len(SYSTEM))
     assert not Sharing(sharing.pair_per_token, 16, True).pays(rows, len(SYSTEM))  # rows longer than a window
     eager = prefix_sharing(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager"))
-    assert sharing.boolean_masks and not eager.boolean_masks and not eager.pays(rows, len(SYSTEM))
+    assert sharing.masks_4d and eager.masks_4d and eager.pays(rows, len(SYSTEM))
+    assert not Sharing(sharing.pair_per_token, None, False).pays(rows, len(SYSTEM))  # a kernel without 4-D masks

@@ -44,7 +44,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ if TYPE_CHECKING:
     from loraforge.tasks.evaluate import EvalConfig
     from loraforge.tasks.train import OnStep
 
-RUNTIME_ONLY = {"tool_timeout_s", "tool_threads", "parallel_checks"}  # do not change the result: not in the key
+RUNTIME_ONLY = {"tool_timeout_s", "tool_threads"}  # do not change the result: not part of the key
 KEYED_DIRS = ("metrics",)  # the probe scores with the metric modules run by path: part of the key's code version
 ProbeMetric = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "entity_f1"]  # = ANSWER_METRICS (a test)
 QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "lora_f16"]
@@ -127,14 +126,12 @@ class QuantizeConfig(BaseModel):
         16, ge=1, description="Test rows answered by each GGUF file and the merged model (the eval's answer metrics)."
     )
     max_new_tokens: int = Field(16, ge=1, description="Most tokens generated per probe answer.")
-    n_threads: int = Field(1, ge=1, description="llama.cpp threads for the checks (1 is robust on busy machines).")
-    parallel_checks: int = Field(
-        0,
-        ge=0,
-        description="GGUF files checked side by side, each in its own llama.cpp context on n_threads threads. 0 = "
-        "as many as the cores this process may use allow (cores / n_threads) and half the available memory holds "
-        "(the largest file per check). Each check's figures are the same at any count (each file is evaluated "
-        "alone on its own threads), so not part of the key.",
+    n_threads: int = Field(
+        1,
+        ge=1,
+        description="llama.cpp threads for the checks' generation (1 is robust on busy machines); their prompt "
+        "batches (the fidelity rows, each probe's prompt) run on every core this process may use (side-by-side "
+        "checks on 1 thread each measured no faster on 2 cores: docs/bench.md).",
     )
     tool_timeout_s: float = Field(
         3600,
@@ -397,7 +394,9 @@ def _build_gguf(
         logprobs = draft.path / ".hf-logprobs"  # not part of the artifact: removed after the checks
         reference = _hf_reference(model_dir, data, fidelity_rows, probes, metrics, config, logprobs)
         done("reference")
-        draft.extra["checks_side_by_side"] = _check_all(list(ggufs.values()), base_gguf, reference, config, done)
+        for gguf in ggufs.values():
+            _measure_and_judge(gguf, base_gguf, reference, config)
+            done(f"check {gguf.qtype}")
         if base_gguf is not None:
             base_gguf.unlink()
         shutil.rmtree(logprobs)
@@ -464,58 +463,6 @@ def _lora_types(job: _Job, ggufs: dict[str, _GgufFile], base: Artifact, train: A
         base_gguf = job.folder / ".base-F16.gguf"
         _convert_lora(job, base, train, ggufs[qtype].path, base_gguf, qtype)
     return base_gguf
-
-
-def _check_all(
-    ggufs: list[_GgufFile], base_gguf: Path | None, reference: HFReference, config: QuantizeConfig,
-    done: Callable[[str], None],
-) -> int:  # fmt: skip
-    """Measure and judge every file (`_measure_and_judge`), `_check_workers` of them side by side in threads
-    (returned): llama.cpp and torch release the GIL while they compute, and each check runs its own context on
-    its own llama.cpp threads, so its figures do not depend on what runs beside it. The first error stops the
-    stage (the checks already running finish first)."""
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-
-    files = [f for g in ggufs for f in (g.path, g.candidate, base_gguf if g.qtype in LORA_TYPES else None) if f]
-    workers = _check_workers(config, files, len(ggufs))
-    if workers == 1:
-        for gguf in ggufs:
-            _measure_and_judge(gguf, base_gguf, reference, config)
-            done(f"check {gguf.qtype}")
-        return workers
-    print(f"[quantize] checking {len(ggufs)} files, {workers} side by side ({config.n_threads} llama.cpp thread each)")
-    with ThreadPoolExecutor(workers, thread_name_prefix="gguf-check") as pool:
-        pending = {pool.submit(_measure_and_judge, g, base_gguf, reference, config): g.qtype for g in ggufs}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in finished:
-                qtype = pending.pop(future)
-                if future.exception() is not None:
-                    for other in pending:
-                        other.cancel()  # not started yet: never runs
-                    raise future.exception()  # type: ignore[misc]
-                done(f"check {qtype}")
-    return workers
-
-
-def _check_workers(config: QuantizeConfig, files: list[Path], checks: int) -> int:
-    """How many checks run side by side: quantize.parallel_checks, or (0) what the cores and memory allow."""
-    if config.parallel_checks:
-        return min(config.parallel_checks, checks)
-    cores = len(os.sched_getaffinity(0)) // config.n_threads
-    largest = max((f.stat().st_size for f in files), default=1)
-    return max(1, min(checks, cores, int(0.5 * _available_memory() // max(largest, 1))))
-
-
-def _available_memory() -> int:
-    """Bytes of memory available to new work (MemAvailable); a large figure where /proc/meminfo is absent."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**62
 
 
 def _measure_and_judge(gguf: _GgufFile, base_gguf: Path | None, reference: HFReference, config: QuantizeConfig) -> None:
@@ -813,6 +760,7 @@ def _run_tool(
     after `timeout` seconds, or when this process is interrupted, is killed and the stage stops."""
     import codecs
     import io
+    import threading
 
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=out.parent, env=env)
     expired = threading.Event()
@@ -961,9 +909,6 @@ def _probe_scores(metrics: list[str], answers: list[str], rows: list[dict[str, A
     return {k: round(v, 4) for k, v in scores.items()}
 
 
-_SHARED = threading.Lock()  # what side-by-side checks must not do at the same time (`measure_gguf`)
-
-
 def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: QuantizeConfig) -> dict[str, Any]:
     """Load a GGUF in llama-cpp-python and measure it against the merged HF model: template parity, the logits on
     the fidelity rows, and greedy answers to the probe rows with the prompt as the GGUF's own template renders it.
@@ -987,12 +932,12 @@ def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: 
     from llama_cpp import Llama
     from tqdm import tqdm
 
-    with _SHARED:  # side-by-side checks (`_check_all`) share the HF tokenizer; loading is not thread-safe
-        llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=reference.n_ctx,
-                    n_threads=config.n_threads, verbose=False, seed=0, logits_all=True)  # fmt: skip
-        conversations = [row["messages"][:-1] for row in reference.probes]
-        problems, prompts = _template_parity(llm, reference.tokenizer, conversations)
+    llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=reference.n_ctx,
+                n_threads=config.n_threads, n_threads_batch=len(os.sched_getaffinity(0)), verbose=False, seed=0,
+                logits_all=True)  # fmt: skip
     path = lora or path  # the file measured
+    conversations = [row["messages"][:-1] for row in reference.probes]
+    problems, prompts = _template_parity(llm, reference.tokenizer, conversations)
     if problems:
         raise StageError(
             f"{path.name}: the GGUF does not prompt the model the way training did:\n  - " + "\n  - ".join(problems)
@@ -1001,19 +946,16 @@ def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: 
                dynamic_ncols=True, leave=False)  # fmt: skip  # the fidelity rows, then the probe answers
     closeness = _logit_figures(llm, reference, path.name, bar.update)
     answers = []
-    for prompt in prompts:
-        llm.reset()
+    for prompt in prompts:  # no reset: llama-cpp-python evaluates only what a prompt does not share with the last
         reply = llm.create_completion(prompt, max_tokens=config.max_new_tokens, temperature=0.0, top_k=1)
         answers.append(reply["choices"][0]["text"].strip())  # type: ignore[index]
         bar.update()
     bar.close()
     del llm
-    with _SHARED:  # the metric modules load once
-        scores = _probe_scores(reference.metrics, answers, reference.probes)
     return {
         "size_mb": round(path.stat().st_size / 2**20, 1),
         **closeness,
-        **probe_figures(scores, reference.scores),
+        **probe_figures(_probe_scores(reference.metrics, answers, reference.probes), reference.scores),
         "sample_answer": answers[0] if answers else "",
         "template_parity": f"{len(prompts)} prompts identical",
     }
@@ -1028,11 +970,16 @@ def _logit_figures(
     import torch
 
     kl_sum, agree, positions, nll_hf, nll_q, targets = 0.0, 0, 0, 0.0, 0.0, 0
+    previous: list[int] = []
     for row, ref_file in zip(reference.fidelity_rows, reference.logprobs, strict=True):
         ref = torch.load(ref_file, weights_only=True)  # one row's log-probs at a time: memory bounded by one row
         ids = row["input_ids"]
-        llm.reset()
-        llm.eval(ids)
+        # The leading tokens this row shares with the one before (template header, system prompt) keep their keys,
+        # values and logits in llama.cpp's context: only the rest is evaluated (its own prompt cache does the same
+        # for the probe answers). Every position's logits are still the ones this row's tokens give.
+        llm.n_tokens = min(_common_prefix(previous, ids), len(ids) - 1)
+        llm.eval(ids[llm.n_tokens :])
+        previous = ids
         scores = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
         if not torch.isfinite(scores).all():
             raise StageError(f"{name}: llama.cpp produced NaN/inf logits; the file is corrupt.")
@@ -1052,6 +999,11 @@ def _logit_figures(
         "ppl_ratio": round(math.exp((nll_q - nll_hf) / max(targets, 1)), 5),
         "fidelity_positions": positions,
     }
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def verdict(figures: Mapping[str, Any], limits: GgufLimits) -> list[str]:

@@ -148,24 +148,6 @@ def test_gguf_past_its_limits_fails_the_stage_when_asked(first_run: dict, tmp_pa
         quantize_gguf(config, "t", EvalConfig(), *_chain(a), store)
 
 
-def test_gguf_checks_side_by_side_measure_what_one_at_a_time_measures(
-    first_run: dict, tiny_model: Path, workdir: Path, hub: str, tmp_path: Path
-) -> None:
-    from loraforge.tasks.quantize import quantize_gguf
-
-    config = _config(tiny_model, workdir, hub)
-    first = ArtifactStore(first_run["store"]).get("quantize", first_run["stages"]["quantize"]["key"])
-    ran = first.manifest["checks_side_by_side"]  # what the first run's machine allowed (auto)
-    other = 1 if ran > 1 else len(first.manifest["gguf"])  # the other way: one at a time, or all side by side
-    store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
-    again = quantize_gguf(config.quantize.model_copy(update={"parallel_checks": other}), config.name,
-                          config.eval, *_chain(a), store)  # fmt: skip
-    assert again.key == first.key and not again.cached  # parallel_checks is not part of the key
-    assert again.manifest["checks_side_by_side"] == other != ran
-    assert again.manifest["gguf"] == first.manifest["gguf"]  # every figure, verdict and file the same
-    assert len(first.manifest["gguf"]) >= 3
-
-
 def test_eval_compares_with_the_published_adapter(first_run: dict, hub: str) -> None:
     from loraforge.tasks.evaluate import EvalConfig, evaluate_adapter
 

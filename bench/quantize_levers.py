@@ -103,16 +103,22 @@ def _stage_runs(items: list[str], runs: list[str], ups: dict[str, Any], scratch:
         got = {stage: store.get(stage, artifact.key) for stage, artifact in ups.items()}
         config = load_config(items[0], [*items[1:], *STAGE_RUNS[run]])
         started = time.perf_counter()
+        pieces: dict[str, float] = {}  # seconds of each piece of the stage's work, in order (its on_step)
+
+        def piece_done(step: dict[str, Any], total: int, pieces: dict = pieces, started: float = started) -> None:
+            pieces[step["work"]] = round(time.perf_counter() - started - sum(pieces.values()), 1)
+
         quantize = quantize_gguf(config.quantize, config.name, config.eval, got["base"], got["data"], got["train"],
-                                 got["merge"], store)  # fmt: skip
+                                 got["merge"], store, on_step=piece_done)  # fmt: skip
         seconds = time.perf_counter() - started
         verdicts = {q: g["passed"] for q, g in quantize.manifest["gguf"].items()}
         kept = {q: g["imatrix"] for q, g in quantize.manifest["gguf"].items() if "imatrix_vs_plain" in g}
         chunks = (quantize.manifest.get("imatrix") or {}).get("chunks")
         rows.append({"run": run, "overrides": STAGE_RUNS[run], "seconds": round(seconds, 1),
                      "vs_train": round(seconds / ups["train"].manifest["duration_s"], 3), "passed": verdicts,
-                     "imatrix_kept": kept, "imatrix_chunks": chunks})  # fmt: skip
-        print(f"[bench] stage {run}: {seconds:.1f} s ({rows[-1]['vs_train']} x train), passed {verdicts}", flush=True)
+                     "imatrix_kept": kept, "imatrix_chunks": chunks, "pieces_s": pieces})  # fmt: skip
+        print(f"[bench] stage {run}: {seconds:.1f} s ({rows[-1]['vs_train']} x train), passed {verdicts}; {pieces}",
+              flush=True)  # fmt: skip
         shutil.rmtree(root)
     return rows
 

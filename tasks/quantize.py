@@ -30,6 +30,11 @@ translated for Ollama stops the stage with the reason (or set `quantize.modelfil
 
 The converter (convert_hf_to_gguf.py with its gguf-py) comes from the sdist of the pinned llama-cpp-python, so
 the converter and the runtime are the same llama.cpp version; `make setup` extracts it into the cache.
+
+Cost (docs/bench.md, section 7): the converter runs (merged model, adapter, the base the adapter is checked on)
+are single-threaded processes and run side by side; each check keeps the prompt prefix a fidelity row or probe
+shares with the one before in llama.cpp's context and evaluates only the rest; the importance matrix is computed
+once per (merged model, text, chunks) on a machine and taken from its cache after that.
 Run alone: `loraforge stage quantize CONFIG [key=value ...]`.
 """
 
@@ -44,6 +49,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,8 +136,9 @@ class QuantizeConfig(BaseModel):
         1,
         ge=1,
         description="llama.cpp threads for the checks' generation (1 is robust on busy machines); their prompt "
-        "batches (the fidelity rows, each probe's prompt) run on every core this process may use (side-by-side "
-        "checks on 1 thread each measured no faster on 2 cores: docs/bench.md).",
+        "batches (the fidelity rows, each probe's prompt) run on every core this process may use, or on "
+        "OMP_NUM_THREADS when that is set (side-by-side checks on 1 thread each measured no faster on 2 cores: "
+        "docs/bench.md).",
     )
     tool_timeout_s: float = Field(
         3600,
@@ -142,8 +149,8 @@ class QuantizeConfig(BaseModel):
     tool_threads: int = Field(
         0,
         ge=0,
-        description="Threads for llama-imatrix and llama-quantize; 0 = every core this process may use. Their "
-        "files are the same bytes at any count (checked), so not part of the key.",
+        description="Threads for llama-imatrix and llama-quantize; 0 = every core this process may use "
+        "(OMP_NUM_THREADS when set). Their files are the same bytes at any count (checked), so not part of the key.",
     )
     fidelity_rows: int = Field(
         8,
@@ -180,10 +187,12 @@ class QuantizeConfig(BaseModel):
     )
     imatrix_ctx: int = Field(512, ge=32, le=8192, description="Tokens per chunk of training text fed to llama-imatrix.")
     imatrix_chunks: int = Field(
-        8,
+        4,
         ge=1,
         description="Most chunks of imatrix_ctx tokens used (the train split needs at least 2 chunks). Time grows "
-        "with each chunk; on the demo, q4_k_m's KL did not improve from 2 to 64 chunks (bench/quantize_levers.py).",
+        "with each chunk (about 2 s per chunk of a 135M model on 2 cores); on the demo, q4_k_m's KL did not improve "
+        "from 2 to 64 chunks (bench/quantize_levers.py). Raise it for a model where the matrix pays off "
+        "(imatrix=auto measures that).",
     )
     modelfile: bool = Field(
         True,
@@ -270,8 +279,9 @@ def quantize_gguf(
         train: the train artifact (the adapter GGUF types convert its adapter).
         merge: the merge artifact (the HF folder to convert), made from `base` and `train`.
         store: where artifacts live.
-        on_step: called after each piece of work (converting, the importance matrix, quantizing, the adapter
-            GGUF, the merged model's reference, each type's check) with {"step": n, "work": what} and their count.
+        on_step: called after each piece of work (converting: every converter run, merged model, adapter and
+            base, side by side; the importance matrix, quantizing, the merged model's reference, each type's
+            check) with {"step": n, "work": what} and their count.
 
     Returns:
         The quantize artifact with the GGUF files and per-type checks in the manifest metrics.
@@ -375,11 +385,10 @@ def _build_gguf(
     imatrix_types = [t for t in config.types if t in IMATRIX_TYPES] if config.imatrix != "off" else []
     tools = _tools_dir(llama_cpp.__version__) if imatrix_types else None
     settings = _settings(config, name, sampling, metrics)
-    lora_types = [t for t in config.types if t in LORA_TYPES]
-    done = _work_done(on_step, 3 + (tools is not None) + bool(lora_types) + len(config.types))
+    done = _work_done(on_step, 3 + (tools is not None) + len(config.types))
     with store.create("quantize", key, settings, inputs, code, started=started) as draft:
         job = _Job(config, name, slug, draft.path, converter, model_dir, tools)
-        ggufs = _convert_types(job)
+        ggufs, adapters, base_gguf = _convert_all(job, base, train)
         done("convert")
         imatrix: Path | None = None
         if tools is not None:
@@ -387,10 +396,8 @@ def _build_gguf(
             draft.extra["imatrix"] = _imatrix(tools, job.gguf("f16"), merge, data, imatrix, config)
             done("imatrix")
         _quantize_types(job, ggufs, imatrix)
+        ggufs.update(adapters)  # checked and recorded after the merged model's types
         done("quantize")
-        base_gguf = _lora_types(job, ggufs, base, train)
-        if lora_types:
-            done("adapter gguf")
         logprobs = draft.path / ".hf-logprobs"  # not part of the artifact: removed after the checks
         reference = _hf_reference(model_dir, data, fidelity_rows, probes, metrics, config, logprobs)
         done("reference")
@@ -422,15 +429,32 @@ def _work_done(on_step: OnStep | None, total: int) -> Callable[[str], None]:
     return done
 
 
-def _convert_types(job: _Job) -> dict[str, _GgufFile]:
-    """The types llama.cpp's converter writes (f16, bf16), f16 also when llama_model_quantize needs it."""
+def _convert_all(
+    job: _Job, base: Artifact, train: Artifact
+) -> tuple[dict[str, _GgufFile], dict[str, _GgufFile], Path | None]:
+    """Every converter run of the build, side by side (each is a single-threaded Python process: on the demo, 17.7
+    s one after another, docs/bench.md): the types llama.cpp's converter writes from the merged model (f16,
+    bf16; f16 also when llama_model_quantize needs it), the adapter-only types (GGUF naming:
+    <name>-<encoding>-LoRA), and the f16 GGUF of the base those are checked on, which is not part of the artifact.
+
+    Returns:
+        (the merged model's files, the adapter files, that base GGUF or None without adapter types).
+    """
     types = job.config.types
     needs_f16 = "f16" in types or any(t in LLAMA_FTYPES for t in types)
-    ggufs: dict[str, _GgufFile] = {}
-    for qtype in [t for t in CONVERTER_TYPES if t in types or (t == "f16" and needs_f16)]:
-        ggufs[qtype] = _GgufFile(qtype, job.gguf(qtype))
-        _convert(job.converter, job.model_dir, ggufs[qtype].path, qtype, job.name, job.config.tool_timeout_s)
-    return ggufs
+    merged = {q: _GgufFile(q, job.gguf(q)) for q in CONVERTER_TYPES if q in types or (q == "f16" and needs_f16)}
+    adapters: dict[str, _GgufFile] = {q: _GgufFile(q, job.folder / f"{job.slug}-{LORA_TYPES[q].upper()}-LoRA.gguf")
+                for q in types if q in LORA_TYPES}  # fmt: skip
+    runs = [_conversion(job.converter, job.model_dir, g.path, q, job.name) for q, g in merged.items()]
+    base_gguf = job.folder / ".base-F16.gguf" if adapters else None
+    trained_base = job.folder / ".base-hf"  # the base's files (linked), its tokenizer files the merged model's
+    if base_gguf is not None:
+        runs += [_adapter_conversion(job, base, train, g.path, q) for q, g in adapters.items()]
+        _link_trained_base(job, base, trained_base)
+        runs.append(_conversion(job.converter, trained_base, base_gguf, "f16", f"{job.name}-base"))
+    _side_by_side(runs, job.converter, job.config.tool_timeout_s)
+    shutil.rmtree(trained_base, ignore_errors=True)
+    return merged, adapters, base_gguf
 
 
 def _quantize_types(job: _Job, ggufs: dict[str, _GgufFile], imatrix: Path | None) -> None:
@@ -452,17 +476,6 @@ def _quantize_types(job: _Job, ggufs: dict[str, _GgufFile], imatrix: Path | None
         print(f"[quantize] {qtype} from f16, plain ({gguf.fallback_tensors} tensors needed a fallback type)")
     if "f16" in ggufs and "f16" not in config.types:  # only an intermediate for llama_model_quantize
         ggufs.pop("f16").path.unlink()
-
-
-def _lora_types(job: _Job, ggufs: dict[str, _GgufFile], base: Artifact, train: Artifact) -> Path | None:
-    """The adapter-only types (GGUF naming: <name>-<encoding>-LoRA) and the f16 GGUF of the base they are
-    checked on, which is not part of the artifact; returns that base file (None without adapter types)."""
-    base_gguf: Path | None = None
-    for qtype in [t for t in job.config.types if t in LORA_TYPES]:
-        ggufs[qtype] = _GgufFile(qtype, job.folder / f"{job.slug}-{LORA_TYPES[qtype].upper()}-LoRA.gguf")
-        base_gguf = job.folder / ".base-F16.gguf"
-        _convert_lora(job, base, train, ggufs[qtype].path, base_gguf, qtype)
-    return base_gguf
 
 
 def _measure_and_judge(gguf: _GgufFile, base_gguf: Path | None, reference: HFReference, config: QuantizeConfig) -> None:
@@ -723,7 +736,13 @@ def _keep_imatrix(cached: Path, out: Path, record: dict[str, Any]) -> None:
 
 def _tool_threads(config: QuantizeConfig) -> int:
     """quantize.tool_threads, 0 meaning every core this process may use."""
-    return config.tool_threads or len(os.sched_getaffinity(0))
+    return config.tool_threads or _cores()
+
+
+def _cores() -> int:
+    """The threads a whole-machine piece of work takes: OMP_NUM_THREADS when set (as torch takes it: the usual way
+    to give a process fewer cores, e.g. two test workers on two cores), else every core this process may use."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
 
 
 def _quantize_with_imatrix(
@@ -754,15 +773,16 @@ def _run_tool(
     timeout: float,
     env: dict[str, str] | None = None,
     on_output: Callable[[str], object] | None = None,
+    group: _ToolGroup | None = None,
 ) -> str:
     """Run a tool (llama.cpp's, or the converter) in `out`'s folder; returns its log (stdout and stderr, as
     written), or raises with the log's tail. `on_output` sees the log as it comes (progress). A tool still running
     after `timeout` seconds, or when this process is interrupted, is killed and the stage stops."""
     import codecs
     import io
-    import threading
 
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=out.parent, env=env)
+    start = group.popen if group is not None else subprocess.Popen
+    process = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=out.parent, env=env)
     expired = threading.Event()
 
     def expire() -> None:
@@ -796,34 +816,34 @@ def _run_tool(
     return output
 
 
-def _convert_lora(job: _Job, base: Artifact, train: Artifact, out: Path, base_gguf: Path, qtype: str) -> None:
-    """The adapter as a GGUF LoRA (llama.cpp applies it at load time), and an f16 GGUF of the base to check it on
-    (`base` as provisioned on this machine: its model_path is a folder here). That base GGUF carries the merged
-    model's tokenizer files (the trained chat template, stop tokens), so the check prompts as training did, as a
-    user applying the adapter with the trained template would."""
+def _adapter_conversion(job: _Job, base: Artifact, train: Artifact, out: Path, qtype: str) -> _ToolRun:
+    """The converter run that writes the adapter as a GGUF LoRA (llama.cpp applies it at load time), against
+    `base` as provisioned on this machine (its model_path is a folder here)."""
     from loraforge.tasks.models import read_base
     from loraforge.tasks.train import read_train
 
-    base_dir = read_base(base).model_path
     if read_train(train).use_dora:
         raise StageError(
             f"quantize.types has {qtype}, but llama.cpp's LoRA GGUF cannot hold DoRA magnitudes; drop {qtype} "
             "(the merged GGUF types carry DoRA fine) or train with train.use_dora=false."
         )
     print(f"[quantize] converting the adapter to a {LORA_TYPES[qtype]} GGUF LoRA")
-    cmd = [sys.executable, str(job.converter / "convert_lora_to_gguf.py"), "--base", str(base_dir), "--outfile",
-           str(out), "--outtype", LORA_TYPES[qtype], str(train.file("adapter"))]  # fmt: skip
-    failure = f"convert_lora_to_gguf.py failed for {train.file('adapter')}"
-    _run_converter(cmd, job.converter, out, failure, job.config.tool_timeout_s)
-    if not base_gguf.is_file():
-        trained_base = job.folder / ".base-hf"  # the base's files (linked), its tokenizer files the merged model's
-        trained_base.mkdir()
-        sources = {path.name: path for path in base_dir.iterdir() if path.is_file()}
-        sources.update({p.name: p for p in job.model_dir.iterdir() if p.is_file() and _tokenizer_file(p.name)})
-        for name, source in sources.items():
-            (trained_base / name).symlink_to(source.resolve())
-        _convert(job.converter, trained_base, base_gguf, "f16", f"{job.name}-base", job.config.tool_timeout_s)
-        shutil.rmtree(trained_base)
+    cmd = [sys.executable, str(job.converter / "convert_lora_to_gguf.py"), "--base", str(read_base(base).model_path),
+           "--outfile", str(out), "--outtype", LORA_TYPES[qtype], str(train.file("adapter"))]  # fmt: skip
+    return _ToolRun(cmd, out, f"convert_lora_to_gguf.py failed for {train.file('adapter')}")
+
+
+def _link_trained_base(job: _Job, base: Artifact, folder: Path) -> None:
+    """`folder`: the base model's files (linked) with the merged model's tokenizer files, so the base GGUF the
+    adapter types are checked on prompts as training did (the trained chat template, stop tokens), as a user
+    applying the adapter with the trained template would."""
+    from loraforge.tasks.models import read_base
+
+    folder.mkdir()
+    sources = {path.name: path for path in read_base(base).model_path.iterdir() if path.is_file()}
+    sources.update({p.name: p for p in job.model_dir.iterdir() if p.is_file() and _tokenizer_file(p.name)})
+    for name, source in sources.items():
+        (folder / name).symlink_to(source.resolve())
 
 
 def _tokenizer_file(name: str) -> bool:
@@ -833,9 +853,57 @@ def _tokenizer_file(name: str) -> bool:
     )
 
 
-def _run_converter(cmd: list[str], converter: Path, out: Path, failure: str, timeout: float) -> None:
+class _ToolRun(NamedTuple):
+    """One run of a converter: its command, the file it writes, what a failure says."""
+
+    cmd: list[str]
+    out: Path
+    failure: str
+
+
+def _side_by_side(runs: list[_ToolRun], converter: Path, timeout: float) -> None:
+    """Run the converter runs at once, each in a thread of its own waiting on its process (`_run_tool`); the first
+    failure, or an interrupt, stops every one (`_ToolGroup`) and is raised."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
     env = {**os.environ, "PYTHONPATH": str(converter / "gguf-py") + os.pathsep + str(converter), "NO_LOCAL_GGUF": ""}
-    _run_tool(cmd, out, failure, timeout, env)
+    if len(runs) == 1:
+        _run_tool(runs[0].cmd, runs[0].out, runs[0].failure, timeout, env)
+        return
+    group = _ToolGroup()
+    with ThreadPoolExecutor(len(runs), thread_name_prefix="converter") as pool:
+        futures = [pool.submit(_run_tool, run.cmd, run.out, run.failure, timeout, env, None, group) for run in runs]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f.exception() for f in futures if f.done() and f.exception()), None)
+            if failed is not None:
+                raise failed
+        except BaseException:
+            group.stop()  # the other runs' threads then end: the pool's exit waits for them
+            raise
+
+
+class _ToolGroup:
+    """Tool processes started side by side: `stop` kills every one started and refuses any still to start."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: list[subprocess.Popen[bytes]] = []
+        self._stopped = False
+
+    def popen(self, cmd: list[str], **options: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._stopped:
+                raise StageError(f"{Path(cmd[1]).name} not started: a tool run beside it failed")
+            process = subprocess.Popen(cmd, **options)
+            self._running.append(process)
+            return process
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for process in self._running:
+                process.kill()
 
 
 def _converter_dir(version: str) -> Path:
@@ -851,10 +919,16 @@ def _converter_dir(version: str) -> Path:
 
 
 def _convert(converter: Path, model_dir: Path, out: Path, qtype: str, name: str, timeout: float) -> None:
-    print(f"[quantize] converting to {qtype} GGUF")
+    """The HF model folder `model_dir` as a GGUF of type `qtype` (llama.cpp's convert_hf_to_gguf.py)."""
+    _side_by_side([_conversion(converter, model_dir, out, qtype, name)], converter, timeout)
+
+
+def _conversion(converter: Path, model_dir: Path, out: Path, qtype: str, name: str) -> _ToolRun:
+    """The converter run that writes the HF model folder `model_dir` as a GGUF of type `qtype`."""
+    print(f"[quantize] converting {'the base' if name.endswith('-base') else 'the merged model'} to {qtype} GGUF")
     cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
            "--outtype", qtype, "--model-name", name]  # fmt: skip
-    _run_converter(cmd, converter, out, f"convert_hf_to_gguf.py failed for {model_dir} ({qtype})", timeout)
+    return _ToolRun(cmd, out, f"convert_hf_to_gguf.py failed for {model_dir} ({qtype})")
 
 
 def _hf_reference(
@@ -933,7 +1007,7 @@ def measure_gguf(path: Path, lora: Path | None, reference: HFReference, config: 
     from tqdm import tqdm
 
     llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=reference.n_ctx,
-                n_threads=config.n_threads, n_threads_batch=len(os.sched_getaffinity(0)), verbose=False, seed=0,
+                n_threads=config.n_threads, n_threads_batch=_cores(), verbose=False, seed=0,
                 logits_all=True)  # fmt: skip
     path = lora or path  # the file measured
     conversations = [row["messages"][:-1] for row in reference.probes]

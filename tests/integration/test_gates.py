@@ -7,6 +7,7 @@ with the copy, so the shared store stays intact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -114,6 +115,40 @@ def test_template_parity_passes_on_the_real_files(first_run: dict) -> None:
     # Fewer bits, further from the merged model (mean_kl is clamped at 0, so `>= 0` alone would always hold).
     kl = {qtype: info["mean_kl"] for qtype, info in first_run["gguf"].items()}
     assert kl["f16"] < kl["q8_0"] < kl["q4_k_m"], kl
+
+
+def test_rows_sharing_a_prefix_get_the_logits_each_row_gets_alone(
+    first_run: dict, tiny_model: Path, workdir: Path, hub: str, tmp_path: Path
+) -> None:
+    """The checks keep the prompt prefix a row shares with the row before in llama.cpp's context and evaluate only
+    the rest: every figure must be the one of each row evaluated from an empty context."""
+    from llama_cpp import Llama
+
+    from loraforge.tasks.batching import read_split, shared_prefix_length
+    from loraforge.tasks.quantize import _hf_reference, _logit_figures
+
+    config = _config(tiny_model, workdir, hub).quantize
+    store = ArtifactStore(first_run["store"])
+    data, merge, quantize = (store.get(s, first_run["stages"][s]["key"]) for s in ("data", "merge", "quantize"))
+    rows = read_split(data.file("validation.jsonl"))[:4]
+    assert shared_prefix_length(rows) > 10  # the template header and system prompt: what the context keeps
+    probes = read_split(data.file("test.jsonl"))[:1]
+    reference = _hf_reference(merge.file("model"), data, rows, probes, ["accuracy"], config, tmp_path / "logprobs")
+    path = quantize.file(first_run["gguf"]["q8_0"]["file"])
+    llm = Llama(model_path=str(path), n_ctx=reference.n_ctx, n_threads=1, verbose=False, logits_all=True)
+    together = _logit_figures(llm, reference, path.name)
+    alone = []
+    for row, logprobs in zip(rows, reference.logprobs, strict=True):
+        llm.reset()
+        alone.append(_logit_figures(llm, dataclasses.replace(reference, fidelity_rows=[row], logprobs=[logprobs]), ""))
+    positions = sum(a["fidelity_positions"] for a in alone)
+    assert together["fidelity_positions"] == positions
+    assert together["mean_kl"] > 0  # q8_0 differs from the merged model: the comparison is not between zeros
+    assert together["mean_kl"] == pytest.approx(sum(a["mean_kl"] * a["fidelity_positions"] for a in alone) / positions,
+                                                rel=1e-3)  # fmt: skip  # each row's KL is rounded to 4 digits
+    assert together["top1_agreement"] == pytest.approx(
+        sum(a["top1_agreement"] * a["fidelity_positions"] for a in alone) / positions, abs=1e-4
+    )
 
 
 def test_gguf_past_its_limits_is_withheld_from_publishing(

@@ -83,11 +83,12 @@ def test_configs_are_frozen() -> None:
 
 
 def test_per_type_gguf_limits_override_one_type_and_keep_the_rest() -> None:
-    config = load_config(DEMO_CONFIG, ["quantize.max_mean_kl.q4_k_m=0.2", "quantize.min_top1_agreement.q8_0=0.99"])
-    assert config.quantize.max_mean_kl["q4_k_m"] == 0.2
-    assert config.quantize.max_mean_kl["q8_0"] == 0.02  # default kept
-    assert config.quantize.min_top1_agreement["q8_0"] == 0.99
-    assert config.quantize.min_top1_agreement["q4_k_m"] == 0.80
+    config = load_config(DEMO_CONFIG, ["quantize.max_mean_kl.q8_0=0.01", "quantize.min_top1_agreement.q4_k_m=0.9"])
+    assert config.quantize.max_mean_kl["q8_0"] == 0.01
+    assert config.quantize.max_mean_kl["q4_k_m"] == 0.20  # the demo file's own limit kept
+    assert config.quantize.max_mean_kl["f16"] == 0.002  # default kept
+    assert config.quantize.min_top1_agreement["q4_k_m"] == 0.9
+    assert config.quantize.min_top1_agreement["q8_0"] == 0.90
 
 
 def test_unknown_gguf_type_in_limits_is_reported() -> None:

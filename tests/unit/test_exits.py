@@ -84,3 +84,18 @@ def test_a_hung_tool_is_stopped_at_its_timeout(tmp_path: Path) -> None:
         _run_tool([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "out.gguf",
                   "llama-quantize failed", 0.5)  # fmt: skip
     assert time.time() - started < 10
+
+
+def test_a_failing_converter_stops_the_ones_running_beside_it(tmp_path: Path) -> None:
+    from loraforge.tasks.quantize import _side_by_side, _ToolRun
+
+    hung = _ToolRun([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "a.gguf", "base conversion")
+    broken = _ToolRun([sys.executable, "-c", "import sys; print('no tensors'); sys.exit(3)"], tmp_path / "b.gguf",
+                      "adapter conversion failed")  # fmt: skip
+    writes = _ToolRun([sys.executable, "-c", "open('c.gguf', 'w').write('GGUF')"], tmp_path / "c.gguf", "c")
+    started = time.time()
+    with pytest.raises(StageError, match=r"adapter conversion failed \(exit 3\):\nno tensors"):
+        _side_by_side([hung, broken, writes], tmp_path, timeout=120)  # the hung one listed first
+    assert time.time() - started < 10  # killed with the failure, not waited for
+    _side_by_side([writes, writes], tmp_path, timeout=120)  # all succeed: no error
+    assert (tmp_path / "c.gguf").read_text() == "GGUF"

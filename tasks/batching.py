@@ -189,7 +189,9 @@ def as_attention_mask(model: Any, mask: Any) -> Any:
     masks pass unchanged: transformers builds the 4-D mask from them itself."""
     import torch
 
-    if mask.dim() != 4 or mask.dtype != torch.bool or model.config._attn_implementation != "eager":
+    if mask.dim() != 4 or mask.dtype != torch.bool:
+        return mask
+    if getattr(model, "module", model).config._attn_implementation != "eager":  # DDP wraps the model as .module
         return mask
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
         ~mask, torch.finfo(torch.float32).min

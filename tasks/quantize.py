@@ -867,9 +867,6 @@ def _side_by_side(runs: list[_ToolRun], converter: Path, timeout: float) -> None
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     env = {**os.environ, "PYTHONPATH": str(converter / "gguf-py") + os.pathsep + str(converter), "NO_LOCAL_GGUF": ""}
-    if len(runs) == 1:
-        _run_tool(runs[0].cmd, runs[0].out, runs[0].failure, timeout, env)
-        return
     group = _ToolGroup()
     with ThreadPoolExecutor(len(runs), thread_name_prefix="converter") as pool:
         futures = [pool.submit(_run_tool, run.cmd, run.out, run.failure, timeout, env, None, group) for run in runs]

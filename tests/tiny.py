@@ -35,14 +35,44 @@ ARCHITECTURES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 
 def build_tiny_model(target: Path, seed: int = 0, arch: str = "llama") -> Path:
     """Write a randomly initialised tiny causal LM of `arch` (a key of ARCHITECTURES) + tokenizer folder to
-    `target` (nothing when it exists) and return it."""
+    `target` (nothing when it exists) and return it.
+
+    A build (1-20 s: transformers rebuilds a tokenizer from a GGUF's arrays slowly) is kept under the cache, keyed
+    by this module's source, the arguments and the versions of what builds it, and copied from there: the same
+    files a build gives (a seeded initialisation with the same versions)."""
+    import hashlib
+    import os
+    import shutil
+
+    import tokenizers
+    import torch
+    import transformers
+
+    from loraforge.tasks.models import cache_dir
+
+    if (target / "config.json").is_file():
+        return target
+    versions = f"{torch.__version__} {transformers.__version__} {tokenizers.__version__}"
+    stamp = f"{arch} {seed} {versions} {Path(__file__).read_text()}"
+    built = cache_dir() / "tiny-models" / f"{arch}-{seed}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    if not (built / "config.json").is_file():
+        partial = built.with_name(f".{built.name}.{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        _build(partial, seed, arch)
+        try:
+            partial.rename(built)
+        except OSError:  # another process built it first
+            shutil.rmtree(partial)
+    shutil.copytree(built, target, dirs_exist_ok=True)
+    return target
+
+
+def _build(target: Path, seed: int, arch: str) -> None:
     import torch
     import transformers
 
     from loraforge.tasks.models import declare_dtype
 
-    if (target / "config.json").is_file():
-        return target
     config_class, model_class, source, settings = ARCHITECTURES[arch]
     tokenizer = _tokenizer(source)
     config = getattr(transformers, config_class)(
@@ -60,7 +90,6 @@ def build_tiny_model(target: Path, seed: int = 0, arch: str = "llama") -> Path:
         _as_published(target)
     if settings.get("dtype"):  # what the real models of this family declare (merge.dtype=auto reads it)
         declare_dtype(target, settings["dtype"])
-    return target
 
 
 def _as_published(folder: Path) -> None:

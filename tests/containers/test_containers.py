@@ -38,10 +38,12 @@ STAGES = ("base", "data", "train", "eval", "merge", "quantize", "publish")
 MODEL_REPO, DATA_REPO = "loraforge/tiny-llama", "loraforge/tickets"
 CONTAINED_STORE = "s3://loraforge/containers"
 TOKEN = "hf_containers_test_token"
-# The demo config made small (as the integration tests do): tiny model, few eval/probe rows, no push.
+# The demo config made as small as the deployments test's (every stage runs for real on the tiny model, 2 training
+# steps), with the adapter GGUF kept: quantize's adapter conversion reads the train and base artifacts from the
+# bucket too. No push.
 SMALL = [
-    "name=tiny-router", "eval.gate=[loss_delta < 0]", "eval.max_rows=16", "data.max_rows=64",
-    "quantize.types=[q8_0,lora_f16]", "quantize.probe_rows=2", "quantize.fidelity_rows=2", "merge.probe_rows=2",
+    "name=tiny-router", "eval.gate=[loss_delta < 0]", "eval.max_rows=4", "data.max_rows=32", "train.max_steps=2",
+    "quantize.types=[q8_0,lora_f16]", "quantize.probe_rows=1", "quantize.fidelity_rows=1", "merge.probe_rows=1",
     "publish.include_gguf=[q8_0]", "publish.push=never",
 ]  # fmt: skip
 # Files that hold measurements of the run itself (wall time, tokens/s, memory) or the versions of the libraries

@@ -232,7 +232,8 @@ def test_a_rank_that_dies_fails_the_stage_naming_it(tiny_model: Path, tmp_path: 
 def test_pipeline_passes_with_bf16_in_two_processes(tiny_model: Path, tmp_path: Path, hub: str) -> None:
     """data -> train (bf16, 2 processes) -> eval -> merge -> quantize -> publish bundle: every gate passes."""
     config = _config(tiny_model, tmp_path, hub, "train.precision=bf16", "train.processes=2", "publish.push=never",
-                     "quantize.types=[f16,q8_0]", "quantize.imatrix=off", "publish.include_gguf=[q8_0]")  # fmt: skip
+                     "data.max_rows=64", "eval.max_rows=8", "quantize.types=[f16,q8_0]", "quantize.imatrix=off",
+                     "publish.include_gguf=[q8_0]")  # fmt: skip
     record = _run(config)
     assert set(record["stages"]) >= {"data", "train", "eval", "merge", "quantize", "publish"}
     train_stage = ArtifactStore(tmp_path / "store").get("train", record["stages"]["train"]["key"])

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 # architecture -> the chat template its row trains with (auto: the tokenizer's own, SmolLM2's ChatML)
 ROWS = {"llama": "auto", "qwen2": "auto", "qwen3": "auto", "mistral": "auto", "phi3": "auto"}
 FAST = [
-    "data.max_rows=48", "data.max_length=96", "train.max_steps=6", "train.batch_size=4", "train.grad_accum=1",
+    "data.max_rows=24", "data.max_length=96", "train.max_steps=6", "train.batch_size=4", "train.grad_accum=1",
     "train.target_modules=attention+mlp", "train.r=4", "train.alpha=8", "eval.max_rows=8", "eval.max_new_tokens=4",
     "eval.metrics=[accuracy, perplexity]", "eval.gate=[loss_delta < 0]", "merge.dtype=auto", "merge.probe_rows=4",
     "quantize.types=[f16, q8_0, lora_f16]", "quantize.imatrix=off", "quantize.probe_rows=4",

@@ -137,11 +137,11 @@ def _wait_for(path_glob: tuple[Path, str], process: subprocess.Popen, timeout: f
 def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(
     tiny_model: Path, tmp_path: Path, sharding: str
 ) -> None:
-    # 40 steps: the signal comes at the step-10 checkpoint, ~30 steps (seconds) before the run would end.
-    settings = ["train.processes=2", "train.max_steps=40", "train.save_every=10", "train.batch_size=2",
+    # 24 steps: the signal comes at the step-6 checkpoint, 18 steps (seconds) before the run would end.
+    settings = ["train.processes=2", "train.max_steps=24", "train.save_every=6", "train.batch_size=2",
                 "train.grad_accum=2", "train.learning_rate=0.01", f"train.fsdp={sharding == 'fsdp'}"]  # fmt: skip
     run = _start(tiny_model, tmp_path / "stopped", *settings)
-    _wait_for((tmp_path / "stopped" / ".checkpoints", "train-*/step-0000010"), run)
+    _wait_for((tmp_path / "stopped" / ".checkpoints", "train-*/step-0000006"), run)
     run.send_signal(signal.SIGTERM)
     output, _ = run.communicate(timeout=120)
     assert run.returncode != 0, output
@@ -149,7 +149,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(
     assert not (tmp_path / "stopped" / "train").exists() or not any((tmp_path / "stopped" / "train").iterdir())
     last = sorted((tmp_path / "stopped" / ".checkpoints").glob("train-*/step-*"))[-1]
     meta = json.loads((last / "meta.json").read_text())
-    assert 10 <= meta["step"] < 40
+    assert 6 <= meta["step"] < 24
     import torch
 
     assert len(torch.load(last / "state.pt", weights_only=True)["rank_rngs"]) == 2  # every rank's RNG state

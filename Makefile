@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # pytest-xdist workers for test, test-fast and test-integration (0: one process); docs/development.md has the figures
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
 # mypy's cache beside the model and wheel caches: a fresh clone re-checks only what changed (~70 s -> ~2 s)
 MYPY_CACHE ?= $(or $(LORAFORGE_CACHE),$(HOME)/.cache/loraforge)/mypy

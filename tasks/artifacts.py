@@ -146,7 +146,7 @@ def code_files(source_file: str | Path) -> list[Path]:
 @functools.lru_cache(maxsize=4096)
 def _parsed(path: Path, mtime_ns: int, size: int) -> tuple[tuple[Path, ...], tuple[str, ...], tuple[str, ...]]:
     """What the module at `path` names (the files of its project imports, its KEYED_DIRS, its KEYED_FILES), parsed
-    once per version of the file: a pipeline computes every stage's key in one process (~0.7 s a key, parsing)."""
+    once per version of the file: a pipeline computes every stage's key in one process (0.2-0.7 s a key, parsing)."""
     tree = ast.parse(path.read_bytes(), filename=str(path))
     imported = tuple(file for name in _imported_modules(tree) for file in _module_files(name))
     return imported, tuple(_module_tuple(tree, "KEYED_DIRS")), tuple(_module_tuple(tree, "KEYED_FILES"))

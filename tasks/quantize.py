@@ -435,7 +435,8 @@ def _convert_all(
     """Every converter run of the build, side by side (each is a single-threaded Python process: on the demo, 17.7
     s one after another, docs/bench.md): the types llama.cpp's converter writes from the merged model (f16,
     bf16; f16 also when llama_model_quantize needs it), the adapter-only types (GGUF naming:
-    <name>-<encoding>-LoRA), and the f16 GGUF of the base those are checked on, which is not part of the artifact.
+    <name>-<encoding>-LoRA), and the f16 GGUF of the base those are checked on, which is not part of the artifact
+    (converted once per base and template on a machine: `_base_gguf_cache`).
 
     Returns:
         (the merged model's files, the adapter files, that base GGUF or None without adapter types).
@@ -446,15 +447,42 @@ def _convert_all(
     adapters: dict[str, _GgufFile] = {q: _GgufFile(q, job.folder / f"{job.slug}-{LORA_TYPES[q].upper()}-LoRA.gguf")
                 for q in types if q in LORA_TYPES}  # fmt: skip
     runs = [_conversion(job.converter, job.model_dir, g.path, q, job.name) for q, g in merged.items()]
-    base_gguf = job.folder / ".base-F16.gguf" if adapters else None
+    runs += [_adapter_conversion(job, base, train, g.path, q) for q, g in adapters.items()]
+    if not adapters:
+        _side_by_side(runs, job.converter, job.config.tool_timeout_s)
+        return merged, adapters, None
+    base_gguf, cached = job.folder / ".base-F16.gguf", _base_gguf_cache(base, job.model_dir, job.name)
+    if _kept(cached, base_gguf, link=True) is not None:
+        print(
+            f"[quantize] the base's f16 GGUF (for the adapter checks): converted before ({cached}.gguf, sha256 checked)"
+        )
+        _side_by_side(runs, job.converter, job.config.tool_timeout_s)
+        return merged, adapters, base_gguf
     trained_base = job.folder / ".base-hf"  # the base's files (linked), its tokenizer files the merged model's
-    if base_gguf is not None:
-        runs += [_adapter_conversion(job, base, train, g.path, q) for q, g in adapters.items()]
-        _link_trained_base(job, base, trained_base)
-        runs.append(_conversion(job.converter, trained_base, base_gguf, "f16", f"{job.name}-base"))
+    _link_trained_base(job, base, trained_base)
+    runs.append(_conversion(job.converter, trained_base, base_gguf, "f16", f"{job.name}-base"))
     _side_by_side(runs, job.converter, job.config.tool_timeout_s)
-    shutil.rmtree(trained_base, ignore_errors=True)
+    shutil.rmtree(trained_base)
+    _keep(cached, base_gguf, {}, link=True)
     return merged, adapters, base_gguf
+
+
+def _base_gguf_cache(base: Artifact, model_dir: Path, name: str) -> Path:
+    """Where the base's f16 GGUF with the tokenizer files of the merged model in `model_dir` (what the adapter types
+    are checked on) is kept on this machine: named by the base's key (its content), those files' bytes, the model
+    name and the llama.cpp version, so a rerun, a sweep or another adapter of the same base and template converts
+    it once."""
+    import hashlib
+
+    import llama_cpp
+
+    from loraforge.tasks.artifacts import sha256_file
+    from loraforge.tasks.models import cache_dir
+
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and _tokenizer_file(p.name))
+    tokenizer = {p.name: sha256_file(p) for p in files}
+    identity = [base.key, tokenizer, f"{name}-base", "f16", llama_cpp.__version__]
+    return cache_dir() / "base-gguf" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
 
 
 def _quantize_types(job: _Job, ggufs: dict[str, _GgufFile], imatrix: Path | None) -> None:
@@ -633,7 +661,7 @@ def _imatrix(
     """llama.cpp's importance matrix of the f16 GGUF (converted from the merge artifact `merge`) over the train
     split, as the text training saw (the rows' token ids decoded with their special tokens, which llama-imatrix
     parses back as special tokens). Computed once per (merged model, text, chunks, llama.cpp) on this machine:
-    a rerun with other types or limits takes it from the cache (`_cached_imatrix`).
+    a rerun with other types or limits takes it from the cache (`_kept`).
 
     Returns:
         What the manifest and lineage record: the text's sha256, its tokens, the chunks used, the imatrix sha256.
@@ -659,7 +687,7 @@ def _imatrix(
     chunks = min(config.imatrix_chunks, tokens // config.imatrix_ctx)
     identity = [merge.key, f16.name, text_sha256, config.imatrix_ctx, chunks, llama_cpp.__version__]
     cached = cache_dir() / "imatrix" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
-    record = _cached_imatrix(cached, out)
+    record = _kept(cached, out, file=out.name)
     types = [t for t in config.types if t in IMATRIX_TYPES]
     if record is not None:
         print(f"[quantize] importance matrix over {record['chunks']} chunks of the train split: computed before for "
@@ -703,35 +731,50 @@ def _imatrix(
         "ctx": config.imatrix_ctx,
         "tokens_used": used * config.imatrix_ctx,
     }
-    _keep_imatrix(cached, out, record)
+    _keep(cached, out, record)
     return {**record, "types": types}
 
 
-def _cached_imatrix(cached: Path, out: Path) -> dict[str, Any] | None:
-    """The cached importance matrix `cached`.gguf copied to `out`, with its record; None when there is none or its
-    bytes no longer match the sha256 recorded beside it (it is then computed again and replaced)."""
+def _kept(cached: Path, out: Path, link: bool = False, **expected: Any) -> dict[str, Any] | None:
+    """A file kept in the cache (`cached`.gguf, its record `cached`.json) put at `out`, copied or, with `link`,
+    hard-linked (for a file only read, then unlinked); returns its record. None when there is none, its bytes no
+    longer match the sha256 recorded beside it or the record differs from `expected` (it is then made again)."""
     from loraforge.tasks.artifacts import sha256_file
 
-    gguf, meta = cached.with_suffix(".gguf"), cached.with_suffix(".json")
+    gguf = cached.with_suffix(".gguf")
     try:
-        record: dict[str, Any] = json.loads(meta.read_text())
-        if sha256_file(gguf) != record["sha256"] or record.get("file") != out.name:
+        record: dict[str, Any] = json.loads(cached.with_suffix(".json").read_text())
+        if sha256_file(gguf) != record["sha256"] or any(record.get(k) != v for k, v in expected.items()):
             return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    shutil.copyfile(gguf, out)
+    _put(gguf, out, link)
     return record
 
 
-def _keep_imatrix(cached: Path, out: Path, record: dict[str, Any]) -> None:
-    """Keep a computed importance matrix for reruns on this machine: the file, then its record (each written whole
-    by a rename; the record names the file's sha256, so a half-copied or edited file is never taken)."""
+def _keep(cached: Path, made: Path, record: dict[str, Any], link: bool = False) -> None:
+    """Keep a file the stage made for reruns on this machine: the file, then its record with its sha256 (each
+    written whole by a rename; the record names the file's sha256, so a half-copied or edited file is never
+    taken)."""
+    from loraforge.tasks.artifacts import sha256_file
+
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
-    shutil.copyfile(out, partial)
+    _put(made, partial, link)
     os.replace(partial, cached.with_suffix(".gguf"))
-    partial.write_text(json.dumps(record))
+    partial.write_text(json.dumps({**record, "sha256": sha256_file(made)}))
     os.replace(partial, cached.with_suffix(".json"))
+
+
+def _put(source: Path, target: Path, link: bool) -> None:
+    """`source`'s bytes at `target`: a copy, or with `link` a hard link where both are on one file system."""
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another file system
+            pass
+    shutil.copyfile(source, target)
 
 
 def _tool_threads(config: QuantizeConfig) -> int:

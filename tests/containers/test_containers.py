@@ -225,6 +225,7 @@ def deployed(
     """
     env = {**os.environ, **_inputs_env(hub, s3), "PREFECT_API_URL": prefect_api, "DOCKER_HOST": docker_host,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LORAFORGE_CODE_DIR": "/opt/loraforge",
+           "PREFECT_WORKER_QUERY_SECONDS": "1",  # a stage's run is taken within a second (default: 10)
            "LORAFORGE_IMAGE_PREFIX": "localhost/", "LORAFORGE_IMAGE_TAG": image_tag,
            "LORAFORGE_CONFIG": "flows/configs/demo.yaml", "LORAFORGE_STORE": CONTAINED_STORE,
            "LORAFORGE_STORE_CACHE": str(workdir / "parent-copy")}  # fmt: skip

@@ -1,6 +1,7 @@
 """Export in depth: the importance matrix is computed from the training data, recorded, changes the low-bit files
-and is checked like every type; Modelfiles are written and published beside the GGUF files; a push that dies
-midway is completed by a re-run; a token from a Prefect Secret block never shows up anywhere.
+and is checked like every type; the base GGUF the adapter types are checked on is converted once; Modelfiles are
+written and published beside the GGUF files; a push that dies midway is completed by a re-run; a token from a
+Prefect Secret block never shows up anywhere.
 """
 
 from __future__ import annotations
@@ -113,6 +114,38 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
         assert f"FROM ./{on.manifest['gguf'][qtype]['file']}" in text.splitlines()
         assert 'PARAMETER stop "<|im_end|>"' in text.splitlines()
         assert f'SYSTEM """{system}"""' in text.splitlines()
+
+
+def test_the_base_gguf_the_adapter_is_checked_on_is_converted_once(
+    first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The f16 GGUF of the base (with the trained template) that the LoRA GGUF is applied to in the checks is
+    converted once per base, template and name on a machine: a second quantize (another key: another limit) takes
+    it from the cache, and measures the same figures on it."""
+    import uuid
+
+    from loraforge.tasks.evaluate import EvalConfig
+    from loraforge.tasks.quantize import QuantizeConfig, _base_gguf_cache, quantize_gguf
+
+    store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
+    name = f"base-cache-{uuid.uuid4().hex[:8]}"  # a name of its own (in the GGUF and the cache entry): a new entry
+    runs = []
+    for limit in (0.5, 0.4):
+        config = QuantizeConfig(types=["lora_f16"], probe_rows=1, fidelity_rows=1, max_new_tokens=2,
+                                min_top1_agreement={"lora_f16": limit})  # fmt: skip
+        runs.append(quantize_gguf(config, name, EvalConfig(metrics=["accuracy"], max_new_tokens=2), a["base"],
+                                  a["data"], a["train"], a["merge"], store))  # fmt: skip
+    first, second = capsys.readouterr().out.split("[quantize] converting the adapter", 2)[1:]
+    assert "converting the base to f16 GGUF" in first and "converted before" not in first
+    assert "converting the base" not in second
+    assert "the base's f16 GGUF (for the adapter checks): converted before" in second
+    kept = _base_gguf_cache(a["base"], a["merge"].file("model"), name)
+    assert kept.with_suffix(".gguf").is_file() and kept.with_suffix(".json").is_file()
+    figures = [{k: v for k, v in r.manifest["gguf"]["lora_f16"].items() if k not in ("passed", "reason")} for r in runs]
+    assert runs[0].key != runs[1].key and figures[0] == figures[1]
+    assert not any(p.name.startswith(".base") for run in runs for p in run.path.iterdir())  # not part of the artifact
+    for path in (kept.with_suffix(".json"), kept.with_suffix(".gguf")):
+        path.unlink()
 
 
 def test_gguf_names_and_modelfiles_are_published(first_run: dict, hub: str, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -166,17 +165,12 @@ def test_named_template_renders_alike_in_transformers_llama_cpp_and_ollama(
     import llama_cpp
     from transformers import AutoTokenizer
 
-    from loraforge.tasks.quantize import _adds_bos, _converter_dir, _template_parity
+    from loraforge.tasks.quantize import _adds_bos, _template_parity
 
     model_dir, base_gguf = template_gguf
     template = CHAT_TEMPLATES[name]
     gguf = tmp_path / f"{name}.gguf"  # the same GGUF carrying this template (metadata copied, tensors kept)
-    converter = _converter_dir(llama_cpp.__version__)
-    (tmp_path / "template.jinja").write_text(template)
-    script = converter / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
-    subprocess.run([sys.executable, str(script), str(base_gguf), str(gguf), "--chat-template-file",
-                    str(tmp_path / "template.jinja"), "--force"], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(converter / "gguf-py")})  # fmt: skip
+    _with_chat_template(base_gguf, gguf, template)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = template
     tokenizer.stop_token_ids = stop_token_ids(tokenizer, TEMPLATE_STOPS[name])  # as eval and quantize set them
@@ -196,6 +190,21 @@ def test_named_template_renders_alike_in_transformers_llama_cpp_and_ollama(
     for stop in TEMPLATE_STOPS[name]:  # each stop string is one token when it is a special token of the template
         assert stop not in TEMPLATE_TOKENS[name] or len(llm.tokenize(stop.encode(), add_bos=False, special=True)) == 1
     llm.close()
+
+
+def _with_chat_template(source: Path, target: Path, template: str) -> None:
+    """A copy of the GGUF `source` whose tokenizer.chat_template is `template`: what gguf-py's gguf_new_metadata.py
+    --chat-template-file does, called in this process (its main() would also set up the root logger)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata, get_field_data
+
+    reader = gguf.GGUFReader(source, "r")
+    writer = gguf.GGUFWriter(target, arch=get_field_data(reader, gguf.Keys.General.ARCHITECTURE),
+                             endianess=reader.endianess)  # fmt: skip
+    if (alignment := get_field_data(reader, gguf.Keys.General.ALIGNMENT)) is not None:
+        writer.data_alignment = alignment
+    new = {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(gguf.GGUFValueType.STRING, template)}
+    copy_with_new_metadata(reader, writer, new, [])
 
 
 def test_publish_writes_the_hub_ollama_files_the_modelfile_implies(tmp_path: Path) -> None:

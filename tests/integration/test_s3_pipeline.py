@@ -118,16 +118,17 @@ def test_a_tampered_object_is_detected_and_its_artifact_rebuilt(
 
 
 def test_a_stage_killed_mid_run_leaves_nothing_a_reader_takes_and_resumes(
-    s3_run: dict, s3: dict[str, str], tiny_model: Path, workdir: Path, hub: str
+    s3_run: dict, s3: dict[str, str], tiny_model: Path, workdir: Path, hub: str, prefect_api: str
 ) -> None:
     """kill -9 of `loraforge stage train` (a new key: another seed): nothing of it in the bucket's view; its lease
-    is a dead process's, so a re-run on the same machine takes the key at once and finishes it."""
+    is a dead process's, so a re-run on the same machine takes the key at once and finishes it. Both report to the
+    session's Prefect server (without PREFECT_API_URL each would start a temporary one: 6-14 s of CPU)."""
     _on(s3, "five")
     items = [str(DEMO_CONFIG), f"base_model={tiny_model}", f"store={URL}", *SMALL, "train.seed=99"]
     inputs = [f"--input=data={s3_run['stages']['data']['key']}"]
     command = [sys.executable, "-m", "loraforge.flows.cli", "stage", "train", *items, *inputs]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_API_URL": prefect_api}
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert child.stdout is not None
     for line in child.stdout:
         if line.startswith("[train]") and " r=" in line:  # training has started
@@ -139,7 +140,7 @@ def test_a_stage_killed_mid_run_leaves_nothing_a_reader_takes_and_resumes(
     assert before == [f"train/{s3_run['stages']['train']['key']}/manifest.json"], before
     assert [n for n in _objects(s3) if n.startswith(".leases/train-")], "the killed writer held a lease"
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "being built by" not in done.stdout and time.monotonic() - started < 600
     new = [n for n in _objects(s3) if n.startswith("train/") and n not in before]

@@ -108,7 +108,9 @@ def _train_in_process(tiny_model: Path, store_dir: Path, overrides: list[str], t
         train_adapter(config.train, base, data, store)
 
 
-def test_sigterm_stops_training_with_a_checkpoint_and_a_rerun_resumes(tiny_model: Path, tmp_path: Path) -> None:
+def test_sigterm_stops_training_with_a_checkpoint_and_a_rerun_resumes(
+    tiny_model: Path, tmp_path: Path, prefect_api: str
+) -> None:
     home = tmp_path / "prefect-home"
     overrides = [f"base_model={tiny_model}", "train.max_steps=60", "data.max_rows=24", "train.save_every=1000",
                  "train.threads=1"]  # fmt: skip
@@ -141,6 +143,7 @@ def test_sigterm_stops_training_with_a_checkpoint_and_a_rerun_resumes(tiny_model
     assert _prefect_servers(home) == []
 
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the stage's own lines ("resuming from ...") are Prefect log lines
+    env["PREFECT_API_URL"] = prefect_api  # the rerun on the session's server: no second temporary one to start
     again = subprocess.run([*cli, *settings], cwd=ROOT, env=env,
                            capture_output=True, text=True)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]

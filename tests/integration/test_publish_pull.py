@@ -135,8 +135,10 @@ def test_switching_adapters_on_one_base(first_run: dict, tiny_model: Path, workd
     from loraforge.tasks.pull import pull
 
     other = "loraforge/tiny-router-seed7"
+    # pull applies the PEFT adapter on the HF base: one GGUF type, no importance matrix, for the second adapter
     record = _run(_config(tiny_model, workdir, hub, "train.seed=7", "train.learning_rate=0.01",
-                          f"publish.repo_id={other}"))  # fmt: skip
+                          f"publish.repo_id={other}", "quantize.types=[q8_0]", "quantize.imatrix=off",
+                          "publish.include_gguf=[q8_0]"))  # fmt: skip
     tag = first_run["publish"]["tag"]
     prompts = [PROMPT, "The app crashes when I open settings."]
     both = pull([f"{REPO}@{tag}", f"{other}@{record['publish']['tag']}"], prompts, endpoint=hub, max_new_tokens=6)

@@ -83,8 +83,15 @@ def test_two_processes_train_what_one_process_trains(tiny_model: Path, tmp_path:
     gradient norms after 6 steps, 5e-7 (FSDP) to 2e-6 of the largest weight; the bounds leave 10x room and
     would catch any lost micro-batch, double-counted rank or unscaled loss (those change the loss in the
     2nd-3rd digit).
+
+    With DDP, the same job on two "machines" (two parent processes here, each with train.processes=1,
+    train.nnodes=2 and a c10d rendezvous on 127.0.0.1) is one job of 2 ranks whose adapter is bit for bit the
+    one the single machine's 2 processes trained; both machines get the artifact from the shared store.
     """
-    settings = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=4", "train.log_every=1"]
+    # One thread per rank everywhere: a "machine" of 1 process would give its rank every core (train.threads'
+    # default), and another thread count sums a matmul in another order (measured: other adapter bytes).
+    settings = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=4", "train.log_every=1",
+                "train.threads=1"]  # fmt: skip
     one = _train(tiny_model, ArtifactStore(tmp_path / "one"), *settings)
     two = _train(tiny_model, ArtifactStore(tmp_path / "two"), *settings, "train.processes=2",
                  f"train.fsdp={sharding == 'fsdp'}")  # fmt: skip
@@ -103,6 +110,26 @@ def test_two_processes_train_what_one_process_trains(tiny_model: Path, tmp_path:
     scale = max(float(t.abs().max()) for t in a.values())
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 2e-5 * scale
     assert two.metrics["val_loss"] < two.metrics["val_loss_before"]
+    if sharding == "ddp":
+        nodes = _start_two_machines(tiny_model, tmp_path / "shared", *settings)
+        outputs = [node.communicate(timeout=400)[0] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], outputs
+        assert sum("--nnodes=2" in output for output in outputs) == 2
+        (trained,) = [p for p in (tmp_path / "shared" / "train").iterdir() if not p.name.startswith(".")]
+        assert json.loads((trained / "manifest.json").read_text())["processes"] == 2
+        assert sha256_file(trained / WEIGHTS) == sha256_file(two.path / WEIGHTS)
+
+
+def _start_two_machines(tiny_model: Path, store_dir: Path, *settings: str) -> list[subprocess.Popen]:
+    """Two parent processes, each with train.processes=1, joining one job of 2 ranks (train.nnodes=2) through a c10d
+    rendezvous on a free port of 127.0.0.1, training into the same store."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job = ["train.nnodes=2", f"train.rdzv_endpoint=127.0.0.1:{port}"]
+    return [_start(tiny_model, store_dir, *settings, *job) for _ in range(2)]
 
 
 def _train_in_subprocess(tiny_model: Path, store_dir: Path, kill_after: int, *overrides: str) -> int:
@@ -175,29 +202,6 @@ def test_qlora_shards_under_fsdp_with_its_storage_dtype(tiny_model: Path, tmp_pa
     trained = _train(tiny_model, ArtifactStore(tmp_path / "store"), *settings)
     assert trained.manifest["processes"] == 2 and trained.manifest["compute_dtype"] == "bfloat16"
     assert trained.metrics["val_loss"] < trained.metrics["val_loss_before"]
-
-
-def test_two_machines_join_one_job_through_the_rendezvous(tiny_model: Path, tmp_path: Path) -> None:
-    """Two "machines" (two parent processes here, each with train.processes=1) run the same command with
-    train.nnodes=2 and a c10d rendezvous on 127.0.0.1: one job of 2 ranks, whose adapter is bit for bit the one
-    a single machine with 2 processes trains; both get the artifact from the shared store."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # One thread per rank on both sides: a "machine" of 1 process would give its rank every core (train.threads'
-    # default), and another thread count sums a matmul in another order (measured: other adapter bytes).
-    settings = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "train.threads=1"]
-    nodes = [_start(tiny_model, tmp_path / "shared", *settings, "train.nnodes=2",
-                    f"train.rdzv_endpoint=127.0.0.1:{port}") for _ in range(2)]  # fmt: skip
-    outputs = [node.communicate(timeout=400)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
-    assert sum("--nnodes=2" in output for output in outputs) == 2
-    (trained,) = [p for p in (tmp_path / "shared" / "train").iterdir() if not p.name.startswith(".")]
-    one_machine = _train(tiny_model, ArtifactStore(tmp_path / "one"), *settings, "train.processes=2")
-    assert json.loads((trained / "manifest.json").read_text())["processes"] == 2
-    assert sha256_file(trained / WEIGHTS) == sha256_file(one_machine.path / WEIGHTS)
 
 
 def _rank_pid(store_dir: Path, rank: int) -> int:

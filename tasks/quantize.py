@@ -76,6 +76,7 @@ ProbeMetric = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "entity_
 QuantType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "lora_f16"]
 DEFAULT_TYPES: tuple[QuantType, ...] = ("f16", "q8_0", "q4_k_m")
 CONVERTER_TYPES = ("f16", "bf16")  # written directly by convert_hf_to_gguf.py
+BASE_GGUF_NAME = "loraforge-base"  # general.name of the base GGUF the adapter types are checked on (not published)
 LORA_TYPES = {"lora_f16": "f16"}  # the adapter alone, by convert_lora_to_gguf.py: applied at load time in llama.cpp
 LLAMA_FTYPES = {  # the rest: llama_model_quantize from the f16 file, as llama-quantize does
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -451,7 +452,7 @@ def _convert_all(
     if not adapters:
         _side_by_side(runs, job.converter, job.config.tool_timeout_s)
         return merged, adapters, None
-    base_gguf, cached = job.folder / ".base-F16.gguf", _base_gguf_cache(base, job.model_dir, job.name)
+    base_gguf, cached = job.folder / ".base-F16.gguf", _base_gguf_cache(base, job.model_dir)
     if _kept(cached, base_gguf, link=True) is not None:
         print(
             f"[quantize] the base's f16 GGUF (for the adapter checks): converted before ({cached}.gguf, sha256 checked)"
@@ -460,18 +461,18 @@ def _convert_all(
         return merged, adapters, base_gguf
     trained_base = job.folder / ".base-hf"  # the base's files (linked), its tokenizer files the merged model's
     _link_trained_base(job, base, trained_base)
-    runs.append(_conversion(job.converter, trained_base, base_gguf, "f16", f"{job.name}-base"))
+    runs.append(_conversion(job.converter, trained_base, base_gguf, "f16", BASE_GGUF_NAME))
     _side_by_side(runs, job.converter, job.config.tool_timeout_s)
     shutil.rmtree(trained_base)
     _keep(cached, base_gguf, {}, link=True)
     return merged, adapters, base_gguf
 
 
-def _base_gguf_cache(base: Artifact, model_dir: Path, name: str) -> Path:
+def _base_gguf_cache(base: Artifact, model_dir: Path) -> Path:
     """Where the base's f16 GGUF with the tokenizer files of the merged model in `model_dir` (what the adapter types
-    are checked on) is kept on this machine: named by the base's key (its content), those files' bytes, the model
-    name and the llama.cpp version, so a rerun, a sweep or another adapter of the same base and template converts
-    it once."""
+    are checked on) is kept on this machine: named by the base's key (its content), those files' bytes and the
+    llama.cpp version, so a rerun, a sweep or another pipeline of the same base and template converts it once. Its
+    GGUF name is BASE_GGUF_NAME whatever the pipeline's (it is never published)."""
     import hashlib
 
     import llama_cpp
@@ -481,7 +482,7 @@ def _base_gguf_cache(base: Artifact, model_dir: Path, name: str) -> Path:
 
     files = sorted(p for p in model_dir.iterdir() if p.is_file() and _tokenizer_file(p.name))
     tokenizer = {p.name: sha256_file(p) for p in files}
-    identity = [base.key, tokenizer, f"{name}-base", "f16", llama_cpp.__version__]
+    identity = [base.key, tokenizer, BASE_GGUF_NAME, "f16", llama_cpp.__version__]
     return cache_dir() / "base-gguf" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
 
 

@@ -117,20 +117,26 @@ def test_imatrix_from_the_training_data_is_used_recorded_and_checked(
 
 
 def test_the_base_gguf_the_adapter_is_checked_on_is_converted_once(
-    first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The f16 GGUF of the base (with the trained template) that the LoRA GGUF is applied to in the checks is
-    converted once per base, template and name on a machine: a second quantize (another key: another limit) takes
-    it from the cache, and measures the same figures on it."""
-    import uuid
+    converted once per base and template on a machine: a second quantize (another key: another limit, another
+    pipeline name) takes it from the cache, and measures the same figures on it."""
+    import llama_cpp
 
     from loraforge.tasks.evaluate import EvalConfig
+    from loraforge.tasks.models import cache_dir
     from loraforge.tasks.quantize import QuantizeConfig, _base_gguf_cache, quantize_gguf
 
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
-    name = f"base-cache-{uuid.uuid4().hex[:8]}"  # a name of its own (in the GGUF and the cache entry): a new entry
+    # A cache of its own (the machine's llama.cpp linked in): the first run converts whatever other tests kept
+    version = llama_cpp.__version__
+    for tools in (f"llama.cpp-{version}", f"llama.cpp-{version}-tools"):
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        (tmp_path / "cache" / tools).symlink_to(cache_dir() / tools)
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
     runs = []
-    for limit in (0.5, 0.4):
+    for name, limit in (("tiny-router", 0.5), ("other-name", 0.4)):
         config = QuantizeConfig(types=["lora_f16"], probe_rows=1, fidelity_rows=1, max_new_tokens=2,
                                 min_top1_agreement={"lora_f16": limit})  # fmt: skip
         runs.append(quantize_gguf(config, name, EvalConfig(metrics=["accuracy"], max_new_tokens=2), a["base"],
@@ -139,13 +145,14 @@ def test_the_base_gguf_the_adapter_is_checked_on_is_converted_once(
     assert "converting the base to f16 GGUF" in first and "converted before" not in first
     assert "converting the base" not in second
     assert "the base's f16 GGUF (for the adapter checks): converted before" in second
-    kept = _base_gguf_cache(a["base"], a["merge"].file("model"), name)
-    assert kept.with_suffix(".gguf").is_file() and kept.with_suffix(".json").is_file()
-    figures = [{k: v for k, v in r.manifest["gguf"]["lora_f16"].items() if k not in ("passed", "reason")} for r in runs]
+    kept = _base_gguf_cache(a["base"], a["merge"].file("model"))
+    assert kept.parent == tmp_path / "cache" / "base-gguf"
+    assert sorted(p.name for p in kept.parent.iterdir()) == [f"{kept.name}.gguf", f"{kept.name}.json"]
+    figures = [
+        {k: v for k, v in r.manifest["gguf"]["lora_f16"].items() if k not in ("file", "passed", "reason")} for r in runs
+    ]
     assert runs[0].key != runs[1].key and figures[0] == figures[1]
     assert not any(p.name.startswith(".base") for run in runs for p in run.path.iterdir())  # not part of the artifact
-    for path in (kept.with_suffix(".json"), kept.with_suffix(".gguf")):
-        path.unlink()
 
 
 def test_gguf_names_and_modelfiles_are_published(first_run: dict, hub: str, tmp_path: Path) -> None:

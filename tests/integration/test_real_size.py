@@ -160,20 +160,16 @@ def _wait_for(path_glob: tuple[Path, str], process: subprocess.Popen, timeout: f
     raise AssertionError(f"nothing matched {pattern} in {timeout} s")
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(
-    tiny_model: Path, tmp_path: Path, sharding: str
-) -> None:
-    # 24 steps: the signal comes at the step-6 checkpoint, 18 steps (seconds) before the run would end.
-    settings = ["train.processes=2", "train.max_steps=24", "train.save_every=6", "train.batch_size=2",
-                "train.grad_accum=2", "train.learning_rate=0.01", f"train.fsdp={sharding == 'fsdp'}"]  # fmt: skip
-    run = _start(tiny_model, tmp_path / "stopped", *settings)
-    _wait_for((tmp_path / "stopped" / ".checkpoints", "train-*/step-0000006"), run)
-    run.send_signal(signal.SIGTERM)
-    output, _ = run.communicate(timeout=120)
-    assert run.returncode != 0, output
-    assert "stopping after this step" in output and "the ranks saved a checkpoint" in output
-    assert not (tmp_path / "stopped" / "train").exists() or not any((tmp_path / "stopped" / "train").iterdir())
+# 24 steps, a checkpoint every 6: the signal or the kill comes at the step-6 checkpoint, 18 steps (seconds) before
+# the run would end. The SIGTERM row runs under FSDP and the dead-rank row under DDP, so each sharding's checkpoint
+# is resumed (and compared with a run never stopped) once.
+STOPPED = ["train.processes=2", "train.max_steps=24", "train.save_every=6", "train.batch_size=2", "train.grad_accum=2",
+           "train.learning_rate=0.01"]  # fmt: skip
+
+
+def _resumes_exactly(tiny_model: Path, tmp_path: Path, *settings: str) -> None:
+    """The stopped run's store ("stopped") holds a checkpoint of both ranks; a re-run resumes from it and trains the
+    adapter, and the learning, of a run never stopped."""
     last = sorted((tmp_path / "stopped" / ".checkpoints").glob("train-*/step-*"))[-1]
     meta = json.loads((last / "meta.json").read_text())
     assert 6 <= meta["step"] < 24
@@ -185,6 +181,35 @@ def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(
     straight = _train(tiny_model, ArtifactStore(tmp_path / "straight"), *settings)
     assert sha256_file(resumed.path / WEIGHTS) == sha256_file(straight.path / WEIGHTS)
     assert _learning(resumed) == _learning(straight)
+
+
+def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(tiny_model: Path, tmp_path: Path) -> None:
+    settings = [*STOPPED, "train.fsdp=true"]
+    run = _start(tiny_model, tmp_path / "stopped", *settings)
+    _wait_for((tmp_path / "stopped" / ".checkpoints", "train-*/step-0000006"), run)
+    run.send_signal(signal.SIGTERM)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode != 0, output
+    assert "stopping after this step" in output and "the ranks saved a checkpoint" in output
+    assert not (tmp_path / "stopped" / "train").exists() or not any((tmp_path / "stopped" / "train").iterdir())
+    _resumes_exactly(tiny_model, tmp_path, *settings)
+
+
+def test_a_rank_that_dies_fails_the_stage_naming_it_and_a_rerun_resumes_exactly(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    settings = [*STOPPED, "train.fsdp=false"]
+    run = _start(tiny_model, tmp_path / "stopped", *settings)
+    _wait_for((tmp_path / "stopped" / ".checkpoints", "train-*/step-0000006"), run)
+    os.kill(_rank_pid(tmp_path / "stopped", 1), signal.SIGKILL)
+    started = time.monotonic()
+    output, _ = run.communicate(timeout=180)
+    assert run.returncode != 0
+    assert time.monotonic() - started < 120  # torchrun stops the surviving rank: no hang
+    assert "rank 1 died (killed by signal 9, SIGKILL) and torchrun stopped the others" in output
+    assert "a re-run resumes from the last one" in output
+    assert not (tmp_path / "stopped" / "train").exists() or not any((tmp_path / "stopped" / "train").iterdir())
+    _resumes_exactly(tiny_model, tmp_path, *settings)
 
 
 def test_qlora_shards_under_fsdp_with_its_storage_dtype(tiny_model: Path, tmp_path: Path) -> None:
@@ -216,21 +241,6 @@ def _rank_pid(store_dir: Path, rank: int) -> int:
         if mine and f"RANK={rank}".encode() in environ:
             return int(proc.name)
     raise AssertionError(f"no rank {rank} process found")
-
-
-def test_a_rank_that_dies_fails_the_stage_naming_it(tiny_model: Path, tmp_path: Path) -> None:
-    settings = ["train.processes=2", "train.max_steps=100000", "train.save_every=5", "train.batch_size=2",
-                "train.grad_accum=2"]  # fmt: skip
-    run = _start(tiny_model, tmp_path / "store", *settings)
-    _wait_for((tmp_path / "store" / ".checkpoints", "train-*/step-0000005"), run)
-    os.kill(_rank_pid(tmp_path / "store", 1), signal.SIGKILL)
-    started = time.monotonic()
-    output, _ = run.communicate(timeout=180)
-    assert run.returncode != 0
-    assert time.monotonic() - started < 120  # torchrun stops the surviving rank: no hang
-    assert "rank 1 died (killed by signal 9, SIGKILL) and torchrun stopped the others" in output
-    assert "a re-run resumes from the last one" in output
-    assert not (tmp_path / "store" / "train").exists() or not any((tmp_path / "store" / "train").iterdir())
 
 
 def test_pipeline_passes_with_bf16_in_two_processes(tiny_model: Path, tmp_path: Path, hub: str) -> None:

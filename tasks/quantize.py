@@ -449,22 +449,22 @@ def _convert_all(
                 for q in types if q in LORA_TYPES}  # fmt: skip
     runs = [_conversion(job.converter, job.model_dir, g.path, q, job.name) for q, g in merged.items()]
     runs += [_adapter_conversion(job, base, train, g.path, q) for q, g in adapters.items()]
-    if not adapters:
-        _side_by_side(runs, job.converter, job.config.tool_timeout_s)
-        return merged, adapters, None
-    base_gguf, cached = job.folder / ".base-F16.gguf", _base_gguf_cache(base, job.model_dir)
-    if _kept(cached, base_gguf, link=True) is not None:
-        print(
-            f"[quantize] the base's f16 GGUF (for the adapter checks): converted before ({cached}.gguf, sha256 checked)"
-        )
-        _side_by_side(runs, job.converter, job.config.tool_timeout_s)
-        return merged, adapters, base_gguf
+    base_gguf = job.folder / ".base-F16.gguf" if adapters else None
+    to_keep = None  # where a base GGUF converted here is kept for later runs
     trained_base = job.folder / ".base-hf"  # the base's files (linked), its tokenizer files the merged model's
-    _link_trained_base(job, base, trained_base)
-    runs.append(_conversion(job.converter, trained_base, base_gguf, "f16", BASE_GGUF_NAME))
+    if base_gguf is not None:
+        cached = _base_gguf_cache(base, job.model_dir)
+        if _kept(cached, base_gguf, link=True) is not None:
+            print(f"[quantize] the base's f16 GGUF (for the adapter checks): converted before ({cached}.gguf, "
+                  "sha256 checked)")  # fmt: skip
+        else:
+            to_keep = cached
+            _link_trained_base(job, base, trained_base)
+            runs.append(_conversion(job.converter, trained_base, base_gguf, "f16", BASE_GGUF_NAME))
     _side_by_side(runs, job.converter, job.config.tool_timeout_s)
-    shutil.rmtree(trained_base)
-    _keep(cached, base_gguf, {}, link=True)
+    if to_keep is not None and base_gguf is not None:
+        shutil.rmtree(trained_base)
+        _keep(to_keep, base_gguf, {}, link=True)
     return merged, adapters, base_gguf
 
 
@@ -480,8 +480,7 @@ def _base_gguf_cache(base: Artifact, model_dir: Path) -> Path:
     from loraforge.tasks.artifacts import sha256_file
     from loraforge.tasks.models import cache_dir
 
-    files = sorted(p for p in model_dir.iterdir() if p.is_file() and _tokenizer_file(p.name))
-    tokenizer = {p.name: sha256_file(p) for p in files}
+    tokenizer = {p.name: sha256_file(p) for p in _tokenizer_files(model_dir)}
     identity = [base.key, tokenizer, BASE_GGUF_NAME, "f16", llama_cpp.__version__]
     return cache_dir() / "base-gguf" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
 
@@ -885,16 +884,17 @@ def _link_trained_base(job: _Job, base: Artifact, folder: Path) -> None:
 
     folder.mkdir()
     sources = {path.name: path for path in read_base(base).model_path.iterdir() if path.is_file()}
-    sources.update({p.name: p for p in job.model_dir.iterdir() if p.is_file() and _tokenizer_file(p.name)})
+    sources.update({p.name: p for p in _tokenizer_files(job.model_dir)})
     for name, source in sources.items():
         (folder / name).symlink_to(source.resolve())
 
 
-def _tokenizer_file(name: str) -> bool:
-    """Files that make up a model folder's tokenizer, chat template and stop tokens (not its weights or config)."""
-    return name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")) or name in (
-        "generation_config.json",
-    )
+def _tokenizer_files(folder: Path) -> list[Path]:
+    """The files of `folder` that make up its tokenizer, chat template and stop tokens (not its weights or
+    config), sorted by name."""
+    prefixes = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template")
+    files = [p for p in folder.iterdir() if p.is_file()]
+    return sorted(p for p in files if p.name.startswith(prefixes) or p.name == "generation_config.json")
 
 
 class _ToolRun(NamedTuple):

@@ -131,8 +131,8 @@ def test_the_base_gguf_the_adapter_is_checked_on_is_converted_once(
     store, a = copy_stages(first_run, tmp_path / "store", "base", "data", "train", "merge")
     # A cache of its own (the machine's llama.cpp linked in): the first run converts whatever other tests kept
     version = llama_cpp.__version__
+    (tmp_path / "cache").mkdir()
     for tools in (f"llama.cpp-{version}", f"llama.cpp-{version}-tools"):
-        (tmp_path / "cache").mkdir(exist_ok=True)
         (tmp_path / "cache" / tools).symlink_to(cache_dir() / tools)
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
     runs = []

@@ -41,9 +41,8 @@ def test_an_edited_truncated_or_unrecorded_matrix_is_not_taken(tmp_path: Path) -
     gguf.write_bytes(good[:100])  # half-copied
     assert _kept(cached, out, file=out.name) is None
     gguf.write_bytes(good)
-    assert (
-        _kept(cached, tmp_path / "rerun" / "other-imatrix.gguf", file="other-imatrix.gguf") is None
-    )  # another model's name
+    other = tmp_path / "rerun" / "other-imatrix.gguf"  # another model's name
+    assert _kept(cached, other, file=other.name) is None
     meta.write_text("{not json")
     assert _kept(cached, out, file=out.name) is None
     meta.unlink()

@@ -37,6 +37,9 @@ _SCRATCH: list[str] = []
 # workers inherit the controller's).
 if "PREFECT_HOME" not in os.environ:
     os.environ["PREFECT_HOME"] = _session_dir("prefect")
+    from hub import seed_prefect_home
+
+    seed_prefect_home(Path(os.environ["PREFECT_HOME"]))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hub import seed_prefect_home
 from pipeline_fixtures import _config, copy_stages
 
 from loraforge.flows.cli import main
@@ -112,6 +113,7 @@ def test_sigterm_stops_training_with_a_checkpoint_and_a_rerun_resumes(
     tiny_model: Path, tmp_path: Path, prefect_api: str
 ) -> None:
     home = tmp_path / "prefect-home"
+    seed_prefect_home(home)
     overrides = [f"base_model={tiny_model}", "train.max_steps=60", "data.max_rows=24", "train.save_every=1000",
                  "train.threads=1"]  # fmt: skip
     settings = [str(DEMO_CONFIG), *overrides, f"store={tmp_path / 'store'}"]

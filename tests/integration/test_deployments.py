@@ -79,7 +79,11 @@ def server(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Server
 
 @pytest.fixture(scope="module")
 def workers(server: Server) -> Iterator[None]:
-    """One real `prefect worker start --type process` per work pool (CPU and GPU)."""
+    """One real `prefect worker start --type process` per work pool (CPU and GPU), first needed by the deployed
+    pipeline's test: two workers polling every second make Prefect's SQLite server contend for its write lock
+    (measured once in a suite run: `database is locked` and a 60 s stall of the approval test, 95 s instead of
+    16 s), so the tests that need no worker run before it, except the cancelled-stage test, whose abandoned run
+    would count among the deployed pipeline's stage runs."""
     processes = []
     for pool in ("loraforge-cpu", "loraforge-gpu"):
         log = (server.home / f"worker-{pool}.log").open("w")
@@ -210,41 +214,6 @@ def test_registering_data_triggers_a_pipeline_run(server: Server, tmp_path: Path
             client.update_work_pool("loraforge-cpu", WorkPoolUpdate(is_paused=False))
 
 
-@pytest.mark.timeout(1800)  # the deployed pipeline may take run_deployment's 1200 s, after the module's set-up
-def test_pipeline_runs_each_stage_on_its_deployment(
-    server: Server, workers: None, reference: dict, tiny_model: Path
-) -> None:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.deployments import run_deployment
-
-    store = server.home / "deployed-store"
-    overrides = [f"base_model={tiny_model}", *TINY, "orchestration.stages=deployments", f"store={store}"]
-    with server.settings():
-        parent = run_deployment("loraforge-run/pipeline", timeout=1200, poll_interval=2,
-                                parameters={"config_path": str(DEMO_CONFIG), "overrides": overrides})  # fmt: skip
-    assert parent.state is not None and parent.state.is_completed(), parent.state
-    record = ArtifactStore(store).load_run("latest")
-    assert {s: i["key"] for s, i in record["stages"].items()} == {s: i["key"] for s, i in reference["stages"].items()}
-    assert set(record["stages"]) == set(STAGES)
-    assert not any(i["cached"] for i in record["stages"].values())  # each stage computed on its own worker
-
-    with server.settings(), server.client() as client:
-        stage_of = {client.read_deployment_by_name(f"loraforge-{s}/{s}").id: s for s in STAGES}
-        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(stage_of))))
-    deployed = {stage_of[r.deployment_id]: r for r in runs}
-    assert len(runs) == len(STAGES) and all(r.parent_task_run_id for r in runs)  # one subflow run per stage
-    assert set(deployed) == set(STAGES)
-    for stage, run in deployed.items():
-        assert run.state_name == "Completed"
-        assert run.work_pool_name == ("loraforge-gpu" if stage == "train" else "loraforge-cpu")
-        assert run.parameters["config"]["store"] == store.resolve().as_uri()
-    # Created with an idempotency key (the pipeline's flow run, its attempt, the stage, its parameters): a create
-    # request the client retries after a timeout gets this run back instead of a second run of the stage.
-    keys = [r.idempotency_key.split(".") for r in deployed.values() if r.idempotency_key]
-    assert sorted(k[2] for k in keys) == sorted(STAGES), keys
-    assert len({(k[0], k[1]) for k in keys}) == 1 and keys[0][1] == "1", keys  # one pipeline run, first attempt
-
-
 def run_cli_and_answer(server: Server, reference: dict, approve: bool, reason: str) -> subprocess.CompletedProcess:
     """`loraforge run` with the approval pause on (every stage a cache hit); answer the pause, wait for the end."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName
@@ -289,6 +258,41 @@ def test_approval_pause_before_publish(server: Server, reference: dict) -> None:
     assert refused.returncode == 2, refused.stdout[-3000:]
     assert "publish not approved by the reviewer: wait for the new data" in refused.stdout
     assert "publish" not in ArtifactStore(reference["store"]).load_run("latest")["stages"]
+
+
+@pytest.mark.timeout(1800)  # the deployed pipeline may take run_deployment's 1200 s, after the module's set-up
+def test_pipeline_runs_each_stage_on_its_deployment(
+    server: Server, workers: None, reference: dict, tiny_model: Path
+) -> None:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.deployments import run_deployment
+
+    store = server.home / "deployed-store"
+    overrides = [f"base_model={tiny_model}", *TINY, "orchestration.stages=deployments", f"store={store}"]
+    with server.settings():
+        parent = run_deployment("loraforge-run/pipeline", timeout=1200, poll_interval=2,
+                                parameters={"config_path": str(DEMO_CONFIG), "overrides": overrides})  # fmt: skip
+    assert parent.state is not None and parent.state.is_completed(), parent.state
+    record = ArtifactStore(store).load_run("latest")
+    assert {s: i["key"] for s, i in record["stages"].items()} == {s: i["key"] for s, i in reference["stages"].items()}
+    assert set(record["stages"]) == set(STAGES)
+    assert not any(i["cached"] for i in record["stages"].values())  # each stage computed on its own worker
+
+    with server.settings(), server.client() as client:
+        stage_of = {client.read_deployment_by_name(f"loraforge-{s}/{s}").id: s for s in STAGES}
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(stage_of))))
+    deployed = {stage_of[r.deployment_id]: r for r in runs}
+    assert len(runs) == len(STAGES) and all(r.parent_task_run_id for r in runs)  # one subflow run per stage
+    assert set(deployed) == set(STAGES)
+    for stage, run in deployed.items():
+        assert run.state_name == "Completed"
+        assert run.work_pool_name == ("loraforge-gpu" if stage == "train" else "loraforge-cpu")
+        assert run.parameters["config"]["store"] == store.resolve().as_uri()
+    # Created with an idempotency key (the pipeline's flow run, its attempt, the stage, its parameters): a create
+    # request the client retries after a timeout gets this run back instead of a second run of the stage.
+    keys = [r.idempotency_key.split(".") for r in deployed.values() if r.idempotency_key]
+    assert sorted(k[2] for k in keys) == sorted(STAGES), keys
+    assert len({(k[0], k[1]) for k in keys}) == 1 and keys[0][1] == "1", keys  # one pipeline run, first attempt
 
 
 def test_a_stage_given_up_on_is_cancelled(server: Server, tiny_model: Path, tmp_path: Path) -> None:

@@ -172,10 +172,12 @@ def test_nightly_schedule_is_computed_by_the_server(server: Server) -> None:
     finally:
         with server.settings(), server.client() as client:
             client.update_deployment_schedule(pipeline.id, pipeline.schedules[0].id, active=False)
-        wait_for("the server to drop the scheduled runs", lambda: not scheduled(), 30)
-        with server.settings(), server.client() as client:
-            for pool in pools:
-                client.update_work_pool(pool, WorkPoolUpdate(is_paused=False))
+        try:
+            wait_for("the server to drop the scheduled runs", lambda: not scheduled(), 90)
+        finally:  # a failure here must not leave the pools paused: the deployed pipeline's test would wait 1200 s
+            with server.settings(), server.client() as client:
+                for pool in pools:
+                    client.update_work_pool(pool, WorkPoolUpdate(is_paused=False))
 
 
 def test_registering_data_triggers_a_pipeline_run(server: Server, tmp_path: Path) -> None:

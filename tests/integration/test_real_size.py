@@ -73,45 +73,60 @@ def test_fp16_scales_the_loss_and_its_checkpoint_resumes(tiny_model: Path, tmp_p
     assert resumed.metrics["val_loss"] < resumed.metrics["val_loss_before"]
 
 
+# Two ranks, 24 steps of 2 rows x 4 micro-batches, a checkpoint every 6: the two-process test's run and the stopped
+# tests' run never stopped are one run per sharding (same settings, same key), trained once into the module's
+# `uninterrupted` store and a cache hit for the other test. One thread per rank everywhere: a "machine" of 1 process
+# would give its rank every core (train.threads' default), and another thread count sums a matmul in another order
+# (measured: other adapter bytes).
+TWO = ["train.processes=2", "train.max_steps=24", "train.save_every=6", "train.batch_size=2", "train.grad_accum=4",
+       "train.learning_rate=0.01", "train.log_every=1", "train.threads=1"]  # fmt: skip
+ONE = [s if s != "train.processes=2" else "train.processes=1" for s in TWO]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
+    """The store of the module's uninterrupted two-process runs (one per sharding), shared by the tests that need
+    one: each test trains it when it is not there yet, as the pipeline would."""
+    return ArtifactStore(tmp_path_factory.mktemp("uninterrupted"))
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_train_what_one_process_trains(tiny_model: Path, tmp_path: Path, sharding: str) -> None:
+def test_two_processes_train_what_one_process_trains(
+    tiny_model: Path, tmp_path: Path, uninterrupted: ArtifactStore, sharding: str
+) -> None:
     """Same global batch (2 rows x 4 micro-batches), same data order: each of 2 ranks takes 2 micro-batches,
     with DDP (whole model per rank) or FSDP2 (weights sharded per decoder layer).
 
     Only the order of the gradient sum differs ((g1+g2)+(g3+g4) summed over ranks vs ((g1+g2)+g3)+g4), so
-    the runs agree to float32 rounding: measured max relative differences 1e-7..1e-6 in the losses and
-    gradient norms after 6 steps, 5e-7 (FSDP) to 2e-6 of the largest weight; the bounds leave 10x room and
-    would catch any lost micro-batch, double-counted rank or unscaled loss (those change the loss in the
-    2nd-3rd digit).
+    the runs agree to float32 rounding, which 24 steps at learning rate 0.01 carry forward: measured the same
+    logged losses, max relative differences 1e-7..1e-6 in the gradient norms after 6 steps and 6e-5 after 24,
+    and 7e-6 of the largest weight after 24 (under DDP and FSDP alike); the bounds (loss 1e-5, gradient norm
+    3e-4, weights 5e-5) would still catch any lost micro-batch, double-counted rank or unscaled loss (those change
+    the loss in the 2nd-3rd digit).
 
     With DDP, the same job on two "machines" (two parent processes here, each with train.processes=1,
     train.nnodes=2 and a c10d rendezvous on 127.0.0.1) is one job of 2 ranks whose adapter is bit for bit the
     one the single machine's 2 processes trained; both machines get the artifact from the shared store.
     """
-    # One thread per rank everywhere: a "machine" of 1 process would give its rank every core (train.threads'
-    # default), and another thread count sums a matmul in another order (measured: other adapter bytes).
-    settings = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=4", "train.log_every=1",
-                "train.threads=1"]  # fmt: skip
-    one = _train(tiny_model, ArtifactStore(tmp_path / "one"), *settings)
-    two = _train(tiny_model, ArtifactStore(tmp_path / "two"), *settings, "train.processes=2",
-                 f"train.fsdp={sharding == 'fsdp'}")  # fmt: skip
+    one = _train(tiny_model, ArtifactStore(tmp_path / "one"), *ONE)
+    two = _train(tiny_model, uninterrupted, *TWO, f"train.fsdp={sharding == 'fsdp'}")
     assert (one.manifest["processes"], two.manifest["processes"]) == (1, 2)
     assert two.key != one.key  # the sum order differs in the last bits: not the same artifact
     first, second = _learning(one), _learning(two)
-    assert [r["step"] for r in first] == [r["step"] for r in second] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in first] == [r["step"] for r in second] == list(range(1, 25))
     assert [r["tokens"] for r in first] == [r["tokens"] for r in second]
     for a, b in zip(first, second, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-4, abs=1e-5)
     assert two.metrics["val_loss"] == pytest.approx(one.metrics["val_loss"], rel=1e-5)
     from safetensors.torch import load_file
 
     a, b = load_file(one.path / WEIGHTS), load_file(two.path / WEIGHTS)
     scale = max(float(t.abs().max()) for t in a.values())
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 2e-5 * scale
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 5e-5 * scale
     assert two.metrics["val_loss"] < two.metrics["val_loss_before"]
     if sharding == "ddp":
-        nodes = _start_two_machines(tiny_model, tmp_path / "shared", *settings)
+        nodes = _start_two_machines(tiny_model, tmp_path / "shared", *ONE, "train.fsdp=false")
         outputs = [node.communicate(timeout=400)[0] for node in nodes]
         assert [node.returncode for node in nodes] == [0, 0], outputs
         assert sum("--nnodes=2" in output for output in outputs) == 2
@@ -160,16 +175,14 @@ def _wait_for(path_glob: tuple[Path, str], process: subprocess.Popen, timeout: f
     raise AssertionError(f"nothing matched {pattern} in {timeout} s")
 
 
-# 24 steps, a checkpoint every 6: the signal or the kill comes at the step-6 checkpoint, 18 steps (seconds) before
-# the run would end. The SIGTERM row runs under FSDP and the dead-rank row under DDP, so each sharding's checkpoint
-# is resumed (and compared with a run never stopped) once.
-STOPPED = ["train.processes=2", "train.max_steps=24", "train.save_every=6", "train.batch_size=2", "train.grad_accum=2",
-           "train.learning_rate=0.01"]  # fmt: skip
+# The signal or the kill comes at the step-6 checkpoint of TWO's 24 steps, 18 steps (seconds) before the run would
+# end. The SIGTERM row runs under FSDP and the dead-rank row under DDP, so each sharding's checkpoint is resumed (and
+# compared with the run never stopped, the two-process test's) once.
 
 
-def _resumes_exactly(tiny_model: Path, tmp_path: Path, *settings: str) -> None:
+def _resumes_exactly(tiny_model: Path, tmp_path: Path, uninterrupted: ArtifactStore, *settings: str) -> None:
     """The stopped run's store ("stopped") holds a checkpoint of both ranks; a re-run resumes from it and trains the
-    adapter, and the learning, of a run never stopped."""
+    adapter, and the learning, of the run never stopped (`uninterrupted`)."""
     last = sorted((tmp_path / "stopped" / ".checkpoints").glob("train-*/step-*"))[-1]
     meta = json.loads((last / "meta.json").read_text())
     assert 6 <= meta["step"] < 24
@@ -178,13 +191,15 @@ def _resumes_exactly(tiny_model: Path, tmp_path: Path, *settings: str) -> None:
     assert len(torch.load(last / "state.pt", weights_only=True)["rank_rngs"]) == 2  # every rank's RNG state
 
     resumed = _train(tiny_model, ArtifactStore(tmp_path / "stopped"), *settings)
-    straight = _train(tiny_model, ArtifactStore(tmp_path / "straight"), *settings)
+    straight = _train(tiny_model, uninterrupted, *settings)
     assert sha256_file(resumed.path / WEIGHTS) == sha256_file(straight.path / WEIGHTS)
     assert _learning(resumed) == _learning(straight)
 
 
-def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(tiny_model: Path, tmp_path: Path) -> None:
-    settings = [*STOPPED, "train.fsdp=true"]
+def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(
+    tiny_model: Path, tmp_path: Path, uninterrupted: ArtifactStore
+) -> None:
+    settings = [*TWO, "train.fsdp=true"]
     run = _start(tiny_model, tmp_path / "stopped", *settings)
     _wait_for((tmp_path / "stopped" / ".checkpoints", "train-*/step-0000006"), run)
     run.send_signal(signal.SIGTERM)
@@ -192,13 +207,13 @@ def test_sigterm_stops_every_rank_at_one_step_and_a_rerun_resumes_exactly(tiny_m
     assert run.returncode != 0, output
     assert "stopping after this step" in output and "the ranks saved a checkpoint" in output
     assert not (tmp_path / "stopped" / "train").exists() or not any((tmp_path / "stopped" / "train").iterdir())
-    _resumes_exactly(tiny_model, tmp_path, *settings)
+    _resumes_exactly(tiny_model, tmp_path, uninterrupted, *settings)
 
 
 def test_a_rank_that_dies_fails_the_stage_naming_it_and_a_rerun_resumes_exactly(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, uninterrupted: ArtifactStore
 ) -> None:
-    settings = [*STOPPED, "train.fsdp=false"]
+    settings = [*TWO, "train.fsdp=false"]
     run = _start(tiny_model, tmp_path / "stopped", *settings)
     _wait_for((tmp_path / "stopped" / ".checkpoints", "train-*/step-0000006"), run)
     os.kill(_rank_pid(tmp_path / "stopped", 1), signal.SIGKILL)
@@ -209,7 +224,7 @@ def test_a_rank_that_dies_fails_the_stage_naming_it_and_a_rerun_resumes_exactly(
     assert "rank 1 died (killed by signal 9, SIGKILL) and torchrun stopped the others" in output
     assert "a re-run resumes from the last one" in output
     assert not (tmp_path / "stopped" / "train").exists() or not any((tmp_path / "stopped" / "train").iterdir())
-    _resumes_exactly(tiny_model, tmp_path, *settings)
+    _resumes_exactly(tiny_model, tmp_path, uninterrupted, *settings)
 
 
 def test_qlora_shards_under_fsdp_with_its_storage_dtype(tiny_model: Path, tmp_path: Path) -> None:

@@ -104,30 +104,40 @@ def s3_server(root: Path, *options: str, buckets: tuple[str, ...] = ("loraforge"
 def seed_prefect_home(home: Path) -> None:
     """Put an already-migrated SQLite database in `home` (Prefect's default place, `home/prefect.db`), copied from
     one made once per Prefect version under the loraforge cache: a server on a fresh database spends ~7 s of CPU
-    running Prefect's own migrations before it answers (measured: 12.1 s to start, 5.4 s from the copy), and the
-    tests start about six. The migrations are Prefect's, not the project's: the stack's PostgreSQL runs them for
-    real on every `make stack`."""
-    import fcntl
+    running Prefect's own migrations before it answers (measured: 12.1 s to start, 5.4-6.0 s from the copy), and
+    the tests start about six. The migrations are Prefect's, not the project's: the stack's PostgreSQL runs them
+    for real on every `make stack`."""
     from importlib.metadata import version
 
-    cache = Path(os.environ.get("LORAFORGE_CACHE") or Path.home() / ".cache" / "loraforge")
-    template = cache / "prefect-db" / version("prefect") / "prefect.db"
+    from loraforge.tasks.models import cache_dir
+
+    template = cache_dir() / "prefect-db" / version("prefect") / "prefect.db"
     if not template.is_file():
-        template.parent.mkdir(parents=True, exist_ok=True)
-        with (template.parent / "lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # two pytest-xdist workers: one migrates, the other waits for it
-            if not template.is_file():
-                scratch = template.parent / f"tmp-{os.getpid()}"
-                scratch.mkdir(exist_ok=True)
-                env = {**os.environ, "PREFECT_HOME": str(scratch), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{scratch}/prefect.db"}  # fmt: skip
-                subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
-                               check=True, capture_output=True)  # fmt: skip
-                os.replace(scratch / "prefect.db", template)
-                shutil.rmtree(scratch, ignore_errors=True)
+        _migrate_once(template)
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "prefect.db").exists():
         shutil.copyfile(template, home / "prefect.db")
+
+
+def _migrate_once(template: Path) -> None:
+    """`prefect server database upgrade` into a scratch folder beside `template`, moved into place; under a lock,
+    so of two pytest-xdist workers one migrates and the other waits for it."""
+    import fcntl
+    import tempfile
+
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with (template.parent / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if template.is_file():
+            return
+        with tempfile.TemporaryDirectory(dir=template.parent) as scratch:
+            env = {**os.environ, "PREFECT_HOME": scratch, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{scratch}/prefect.db"}  # fmt: skip
+            cmd = [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"`{' '.join(cmd[1:])}` failed:\n{(done.stdout + done.stderr)[-3000:]}")
+            os.replace(Path(scratch) / "prefect.db", template)
 
 
 @contextlib.contextmanager

@@ -100,9 +100,9 @@ def test_two_processes_train_what_one_process_trains(
     Only the order of the gradient sum differs ((g1+g2)+(g3+g4) summed over ranks vs ((g1+g2)+g3)+g4), so
     the runs agree to float32 rounding, which 24 steps at learning rate 0.01 carry forward: measured the same
     logged losses, max relative differences 1e-7..1e-6 in the gradient norms after 6 steps and 6e-5 after 24,
-    and 7e-6 of the largest weight after 24 (under DDP and FSDP alike); the bounds (loss 1e-5, gradient norm
-    3e-4, weights 5e-5) would still catch any lost micro-batch, double-counted rank or unscaled loss (those change
-    the loss in the 2nd-3rd digit).
+    and 7e-6 of the largest weight after 24 (under DDP and FSDP alike, the same each run on this machine); the
+    bounds (loss 1e-5, gradient norm 1e-4, weights 2e-5 of the largest) leave 1.7x and 2.8x room there and catch
+    any lost micro-batch, double-counted rank or unscaled loss (those change the loss in the 2nd-3rd digit).
 
     With DDP, the same job on two "machines" (two parent processes here, each with train.processes=1,
     train.nnodes=2 and a c10d rendezvous on 127.0.0.1) is one job of 2 ranks whose adapter is bit for bit the
@@ -117,13 +117,13 @@ def test_two_processes_train_what_one_process_trains(
     assert [r["tokens"] for r in first] == [r["tokens"] for r in second]
     for a, b in zip(first, second, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-4, abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-5)
     assert two.metrics["val_loss"] == pytest.approx(one.metrics["val_loss"], rel=1e-5)
     from safetensors.torch import load_file
 
     a, b = load_file(one.path / WEIGHTS), load_file(two.path / WEIGHTS)
     scale = max(float(t.abs().max()) for t in a.values())
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 5e-5 * scale
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 2e-5 * scale
     assert two.metrics["val_loss"] < two.metrics["val_loss_before"]
     if sharding == "ddp":
         nodes = _start_two_machines(tiny_model, tmp_path / "shared", *ONE, "train.fsdp=false")

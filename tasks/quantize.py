@@ -32,7 +32,8 @@ The converter (convert_hf_to_gguf.py with its gguf-py) comes from the sdist of t
 the converter and the runtime are the same llama.cpp version; `make setup` extracts it into the cache.
 
 Cost (docs/bench.md, section 7): the converter runs (merged model, adapter, the base the adapter is checked on)
-are single-threaded processes and run side by side; each check keeps the prompt prefix a fidelity row or probe
+are single-threaded processes and run side by side, each forked from a process that has imported torch,
+transformers and gguf-py once (tasks/converter.py: ~3.5 s of CPU less per run after the first); each check keeps the prompt prefix a fidelity row or probe
 shares with the one before in llama.cpp's context and evaluates only the rest; the importance matrix is computed
 once per (merged model, text, chunks) on a machine and taken from its cache after that.
 Run alone: `loraforge stage quantize CONFIG [key=value ...]`.
@@ -54,7 +55,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -847,12 +848,20 @@ def _run_tool(
         if process.poll() is None:  # interrupted here: the tool must not outlive the stage
             process.kill()
             process.wait()
-    if expired.is_set():
+    output = "".join(pieces) + decoder.decode(b"", final=True)
+    return _tool_result(cmd, out, failure, timeout, expired.is_set(), returncode, output)
+
+
+def _tool_result(
+    cmd: list[str], out: Path, failure: str, timeout: float, expired: bool, returncode: int, output: str
+) -> str:
+    """A finished tool run's log (`output`), or the StageError that says why it failed: past its timeout, a
+    non-zero exit or no `out` written (with the log's tail)."""
+    if expired:
         raise StageError(
             f"{failure}: {Path(cmd[1] if cmd[0] == sys.executable else cmd[0]).name} did not finish within "
             f"quantize.tool_timeout_s={timeout:g} s and was stopped; raise quantize.tool_timeout_s for a large model."
         )
-    output = "".join(pieces) + decoder.decode(b"", final=True)
     if returncode != 0 or not out.is_file():
         tail = "\n".join(output.strip().splitlines()[-8:])
         raise StageError(f"{failure} (exit {returncode}):\n{tail}")
@@ -906,14 +915,15 @@ class _ToolRun(NamedTuple):
 
 
 def _side_by_side(runs: list[_ToolRun], converter: Path, timeout: float) -> None:
-    """Run the converter runs at once, each in a thread of its own waiting on its process (`_run_tool`); the first
-    failure, or an interrupt, stops every one (`_ToolGroup`) and is raised."""
+    """Run the converter runs at once, each in a thread of its own waiting on its process (`_run_warm`: a child of
+    the warm converter server, tasks/converter.py); the first failure, or an interrupt, stops every one
+    (`_ToolGroup`) and is raised."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     env = {**os.environ, "PYTHONPATH": str(converter / "gguf-py") + os.pathsep + str(converter), "NO_LOCAL_GGUF": ""}
     group = _ToolGroup()
     with ThreadPoolExecutor(len(runs), thread_name_prefix="converter") as pool:
-        futures = [pool.submit(_run_tool, run.cmd, run.out, run.failure, timeout, env, None, group) for run in runs]
+        futures = [pool.submit(_run_warm, run, timeout, env, group) for run in runs]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f.exception() for f in futures if f.done() and f.exception()), None)
@@ -924,19 +934,54 @@ def _side_by_side(runs: list[_ToolRun], converter: Path, timeout: float) -> None
             raise
 
 
+def _run_warm(run: _ToolRun, timeout: float, env: dict[str, str], group: _ToolGroup) -> str:
+    """A converter run (`python SCRIPT ARGS`) in a child of the warm converter server, in `run.out`'s folder;
+    returns its log, or raises with the log's tail. Killed after `timeout` seconds or when `group` stops."""
+    import tempfile
+
+    from loraforge.tasks import converter
+
+    handle, log = tempfile.mkstemp(prefix="loraforge-converter-", suffix=".log")
+    os.close(handle)
+    try:
+        process = group.add(run.cmd, lambda: converter.start(run.cmd[1:], run.out.parent, env, Path(log)))
+        try:
+            returncode = process.wait(timeout)
+            if returncode is None:  # past the timeout: killed, and said so below
+                process.kill()
+                process.wait()
+        except BaseException:  # interrupted here: the run must not outlive the stage
+            process.kill()
+            raise
+        output = Path(log).read_text(errors="replace")
+    finally:
+        os.unlink(log)
+    return _tool_result(run.cmd, run.out, run.failure, timeout, returncode is None, returncode or 0, output)
+
+
+class _Killable(Protocol):
+    def kill(self) -> None: ...
+
+
+_Started = TypeVar("_Started", bound=_Killable)
+
+
 class _ToolGroup:
     """Tool processes started side by side: `stop` kills every one started and refuses any still to start."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: list[subprocess.Popen[bytes]] = []
+        self._running: list[_Killable] = []
         self._stopped = False
 
     def popen(self, cmd: list[str], **options: Any) -> subprocess.Popen[bytes]:
+        return self.add(cmd, lambda: subprocess.Popen(cmd, **options))
+
+    def add(self, cmd: list[str], launch: Callable[[], _Started]) -> _Started:
         with self._lock:
             if self._stopped:
                 raise StageError(f"{Path(cmd[1]).name} not started: a tool run beside it failed")
-            process = subprocess.Popen(cmd, **options)
+            process = launch()
             self._running.append(process)
             return process
 

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,6 +139,60 @@ def _migrate_once(template: Path) -> None:
             if done.returncode != 0:
                 raise RuntimeError(f"`{' '.join(cmd[1:])}` failed:\n{(done.stdout + done.stderr)[-3000:]}")
             os.replace(Path(scratch) / "prefect.db", template)
+
+
+@contextlib.contextmanager
+def postgres_server(log_path: Path) -> Iterator[str]:
+    """A PostgreSQL cluster of its own (Debian's server, as `make stack` runs it: infra/stack/pg-bin.sh installs it
+    when missing) in a scratch folder, on a free loopback port, trusting local connections; yields the asyncpg URL
+    of its empty `prefect` database. As root it runs as the `postgres` user (PostgreSQL refuses root), so the
+    folder is outside pytest's 0700 temporary folders. Durability is off (fsync): the cluster is thrown away."""
+    import tempfile
+
+    found = subprocess.run(["bash", str(ROOT / "infra" / "stack" / "pg-bin.sh")], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise RuntimeError(f"infra/stack/pg-bin.sh found no PostgreSQL server:\n{found.stderr[-2000:]}")
+    pg = Path(found.stdout.strip())
+    as_pg: dict[str, Any] = {}
+    if os.getuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        as_pg = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    folder = Path(tempfile.mkdtemp(prefix="loraforge-postgres-"))
+    try:
+        folder.chmod(0o755)
+        data = folder / "data"
+        data.mkdir()
+        if as_pg:
+            os.chown(data, as_pg["user"], as_pg["group"])
+        initdb = [str(pg / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--locale=C",
+                  "--auth=trust", "--no-sync"]  # fmt: skip
+        done = subprocess.run(initdb, capture_output=True, text=True, **as_pg)
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{(done.stdout + done.stderr)[-2000:]}")
+        port = free_port()
+        cmd = [str(pg / "postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
+               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"]  # fmt: skip
+        with log_path.open("w") as log:
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **as_pg)
+        try:
+            createdb = [str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect"]
+            deadline = time.monotonic() + 60
+            while subprocess.run(createdb, capture_output=True, **as_pg).returncode != 0:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"PostgreSQL did not start; see {log_path}")
+                time.sleep(0.2)
+            yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+        finally:
+            process.send_signal(2)  # SIGINT: PostgreSQL's fast shutdown (SIGTERM waits for clients to leave)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@
 # STACK_HUB_PORT (8765), STACK_S3_PORT (9000), STACK_STORE (s3: the artifacts in the S3 server's bucket; folder:
 # in $STACK_DIR/artifacts, shared through the disk), STACK_DEPLOY (1: run infra/stack/deploy.sh), PYTHON, PG_BIN,
 # STACK_HUB_TOKEN (the Hub server's token; default: one made at the first start, kept in $STACK_DIR/hub-token).
-# PostgreSQL runs from Debian's packages (installed here with apt-get when missing) as a cluster in
+# PostgreSQL runs from Debian's packages (infra/stack/pg-bin.sh installs them with apt-get when missing) as a cluster in
 # $STACK_DIR/postgres; as root it runs as the `postgres` user (PostgreSQL refuses to run as root).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,17 +31,8 @@ source infra/stack/secrets.sh  # stack_secret, write_private: secrets in STACK_D
 [ -x "$PY" ] || die "$PY not found: run \`make setup\` first (or set PYTHON)"
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------------
-find_pg_bin() { printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1; }  # the newest installed major
-PG_BIN="${PG_BIN:-$(find_pg_bin)}"
-if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/initdb" ]; then
-  say "installing PostgreSQL (Debian package postgresql)"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
-  PG_BIN="$(find_pg_bin)"
-  [ -x "$PG_BIN/initdb" ] || die "no PostgreSQL server binaries after installing (looked in /usr/lib/postgresql/*/bin)"
-fi
+PG_BIN="${PG_BIN:-$(bash infra/stack/pg-bin.sh)}" || die "no PostgreSQL server (infra/stack/pg-bin.sh)"
 if [ "$(id -u)" -eq 0 ]; then
-  id postgres >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin postgres
   as_pg() { runuser -u postgres -- "$@"; }
 else
   as_pg() { "$@"; }

@@ -1,4 +1,4 @@
-"""infra/prefect.yaml against a real `prefect server start` (the session's, tests/integration/conftest.py):
+"""infra/prefect.yaml against a real `prefect server start` on PostgreSQL (this module's own, `postgres_api`):
 deployed with `prefect deploy --all` (through infra/stack/deploy.sh, process work pools), the nightly schedule
 computed by the server, the data-registered trigger producing a run, the pipeline running every stage on its own
 deployment through real process workers with the keys of an in-process run, and the approval pause before
@@ -61,29 +61,42 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float) -> Any:
 
 
 @pytest.fixture(scope="module")
-def server(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    """The session's Prefect server (its scheduler looping every second) with everything in infra/prefect.yaml
-    deployed, the nightly schedule switched off (LORAFORGE_NIGHTLY=off: a run at 02:00 UTC would otherwise start
-    the real pipeline on this module's workers, beside the runs the tests count). Other tests' flow runs are on it
-    too: read runs by deployment."""
+def postgres_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Prefect server of this module's own, keeping its state in PostgreSQL as the stack's does (its scheduler
+    looping every second). Not the session's SQLite server: with two workers polling it every second, Prefect's
+    SQLite server stalls on `database is locked` for its whole 60 s busy timeout now and then (measured in three
+    of seven suite runs: the approval test at 95 s instead of 16 s, the deployed pipeline at 169 s instead of
+    94 s; upstream PrefectHQ/prefect#23051); PostgreSQL locks rows, not the database."""
+    from hub import postgres_server, prefect_server
+
+    home = tmp_path_factory.mktemp("prefect-postgres")
+    settings = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}
+    with contextlib.ExitStack() as stack:
+        database = stack.enter_context(postgres_server(home / "postgres.log"))
+        yield stack.enter_context(prefect_server(home, {**settings, "PREFECT_API_DATABASE_CONNECTION_URL": database}))
+
+
+@pytest.fixture(scope="module")
+def server(postgres_api: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """This module's Prefect server with everything in infra/prefect.yaml deployed, the nightly schedule switched
+    off (LORAFORGE_NIGHTLY=off: a run at 02:00 UTC would otherwise start the real pipeline on this module's
+    workers, beside the runs the tests count)."""
     home = tmp_path_factory.mktemp("prefect-deployments")
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(home / "client"),
+    env = {**os.environ, "PREFECT_API_URL": postgres_api, "PREFECT_HOME": str(home / "client"),
            "PREFECT_WORKER_QUERY_SECONDS": "1",
            "LORAFORGE_CODE_DIR": str(ROOT), "LORAFORGE_CONFIG": str(DEMO_CONFIG),
            "LORAFORGE_STORE": str(home / "nightly-store"), "LORAFORGE_IMAGE_TAG": "test",
            "LORAFORGE_NIGHTLY": "off", "PYTHON": sys.executable}  # fmt: skip
     deploy = subprocess.run(["bash", "infra/stack/deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
-    return Server(prefect_api, env, home)
+    return Server(postgres_api, env, home)
 
 
 @pytest.fixture(scope="module")
 def workers(server: Server) -> Iterator[None]:
     """One real `prefect worker start --type process` per work pool (CPU and GPU), first needed by the deployed
-    pipeline's test: two workers polling every second make Prefect's SQLite server contend for its write lock
-    (measured once in a suite run: `database is locked` and a 60 s stall of the approval test, 95 s instead of
-    16 s), so the tests that need no worker run before it, except the cancelled-stage test, whose abandoned run
-    would count among the deployed pipeline's stage runs."""
+    pipeline's test: the tests that need no worker run before it (no polling beside them), except the
+    cancelled-stage test, whose abandoned run would count among the deployed pipeline's stage runs."""
     processes = []
     for pool in ("loraforge-cpu", "loraforge-gpu"):
         log = (server.home / f"worker-{pool}.log").open("w")

@@ -64,9 +64,9 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float) -> Any:
 def postgres_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Prefect server of this module's own, keeping its state in PostgreSQL as the stack's does (its scheduler
     looping every second). Not the session's SQLite server: with two workers polling it every second, Prefect's
-    SQLite server stalls on `database is locked` for its whole 60 s busy timeout now and then (measured in three
-    of seven suite runs: the approval test at 95 s instead of 16 s, the deployed pipeline at 169 s instead of
-    94 s; upstream PrefectHQ/prefect#23051); PostgreSQL locks rows, not the database."""
+    SQLite server stalls on `database is locked` for its whole 60 s busy timeout now and then (in three of eight
+    suite runs on 2026-12-07: the approval test at 95 s instead of 16 s, a hang, the deployed pipeline at 169 s
+    instead of 94 s; upstream PrefectHQ/prefect#23051); PostgreSQL locks rows, not the database."""
     from hub import postgres_server, prefect_server
 
     home = tmp_path_factory.mktemp("prefect-postgres")

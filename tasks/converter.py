@@ -15,7 +15,8 @@ server is started with the environment of the run that needs it and a run whose 
 
 Protocol (JSON lines): the client writes {"id", "args", "cwd", "env", "log"}; the server answers {"id", "pid"}
 once it has forked, and {"pid", "code"} when that child has ended. The server ends when its stdin closes (the
-client process ended) and its children have ended.
+client process ended) and its children have ended; when it is killed instead, the client kills the children it
+had not heard the end of and reports them killed (-9).
 """
 
 from __future__ import annotations
@@ -59,31 +60,32 @@ def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> WarmRun
     return _server_for(env).start(args, cwd, env, log)
 
 
-_servers: dict[tuple[tuple[str, str], ...], _Server] = {}
-_servers_lock = threading.Lock()
+_current: _Server | None = None  # one warm server at a time
+_current_lock = threading.Lock()
 
 
 def _server_for(env: dict[str, str]) -> _Server:
-    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES)))
-    with _servers_lock:
-        server = _servers.get(key)
-        if server is None or not server.alive():
-            for other in _servers.values():
-                other.close()  # one warm server at a time: it ends when its running children have
-            _servers.clear()
-            server = _servers[key] = _Server(env)
-        return server
+    global _current
+    settings = tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES)))
+    with _current_lock:
+        if _current is None or _current.settings != settings or not _current.alive():
+            if _current is not None:
+                _current.close()  # it ends when its running children have
+            _current = _Server(env, settings)
+        return _current
 
 
 class _Server:
     """The client side of one server process."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], settings: tuple[tuple[str, str], ...]) -> None:
+        self.settings = settings  # the import-time settings it was started with
         cmd = [sys.executable, __file__, *PRELOAD]
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd="/")
         self._ids = itertools.count()
         self._changed = threading.Condition()
-        self._pids: dict[int, int] = {}  # request id -> pid
+        self._pids: dict[int, int] = {}  # request id -> pid, until `start` takes it
+        self._started: set[int] = set()  # every pid this server forked for this client
         self._codes: dict[int, int] = {}  # pid -> exit code
         self._ended = False
         threading.Thread(target=self._read, name="converter-server", daemon=True).start()
@@ -107,11 +109,9 @@ class _Server:
             return WarmRun(self, self._pids.pop(number))
 
     def exit_code(self, pid: int, timeout: float | None) -> int | None:
-        with self._changed:
-            self._changed.wait_for(lambda: pid in self._codes or self._ended, timeout)
-            if pid in self._codes:
-                return self._codes[pid]
-            return -9 if self._ended else None  # a server that ended killed its children with it (SIGKILL)
+        with self._changed:  # every pid gets its code, the server's end included (`_read`)
+            self._changed.wait_for(lambda: pid in self._codes, timeout)
+            return self._codes.get(pid)
 
     def alive(self) -> bool:
         return not self._ended and self.process.poll() is None
@@ -128,11 +128,18 @@ class _Server:
             with self._changed:
                 if "id" in message:
                     self._pids[message["id"]] = message["pid"]
+                    self._started.add(message["pid"])
                 else:
                     self._codes[message["pid"]] = message["code"]
                 self._changed.notify_all()
         self.process.wait()
         with self._changed:
+            # A server that ended on its own has no child left; one that was killed or crashed leaves its running
+            # children unreported: they are killed here (none may outlive the runs that wait on them) and so said.
+            for pid in self._started - self._codes.keys():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+                self._codes[pid] = -9
             self._ended = True
             self._changed.notify_all()
 

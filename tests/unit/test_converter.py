@@ -55,3 +55,23 @@ def test_a_run_is_killed_by_pid_and_other_import_settings_get_their_own_server(t
     assert first.process.wait(30) == 0  # the previous server ended once it had no running child
     same = converter.start(["-c", "pass"], tmp_path, _env(OMP_NUM_THREADS="2", UNRELATED="x"), tmp_path / "c.log")
     assert same.wait(60) == 0 and same.server is other.server
+
+
+def test_a_server_that_dies_takes_its_running_children_with_it(tmp_path: Path) -> None:
+    hung = converter.start(["-c", "import time; time.sleep(60)"], tmp_path, _env(), tmp_path / "a.log")
+    assert hung.wait(0.2) is None
+    hung.server.process.kill()  # crashed or killed: the child's end can no longer be reported by it
+    assert hung.wait(30) == -9
+    deadline = time.monotonic() + 10
+    while _running(hung.pid):
+        assert time.monotonic() < deadline, "the orphaned child still runs"
+        time.sleep(0.1)
+    after = converter.start(["-c", "pass"], tmp_path, _env(), tmp_path / "b.log")  # a new server takes over
+    assert after.wait(60) == 0 and after.server is not hung.server
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False

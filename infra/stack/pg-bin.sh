@@ -3,12 +3,17 @@
 # when there is none; as root, also makes sure the `postgres` user exists (PostgreSQL refuses to run as root).
 # Used by infra/stack/up.sh (`make stack`) and by the tests that start a PostgreSQL of their own (tests/hub.py).
 set -euo pipefail
-find_pg_bin() { printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1; }  # the newest installed major
+# PG_BIN (a server's bin folder) is taken as it is; otherwise the newest installed major
+find_pg_bin() { if [ -n "${PG_BIN:-}" ]; then echo "$PG_BIN"; else printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1; fi; }
 ready() { [ -x "$(find_pg_bin)/initdb" ] && { [ "$(id -u)" -ne 0 ] || id postgres >/dev/null 2>&1; }; }
 if ! ready; then
   # one at a time (make stack and the deployments tests may ask at once; apt-get and useradd take system locks)
   exec 9>"${TMPDIR:-/tmp}/loraforge-pg-install.lock"
   flock 9
+  if [ -n "${PG_BIN:-}" ] && [ ! -x "$PG_BIN/initdb" ]; then
+    echo "[stack] error: PG_BIN=$PG_BIN has no initdb: point it at a PostgreSQL server's bin folder or unset it" >&2
+    exit 1
+  fi
   if [ ! -x "$(find_pg_bin)/initdb" ]; then
     echo "[stack] installing PostgreSQL (Debian package postgresql)" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"

@@ -31,7 +31,7 @@ source infra/stack/secrets.sh  # stack_secret, write_private: secrets in STACK_D
 [ -x "$PY" ] || die "$PY not found: run \`make setup\` first (or set PYTHON)"
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------------
-PG_BIN="${PG_BIN:-$(bash infra/stack/pg-bin.sh)}" || die "no PostgreSQL server (infra/stack/pg-bin.sh)"
+PG_BIN="$(bash infra/stack/pg-bin.sh)" || die "no PostgreSQL server (infra/stack/pg-bin.sh)"  # also the postgres user
 if [ "$(id -u)" -eq 0 ]; then
   as_pg() { runuser -u postgres -- "$@"; }
 else

@@ -141,65 +141,148 @@ def _migrate_once(template: Path) -> None:
             os.replace(Path(scratch) / "prefect.db", template)
 
 
-@contextlib.contextmanager
-def postgres_server(log_path: Path) -> Iterator[str]:
-    """A PostgreSQL cluster of its own (Debian's server, as `make stack` runs it: infra/stack/pg-bin.sh installs it
-    when missing) in a scratch folder, on a free loopback port, trusting local connections; yields the asyncpg URL
-    of its empty `prefect` database. As root it runs as the `postgres` user (PostgreSQL refuses root), so the
-    folder is outside pytest's 0700 temporary folders. Durability is off (fsync): the cluster is thrown away."""
-    import tempfile
-
+def _pg_bin() -> tuple[Path, dict[str, Any]]:
+    """The PostgreSQL server's bin folder (infra/stack/pg-bin.sh installs Debian's when missing, as `make stack`
+    does) and, as root, the `subprocess` arguments that run a command as the `postgres` user (PostgreSQL refuses
+    root)."""
     found = subprocess.run(["bash", str(ROOT / "infra" / "stack" / "pg-bin.sh")], capture_output=True, text=True)
     if found.returncode != 0:
         raise RuntimeError(f"infra/stack/pg-bin.sh found no PostgreSQL server:\n{found.stderr[-2000:]}")
-    pg = Path(found.stdout.strip())
     as_pg: dict[str, Any] = {}
     if os.getuid() == 0:
         import pwd
 
         user = pwd.getpwnam("postgres")
         as_pg = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    return Path(found.stdout.strip()), as_pg
+
+
+@contextlib.contextmanager
+def _pg_folder() -> Iterator[Path]:
+    """A scratch folder the `postgres` user can reach (pytest's temporary folders are 0700 and root's), removed
+    afterwards."""
+    import tempfile
+
     folder = Path(tempfile.mkdtemp(prefix="loraforge-postgres-"))
     try:
         folder.chmod(0o755)
-        data = folder / "data"
-        data.mkdir()
-        if as_pg:
-            os.chown(data, as_pg["user"], as_pg["group"])
-        initdb = [str(pg / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--locale=C",
-                  "--auth=trust", "--no-sync"]  # fmt: skip
-        done = subprocess.run(initdb, capture_output=True, text=True, **as_pg)
-        if done.returncode != 0:
-            raise RuntimeError(f"initdb failed:\n{(done.stdout + done.stderr)[-2000:]}")
-        port = free_port()
-        cmd = [str(pg / "postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
-               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"]  # fmt: skip
-        with log_path.open("w") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **as_pg)
-        try:
-            createdb = [str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect"]
-            deadline = time.monotonic() + 60
-            while subprocess.run(createdb, capture_output=True, **as_pg).returncode != 0:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"PostgreSQL did not start; see {log_path}")
-                time.sleep(0.2)
-            yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
-        finally:
-            process.send_signal(2)  # SIGINT: PostgreSQL's fast shutdown (SIGTERM waits for clients to leave)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _initdb(pg: Path, data: Path, as_pg: dict[str, Any]) -> None:
+    data.mkdir()
+    if as_pg:
+        os.chown(data, as_pg["user"], as_pg["group"])
+    initdb = [str(pg / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--locale=C", "--auth=trust",
+              "--no-sync"]  # fmt: skip
+    done = subprocess.run(initdb, capture_output=True, text=True, **as_pg)
+    if done.returncode != 0:
+        raise RuntimeError(f"initdb failed:\n{(done.stdout + done.stderr)[-2000:]}")
+
+
+@contextlib.contextmanager
+def _postgres(pg: Path, data: Path, as_pg: dict[str, Any], log_path: Path, create: bool) -> Iterator[str]:
+    """PostgreSQL on the cluster in `data`, on a free loopback port, durability off (fsync: the cluster is thrown
+    away); with `create`, an empty `prefect` database is made. Yields the asyncpg URL of `prefect`."""
+    port = free_port()
+    cmd = [str(pg / "postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
+           "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"]  # fmt: skip
+    with log_path.open("w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **as_pg)
+    try:
+        client = [str(pg / ("createdb" if create else "pg_isready")), "-h", "127.0.0.1", "-p", str(port),
+                  "-U", "postgres", *(["prefect"] if create else ["-d", "prefect"])]  # fmt: skip
+        deadline = time.monotonic() + 60
+        while subprocess.run(client, capture_output=True, **as_pg).returncode != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start; see {log_path}")
+            time.sleep(0.2)
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    finally:
+        process.send_signal(2)  # SIGINT: PostgreSQL's fast shutdown (SIGTERM waits for clients to leave)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _migrated_cluster(pg: Path, as_pg: dict[str, Any]) -> Path:
+    """A PostgreSQL cluster whose `prefect` database Prefect has migrated, made once per Prefect and PostgreSQL
+    version under the loraforge cache (as `seed_prefect_home` does for SQLite: Prefect's migrations on a fresh
+    PostgreSQL take ~8 s of a server's start; `make stack` runs them for real). Under a lock: of two pytest-xdist
+    workers one makes it and the other waits."""
+    import fcntl
+    from importlib.metadata import version
+
+    from loraforge.tasks.models import cache_dir
+
+    server = subprocess.run([str(pg / "postgres"), "--version"], capture_output=True, text=True, check=True)
+    template = cache_dir() / "prefect-pg" / f"{version('prefect')}-{server.stdout.split()[-1]}" / "data"
+    if template.is_dir():
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with (template.parent.parent / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if template.is_dir():
+            return template
+        with _pg_folder() as folder:
+            _initdb(pg, folder / "data", as_pg)
+            with _postgres(pg, folder / "data", as_pg, folder / "postgres.log", create=True) as url:
+                env = {**os.environ, "PREFECT_HOME": str(folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       "PREFECT_API_DATABASE_CONNECTION_URL": url}  # fmt: skip
+                cmd = [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"]
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"`{' '.join(cmd[1:])}` failed:\n{(done.stdout + done.stderr)[-3000:]}")
+            scratch = template.parent / "data.partial"
+            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.copytree(folder / "data", scratch, symlinks=True)
+            os.replace(scratch, template)
+    return template
+
+
+@contextlib.contextmanager
+def postgres_server(log_path: Path) -> Iterator[str]:
+    """A PostgreSQL cluster of its own (Debian's server, as `make stack` runs it), copied from one where Prefect's
+    migrations already ran, on a free loopback port, trusting local connections; yields the asyncpg URL of its
+    `prefect` database. As root it runs as the `postgres` user, in a folder outside pytest's 0700 temporary
+    folders. Durability is off (fsync): the cluster is thrown away."""
+    pg, as_pg = _pg_bin()
+    template = _migrated_cluster(pg, as_pg)
+    with _pg_folder() as folder:
+        data = folder / "data"
+        shutil.copytree(template, data, symlinks=True)
+        if as_pg:
+            for path in (data, *data.rglob("*")):
+                os.lchown(path, as_pg["user"], as_pg["group"])
+        data.chmod(0o700)
+        (data / "postmaster.pid").unlink(missing_ok=True)
+        with _postgres(pg, data, as_pg, log_path, create=False) as url:
+            yield url
+
+
+@contextlib.contextmanager
+def prefect_server_on_postgres(home: Path, settings: dict[str, str] | None = None) -> Iterator[str]:
+    """`prefect server start` (as `prefect_server`) keeping its state in a PostgreSQL of its own, as the stack's
+    does. For the tests whose workers poll the server every second: Prefect's SQLite server then stalls on
+    `database is locked` for its whole 60 s busy timeout now and then (PrefectHQ/prefect#23051; measured on
+    2026-12-07: the deployed pipeline at 169 s instead of 94 s, the stage containers' pipeline at 320 s instead
+    of 130 s); PostgreSQL locks rows, not the database."""
+    with contextlib.ExitStack() as stack:
+        database = stack.enter_context(postgres_server(home / "postgres.log"))
+        settings = {**(settings or {}), "PREFECT_API_DATABASE_CONNECTION_URL": database}
+        yield stack.enter_context(prefect_server(home, settings))
 
 
 @contextlib.contextmanager
 def prefect_server(home: Path, settings: dict[str, str] | None = None) -> Iterator[str]:
     """`prefect server start` with its own home and SQLite database, and extra Prefect `settings` (environment
-    variables); yields its API URL."""
-    seed_prefect_home(home)
+    variables, a PREFECT_API_DATABASE_CONNECTION_URL among them instead of SQLite); yields its API URL."""
+    if "PREFECT_API_DATABASE_CONNECTION_URL" not in (settings or {}):
+        seed_prefect_home(home)
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",

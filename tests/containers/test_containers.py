@@ -163,11 +163,12 @@ def docker_host(workdir: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def prefect_api(workdir: Path) -> Iterator[str]:
-    from hub import prefect_server
+    """A Prefect server on PostgreSQL: two Docker workers poll it every second (tests/hub.py says why not SQLite)."""
+    from hub import prefect_server_on_postgres
 
     home = workdir / "prefect-home"
     home.mkdir()
-    with prefect_server(home) as api:
+    with prefect_server_on_postgres(home) as api:
         yield api
 
 
@@ -323,44 +324,61 @@ def _compare(local: Path, contained: Path, record: dict[str, Any]) -> list[str]:
     return problems
 
 
-def test_images_carry_only_what_their_stage_needs(image_tag: str) -> None:
+IMAGES = ("data", "train", "eval", "merge", "quantize", "publish")
+# One container per image answers every question the two image tests ask (a `podman run` is ~1-2 s each): the
+# modules it can import, its user, whether that user can write the cache and the artifact mount point, the
+# llama.cpp tools in its cache. Its last line is JSON.
+PROBE = """
+import importlib.util, json, os, subprocess
+modules = [m for m in ("torch", "transformers", "llama_cpp", "peft", "bitsandbytes", "evaluate") if importlib.util.find_spec(m)]
+writable = subprocess.run(["sh", "-c", "touch /cache/w /artifacts/w"], capture_output=True).returncode == 0
+print(json.dumps({"modules": modules, "uid": os.getuid(), "writable": writable, "cache": sorted(os.listdir("/cache"))}))
+"""  # noqa: E501
+
+
+@pytest.fixture(scope="module")
+def image_facts(image_tag: str) -> dict[str, dict[str, Any]]:
+    """What each stage image holds and runs as, from one probe container per image (through its entrypoint)."""
+    facts = {}
+    for stage in IMAGES:
+        image = f"localhost/loraforge-{stage}:{image_tag}"
+        out = subprocess.run([*PODMAN, "run", "--rm", image, "python", "-c", PROBE], capture_output=True, text=True)
+        assert out.returncode == 0, f"{stage}: {out.stdout}{out.stderr}"
+        facts[stage] = json.loads(out.stdout.strip().splitlines()[-1])
+    return facts
+
+
+def test_images_carry_only_what_their_stage_needs(image_tag: str, image_facts: dict[str, dict[str, Any]]) -> None:
     """No torch in the publish and data images; the quantize image has the pinned converter and llama-cpp-python;
     every image answers `loraforge --help` through its entrypoint."""
-    probe = "import importlib.util as u; print(','.join(m for m in ('torch', 'transformers', 'llama_cpp', 'peft', 'bitsandbytes', 'evaluate') if u.find_spec(m)))"  # noqa: E501
-    found = {}
-    for stage in ("data", "train", "eval", "merge", "quantize", "publish"):
-        image = f"localhost/loraforge-{stage}:{image_tag}"
-        out = subprocess.run([*PODMAN, "run", "--rm", image, "python", "-c", probe], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        found[stage] = set(filter(None, out.stdout.strip().split(",")))
+    found = {stage: set(facts["modules"]) for stage, facts in image_facts.items()}
     assert found["publish"] == set(), found
     assert found["data"] == {"transformers"}, found
     assert {"torch", "peft", "bitsandbytes"} <= found["train"] and "llama_cpp" not in found["train"], found
     assert {"torch", "llama_cpp", "transformers", "evaluate"} <= found["quantize"], found  # evaluate: the probe
     assert "peft" not in found["quantize"], found
     assert "evaluate" in found["eval"], found
-    out = subprocess.run([*PODMAN, "run", "--rm", f"localhost/loraforge-quantize:{image_tag}", "ls", "/cache"],
-                         capture_output=True, text=True)  # fmt: skip
-    assert "llama.cpp-0.3.36" in out.stdout.split(), out.stdout + out.stderr
+    assert "llama.cpp-0.3.36" in image_facts["quantize"]["cache"], image_facts["quantize"]
     out = subprocess.run([*PODMAN, "run", "--rm", f"localhost/loraforge-publish:{image_tag}", "--help"],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and "--input STAGE=KEY" in out.stdout, out.stdout + out.stderr
 
 
-def test_images_run_as_a_non_root_user_and_carry_oci_labels(image_tag: str) -> None:
+def test_images_run_as_a_non_root_user_and_carry_oci_labels(
+    image_tag: str, image_facts: dict[str, dict[str, Any]]
+) -> None:
     """Every stage image runs as uid 10001 (not root), which owns the cache and the artifact mount point, and
     carries the OCI labels (source, version and licenses from pyproject.toml, revision, title)."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for stage in ("data", "train", "eval", "merge", "quantize", "publish"):
-        image = f"localhost/loraforge-{stage}:{image_tag}"
-        check = "id -u; touch /cache/w /artifacts/w && echo ok"
-        out = subprocess.run([*PODMAN, "run", "--rm", image, "sh", "-c", check], capture_output=True, text=True)
-        assert out.stdout.split() == ["10001", "ok"], f"{stage}: {out.stdout}{out.stderr}"
-        inspect = subprocess.run([*PODMAN, "image", "inspect", "--format", "{{ json .Labels }}", image],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
-        labels = json.loads(inspect.stdout)
+    for stage in IMAGES:
+        assert (image_facts[stage]["uid"], image_facts[stage]["writable"]) == (10001, True), (stage, image_facts)
+    inspect = subprocess.run([*PODMAN, "image", "inspect", "--format", "{{ json .Labels }}",
+                              *(f"localhost/loraforge-{stage}:{image_tag}" for stage in IMAGES)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    for stage, line in zip(IMAGES, inspect.stdout.strip().splitlines(), strict=True):
+        labels = json.loads(line)
         assert labels["org.opencontainers.image.version"] == project["version"], (stage, labels)
         assert labels["org.opencontainers.image.licenses"] == project["license"], (stage, labels)
         assert labels["org.opencontainers.image.title"] == f"loraforge-{stage}", (stage, labels)

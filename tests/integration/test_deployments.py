@@ -62,18 +62,13 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float) -> Any:
 
 @pytest.fixture(scope="module")
 def postgres_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Prefect server of this module's own, keeping its state in PostgreSQL as the stack's does (its scheduler
-    looping every second). Not the session's SQLite server: with two workers polling it every second, Prefect's
-    SQLite server stalls on `database is locked` for its whole 60 s busy timeout now and then (in three of eight
-    suite runs on 2026-12-07: the approval test at 95 s instead of 16 s, a hang, the deployed pipeline at 169 s
-    instead of 94 s; upstream PrefectHQ/prefect#23051); PostgreSQL locks rows, not the database."""
-    from hub import postgres_server, prefect_server
+    """A Prefect server of this module's own on PostgreSQL (tests/hub.py says why not the session's SQLite server:
+    two workers poll it every second), its scheduler looping every second."""
+    from hub import prefect_server_on_postgres
 
     home = tmp_path_factory.mktemp("prefect-postgres")
-    settings = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}
-    with contextlib.ExitStack() as stack:
-        database = stack.enter_context(postgres_server(home / "postgres.log"))
-        yield stack.enter_context(prefect_server(home, {**settings, "PREFECT_API_DATABASE_CONNECTION_URL": database}))
+    with prefect_server_on_postgres(home, {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}) as api:
+        yield api
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ CACHE_DIR/<python cache tag>/<distribution>-<version>-<RECORD digest>/ and links
 * a .py file that no distribution lists (the editable install's finder, the virtualenv's own) is compiled in
   place, never cached.
 
-The RECORD digest (every file's sha256, as installed) tells builds of one version apart, e.g. a locally built
+The RECORD digest (the .py files' sha256) tells builds of one version apart, e.g. a locally built
 llama-cpp-python wheel. Prints one summary line.
 """
 
@@ -55,9 +55,11 @@ def _sources(dist: importlib.metadata.Distribution, site: Path) -> list[Path]:
 
 
 def _key(dist: importlib.metadata.Distribution) -> str:
-    record = dist.read_text("RECORD") or ""
+    """Name, version and a digest of the RECORD lines of the .py files (path and sha256): the files compiled. Not
+    of the whole RECORD, which also lists the console scripts, whose first line names the virtualenv's python."""
+    lines = sorted(line for line in (dist.read_text("RECORD") or "").splitlines() if line.split(",")[0].endswith(".py"))
     name = dist.metadata["Name"].lower().replace("-", "_").replace(".", "_")
-    return f"{name}-{dist.version}-{hashlib.sha256(record.encode()).hexdigest()[:12]}"
+    return f"{name}-{dist.version}-{hashlib.sha256(chr(10).join(lines).encode()).hexdigest()[:12]}"
 
 
 def _pyc(source: Path) -> Path:

@@ -47,6 +47,11 @@ def _venv(path: Path, *stores: Path, link: bool = True) -> tuple[Path, Path]:
             else:
                 shutil.copyfile(source, target)
                 os.utime(target, (source.stat().st_mtime + 100, source.stat().st_mtime + 100))
+    # uv lists each console script in RECORD with the hash of its copy, whose first line names this venv's python
+    record = next(site.glob("*.dist-info/RECORD"))
+    text = record.read_text()
+    record.unlink()  # a link to the store's file: replaced, not changed
+    record.write_text(text + f"../../../bin/demo-tool,sha256={abs(hash(str(path)))},{len(str(path))}\n")
     return python, site
 
 

@@ -33,7 +33,7 @@ the converter and the runtime are the same llama.cpp version; `make setup` extra
 
 Cost (docs/bench.md, section 7): the converter runs (merged model, adapter, the base the adapter is checked on)
 are single-threaded processes and run side by side, each forked from a process that has imported torch,
-transformers and gguf-py once (tasks/converter.py: ~3.5 s of CPU less per run after the first); each check
+transformers and gguf-py once (tasks/converter.py: ~4 s of CPU less per run after the first); each check
 keeps the prompt prefix a fidelity row or probe shares with the one before in llama.cpp's context and evaluates
 only the rest; the importance matrix is computed once per (merged model, text, chunks) on a machine and taken
 from its cache after that.

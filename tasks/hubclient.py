@@ -4,7 +4,8 @@ Tokens come from a Prefect Secret block named in the config, else from huggingfa
 then the token `hf auth login` stored); they are only ever handed to huggingface_hub, never stored, printed or
 written, never sent over plain http except to loopback, and `scrub` masks them in error messages.
 Failures are explained (`explain`): what went wrong at which endpoint and what to fix; a transient one (the Hub
-unreachable, a 5xx, a 429) is retried a few times with backoff first (`with_retries`).
+unreachable, a 5xx, a 429) is retried a few times with backoff first (`with_retries`), unless huggingface_hub
+already retried it for longer than the whole schedule.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 LINEAGE_FILE = "loraforge/lineage.json"
 # Seconds to wait before each retry of a transient failure: four tries over about 13 s.
 RETRY_DELAYS: tuple[float, ...] = (1.0, 3.0, 9.0)
+# A try that itself took longer than this failed after huggingface_hub's own retries (its uploads, LFS batches and
+# commits retry a Hub that does not answer for ~23 s, `http_backoff`): it is not tried again, which would multiply
+# them (a push to a Hub that died mid-upload took 105 s to fail instead of ~25 s; a re-run resumes the push).
+SLOW_TRY_S = 10.0
 LOGIN_FIX = "check HF_TOKEN / `hf auth login` (or the Prefect Secret block named by publish.token_secret)"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 REPO_ID = r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+"  # what the Hub accepts as a repo id (owner/name)
@@ -155,16 +160,21 @@ def with_retries(call: Callable[[], T], what: str, delays: tuple[float, ...] | N
 
     Returns:
         What `call` returned. The last failure is raised unchanged when every try failed, or at once when it is
-        not transient (`is_transient`).
+        not transient (`is_transient`) or the try took longer than SLOW_TRY_S (the client retried it already).
     """
     waits = RETRY_DELAYS if delays is None else delays
     for attempt, wait in enumerate((*waits, None), start=1):
+        started = time.monotonic()
         try:
             return call()
         except Exception as exc:
             if wait is None or not is_transient(exc):
                 raise
             status = http_status(exc)
+            if (took := time.monotonic() - started) > SLOW_TRY_S:
+                print(f"[hub] {what}: {status or type(exc).__name__} (try {attempt}) after {took:.0f} s of "
+                      "huggingface_hub's own retries; not tried again")  # fmt: skip
+                raise
             print(f"[hub] {what}: {status or type(exc).__name__} (try {attempt}); trying again in {wait:g} s")
             time.sleep(wait)
     raise AssertionError("unreachable")  # the loop returns or raises

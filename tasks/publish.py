@@ -24,12 +24,12 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loraforge.tasks import hubclient
 from loraforge.tasks.artifacts import KEY_LIBRARIES, Artifact, ArtifactStore, compute_key, hash_files
 from loraforge.tasks.data import read_data
 from loraforge.tasks.errors import GateFailed, StageError
@@ -41,13 +41,14 @@ from loraforge.tasks.hubclient import (
     explain,
     hub_endpoint,
     hub_token,
-    is_transient,
     with_retries,
 )
 from loraforge.tasks.merge import read_merge
 from loraforge.tasks.models import read_base
 from loraforge.tasks.quantize import probe_summary, read_quantize
 from loraforge.tasks.train import read_train
+
+T = TypeVar("T")
 
 
 class PublishConfig(BaseModel):
@@ -255,13 +256,24 @@ def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: s
     check_transport(endpoint, token)  # before anything is sent: never a token over plain http off this machine
     api = HfApi(endpoint=endpoint, token=token)
     where = f"push {config.repo_id} to {endpoint}"
+    tries = [0]  # of the call that failed, for the message
+
+    def retried(call: Callable[[], T]) -> T:
+        tries[0] = 0
+
+        def counted() -> T:
+            tries[0] += 1
+            return call()
+
+        return with_retries(counted, where)
+
     try:
         # Each call is retried on its own while the Hub is unreachable or answers 5xx/429: repeating one is safe
         # (exist_ok; a re-upload skips what the server has; the tag was looked up before it is created).
-        with_retries(lambda: api.create_repo(config.repo_id, private=config.private, exist_ok=True), where)
-        tags = {t.name: t.target_commit for t in with_retries(lambda: api.list_repo_refs(config.repo_id), where).tags}
+        retried(lambda: api.create_repo(config.repo_id, private=config.private, exist_ok=True))
+        tags = {t.name: t.target_commit for t in retried(lambda: api.list_repo_refs(config.repo_id)).tags}
         if tag in tags:  # this version was published before: the tag must hold exactly this bundle
-            if different := with_retries(lambda: _differences(api, config.repo_id, tags[tag], bundle), where):
+            if different := retried(lambda: _differences(api, config.repo_id, tags[tag], bundle)):
                 raise StageError(
                     f"tag {tag} already exists on {config.repo_id} (commit {tags[tag][:12]}) with other files "
                     f"({', '.join(different[:5])}): a tag names one pipeline version; set publish.tag to a new name."
@@ -270,17 +282,16 @@ def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: s
         # One commit with every file; the client skips files the head already has (no new commit when nothing
         # changed) and LFS objects the server already stores (what an interrupted push got up).
         # delete_patterns: files of an earlier version that this bundle does not have go in the same commit.
-        info = with_retries(lambda: api.upload_folder(
+        info = retried(lambda: api.upload_folder(
             repo_id=config.repo_id, folder_path=bundle, commit_message=f"loraforge: publish {tag}",
-            delete_patterns="*"), where)  # fmt: skip
+            delete_patterns="*"))  # fmt: skip
         commit = str(info.oid)
-        with_retries(lambda: api.create_tag(config.repo_id, tag=tag, revision=commit), where)
+        retried(lambda: api.create_tag(config.repo_id, tag=tag, revision=commit))
     except StageError:
         raise
     except Exception as exc:  # network and HTTP errors of every kind: report what to fix, never leak the token
-        tries = len(hubclient.RETRY_DELAYS) + 1 if is_transient(exc) else 1
         raise StageError(
-            f"push to {endpoint}/{config.repo_id} failed: {explain(exc, endpoint, token, tries=tries)}."
+            f"push to {endpoint}/{config.repo_id} failed: {explain(exc, endpoint, token, tries=tries[0])}."
         ) from None
     return commit
 

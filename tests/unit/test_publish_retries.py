@@ -111,3 +111,26 @@ def test_a_failed_gate_sends_nothing_and_is_not_retried(
                       inputs["quantize"], ArtifactStore(tmp_path / "store"))  # fmt: skip
     assert flaky.seen == []
     assert IN_PROCESS["publish"].retries == 0  # nor does Prefect run the stage again
+
+
+def test_a_try_the_client_already_retried_at_length_is_not_tried_again(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """huggingface_hub retries its uploads and commits itself (~23 s against a Hub that does not answer): a try
+    that took longer than SLOW_TRY_S is not tried again (four such tries took 105 s); a quick failure still is."""
+    monkeypatch.setattr(hubclient, "SLOW_TRY_S", 0.2)
+    calls: list[float] = []
+
+    def failing(pause: float) -> None:
+        calls.append(time.monotonic())
+        time.sleep(pause)
+        raise ConnectionError("connection refused")
+
+    with pytest.raises(ConnectionError):
+        hubclient.with_retries(lambda: failing(0.3), "push team/slow")
+    assert len(calls) == 1
+    assert "(try 1) after 0 s of huggingface_hub's own retries; not tried again" in capsys.readouterr().out
+    calls.clear()
+    with pytest.raises(ConnectionError):
+        hubclient.with_retries(lambda: failing(0.0), "push team/quick")
+    assert len(calls) == len(DELAYS) + 1

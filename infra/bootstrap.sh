@@ -42,17 +42,26 @@ if [ -f "$stamp" ] && [ -d "$CACHE/llama.cpp-$LLAMA_CPP_VERSION" ] && [ -x "$TOO
   exit 0
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating virtualenv $VENV"
-  "$PY" -m venv "$VENV"
-fi
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 # Installs go through uv (pinned here; from PyPI into the venv): the same pins, in seconds where pip's resolver took
 # ~3 min of a fresh clone's set-up (docs/development.md). pip stays for the cold-cache sdist download and wheel build.
 UV_VERSION=0.13.9
+UV_KEPT="$CACHE/uv-$UV_VERSION/uv"  # the uv binary of the first set-up: later virtualenvs get pip and uv through it
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtualenv $VENV"
+  if [ -x "$UV_KEPT" ]; then  # ~0.3 s, against ~4.4 s for ensurepip's pip and then pip installing uv
+    "$PY" -m venv --without-pip "$VENV"
+    "$UV_KEPT" pip install --quiet --python "$VENV/bin/python" pip "uv==$UV_VERSION"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 if ! "$VENV/bin/uv" --version 2>/dev/null | grep -qx "uv $UV_VERSION.*"; then
   echo "[setup] uv $UV_VERSION (the installer)"
   pip install -q "uv==$UV_VERSION"
+fi
+if [ ! -x "$UV_KEPT" ]; then
+  mkdir -p "$(dirname "$UV_KEPT")" && cp "$VENV/bin/uv" "$UV_KEPT.part" && mv "$UV_KEPT.part" "$UV_KEPT"
 fi
 # uv reads no pip configuration: pass on the find-links pip is configured with (pip.conf, PIP_FIND_LINKS; e.g. a
 # folder holding the torch CPU wheel), and resolve across indexes as pip does (a package from the best match).

@@ -11,8 +11,11 @@
 # sha (12 hex; "-dirty" appended when the tree has uncommitted changes under flows/ tasks/ containers/ or the
 # pins) and `latest`; train-cuda is localhost/loraforge-train tagged <sha>-cuda and latest-cuda (built on
 # localhost/loraforge-base-deps-cuda: base-deps with the CUDA pin set). Idempotent: when every image already carries this build's context hash (a label over the
-# source, the Containerfiles, the wheels and the build arguments) nothing is built (~2 s); otherwise podman's
-# layer cache rebuilds only what changed (a source edit: the last two layers of each image).
+# source, the Containerfiles, the wheels and the build arguments) nothing is built (~2 s); when the `latest` one
+# does (a commit that changed only docs or tests), it is tagged with the new sha, not built (a build with every
+# layer cached took ~2.5 s of podman per image); otherwise podman's layer cache rebuilds only what changed (a
+# source edit: the last two layers of each image). The OCI revision label is the last commit that changed what the
+# images are built from (the source, the pins, containers/), so an image tagged again still names its source.
 #
 # Needs (as root on a clean Debian/Ubuntu: `apt-get install podman runc debootstrap`, done here when missing):
 #   podman (4.3.1 tested) with runc; debootstrap the first time; `make setup` done (the llama-cpp-python wheel
@@ -171,9 +174,15 @@ cp -a "$converter" "$ctx/llama.cpp/"
 [ -d "$converter-tools" ] && cp -a "$converter-tools" "$ctx/llama.cpp/"
 
 # --- tags, build arguments, the context hash ------------------------------------------------------------------
+# The tag is HEAD's sha; the revision label names the last commit that changed what the images are built from
+# (a commit that changes only docs or tests gets the images of the one before it, tagged again: no build).
+packaged=(loraforge flows tasks containers pyproject.toml constraints.txt constraints-cuda.txt README.md LICENSE)
 sha=$(git rev-parse --short=12 HEAD 2>/dev/null || echo nogit)
-if [ -n "$(git status --porcelain -- loraforge flows tasks containers pyproject.toml constraints.txt constraints-cuda.txt 2>/dev/null)" ]; then
+revision=$(git log -1 --format=%H -- "${packaged[@]}" 2>/dev/null | cut -c1-12)
+revision=${revision:-$sha}
+if [ -n "$(git status --porcelain -- "${packaged[@]}" 2>/dev/null)" ]; then
   sha="$sha-dirty"
+  revision="$revision-dirty"
 fi
 TAG="${IMAGE_TAG:-$sha}"
 # OCI labels: the version and licenses from pyproject.toml; the source repository from OCI_SOURCE, else the
@@ -194,7 +203,7 @@ hash=$({
   (cd "$ctx" && find src llama.cpp entrypoint.sh constraints-image*.txt -type f -print0 | sort -z | xargs -0 sha256sum)
   (cd "$ctx/wheels" && ls -l --time-style=+ -- *.whl | awk '{print $5, $NF}')
   sha256sum containers/*.Containerfile
-  echo "${TORCH_INDEX_URL:-} $TAG $VERSION $LICENSES $SOURCE_URL"
+  echo "${TORCH_INDEX_URL:-} $revision $VERSION $LICENSES $SOURCE_URL"
 } | sha256sum | cut -c1-16)
 
 current() { # the image is there with this build's context hash
@@ -208,16 +217,25 @@ build() { # NAME FILE TAGS... -- EXTRA ARGS...
   [ $# -gt 0 ] && shift
   extra=("$@")
   # base-deps is an intermediate target (podman keeps its first label): current when base, built on it, is.
-  local probe="localhost/loraforge-$name:${tags[1]##*:}"
+  local probe="localhost/loraforge-$name:${tags[1]##*:}" before="localhost/loraforge-$name:${tags[3]##*:}"
+  local judge=$before
   [ "$name" = base-deps ] && "${PODMAN[@]}" image exists "$probe" && probe="localhost/loraforge-base:${tags[1]##*:}"
+  [ "$name" = base-deps ] && judge="localhost/loraforge-base:${tags[3]##*:}"
+  [ "$name" = base-deps-cuda ] && judge="localhost/loraforge-train:${tags[3]##*:}-cuda"
   if current "$probe"; then
     log "loraforge-$name:${tags[1]##*:} is up to date"
+    return
+  fi
+  # The image of the same context under its second tag (latest): tagged again, not built.
+  if [ "${tags[1]}" != "$before" ] && "${PODMAN[@]}" image exists "$before" && current "$judge"; then
+    "${PODMAN[@]}" tag "$before" "${tags[1]}"
+    log "loraforge-$name:${tags[1]##*:} is loraforge-$name:${tags[3]##*:} (the same context: tagged, not built)"
     return
   fi
   log "building loraforge-$name (containers/$file)"
   local started=$SECONDS
   "${PODMAN[@]}" build "${common[@]}" "${extra[@]}" \
-    --label "loraforge.context=$hash" --label "org.opencontainers.image.revision=$sha" \
+    --label "loraforge.context=$hash" --label "org.opencontainers.image.revision=$revision" \
     --label "org.opencontainers.image.source=$SOURCE_URL" --label "org.opencontainers.image.version=$VERSION" \
     --label "org.opencontainers.image.licenses=$LICENSES" --label "org.opencontainers.image.title=loraforge-$name" \
     -f "containers/$file" "${tags[@]}" "$ctx" >"$WORK/build-$name.log" 2>&1 \
@@ -244,6 +262,6 @@ for stage in "${stages[@]}"; do
          --build-arg "BASE=localhost/loraforge-base-deps:$TAG" ;;
   esac
 done
-log "done in $((SECONDS - started)) s (tag $TAG); sizes also in $WORK/sizes-$TAG.tsv:"
+log "done in $((SECONDS - started)) s (tag $TAG, revision $revision); sizes also in $WORK/sizes-$TAG.tsv:"
 "${PODMAN[@]}" images --filter "reference=localhost/loraforge-*:$TAG*" --format '{{.Repository}}:{{.Tag}}	{{.Size}}' \
   | sort | tee "$WORK/sizes-$TAG.tsv" | sed 's/^/  /'

@@ -81,12 +81,18 @@ def _small() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def image_tag(timings: dict[str, float]) -> str:
-    """Build (or find up to date) every image; returns the tag they carry (the git sha)."""
+def built(timings: dict[str, float]) -> tuple[str, str]:
+    """Build (or find up to date) every image; returns the tag they carry (HEAD's sha) and their revision label
+    (the last commit that changed what they are built from)."""
     result = _timed("images", timings, ["bash", str(ROOT / "containers" / "build.sh")], cwd=ROOT)
-    match = re.search(r"\(tag (\S+)\)", result.stdout)
+    match = re.search(r"\(tag ([^,\s]+), revision ([^)\s]+)\)", result.stdout)
     assert match, result.stdout
-    return match.group(1)
+    return match.group(1), match.group(2)
+
+
+@pytest.fixture(scope="module")
+def image_tag(built: tuple[str, str]) -> str:
+    return built[0]
 
 
 @pytest.fixture(scope="module")
@@ -364,13 +370,27 @@ def test_images_carry_only_what_their_stage_needs(image_tag: str, image_facts: d
     assert out.returncode == 0 and "--input STAGE=KEY" in out.stdout, out.stdout + out.stderr
 
 
+# What the images are built from (containers/build.sh): the revision label is the last commit that changed these.
+PACKAGED = ("loraforge", "flows", "tasks", "containers", "pyproject.toml", "constraints.txt", "constraints-cuda.txt",
+            "README.md", "LICENSE")  # fmt: skip
+
+
 def test_images_run_as_a_non_root_user_and_carry_oci_labels(
-    image_tag: str, image_facts: dict[str, dict[str, Any]]
+    built: tuple[str, str], image_facts: dict[str, dict[str, Any]]
 ) -> None:
     """Every stage image runs as uid 10001 (not root), which owns the cache and the artifact mount point, and
-    carries the OCI labels (source, version and licenses from pyproject.toml, revision, title)."""
+    carries the OCI labels (source, version and licenses from pyproject.toml, revision, title). The tag is HEAD's
+    sha; the revision is a commit whose packaged files are HEAD's (HEAD, or the commit before a run of commits that
+    changed only docs or tests: their images are that commit's, tagged again)."""
     import tomllib
 
+    image_tag, revision = built
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert image_tag.removesuffix("-dirty") == head.stdout.strip()
+    same = subprocess.run(["git", "diff", "--quiet", revision.removesuffix("-dirty"), "HEAD", "--", *PACKAGED],
+                          cwd=ROOT)  # fmt: skip
+    assert same.returncode == 0, f"{revision}: the packaged files changed since"
+    assert revision.endswith("-dirty") == image_tag.endswith("-dirty")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for stage in IMAGES:
         assert (image_facts[stage]["uid"], image_facts[stage]["writable"]) == (10001, True), (stage, image_facts)
@@ -383,7 +403,7 @@ def test_images_run_as_a_non_root_user_and_carry_oci_labels(
         assert labels["org.opencontainers.image.licenses"] == project["license"], (stage, labels)
         assert labels["org.opencontainers.image.title"] == f"loraforge-{stage}", (stage, labels)
         assert labels["org.opencontainers.image.source"], (stage, labels)
-        assert labels["org.opencontainers.image.revision"] == image_tag, (stage, labels)
+        assert labels["org.opencontainers.image.revision"] == revision, (stage, labels)
 
 
 def test_every_stage_in_its_own_container_gives_the_in_process_artifacts(

@@ -58,7 +58,7 @@ def cuda_image() -> str:
     result = subprocess.run(["bash", str(ROOT / "containers" / "build.sh"), "train-cuda"], cwd=ROOT,
                             capture_output=True, text=True, env=os.environ)  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    match = re.search(r"\(tag (\S+)\)", result.stdout)
+    match = re.search(r"\(tag ([^,\s]+), revision ([^)\s]+)\)", result.stdout)
     assert match, result.stdout
     return f"localhost/loraforge-train:{match.group(1)}-cuda"
 

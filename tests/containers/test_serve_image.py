@@ -26,7 +26,7 @@ def test_serve_image_answers_and_stops_cleanly(tmp_path: Path) -> None:
     build = subprocess.run(["bash", str(ROOT / "containers" / "build.sh"), "serve"], cwd=ROOT, capture_output=True,
                            text=True)  # fmt: skip
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    tag = re.search(r"\(tag (\S+)\)", build.stdout)
+    tag = re.search(r"\(tag ([^,\s]+), revision ([^)\s]+)\)", build.stdout)
     assert tag, build.stdout
     model = build_tiny_model(tmp_path / "tiny-llama")
     for options in ([], ["--gguf", "f16"]):

@@ -15,7 +15,8 @@
 # does (a commit that changed only docs or tests), it is tagged with the new sha, not built (a build with every
 # layer cached took ~2.5 s of podman per image); otherwise podman's layer cache rebuilds only what changed (a
 # source edit: the last two layers of each image). The OCI revision label is the last commit that changed what the
-# images are built from (the source, the pins, containers/), so an image tagged again still names its source.
+# images are built from (the source, the pins, the Containerfiles, the entrypoint, this script), so an image
+# tagged again still names its source.
 #
 # Needs (as root on a clean Debian/Ubuntu: `apt-get install podman runc debootstrap`, done here when missing):
 #   podman (4.3.1 tested) with runc; debootstrap the first time; `make setup` done (the llama-cpp-python wheel
@@ -176,7 +177,8 @@ cp -a "$converter" "$ctx/llama.cpp/"
 # --- tags, build arguments, the context hash ------------------------------------------------------------------
 # The tag is HEAD's sha; the revision label names the last commit that changed what the images are built from
 # (a commit that changes only docs or tests gets the images of the one before it, tagged again: no build).
-packaged=(loraforge flows tasks containers pyproject.toml constraints.txt constraints-cuda.txt README.md LICENSE)
+packaged=(loraforge flows tasks pyproject.toml constraints.txt constraints-cuda.txt README.md LICENSE
+  'containers/*.Containerfile' containers/entrypoint.sh containers/build.sh)
 sha=$(git rev-parse --short=12 HEAD 2>/dev/null || echo nogit)
 revision=$(git log -1 --format=%H -- "${packaged[@]}" 2>/dev/null | cut -c1-12)
 revision=${revision:-$sha}

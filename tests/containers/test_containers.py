@@ -371,8 +371,8 @@ def test_images_carry_only_what_their_stage_needs(image_tag: str, image_facts: d
 
 
 # What the images are built from (containers/build.sh): the revision label is the last commit that changed these.
-PACKAGED = ("loraforge", "flows", "tasks", "containers", "pyproject.toml", "constraints.txt", "constraints-cuda.txt",
-            "README.md", "LICENSE")  # fmt: skip
+PACKAGED = ("loraforge", "flows", "tasks", "pyproject.toml", "constraints.txt", "constraints-cuda.txt", "README.md",
+            "LICENSE", "containers/*.Containerfile", "containers/entrypoint.sh", "containers/build.sh")  # fmt: skip
 
 
 def test_images_run_as_a_non_root_user_and_carry_oci_labels(

@@ -143,11 +143,26 @@ def code_files(source_file: str | Path) -> list[Path]:
     return sorted(seen)
 
 
+def parse_python(source: bytes, filename: str, tries: int = 5) -> ast.Module:
+    """`ast.parse`, tried again on CPython 3.11's spurious `SystemError: AST constructor recursion depth mismatch`:
+    the AST builder's depth counter is shared by the threads of a process, so another thread parsing at the same
+    moment (Prefect's, in a stage's flow-run process) can trip it (python/cpython#106905; a deployed publish stage
+    failed so on 2026-12-07). Any other error, or the same one `tries` times, is raised."""
+    for attempt in range(1, tries + 1):
+        try:
+            return ast.parse(source, filename=filename)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc) or attempt == tries:
+                raise
+            time.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
 @functools.lru_cache(maxsize=4096)
 def _parsed(path: Path, mtime_ns: int, size: int) -> tuple[tuple[Path, ...], tuple[str, ...], tuple[str, ...]]:
     """What the module at `path` names (the files of its project imports, its KEYED_DIRS, its KEYED_FILES), parsed
     once per version of the file: a pipeline computes every stage's key in one process (0.2-0.7 s a key, parsing)."""
-    tree = ast.parse(path.read_bytes(), filename=str(path))
+    tree = parse_python(path.read_bytes(), str(path))
     imported = tuple(file for name in _imported_modules(tree) for file in _module_files(name))
     return imported, tuple(_module_tuple(tree, "KEYED_DIRS")), tuple(_module_tuple(tree, "KEYED_FILES"))
 

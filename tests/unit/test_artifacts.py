@@ -108,3 +108,37 @@ def test_scratch_folder_is_removed_after_the_block_and_after_a_killed_run(tmp_pa
     left.mkdir()
     with store.claim("merge", "k1"):
         assert not left.exists()
+
+
+def test_a_spurious_ast_recursion_depth_error_is_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPython 3.11's AST builder trips on another thread's parse ("recursion depth mismatch"): that SystemError
+    is tried again; any other error is raised at once, and so is the same one on the last try."""
+    import ast
+
+    from loraforge.tasks import artifacts
+
+    real, calls = ast.parse, []
+
+    def flaky(source: bytes, filename: str) -> ast.Module:
+        calls.append(filename)
+        if len(calls) <= 2:
+            raise SystemError("AST constructor recursion depth mismatch (before=54, after=76)")
+        return real(source, filename=filename)
+
+    monkeypatch.setattr(ast, "parse", flaky)
+    tree = artifacts.parse_python(b"import os\n", "m.py")
+    assert isinstance(tree.body[0], ast.Import) and len(calls) == 3
+    calls.clear()
+    with pytest.raises(SystemError, match="recursion depth mismatch"):
+        artifacts.parse_python(b"import os\n", "m.py", tries=2)
+    assert len(calls) == 2
+
+    def broken(source: bytes, filename: str) -> ast.Module:
+        calls.append(filename)
+        raise SystemError("something else")
+
+    calls.clear()
+    monkeypatch.setattr(ast, "parse", broken)
+    with pytest.raises(SystemError, match="something else"):
+        artifacts.parse_python(b"import os\n", "m.py")
+    assert len(calls) == 1

@@ -297,13 +297,8 @@ def _hub_call(
     """`call()` retried while it fails transiently; a failure is a StageError saying what to fix, except the
     `passing` exception types (and their subclasses), raised unchanged for the caller to judge."""
     tries = [0]
-
-    def counted() -> T:
-        tries[0] += 1
-        return call()
-
     try:
-        return with_retries(counted, f"{where} at {endpoint}")
+        return with_retries(call, f"{where} at {endpoint}", tries=tries)
     except passing:
         raise
     except Exception as exc:  # HTTP and network errors of every kind, explained

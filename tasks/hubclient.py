@@ -150,13 +150,16 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def with_retries(call: Callable[[], T], what: str, delays: tuple[float, ...] | None = None) -> T:
+def with_retries(
+    call: Callable[[], T], what: str, delays: tuple[float, ...] | None = None, tries: list[int] | None = None
+) -> T:
     """`call()`, tried again after each of `delays` seconds (default RETRY_DELAYS) while it fails transiently.
 
     Args:
         call: the Hub call to make.
         what: what is being done, for the log line of each retry (e.g. "resolving org/name at http://...").
         delays: seconds to wait before each retry.
+        tries: when given, its one item is set to the number of tries made (for the failure's message).
 
     Returns:
         What `call` returned. The last failure is raised unchanged when every try failed, or at once when it is
@@ -164,6 +167,8 @@ def with_retries(call: Callable[[], T], what: str, delays: tuple[float, ...] | N
     """
     waits = RETRY_DELAYS if delays is None else delays
     for attempt, wait in enumerate((*waits, None), start=1):
+        if tries is not None:
+            tries[0] = attempt
         started = time.monotonic()
         try:
             return call()

@@ -259,13 +259,7 @@ def _push(bundle: Path, config: PublishConfig, endpoint: str, token: str, tag: s
     tries = [0]  # of the call that failed, for the message
 
     def retried(call: Callable[[], T]) -> T:
-        tries[0] = 0
-
-        def counted() -> T:
-            tries[0] += 1
-            return call()
-
-        return with_retries(counted, where)
+        return with_retries(call, where, tries=tries)
 
     try:
         # Each call is retried on its own while the Hub is unreachable or answers 5xx/429: repeating one is safe

@@ -178,13 +178,10 @@ def prefect_api(workdir: Path) -> Iterator[str]:
         yield api
 
 
-def _pool_template(inputs_env: dict[str, str]) -> dict[str, Any]:
-    """Prefect's Docker job template for every loraforge stage container: no volume at all, host networking
+def _for_this_machine(template: dict[str, Any], inputs_env: dict[str, str]) -> dict[str, Any]:
+    """The Docker job template `make deploy` gave a pool, set for this machine: no volume at all, host networking
     (the Prefect API, the Hub and the S3 server on 127.0.0.1), their settings as environment, local images only,
     removed when done."""
-    out = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "get-default-base-job-template",
-                          "--type", "docker"], capture_output=True, text=True, check=True)  # fmt: skip
-    template: dict[str, Any] = json.loads(out.stdout)
     props = template["variables"]["properties"]
     props["volumes"]["default"] = []
     props["network_mode"]["default"] = "host"
@@ -236,16 +233,25 @@ def deployed(
            "LORAFORGE_IMAGE_PREFIX": "localhost/", "LORAFORGE_IMAGE_TAG": image_tag,
            "LORAFORGE_CONFIG": "flows/configs/demo.yaml", "LORAFORGE_STORE": CONTAINED_STORE,
            "LORAFORGE_STORE_CACHE": str(workdir / "parent-copy")}  # fmt: skip
-    template = workdir / "docker-pool.json"
-    template.write_text(json.dumps(_pool_template(_inputs_env(hub, s3))))
-    prefect = [sys.executable, "-m", "prefect"]
-    for pool in ("loraforge-cpu", "loraforge-gpu"):
-        _timed(f"pool {pool}", timings, [*prefect, "work-pool", "create", pool, "--type", "docker",
-                                          "--base-job-template", str(template), "--overwrite"], env=env)  # fmt: skip
-    # `make deploy` on those pools (it keeps them), the nightly switched off: a run at 02:00 UTC would use this store
+    # `make deploy` with docker pools, the nightly switched off: a run at 02:00 UTC would use this store
     deploy = {**env, "PYTHON": sys.executable, "LORAFORGE_POOL_TYPE": "docker", "LORAFORGE_NIGHTLY": "off",
               "LORAFORGE_PREFECT_FILE": str(_on_the_cpu_train_image(workdir))}  # fmt: skip
     _timed("deploy", timings, ["bash", str(ROOT / "infra" / "stack" / "deploy.sh")], cwd=ROOT, env=deploy)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+        for pool in ("loraforge-cpu", "loraforge-gpu"):
+            created = client.read_work_pool(pool)
+            # deploy.sh's docker pools start the engine itself (not the CLI that starts a supervisor that starts it)
+            assert created.type == "docker", created
+            assert created.base_job_template["variables"]["properties"]["command"]["default"] == (
+                "python -m prefect.engine"
+            )
+            template = _for_this_machine(created.base_job_template, _inputs_env(hub, s3))
+            client.update_work_pool(pool, WorkPoolUpdate(base_job_template=template))
+    prefect = [sys.executable, "-m", "prefect"]
     with contextlib.ExitStack() as stack:
         stack.callback(_remove_flow_run_containers)  # after the workers stop (callbacks run last-in, first-out)
         workers = []

@@ -170,10 +170,10 @@ def _build_eval(
     inputs = {"base": base, "data": data, "train": train}
     started = time.time()
 
-    from peft import PeftModel
-
-    from loraforge.tasks.models import autocast, load_base_as_trained, load_tokenizer, read_base
+    from loraforge.tasks.models import autocast, import_peft, load_base_as_trained, load_tokenizer, read_base
     from loraforge.tasks.train import read_train
+
+    PeftModel = import_peft().PeftModel
 
     model_path = read_base(base).model_path
     tokenizer = load_tokenizer(model_path)

@@ -405,10 +405,10 @@ def _follow(model: Any, batches: list[tuple[Any, Any, Any]], references: dict[st
 
 def _adapter_model(model_path: Path, train: Artifact, dequantized: bool) -> Any:
     """The fp32 base (dequant(quant(W)) for a QLoRA adapter merged onto what it saw) with the adapter, eval mode."""
-    from peft import PeftModel
-
-    from loraforge.tasks.models import load_causal_lm
+    from loraforge.tasks.models import import_peft, load_causal_lm
     from loraforge.tasks.train import read_train
+
+    PeftModel = import_peft().PeftModel
 
     base_model = load_causal_lm(model_path, "float32")
     if dequantized:
@@ -444,10 +444,10 @@ def quantization_roundtrip(model: Any, trained: dict[str, Any]) -> None:
 def _as_trained_model(model_path: Path, train: Artifact) -> tuple[Any, str]:
     """The model as trained and evaluated (the bitsandbytes-quantized or bf16/fp16 base with the adapter) and the
     training precision its forward runs under."""
-    from peft import PeftModel
-
-    from loraforge.tasks.models import load_base_as_trained
+    from loraforge.tasks.models import import_peft, load_base_as_trained
     from loraforge.tasks.train import read_train
+
+    PeftModel = import_peft().PeftModel
 
     settings = read_train(train).settings
     model = PeftModel.from_pretrained(load_base_as_trained(model_path, settings), train.file("adapter"))

@@ -223,8 +223,11 @@ def _build_meta(folder: Path, config: PipelineConfig) -> _Meta:
     """Build the model with no weights (meta device) and wrap it with peft exactly as the train stage does."""
     import torch
     from accelerate import init_empty_weights
-    from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraforge.tasks.models import import_peft
+
+    get_peft_model = import_peft().get_peft_model
 
     from loraforge.tasks.errors import StageError
     from loraforge.tasks.train import lora_config, resolve_target_modules
@@ -302,7 +305,9 @@ def _params_per_module(model: Any, targets: list[str], modules_to_save: list[str
 
 def adapter_file_bytes(model: Any) -> int:
     """Size of the adapter_model.safetensors that `model.save_pretrained` writes for this peft model."""
-    from peft import get_peft_model_state_dict
+    from loraforge.tasks.models import import_peft
+
+    get_peft_model_state_dict = import_peft().get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model)
     return safetensors_bytes({name: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in state.items()})

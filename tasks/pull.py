@@ -172,10 +172,10 @@ def _resolve_base(pulled: list[Pulled], base_model: str | None) -> Path:
 def _answer_adapters(
     pulled: list[Pulled], conversations: list[list[dict[str, str]]], base_model: str | None, max_new_tokens: int
 ) -> None:
-    from peft import PeftModel
-
     from loraforge.tasks.batching import generate_answers
-    from loraforge.tasks.models import load_causal_lm, load_tokenizer
+    from loraforge.tasks.models import import_peft, load_causal_lm, load_tokenizer
+
+    PeftModel = import_peft().PeftModel
 
     base = _resolve_base(pulled, base_model)
     tokenizer = load_tokenizer(pulled[0].folder if (pulled[0].folder / "tokenizer.json").is_file() else base)

@@ -186,8 +186,9 @@ class PeftEngine:
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
 
     def load(self, name: str, pulled: Pulled) -> None:
-        from peft import PeftModel
+        from loraforge.tasks.models import import_peft
 
+        PeftModel = import_peft().PeftModel
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(pulled.folder, adapter_name=name)
         else:

@@ -77,7 +77,7 @@ from loraforge.tasks.distributed import (
     wrap,
 )
 from loraforge.tasks.errors import StageError
-from loraforge.tasks.models import cuda_bf16, read_base, resolve_precision
+from loraforge.tasks.models import cuda_bf16, import_peft, read_base, resolve_precision
 from loraforge.tasks.process import logger_level, torch_threads
 
 OnStep = Callable[[dict[str, Any], int], None]  # after each optimizer step: its figures, the steps in all
@@ -665,7 +665,7 @@ def _save(run: TrainRun, setup: Setup, fit: Fit, adapter: dict[str, Any]) -> Non
 
 def lora_config(config: TrainConfig, targets: list[str]) -> Any:
     """The peft LoraConfig of these settings on the resolved target modules (`loraforge plan` uses it too)."""
-    from peft import LoraConfig
+    LoraConfig = import_peft().LoraConfig
 
     return LoraConfig(
         r=config.r,
@@ -910,9 +910,10 @@ def trainable_model(
     bitsandbytes) with LoRA adapters attached and only they (and `modules_to_save`) trainable, kept in fp32
     whatever the base's dtype (so are their optimizer states); also the resolved target module names."""
     import torch
-    from peft import get_peft_model
 
     from loraforge.tasks.models import load_base_as_trained
+
+    get_peft_model = import_peft().get_peft_model
 
     settings = {**config.model_dump(), "precision": precision, "compute_dtype": compute_dtype(config, precision)}
     model: Any = load_base_as_trained(model_path, settings)
@@ -920,8 +921,7 @@ def trainable_model(
         model.to(device)  # bitsandbytes models are placed by their loader
     targets = resolve_target_modules(model, config.target_modules)
     if config.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
+        prepare_model_for_kbit_training = import_peft().prepare_model_for_kbit_training
         _keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     elif config.gradient_checkpointing:

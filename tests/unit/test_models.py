@@ -148,3 +148,27 @@ def test_no_code_enables_remote_code() -> None:
     sources = [p for folder in ("tasks", "flows", "bench", "infra") for p in (root / folder).rglob("*.py")]
     enabling = [str(p) for p in sources if re.search(r"trust_remote_code\s*=\s*(?!False)", p.read_text())]
     assert enabling == []
+
+
+def test_peft_is_imported_without_bitsandbytes_which_stays_importable_for_qlora() -> None:
+    """import_peft leaves bitsandbytes (1.3 s of torch.compile imports) out of a process that does not quantize, and a
+    QLoRA run in the same process still gets it: every availability check says yes and peft's 4-bit layers load."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from loraforge.tasks.models import import_peft
+import_peft()
+assert "peft" in sys.modules and "bitsandbytes" not in sys.modules, "bitsandbytes was imported with peft"
+import_peft()  # again: peft is there, nothing is hidden a second time
+import peft.import_utils as peft_imports
+from transformers.utils import is_bitsandbytes_available
+assert peft_imports.is_bnb_available() and peft_imports.is_bnb_4bit_available() and is_bitsandbytes_available()
+from peft.tuners.lora.bnb import Linear4bit
+import bitsandbytes
+assert Linear4bit is not None and bitsandbytes.nn.Linear4bit is not None
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

@@ -40,8 +40,7 @@ def test_pipeline_runs_against_a_prefect_server(prefect_api: str, tiny_model: Pa
 
     flow_run_id = ArtifactStore(store).load_run("latest")["flow_run_id"]
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
-        # The server is the session's: what this run recorded is what started after it began, less the runs its
-        # deployments' schedules created ahead of time (test_deployments.py, when it ran before on this server).
+        # The server is the session's: what this run recorded is what started after it began, of no deployment.
         since = FlowRunFilter(start_time=FlowRunFilterStartTime(after_=started),
                               deployment_id=FlowRunFilterDeploymentId(is_null_=True))  # fmt: skip
         runs = client.read_flow_runs(flow_run_filter=since)

@@ -225,12 +225,11 @@ def _build_meta(folder: Path, config: PipelineConfig) -> _Meta:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from loraforge.tasks.errors import StageError
     from loraforge.tasks.models import import_peft
+    from loraforge.tasks.train import lora_config, resolve_target_modules
 
     get_peft_model = import_peft().get_peft_model
-
-    from loraforge.tasks.errors import StageError
-    from loraforge.tasks.train import lora_config, resolve_target_modules
 
     train = config.train
     with init_empty_weights():

@@ -913,21 +913,19 @@ def trainable_model(
 
     from loraforge.tasks.models import load_base_as_trained
 
-    get_peft_model = import_peft().get_peft_model
-
+    peft = import_peft()
     settings = {**config.model_dump(), "precision": precision, "compute_dtype": compute_dtype(config, precision)}
     model: Any = load_base_as_trained(model_path, settings)
     if config.quantization == "none":
         model.to(device)  # bitsandbytes models are placed by their loader
     targets = resolve_target_modules(model, config.target_modules)
     if config.quantization != "none":
-        prepare_model_for_kbit_training = import_peft().prepare_model_for_kbit_training
         _keep_4bit_weights_trainable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(config, targets))
+    model = peft.get_peft_model(model, lora_config(config, targets))
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -69,6 +69,14 @@ if not gpus.isdigit() or int(gpus) < 1:
     sys.exit(f"deploy: LORAFORGE_GPUS must be a whole number of train runs at once (1 or more), got {gpus!r}")
 
 
+# A docker pool's flow-run container runs the engine, as a process worker does, instead of Prefect's default
+# `prefect flow-run execute`: that command is the CLI, which starts a workspace supervisor, which starts the
+# engine (three Python processes importing Prefect before a stage starts). Measured on the containers test's
+# pipeline: 5.5 -> 3.5 s from a stage run's scheduled time to its start, 85 -> 71 s for the 7 stages. The engine
+# installs its own SIGTERM handler, so a stopped container's run still ends as cancelled.
+ENGINE = "python -m prefect.engine"
+
+
 def base_job_template(name: str, pool_type: str) -> dict:
     """loraforge's own template for a kubernetes pool (infra/k8s/), else the worker type's default; a docker
     pool's containers start Prefect's engine itself (ENGINE)."""
@@ -82,14 +90,6 @@ def base_job_template(name: str, pool_type: str) -> dict:
     if pool_type == "docker":
         template["variables"]["properties"]["command"]["default"] = ENGINE
     return template
-
-
-# A docker pool's flow-run container runs the engine, as a process worker does, instead of Prefect's default
-# `prefect flow-run execute`: that command is the CLI, which starts a workspace supervisor, which starts the
-# engine (three Python processes importing Prefect before a stage starts). Measured on the containers test's
-# pipeline: 5.5 -> 3.5 s from a stage run's scheduled time to its start, 85 -> 71 s for the 7 stages. The engine
-# installs its own SIGTERM handler, so a stopped container's run still ends as cancelled.
-ENGINE = "python -m prefect.engine"
 
 
 with get_client(sync_client=True) as client:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 import pytest
 from hub import hub_server, s3_server, stop
+from images import built_tag
 
 pytestmark = pytest.mark.containers
 
@@ -85,9 +85,7 @@ def built(timings: dict[str, float]) -> tuple[str, str]:
     """Build (or find up to date) every image; returns the tag they carry (HEAD's sha) and their revision label
     (the last commit that changed what they are built from)."""
     result = _timed("images", timings, ["bash", str(ROOT / "containers" / "build.sh")], cwd=ROOT)
-    match = re.search(r"\(tag ([^,\s]+), revision ([^)\s]+)\)", result.stdout)
-    assert match, result.stdout
-    return match.group(1), match.group(2)
+    return built_tag(result.stdout)
 
 
 @pytest.fixture(scope="module")

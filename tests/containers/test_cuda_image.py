@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from images import built_tag
 
 pytestmark = pytest.mark.containers
 
@@ -58,9 +59,7 @@ def cuda_image() -> str:
     result = subprocess.run(["bash", str(ROOT / "containers" / "build.sh"), "train-cuda"], cwd=ROOT,
                             capture_output=True, text=True, env=os.environ)  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    match = re.search(r"\(tag ([^,\s]+), revision ([^)\s]+)\)", result.stdout)
-    assert match, result.stdout
-    return f"localhost/loraforge-train:{match.group(1)}-cuda"
+    return f"localhost/loraforge-train:{built_tag(result.stdout)[0]}-cuda"
 
 
 def test_cuda_train_image_has_pypi_cuda_torch_and_the_pinned_versions(cuda_image: str) -> None:

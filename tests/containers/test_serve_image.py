@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from images import built_tag
 
 ROOT = Path(__file__).resolve().parents[2]
 PODMAN = [str(ROOT / "containers" / "podman.sh")]
@@ -26,15 +26,14 @@ def test_serve_image_answers_and_stops_cleanly(tmp_path: Path) -> None:
     build = subprocess.run(["bash", str(ROOT / "containers" / "build.sh"), "serve"], cwd=ROOT, capture_output=True,
                            text=True)  # fmt: skip
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    tag = re.search(r"\(tag ([^,\s]+), revision ([^)\s]+)\)", build.stdout)
-    assert tag, build.stdout
+    tag, _ = built_tag(build.stdout)
     model = build_tiny_model(tmp_path / "tiny-llama")
     for options in ([], ["--gguf", "f16"]):
         port = free_port()
         name = f"loraforge-serve-test-{port}"
         # A host folder is read as the host user (--user), as containers/README.md says for mounted folders.
         cmd = [*PODMAN, "run", "-d", "--name", name, "--network", "host", "--user", f"{os.getuid()}:{os.getgid()}",
-               "-v", f"{model}:/models/tiny:ro", "-e", "OMP_NUM_THREADS=1", f"localhost/loraforge-serve:{tag[1]}",
+               "-v", f"{model}:/models/tiny:ro", "-e", "OMP_NUM_THREADS=1", f"localhost/loraforge-serve:{tag}",
                "--base", "/models/tiny", "--port", str(port), *options]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True)
         try:
